@@ -1,0 +1,3 @@
+"""rcm_kernels: see the package README and DESIGN.md for the public surface."""
+
+__all__: list[str] = []
