@@ -1,3 +1,5 @@
-"""rcm_kernels: see the package README and DESIGN.md for the public surface."""
+"""rcm_kernels: JVP flash attention, attention seams, block masks and the KV cache."""
 
-__all__: list[str] = []
+from .attention import Attention, SequenceShard, attention, jvp_attention
+
+__all__ = ["attention", "jvp_attention", "Attention", "SequenceShard"]
