@@ -80,3 +80,26 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = Non
             to = to + p @ tv.transpose(1, 2).to(acc)
         tangent = to.transpose(1, 2).to(q.dtype)
     return AttentionOutput(o.transpose(1, 2).to(q.dtype), tangent, lse.to(acc))
+
+
+def attention_reference_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *,
+                                 scale: float | None = None, mask=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form gradients ``(dq, dk, dv)`` of attention from the saved output and LSE (FlashAttention-2 math).
+
+    ``dP = dO Vᵀ``, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, ``dQ = s·dS K``, ``dK = s·dSᵀ Q``, ``dV = Pᵀ dO``.
+    All ``[B, L, H, D]`` in the input dtype; ``lse`` is ``[B, H, Lq]``. Plain torch: any device, any transform.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh, kh, vh, oh, doh = (x.transpose(1, 2).to(acc) for x in (q, k, v, out, grad_out))  # [B, H, L, D]
+    s = scale * qh @ kh.transpose(-1, -2)
+    m = dense_mask(mask, q.shape[1], k.shape[1], q.device)
+    lse = lse.to(acc).unsqueeze(-1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), float("inf")))  # fully masked rows: P = 0
+    if m is not None:
+        p = p.masked_fill(~m, 0.0)
+    dp = doh @ vh.transpose(-1, -2)
+    ds = p * (dp - (doh * oh).sum(-1, keepdim=True))
+    dq, dk, dv = scale * ds @ kh, scale * ds.transpose(-1, -2) @ qh, p.transpose(-1, -2) @ doh
+    return tuple(x.transpose(1, 2).to(q.dtype) for x in (dq, dk, dv))
