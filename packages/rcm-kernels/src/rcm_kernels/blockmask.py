@@ -170,9 +170,9 @@ def _build_tiles(iv: Tensor, lk: int, block_m: int, block_n: int) -> TileTable:
         any_tiles.append(overlap)
         all_tiles.append(cover)
     overlap, cover = torch.cat(any_tiles), torch.cat(all_tiles)
-    pad = nq * block_m - lq  # padded rows: neutral for both reductions
+    pad = nq * block_m - lq  # rows past lq: never overlap, never "full" (full tiles load without bounds)
     overlap = torch.nn.functional.pad(overlap, (0, 0, 0, pad), value=False).view(nq, block_m, nk).any(1)
-    cover = torch.nn.functional.pad(cover, (0, 0, 0, pad), value=True).view(nq, block_m, nk).all(1)
+    cover = torch.nn.functional.pad(cover, (0, 0, 0, pad), value=False).view(nq, block_m, nk).all(1)
     full, part = cover, overlap & ~cover  # [nq, nk]
     allowed = ((iv[:, 1] - iv[:, 0]).clamp_min(0) + (iv[:, 3] - iv[:, 2]).clamp_min(0)).double().sum()
     return TileTable(iv, *_sorted_lists(full), *_sorted_lists(part), *_sorted_lists(full.T),

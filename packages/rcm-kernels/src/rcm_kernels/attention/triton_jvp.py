@@ -1,0 +1,506 @@
+"""Triton kernels: fused attention + JVP forward (O, Ȯ, LSE in one online-softmax pass) and the primal backward.
+
+Layout legend: B batch, L sequence (Lq, Lk), H heads, D head dim. Inputs are ``[B, L, H, D]`` with any strides
+(no copies on the way in); outputs are ``[B, L, H, D]`` contiguous, the LSE ``[B, H, Lq]`` float32.
+
+Forward (FlashAttention-2 with a tangent, RCM_SPEC §8), per program = BLOCK_M query rows of one (b, h):
+for each key tile, in base 2, ``P̃ = 2^(s·log2e·q kᵀ − m)``; with tangents ``Ṡ = s (q̇ kᵀ + q k̇ᵀ)``,
+``H̃ = P̃ ⊙ Ṡ``; accumulators ``Õ += P̃ V``, ``T̃ += P̃ V̇ + H̃ V``, ``r̃ += rowsum H̃``, ``l += rowsum P̃``, all
+rescaled by ``2^(m_old − m_new)``. Epilogue ``O = Õ/l``, ``Ȯ = T̃/l − (r̃/l) O``, ``LSE = (m + log2 l) ln 2``.
+A None tangent removes its matmul at compile time; no tangent at all is plain FlashAttention-2.
+
+Masks come as a :class:`rcm_kernels.blockmask.TileTable`: programs visit only the listed key tiles, run
+"full" tiles without any mask arithmetic and mask "partial" tiles from per-row key intervals. Without a mask
+every tile but the ragged last one runs unmasked. Sequence lengths are runtime values (not specialized), so a
+new length never recompiles; block sizes come from a fixed per-(head dim, dtype, tangent) table, not autotuning.
+
+Backward (dq, dk, dv; the tangent output is not differentiated): FlashAttention-2 math from the saved LSE,
+``δ = rowsum(dO ⊙ O)``, ``dS = P ⊙ (dO Vᵀ − δ)``, as two kernels (dK/dV over query tiles, dQ over key tiles),
+both driven by the same tile table. :func:`attention_bwd` uses these; see its docstring for the SDPA option.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["FwdResult", "attention_bwd", "jvp_attention_fwd", "unsupported_reason"]
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class FwdResult(NamedTuple):
+    out: Tensor  # [B, Lq, H, D], q's dtype
+    tangent: Tensor | None  # [B, Lq, H, D] or None without tangents
+    lse: Tensor  # [B, H, Lq] float32, natural log
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _row_mask(cols, iv0, iv1, iv2, iv3):
+    c = cols[None, :]
+    return ((c >= iv0[:, None]) & (c < iv1[:, None])) | ((c >= iv2[:, None]) & (c < iv3[:, None]))
+
+
+@triton.jit
+def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
+              iv0, iv1, iv2, iv3, LK, qk_scale, scale,
+              stride_kn, stride_vn, stride_tkn, stride_tvn,
+              MODE: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr):
+    """One key tile. MODE 0: no masking; 1: key bound only (ragged tail); 2: row intervals (partial tile)."""
+    HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
+    cols = start_n + offs_n
+    kmask = cols[:, None] < LK
+    if MODE == 0:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask, other=0.0)
+    kt = tl.trans(k)
+    qk = tl.dot(q, kt) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    if MODE == 1:
+        qk = tl.where(cols[None, :] < LK, qk, float("-inf"))
+    if MODE == 2:
+        qk = tl.where(_row_mask(cols, iv0, iv1, iv2, iv3), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = m_new
+    if MODE == 2:  # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc_o = acc_o * alpha[:, None]
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o)
+    if HAS_T:
+        acc_t = acc_t * alpha[:, None]
+        if HAS_TQ or HAS_TK:
+            sdot = tl.zeros_like(qk)
+            if HAS_TQ:
+                sdot = tl.dot(tq, kt, sdot)
+            if HAS_TK:
+                if MODE == 0:
+                    tk = tl.load(tk_ptrs + start_n * stride_tkn)
+                else:
+                    tk = tl.load(tk_ptrs + start_n * stride_tkn, mask=kmask, other=0.0)
+                sdot = tl.dot(q, tl.trans(tk), sdot)
+            h = p * (sdot * scale)  # masked entries have p = 0
+            r_i = r_i * alpha + tl.sum(h, 1)
+            acc_t = tl.dot(h.to(v.dtype), v, acc_t)
+        if HAS_TV:
+            if MODE == 0:
+                tv = tl.load(tv_ptrs + start_n * stride_tvn)
+            else:
+                tv = tl.load(tv_ptrs + start_n * stride_tvn, mask=kmask, other=0.0)
+            acc_t = tl.dot(p.to(tv.dtype), tv, acc_t)
+    return acc_o, acc_t, l_i, m_new, r_i
+
+
+@triton.jit(do_not_specialize=["LQ", "LK"])
+def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
+                  sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
+                  stqb, stql, stqh, stqd, stkb, stkl, stkh, stkd, stvb, stvl, stvh, stvd,
+                  sob, sol, soh, sod, stob, stol, stoh, stod,
+                  ROW_IV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, stride_idx,
+                  H, LQ, LK, scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr):
+    HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m[:, None] < LQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=rmask, other=0.0)
+    tq = q
+    if HAS_TQ:
+        tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stql + offs_d[None, :] * stqd, mask=rmask,
+                     other=0.0)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
+    tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkl + offs_d[None, :] * stkd
+    tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvl + offs_d[None, :] * stvd
+    qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_MASK:
+        iv = ROW_IV + offs_m * 4
+        vm = offs_m < LQ
+        iv0 = tl.load(iv, mask=vm, other=0)
+        iv1 = tl.load(iv + 1, mask=vm, other=0)
+        iv2 = tl.load(iv + 2, mask=vm, other=0)
+        iv3 = tl.load(iv + 3, mask=vm, other=0)
+        for i in range(tl.load(FULL_NUM + pid_m)):
+            start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
+            acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
+                acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV)
+        for i in range(tl.load(PART_NUM + pid_m)):
+            start_n = tl.load(PART_IDX + pid_m * stride_idx + i) * BLOCK_N
+            acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
+                acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 2, HAS_TQ, HAS_TK, HAS_TV)
+    else:
+        iv0 = offs_m  # unused placeholders
+        lk_full = (LK // BLOCK_N) * BLOCK_N
+        for start_n in range(0, lk_full, BLOCK_N):
+            acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
+                acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV)
+        if lk_full < LK:
+            acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
+                acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, lk_full, offs_n,
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 1, HAS_TQ, HAS_TK, HAS_TV)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: zero output, -inf LSE
+    o = acc_o / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=rmask)
+    if HAS_T:
+        t = acc_t / l_safe[:, None] - (r_i / l_safe)[:, None] * o
+        tl.store(TO + b * stob + h * stoh + offs_m[:, None] * stol + offs_d[None, :] * stod,
+                 t.to(TO.dtype.element_ty), mask=rmask)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit(do_not_specialize=["LQ"])
+def _bwd_delta(O, DO, DELTA, sob, sol, soh, sod, sdob, sdol, sdoh, sdod, H, LQ,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m[:, None] < LQ
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, mask=rmask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=rmask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                   ROW_IV, LQ, qk_scale, stride_qm, stride_dom, MODE: tl.constexpr):
+    """One query tile against this program's key tile, all transposed: rows are keys, columns queries."""
+    rows = start_m + offs_m
+    if MODE == 0:
+        q = tl.load(q_ptrs + start_m * stride_qm)
+        do = tl.load(do_ptrs + start_m * stride_dom)
+        lse = tl.load(lse_ptr + rows)
+        delta = tl.load(delta_ptr + rows)
+    else:
+        qm = rows < LQ
+        q = tl.load(q_ptrs + start_m * stride_qm, mask=qm[:, None], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dom, mask=qm[:, None], other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=qm, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=qm, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # fully masked rows: P = 0
+    pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+    if MODE == 2:
+        iv = ROW_IV + rows * 4
+        qm = rows < LQ
+        s0 = tl.load(iv, mask=qm, other=0)
+        e0 = tl.load(iv + 1, mask=qm, other=0)
+        s1 = tl.load(iv + 2, mask=qm, other=0)
+        e1 = tl.load(iv + 3, mask=qm, other=0)
+        c = offs_n[:, None]
+        allowed = ((c >= s0[None, :]) & (c < e0[None, :])) | ((c >= s1[None, :]) & (c < e1[None, :]))
+        pt = tl.where(allowed, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv)
+    dpt = tl.dot(v, tl.trans(do))
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["LQ", "LK"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+              sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdob, sdol, sdoh, sdod,
+              sdkb, sdkl, sdkh, sdkd, sdvb, sdvl, sdvh, sdvd,
+              ROW_IV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, stride_idx,
+              H, LQ, LK, scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_n[:, None] < LK
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kmask, other=0.0)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod
+    lse_ptr = LSE + pid_bh.to(tl.int64) * LQ
+    delta_ptr = DELTA + pid_bh.to(tl.int64) * LQ
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if HAS_MASK:
+        for i in range(tl.load(FULL_NUM + pid_n)):
+            start_m = tl.load(FULL_IDX + pid_n * stride_idx + i) * BLOCK_M
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                    ROW_IV, LQ, qk_scale, sql, sdol, 0)
+        for i in range(tl.load(PART_NUM + pid_n)):
+            start_m = tl.load(PART_IDX + pid_n * stride_idx + i) * BLOCK_M
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                    ROW_IV, LQ, qk_scale, sql, sdol, 2)
+    else:
+        lq_full = (LQ // BLOCK_M) * BLOCK_M
+        for start_m in range(0, lq_full, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, offs_n,
+                                    ROW_IV, LQ, qk_scale, sql, sdol, 0)
+        if lq_full < LQ:
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lq_full, offs_m, offs_n,
+                                    ROW_IV, LQ, qk_scale, sql, sdol, 1)
+    dk = dk * scale
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvl + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, iv0, iv1, iv2, iv3, LK, qk_scale,
+                 stride_kn, stride_vn, MODE: tl.constexpr):
+    cols = start_n + offs_n
+    if MODE == 0:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        kmask = cols[:, None] < LK
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask, other=0.0)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MODE == 1:
+        p = tl.where(cols[None, :] < LK, p, 0.0)
+    if MODE == 2:
+        p = tl.where(_row_mask(cols, iv0, iv1, iv2, iv3), p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit(do_not_specialize=["LQ", "LK"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+            sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdob, sdol, sdoh, sdod,
+            sdqb, sdql, sdqh, sdqd,
+            ROW_IV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, stride_idx,
+            H, LQ, LK, scale,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m[:, None] < LQ
+    vm = offs_m < LQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=rmask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=rmask,
+                 other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=vm, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=vm, other=0.0)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_MASK:
+        iv = ROW_IV + offs_m * 4
+        iv0 = tl.load(iv, mask=vm, other=0)
+        iv1 = tl.load(iv + 1, mask=vm, other=0)
+        iv2 = tl.load(iv + 2, mask=vm, other=0)
+        iv3 = tl.load(iv + 3, mask=vm, other=0)
+        for i in range(tl.load(FULL_NUM + pid_m)):
+            start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, iv0, iv1, iv2, iv3, LK,
+                              qk_scale, skl, svl, 0)
+        for i in range(tl.load(PART_NUM + pid_m)):
+            start_n = tl.load(PART_IDX + pid_m * stride_idx + i) * BLOCK_N
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, iv0, iv1, iv2, iv3, LK,
+                              qk_scale, skl, svl, 2)
+    else:
+        lk_full = (LK // BLOCK_N) * BLOCK_N
+        for start_n in range(0, lk_full, BLOCK_N):
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, offs_m, offs_m, offs_m,
+                              offs_m, LK, qk_scale, skl, svl, 0)
+        if lk_full < LK:
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, lk_full, offs_n, offs_m, offs_m, offs_m,
+                              offs_m, LK, qk_scale, skl, svl, 1)
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=rmask)
+
+
+# ------------------------------------------------------------------------------------------------- host
+
+
+class _Cfg(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _env_cfg(name: str) -> _Cfg | None:
+    """Override from the environment, e.g. ``RCM_JVP_FWD_CFG=128,64,8,2`` (used by the tuning sweep)."""
+    val = os.environ.get(name)
+    return None if not val else _Cfg(*(int(x) for x in val.split(",")))
+
+
+def _fwd_cfg(d: int, has_tangent: bool) -> _Cfg:
+    if _INTERPRET:
+        return _Cfg(16, 16, 4, 1)  # tiny tiles: the interpreter runs numpy per op
+    env = _env_cfg("RCM_JVP_FWD_CFG" if has_tangent else "RCM_ATTN_FWD_CFG")
+    if env:
+        return env
+    if has_tangent:
+        return _Cfg(128, 64, 8, 2) if d <= 128 else _Cfg(64, 32, 4, 2)
+    return _Cfg(128, 128, 8, 3) if d <= 64 else (_Cfg(128, 64, 8, 3) if d <= 128 else _Cfg(64, 32, 4, 2))
+
+
+def _bwd_cfg(d: int) -> _Cfg:
+    if _INTERPRET:
+        return _Cfg(16, 16, 4, 1)
+    env = _env_cfg("RCM_ATTN_BWD_CFG")
+    if env:
+        return env
+    return _Cfg(64, 128, 8, 2) if d <= 128 else _Cfg(32, 64, 4, 2)
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, tangents=(), mask=None) -> str | None:
+    """Why the Triton kernels cannot run this call, or None when they can."""
+    if not (q.is_cuda or _INTERPRET):
+        return f"tensors are on {q.device}; the Triton kernels need CUDA (or TRITON_INTERPRET=1 for tests)"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected [B, L, H, D] tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
+        return f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims must match (q {d}, k {k.shape[-1]}, v {v.shape[-1]})"
+    if d < 16 or d > 256 or d & (d - 1):
+        return f"head dim {d} is not a power of two in 16..256"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of fp16/bf16/fp32 for all three"
+    for name, t, p in zip(("tq", "tk", "tv"), tangents, (q, k, v)):
+        if t is not None and t.shape != p.shape:
+            return f"tangent {name} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}"
+    if mask is not None and not hasattr(mask, "tiles"):
+        return "dense tensor masks are not block-sparse; pass a rcm_kernels.blockmask mask"
+    return None
+
+
+def _strides(x: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
+    return (x if x is not None else like).stride()
+
+
+def _mask_args(mask, lq: int, lk: int, bm: int, bn: int, device, transposed: bool = False):
+    if mask is None:
+        z = torch.zeros(1, dtype=torch.int32, device=device)
+        return (z, z, z, z, z, 0)
+    t = mask.tiles(lq, lk, bm, bn, device)
+    if transposed:
+        return (t.row_iv, t.q_full_num, t.q_full_idx, t.q_part_num, t.q_part_idx, t.q_full_idx.shape[1])
+    return (t.row_iv, t.kv_full_num, t.kv_full_idx, t.kv_part_num, t.kv_part_idx, t.kv_full_idx.shape[1])
+
+
+def jvp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None, tk: Tensor | None = None,
+                      tv: Tensor | None = None, *, scale: float | None = None, block_mask=None) -> FwdResult:
+    """Attention (and its tangent when any of ``tq, tk, tv`` is given) in one pass: :class:`FwdResult`.
+
+    Inputs ``[B, L, H, D]`` with any strides; tangents are cast to q's dtype when they differ.
+    """
+    reason = unsupported_reason(q, k, v, (tq, tk, tv), block_mask)
+    if reason:
+        raise ValueError(f"triton jvp attention: {reason}")
+    tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
+    bsz, lq, nh, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    has_t = any(t is not None for t in (tq, tk, tv))
+    cfg = _fwd_cfg(d, has_t)
+    out = torch.empty(bsz, lq, nh, d, device=q.device, dtype=q.dtype)
+    tangent = torch.empty_like(out) if has_t else None
+    lse = torch.empty(bsz, nh, lq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(lq, cfg.block_m), bsz * nh)
+    _jvp_attn_fwd[grid](
+        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
+        out, out if tangent is None else tangent, lse,
+        *q.stride(), *k.stride(), *v.stride(), *_strides(tq, q), *_strides(tk, k), *_strides(tv, v),
+        *out.stride(), *_strides(tangent, out),
+        *_mask_args(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device),
+        nh, lq, lk, scale,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_TQ=tq is not None, HAS_TK=tk is not None,
+        HAS_TV=tv is not None, HAS_MASK=block_mask is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return FwdResult(out, tangent, lse)
+
+
+def _sdpa_flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
+    """dq, dk, dv through SDPA's FlashAttention-2 backward, fed our output and LSE (same math, same inputs)."""
+    empty = torch.empty(0, device=q.device)
+    tr = [x.transpose(1, 2) for x in (do, q, k, v, out)]  # [B, H, L, D] views of the BLHD tensors
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        *tr, lse, empty, empty, q.shape[1], k.shape[1], 0.0, False, empty, empty, scale=scale)
+    return tuple(g.transpose(1, 2) for g in grads[:3])
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                  scale: float | None = None, block_mask=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` (``[B, L, H, D]``, inputs' dtypes) from the saved output and LSE.
+
+    ``RCM_ATTN_BWD`` picks the implementation: ``triton`` (default; ours, any mask) or ``flash`` (SDPA's
+    FlashAttention-2 backward fed our O and LSE: unmasked fp16/bf16 on CUDA only, otherwise ours).
+    """
+    bsz, lq, nh, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if (os.environ.get("RCM_ATTN_BWD", "triton") == "flash" and block_mask is None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        return _sdpa_flash_bwd(do, q, k, v, out, lse, scale)
+    cfg = _bwd_cfg(d)
+    delta = torch.empty_like(lse)
+    bm0 = 16 if _INTERPRET else 64
+    _bwd_delta[(triton.cdiv(lq, bm0), bsz * nh)](out, do, delta, *out.stride(), *do.stride(), nh, lq,
+                                                HEAD_DIM=d, BLOCK_M=bm0)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    # dK/dV: key tiles of BLOCK_N (= cfg.block_n) rows visit query tiles of BLOCK_M (= cfg.block_m)
+    _bwd_dkdv[(triton.cdiv(lk, cfg.block_n), bsz * nh)](
+        q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
+        *_mask_args(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device, transposed=True),
+        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_MASK=block_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # dQ: query tiles of cfg.block_n rows visit key tiles of cfg.block_m (the tutorial's swapped shape)
+    bm2, bn2 = cfg.block_n, cfg.block_m
+    _bwd_dq[(triton.cdiv(lq, bm2), bsz * nh)](
+        q, k, v, do, lse, delta, dq, *common, *dq.stride(),
+        *_mask_args(block_mask, lq, lk, bm2, bn2, q.device),
+        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=bm2, BLOCK_N=bn2,
+        HAS_MASK=block_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv
