@@ -1,0 +1,158 @@
+"""Primitives of the Wan DiT with an optional forward-mode tangent, written out by hand.
+
+Every function takes primal tensors and their tangents (``t<name>``) and returns ``(primal, tangent)``. A
+``None`` tangent means zero: it costs nothing and yields ``None`` when every input tangent is ``None``, so
+the plain forward is the same code with all tangents ``None`` (the primal of the JVP pass is bit-identical
+to the plain forward). Tangents are computed under ``torch.no_grad()``: they never build an autograd graph,
+while the primal keeps the caller's grad mode.
+
+Precision: ``island(dtype)`` is the dtype of the fp32 islands (float32, or float64 for float64 params).
+Linear layers run in their weight's dtype (inputs are cast to it), or in ``compute`` when given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Pair = tuple[Tensor, Tensor | None]
+
+
+def island(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the fp32 islands for parameters of ``dtype``: float32, or float64 when params are float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def add(*terms: Tensor | None) -> Tensor | None:
+    """Sum of the non-None terms (None if all are None): combines partial tangents."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def linear(x: Tensor, tx: Tensor | None, weight: Tensor, bias: Tensor | None,
+           compute: torch.dtype | None = None) -> Pair:
+    """``y = x Wᵀ + b`` in ``compute`` (default: the weight dtype); tangent ``ẏ = ẋ Wᵀ``."""
+    dt = weight.dtype if compute is None else compute
+    w, b = weight.to(dt), (None if bias is None else bias.to(dt))
+    y = F.linear(x.to(dt), w, b)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        return y, F.linear(tx.to(dt), w)
+
+
+def silu(x: Tensor, tx: Tensor | None) -> Pair:
+    """SiLU; ``d/dx x·σ(x) = σ(x)·(1 + x·(1 − σ(x)))``."""
+    y = F.silu(x)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        s = torch.sigmoid(x)
+        return y, tx * (s * (1 + x * (1 - s)))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: Tensor, tx: Tensor | None) -> Pair:
+    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``; derivative written out."""
+    y = F.gelu(x, approximate="tanh")
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        th = torch.tanh(_GELU_C * (x + 0.044715 * x**3))
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+        return y, tx * d
+
+
+def layer_norm(x: Tensor, tx: Tensor | None, eps: float, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> Pair:
+    """LayerNorm over the last dim, statistics and affine in the island dtype, result cast to ``x.dtype``.
+
+    Tangent: with ``n = (x − μ)·r``, ``ṅ = r·(ẋ − mean(ẋ) − n·mean(n·ẋ))``; affine scales it by ``weight``.
+    """
+    dt = island(x.dtype)
+    xf = x.to(dt)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    y = F.layer_norm(xf, xf.shape[-1:], w, b, eps).to(x.dtype)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        mu = xf.mean(-1, keepdim=True)
+        r = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+        n = (xf - mu) * r
+        t = tx.to(dt)
+        tn = r * (t - t.mean(-1, keepdim=True) - n * (n * t).mean(-1, keepdim=True))
+        if w is not None:
+            tn = tn * w
+        return y, tn.to(x.dtype)
+
+
+def rms_norm(x: Tensor, tx: Tensor | None, weight: Tensor, eps: float) -> Pair:
+    """Wan RMSNorm: ``(x·rsqrt(mean(x²) + eps))`` in the island dtype, cast to ``x.dtype``, times ``weight``.
+
+    Tangent: with ``n = x·r``, ``ṅ = r·(ẋ − n·mean(n·ẋ))``, cast the same way, times ``weight``.
+    """
+    dt = island(x.dtype)
+    xf = x.to(dt)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * r
+    y = n.to(x.dtype) * weight
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        t = tx.to(dt)
+        tn = r * (t - n * (n * t).mean(-1, keepdim=True))
+        return y, tn.to(x.dtype) * weight
+
+
+def modulate(n: Tensor, tn: Tensor | None, shift: Tensor, tshift: Tensor | None, scale: Tensor,
+             tscale: Tensor | None) -> Pair:
+    """AdaLN modulation ``n·(1 + scale) + shift`` in the dtype of ``scale`` (the fp32 island)."""
+    nf = n.to(scale.dtype)
+    y = nf * (1 + scale) + shift
+    if tn is None and tshift is None and tscale is None:
+        return y, None
+    with torch.no_grad():
+        return y, add(None if tn is None else tn.to(scale.dtype) * (1 + scale),
+                      None if tscale is None else nf * tscale, tshift)
+
+
+def gated(y: Tensor, ty: Tensor | None, gate: Tensor, tgate: Tensor | None,
+          dtype: torch.dtype) -> Pair:
+    """``y·gate`` computed in ``dtype`` (``gate`` is cast to it): the gated branch of a residual."""
+    g = gate.to(dtype)
+    out = y.to(dtype) * g
+    if ty is None and tgate is None:
+        return out, None
+    with torch.no_grad():
+        return out, add(None if ty is None else ty.to(dtype) * g,
+                        None if tgate is None else y.to(dtype) * tgate.to(dtype))
+
+
+def sinusoid(t: Tensor, tt: Tensor | None, dim: int) -> Pair:
+    """Wan timestep embedding ``[cos(t·ω), sin(t·ω)]`` (cos first), ``ω_k = 10000^(−k/(dim/2))``.
+
+    Computed in float64 from ``t`` (any shape, int or float; output ``[*t.shape, dim]``) and returned as
+    float64: the caller casts it to its island dtype. Tangent: ``[−ω·sin(tω)·ṫ, ω·cos(tω)·ṫ]``.
+    """
+    half = dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t.to(torch.float64)[..., None] * omega
+    y = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+    if tt is None:
+        return y, None
+    with torch.no_grad():
+        d = tt.to(torch.float64)[..., None] * omega
+        return y, torch.cat([-torch.sin(ang) * d, torch.cos(ang) * d], dim=-1)
