@@ -1,0 +1,293 @@
+"""KV cache for block-autoregressive (streaming) attention: rolling window with sink frames, quantized storage.
+
+Layout legend: B batch, S storage frame slots, T tokens per frame, H heads, D head dim, F cached (visible)
+frames, N layers. Attention tensors are ``[B, L, H, D]``; storage is ``[N, B, S, T, H, D]``.
+
+Storage is preallocated once (``S = sink_frames + window_frames (+ max_block_frames when rolling)``) and never
+grows or moves: appending past the window only changes bookkeeping (ring buffer, no compaction copies).
+
+* Slots ``[0, sink_frames)`` hold the first ``sink_frames`` frames ever written, forever.
+* The remaining ``R`` slots are a ring: absolute frame ``a >= sink_frames`` lives in slot
+  ``sink_frames + (a - sink_frames) % R``. With ``rolling=True``, ``R = window_frames + max_block_frames``: the
+  extra ``max_block_frames`` slots receive the block being computed while the ``window_frames`` most recent
+  committed frames stay intact and readable, so every layer can attend to the old window and then write its
+  new k/v in the same forward.
+* The *visible* frames (what attention reads) are the sink frames plus the ``window_frames`` most recent
+  committed frames, listed in chronological order (``CacheLayer.frame_slots``). Attention is invariant to the
+  order of keys, so the wrap-around of the ring costs nothing: the kernel walks the frame list.
+
+Protocol for one block (all layers share the bookkeeping; each layer owns its storage)::
+
+    blk = cache.begin_block(num_frames)          # plans slots and RoPE positions, evicts nothing yet
+    for i, layer in enumerate(blocks):           # inside the network's forward
+        out = cache_attention(q, cache.layer(i), extra_k=k, extra_v=v)   # committed frames + own k/v
+        cache.write(i, blk, k, v)                # quantize on write; may be repeated (overwrites)
+    cache.commit(blk)                            # visible from now on; the oldest window frames drop out
+    cache.write(i, cache.last_block, k2, v2)     # later: overwrite the most recent block in place
+
+RoPE position policy for the frames that remain after eviction (``position_policy``):
+
+* ``"absolute"``: a frame keeps its true index ``a`` forever; the block being computed gets indices
+  ``num_frames_written + [0, n)``. Positions grow without bound (computed on the fly, no table). Works with
+  keys stored post-RoPE (the default) since a stored key never changes phase.
+* ``"reindexed"``: the visible frames get positions ``0 .. F-1`` in chronological order (sink frames first),
+  and the block being computed gets ``F .. F+n-1``; the relative geometry equals that of a fresh cache holding
+  only the kept frames. Positions of cached keys change after each eviction, so keys must be stored
+  pre-RoPE (``keys_pre_rope=True``) and rotated when read (``cache_attention(..., k_rope=...)``).
+
+Cross-attention k/v (text, once per prompt) do not belong here: :class:`CrossAttentionCache` is a tiny
+per-layer dict the network may use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .quant import quantize_keys, quantize_values, storage_dtype
+
+__all__ = ["KVCache", "CacheLayer", "CacheBlock", "CrossAttentionCache", "KVDtype", "PositionPolicy"]
+
+KVDtype = Literal["bf16", "fp16", "fp32", "int8", "fp8"]
+PositionPolicy = Literal["absolute", "reindexed"]
+_NATIVE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheBlock:
+    """Handle of one appended block (returned by :meth:`KVCache.begin_block`)."""
+
+    index: int  # blocks begun since the last reset, 0-based
+    first_frame: int  # absolute index of the block's first frame
+    num_frames: int
+    slots: tuple[int, ...]  # storage slot of each frame
+    positions: tuple[int, ...]  # RoPE frame positions of the block's queries and keys while it is computed
+
+
+class CacheLayer(NamedTuple):
+    """One layer's cache as attention reads it (storage views, no copies)."""
+
+    k: Tensor  # [B, S*T, H, D] codes: compute dtype, int8 or float8_e4m3fn
+    v: Tensor  # [B, S*T, H, D]
+    k_scale: Tensor | None  # [B, S, H, D] float32 per (frame, channel); None for unquantized storage
+    v_scale: Tensor | None  # [B, S*T, H] float32 per token; None for unquantized storage
+    frame_slots: Tensor  # [F] int32 on the storage device: slots of the visible frames, chronological
+    num_frames: int  # F
+    tokens_per_frame: int  # T
+    keys_pre_rope: bool  # True: keys need rotation at read time (cache_attention's k_rope)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+
+class KVCache:
+    """Per-layer k/v storage for streaming attention with a rolling window, sink frames and int8/fp8 storage.
+
+    Args:
+        num_layers: attention layers that each own a k/v store.
+        batch, heads, head_dim, tokens_per_frame: the ``[B, T, H, D]`` geometry of one frame.
+        window_frames: most recent committed frames kept (without ``rolling``: capacity beyond the sink).
+        sink_frames: first frames kept forever.
+        rolling: evict the oldest non-sink frames once more than ``window_frames`` are committed; without it,
+            writing past capacity raises.
+        max_block_frames: largest block ever appended (spare ring slots; required when ``rolling``).
+        kv_dtype: storage: ``bf16`` / ``fp16`` / ``fp32`` (as is), ``int8`` or ``fp8`` (e4m3) with per-channel
+            key scales per frame and per-token value scales (``rcm_kernels.quant``).
+        position_policy: ``absolute`` or ``reindexed`` (module docstring).
+        keys_pre_rope: the caller stores un-rotated keys and passes ``k_rope`` to ``cache_attention``.
+    """
+
+    def __init__(self, num_layers: int, *, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
+                 window_frames: int, sink_frames: int = 0, rolling: bool = True,
+                 max_block_frames: int | None = None, kv_dtype: KVDtype = "bf16",
+                 position_policy: PositionPolicy = "absolute", keys_pre_rope: bool = False,
+                 device: torch.device | str | None = None):
+        for name, val in dict(num_layers=num_layers, batch=batch, heads=heads, head_dim=head_dim,
+                              tokens_per_frame=tokens_per_frame, window_frames=window_frames).items():
+            if val < 1:
+                raise ValueError(f"KVCache: {name} must be >= 1, got {val}")
+        if sink_frames < 0:
+            raise ValueError(f"KVCache: sink_frames must be >= 0, got {sink_frames}")
+        if rolling and max_block_frames is None:
+            raise ValueError("KVCache: rolling=True needs max_block_frames (spare slots for the block being written)")
+        if max_block_frames is not None and not 1 <= max_block_frames <= window_frames:
+            raise ValueError(f"KVCache: max_block_frames must be in [1, window_frames={window_frames}], "
+                             f"got {max_block_frames}")
+        if position_policy not in ("absolute", "reindexed"):
+            raise ValueError(f"KVCache: position_policy must be 'absolute' or 'reindexed', got {position_policy!r}")
+        if position_policy == "reindexed" and not keys_pre_rope:
+            raise ValueError("KVCache: position_policy='reindexed' needs keys_pre_rope=True (post-RoPE keys "
+                             "cannot be re-indexed after eviction)")
+        if kv_dtype not in (*_NATIVE, "int8", "fp8"):
+            raise ValueError(f"KVCache: kv_dtype must be one of bf16, fp16, fp32, int8, fp8; got {kv_dtype!r}")
+        self.num_layers, self.tokens_per_frame = num_layers, tokens_per_frame
+        self.sink_frames, self.window_frames, self.rolling = sink_frames, window_frames, rolling
+        self.max_block_frames = max_block_frames or window_frames
+        self.kv_dtype, self.position_policy, self.keys_pre_rope = kv_dtype, position_policy, keys_pre_rope
+        self.quantized = kv_dtype in ("int8", "fp8")
+        self._ring = window_frames + (self.max_block_frames if rolling else 0)
+        slots = sink_frames + self._ring
+        code = storage_dtype(kv_dtype) if self.quantized else _NATIVE[kv_dtype]
+        shape = (num_layers, batch, slots, tokens_per_frame, heads, head_dim)
+        self._k = torch.zeros(shape, dtype=code, device=device)
+        self._v = torch.zeros(shape, dtype=code, device=device)
+        self._k_scale = self._v_scale = None
+        if self.quantized:
+            self._k_scale = torch.zeros(num_layers, batch, slots, heads, head_dim, device=device)
+            self._v_scale = torch.zeros(num_layers, batch, slots * tokens_per_frame, heads, device=device)
+        self.reset()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget every frame (storage is kept: no reallocation)."""
+        self.frames_written = 0  # committed frames since reset (absolute index of the next frame)
+        self._blocks = 0
+        self._pending: CacheBlock | None = None
+        self._pending_written: set[int] = set()
+        self.last_block: CacheBlock | None = None
+        self._refresh_visible()
+
+    def _slot(self, frame: int) -> int:
+        if frame < self.sink_frames:
+            return frame
+        return self.sink_frames + (frame - self.sink_frames) % self._ring
+
+    def _visible_frames(self, written: int) -> list[int]:
+        sink = range(min(written, self.sink_frames))
+        start = max(self.sink_frames, written - self.window_frames) if self.rolling else self.sink_frames
+        return [*sink, *range(start, written)]
+
+    def _refresh_visible(self) -> None:
+        frames = self._visible_frames(self.frames_written)
+        self._visible = frames
+        dev = self._k.device
+        self._frame_slots = torch.tensor([self._slot(f) for f in frames], dtype=torch.int32, device=dev)
+        pos = frames if self.position_policy == "absolute" else range(len(frames))
+        self._positions = torch.tensor(list(pos), dtype=torch.long, device=dev)
+
+    @property
+    def num_cached_frames(self) -> int:
+        """Frames attention currently reads (sink + window, committed only)."""
+        return len(self._visible)
+
+    def cached_frames(self) -> list[int]:
+        """Absolute indices of the visible frames, chronological (the order of ``CacheLayer.frame_slots``)."""
+        return list(self._visible)
+
+    def frame_positions(self) -> Tensor:
+        """RoPE frame positions ``[F]`` (long, storage device) of the visible frames under the policy."""
+        return self._positions
+
+    def begin_block(self, num_frames: int) -> CacheBlock:
+        """Plan the next block: its storage slots and the RoPE positions of its frames. Evicts nothing yet."""
+        if self._pending is not None:
+            raise RuntimeError(f"KVCache: block {self._pending.index} is still pending; commit it first")
+        if not 1 <= num_frames <= self.max_block_frames:
+            raise ValueError(f"KVCache: a block has 1..{self.max_block_frames} frames "
+                             f"(max_block_frames), got {num_frames}")
+        first = self.frames_written
+        if not self.rolling and first + num_frames > self.sink_frames + self.window_frames:
+            raise RuntimeError(f"KVCache full: {first} + {num_frames} frames exceed the capacity "
+                               f"{self.sink_frames + self.window_frames} (use rolling=True to evict)")
+        if self.position_policy == "absolute":
+            positions = tuple(range(first, first + num_frames))
+        else:
+            positions = tuple(range(len(self._visible), len(self._visible) + num_frames))
+        slots = tuple(self._slot(f) for f in range(first, first + num_frames))
+        self._pending = CacheBlock(self._blocks, first, num_frames, slots, positions)
+        self._pending_written = set()
+        return self._pending
+
+    def commit(self, block: CacheBlock) -> None:
+        """Make a fully written pending block visible; the oldest non-sink frames beyond the window drop out."""
+        if block != self._pending:
+            raise RuntimeError(f"KVCache: block {block.index} is not the pending block")
+        missing = sorted(set(range(self.num_layers)) - self._pending_written)
+        if missing:
+            raise RuntimeError(f"KVCache: block {block.index} was not written for layers {missing}")
+        self.frames_written += block.num_frames
+        self._blocks += 1
+        self.last_block, self._pending = block, None
+        self._refresh_visible()
+
+    # ------------------------------------------------------------------ data
+    def write(self, layer: int, block: CacheBlock, k: Tensor, v: Tensor) -> None:
+        """Store one layer's k/v ``[B, n·T, H, D]`` for ``block`` (pending or the last committed one).
+
+        Values are detached, cast or quantized on write. Writing again overwrites (denoising steps, or the
+        re-computation of the block's k/v from its denoised latents).
+        """
+        if block != self._pending and block != self.last_block:
+            raise RuntimeError(f"KVCache: block {block.index} is neither pending nor the last committed block")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"KVCache: layer {layer} out of range [0, {self.num_layers})")
+        _, b, _, t, h, d = self._k.shape
+        want = (b, block.num_frames * t, h, d)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"KVCache.write: expected k and v of shape {want} (block of {block.num_frames} "
+                             f"frames), got {tuple(k.shape)} and {tuple(v.shape)}")
+        idx = self._slot_index(block.slots)
+        k5, v5 = k.detach().reshape(b, block.num_frames, t, h, d), v.detach().reshape(b, block.num_frames, t, h, d)
+        if self.quantized:
+            kq, vq = quantize_keys(k5, self.kv_dtype), quantize_values(v5.flatten(1, 2), self.kv_dtype)
+            self._k[layer][:, idx] = kq.data
+            self._k_scale[layer][:, idx] = kq.scale
+            self._v[layer][:, idx] = vq.data.unflatten(1, (block.num_frames, t))
+            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (block.num_frames, t))
+        else:
+            self._k[layer][:, idx] = k5.to(self._k.dtype)
+            self._v[layer][:, idx] = v5.to(self._v.dtype)
+        if block == self._pending:
+            self._pending_written.add(layer)
+
+    def _slot_index(self, slots: tuple[int, ...]) -> slice | Tensor:
+        if all(b == a + 1 for a, b in zip(slots, slots[1:])):
+            return slice(slots[0], slots[-1] + 1)
+        return torch.tensor(slots, dtype=torch.long, device=self._k.device)  # the block wraps around the ring
+
+    def append(self, ks: list[Tensor], vs: list[Tensor]) -> CacheBlock:
+        """Begin, write every layer (``ks[i]``, ``vs[i]``: ``[B, n·T, H, D]``) and commit one block."""
+        if len(ks) != self.num_layers or len(vs) != self.num_layers:
+            raise ValueError(f"KVCache.append: need k and v for all {self.num_layers} layers, "
+                             f"got {len(ks)} and {len(vs)}")
+        block = self.begin_block(ks[0].shape[1] // self.tokens_per_frame)
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            self.write(i, block, k, v)
+        self.commit(block)
+        return block
+
+    def layer(self, i: int) -> CacheLayer:
+        """What attention of layer ``i`` reads: storage views plus the visible frames' slots."""
+        b, s, t, h, d = self._k.shape[1:]
+        scales = (None, None) if not self.quantized else (self._k_scale[i], self._v_scale[i])
+        return CacheLayer(self._k[i].view(b, s * t, h, d), self._v[i].view(b, s * t, h, d), *scales,
+                          self._frame_slots, len(self._visible), t, self.keys_pre_rope)
+
+    def storage(self) -> tuple[Tensor, ...]:
+        """Every preallocated tensor (k, v and scales of all layers)."""
+        return tuple(x for x in (self._k, self._v, self._k_scale, self._v_scale) if x is not None)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (codes and scales of all layers), constant over its lifetime."""
+        return sum(x.numel() * x.element_size() for x in self.storage())
+
+
+class CrossAttentionCache:
+    """Per-layer cross-attention k/v, computed once per prompt (call :meth:`reset` when the prompt changes)."""
+
+    def __init__(self) -> None:
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def get(self, layer: int, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Return layer ``layer``'s ``(k, v)``, calling ``compute()`` only the first time."""
+        if layer not in self._kv:
+            self._kv[layer] = compute()
+        return self._kv[layer]
+
+    def reset(self) -> None:
+        self._kv.clear()
