@@ -1,0 +1,233 @@
+"""Recipe configuration: pydantic models resolved from defaults <- preset <- file <- command line.
+
+A recipe declares one `RecipeConfig` subclass (nested `RecipeConfig` models for its components, one
+attribute docstring per field) and calls `parse_config(Cls, presets=...)` in its `main()`:
+
+    defaults (the class, or the model named by ``--preset NAME``)
+      <- ``--config file.yaml|json`` (nested mappings merge; other values replace)
+      <- ``--a.b=value`` / ``--a.b value`` overrides (same merge rule)
+
+`--help` lists every field with its docstring (pydantic-settings' CLI builds the argparse parser from the
+models). Unknown names and wrong types raise `ConfigError` naming the dotted field and, for unknown names,
+the closest valid one (difflib).
+
+Why a thin layer over pydantic-settings rather than `CliApp.run`: the library turns an unknown flag into
+argparse's bare "unrecognized arguments" and a bad value into a raw `ValidationError`, and it has no notion
+of presets or of merging a file given on the same command line. So we let it build the parser and
+the help text and turn the flags into a nested dict, and do the merge, the suggestions and the error
+wording here; all type checking is pydantic's `model_validate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_settings import CliSettingsSource
+
+__all__ = [
+    "ConfigError",
+    "RecipeConfig",
+    "field_paths",
+    "load_config_file",
+    "parse_config",
+    "resolve_config",
+    "write_config",
+]
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class RecipeConfig(BaseModel):
+    """Base of every recipe config and its nested parts: unknown fields are errors, docstrings document."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be resolved; the message names the field (dotted path) at fault."""
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`Model`, `Model | None`, `Optional[Model]`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [m for a in typing.get_args(annotation) if (m := _model_class(a)) is not None]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def field_paths(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field of `cls` as a dotted path, nested models included (both `train` and `train.lr`)."""
+    paths = []
+    for name, info in cls.model_fields.items():
+        paths.append(prefix + name)
+        sub = _model_class(info.annotation)
+        if sub is not None:
+            paths += field_paths(sub, f"{prefix}{name}.")
+    return paths
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_field_message(cls: type[BaseModel], loc: Sequence[str | int], source: str) -> str:
+    """'unknown field a.b' plus the closest valid name at the same nesting level."""
+    owner: type[BaseModel] | None = cls
+    for part in loc[:-1]:
+        info = owner.model_fields.get(str(part)) if owner is not None else None
+        owner = _model_class(info.annotation) if info is not None else None
+    dotted = ".".join(map(str, loc))
+    siblings = [".".join([*map(str, loc[:-1]), n]) for n in owner.model_fields] if owner is not None else []
+    return f"unknown field '{dotted}' in {source}{_suggest(dotted, siblings)}"
+
+
+def _format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"]]
+        if e["type"] == "extra_forbidden":
+            lines.append(_unknown_field_message(cls, loc, source))
+        else:
+            dotted = ".".join(map(str, loc)) or "<root>"
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            lines.append(f"field '{dotted}': {e['msg']}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _merge(cls: type[BaseModel], base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`update` over `base`: mappings for nested-model fields merge recursively, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        info = cls.model_fields.get(key)
+        sub = _model_class(info.annotation) if info is not None else None
+        if sub is not None and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(sub, out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a `.yaml`/`.yml`/`.json` config file into a (possibly partial) nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file '{path}'")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"--config: '{path}' must end in .yaml, .yml or .json")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: '{path}' must hold a mapping of field names, got {type(data).__name__}")
+    return data
+
+
+def write_config(config: BaseModel, path: str | Path) -> Path:
+    """Write the resolved config as YAML (`.yaml`/`.yml`) or JSON (`.json`); `--config` reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.model_dump(mode="json")
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        raise ValueError(f"config path '{path}' must end in .yaml, .yml or .json")
+    return path
+
+
+def _build_parser(cls: type[C], presets: Mapping[str, C], prog: str | None) -> tuple[argparse.ArgumentParser, Any]:
+    epilog = "values resolve as: defaults <- --preset <- --config file <- --a.b=value overrides"
+    if presets:
+        epilog = f"presets: {', '.join(presets)}\n{epilog}"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(cls.__doc__ or "").strip(),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a prefix of a field name must not silently select that field
+    )
+    parser.add_argument("--config", metavar="FILE", help="a .yaml/.json file of (partial) values")
+    if presets:
+        parser.add_argument("--preset", metavar="NAME", help=f"start from a named config: {', '.join(presets)}")
+    # The source adds one option per field (help = the field docstring) and turns them into a nested dict.
+    source = CliSettingsSource(
+        cls, root_parser=parser, cli_exit_on_error=False, cli_implicit_flags=False, cli_avoid_json=True
+    )
+    return parser, source
+
+
+def resolve_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    presets: Mapping[str, C] | None = None,
+    prog: str | None = None,
+) -> C:
+    """Resolve `cls` from `argv` (default `sys.argv[1:]`); raises `ConfigError` on any problem.
+
+    `--help` prints the help and raises `SystemExit(0)` (argparse's behaviour).
+    """
+    presets = dict(presets or {})
+    parser, source = _build_parser(cls, presets, prog)
+    parsed, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        flag = unknown[0]
+        if flag.startswith("--"):
+            name = flag[2:].split("=", 1)[0]
+            valid = ["config", *(["preset"] if presets else []), *field_paths(cls)]
+            raise ConfigError(f"unknown field '{name}' on the command line{_suggest(name, valid)}")
+        raise ConfigError(f"unexpected command-line argument '{flag}' (fields are set as --name=value)")
+
+    preset_name = getattr(parsed, "preset", None)
+    if preset_name is not None:
+        if preset_name not in presets:
+            raise ConfigError(f"unknown preset '{preset_name}'{_suggest(preset_name, list(presets))}; "
+                              f"choose from {', '.join(presets)}")
+        values = presets[preset_name].model_dump()
+    else:
+        values = {}
+    if parsed.config is not None:
+        file_values = load_config_file(parsed.config)
+        try:  # validate the file alone first, so its errors name the file
+            cls.model_validate(_merge(cls, values, file_values))
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(cls, err, f"--config {parsed.config}")) from None
+        values = _merge(cls, values, file_values)
+    cli_values = source(parsed_args={k: v for k, v in vars(parsed).items() if k not in ("config", "preset")})()
+    try:
+        return cls.model_validate(_merge(cls, values, cli_values))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(cls, err, "the command line")) from None
+
+
+def parse_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    presets: Mapping[str, C] | None = None,
+    prog: str | None = None,
+) -> C:
+    """`resolve_config` for a script's `main()`: on error print the message and exit with status 2."""
+    try:
+        return resolve_config(cls, argv, presets=presets, prog=prog)
+    except ConfigError as err:
+        print(f"{prog or Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

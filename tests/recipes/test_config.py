@@ -1,0 +1,127 @@
+"""Config plumbing: help, named errors with suggestions, precedence, the resolved config on disk."""
+
+import json
+from typing import Literal
+
+import pytest
+import yaml
+from rcm_recipes.config import ConfigError, RecipeConfig, field_paths, resolve_config, write_config
+
+
+class Net(RecipeConfig):
+    dim: int = 32
+    """Hidden width of the network."""
+    heads: int = 2
+    """Number of attention heads."""
+
+
+class Optim(RecipeConfig):
+    lr: float = 1e-3
+    """Learning rate of AdamW."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule."""
+    clip: bool = False
+    """Clip the gradient norm."""
+
+
+class Job(RecipeConfig):
+    """A toy recipe config."""
+
+    net: Net = Net()
+    """The network."""
+    optim: Optim = Optim()
+    """The optimizer."""
+    seed: int = 0
+    """Random seed of everything."""
+    sizes: list[int] = [1, 2]
+    """Some sizes."""
+
+
+PRESETS = {"small": Job(net=Net(dim=8, heads=1), seed=5)}
+
+
+def test_help_lists_every_field_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as exc:
+        resolve_config(Job, ["--help"], presets=PRESETS, prog="job")
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for path in field_paths(Job):
+        if path in ("net", "optim"):  # nested models: shown as option groups with their docstring
+            continue
+        assert f"--{path}" in text, path
+    for doc in ["Hidden width of the network.", "Number of attention heads.", "Learning rate of AdamW.",
+                "Learning-rate schedule.", "Clip the gradient norm.", "Random seed of everything.",
+                "Some sizes.", "The network.", "The optimizer.", "small"]:
+        assert doc in text, doc
+
+
+def test_unknown_cli_field_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown field 'net\.dmi'.*did you mean 'net\.dim'"):
+        resolve_config(Job, ["--net.dmi=3"])
+    with pytest.raises(ConfigError, match=r"unknown field 'sed'.*did you mean 'seed'"):
+        resolve_config(Job, ["--sed", "3"])
+    with pytest.raises(ConfigError, match=r"unknown field 'net\.di'.*'net\.dim'"):  # no prefix matching
+        resolve_config(Job, ["--net.di=3"])
+    with pytest.raises(ConfigError, match="unexpected command-line argument 'stray'"):
+        resolve_config(Job, ["stray"])
+
+
+def test_unknown_file_field_names_it_the_file_and_suggests(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown field 'optim\.lrr' in --config .*bad\.yaml.*'optim\.lr'"):
+        resolve_config(Job, ["--config", str(f)])
+
+
+def test_type_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(Job, ["--net.dim=abc", "--optim.schedule=linear"])
+    msg = str(exc.value)
+    assert "field 'net.dim'" in msg and "'abc'" in msg
+    assert "field 'optim.schedule'" in msg and "'constant' or 'cosine'" in msg
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"seed": "x"}))
+    with pytest.raises(ConfigError, match=r"field 'seed'.*valid integer"):
+        resolve_config(Job, [f"--config={f}"])
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match=r"unknown preset 'smal'.*did you mean 'small'"):
+        resolve_config(Job, ["--preset", "smal"], presets=PRESETS)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_precedence_defaults_preset_file_cli(tmp_path, suffix):
+    f = tmp_path / f"job{suffix}"
+    data = {"net": {"heads": 4}, "optim": {"lr": 0.5, "schedule": "cosine"}}
+    f.write_text(yaml.safe_dump(data) if suffix == ".yaml" else json.dumps(data))
+    cfg = resolve_config(
+        Job, ["--preset=small", "--config", str(f), "--optim.lr", "0.25", "--sizes=[7, 8]"], presets=PRESETS
+    )
+    assert cfg.net.dim == 8  # preset (file leaves it alone: nested mappings merge)
+    assert cfg.net.heads == 4  # file over preset
+    assert cfg.seed == 5  # preset over default
+    assert cfg.optim.schedule == "cosine"  # file over default
+    assert cfg.optim.lr == 0.25  # command line over file
+    assert cfg.optim.clip is False  # default
+    assert cfg.sizes == [7, 8]  # lists replace
+    assert resolve_config(Job, []) == Job()
+
+
+@pytest.mark.parametrize("name", ["resolved.yaml", "resolved.json"])
+def test_resolved_config_is_written_and_reads_back(tmp_path, name):
+    cfg = resolve_config(Job, ["--net.dim=48", "--optim.clip=true", "--seed", "9"])
+    path = write_config(cfg, tmp_path / "out" / name)
+    assert path.is_file()
+    on_disk = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    assert on_disk["net"]["dim"] == 48 and on_disk["optim"]["clip"] is True and on_disk["seed"] == 9
+    assert resolve_config(Job, ["--config", str(path)]) == cfg
+
+
+def test_bad_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_config(Job, ["--config", str(tmp_path / "missing.yaml")])
+    f = tmp_path / "job.toml"
+    f.write_text("seed = 1\n")
+    with pytest.raises(ConfigError, match=r"must end in \.yaml, \.yml or \.json"):
+        resolve_config(Job, ["--config", str(f)])
