@@ -379,8 +379,8 @@ def _fwd_cfg(d: int, has_tangent: bool) -> _Cfg:
     if env:
         return env
     if has_tangent:
-        return _Cfg(128, 64, 8, 2) if d <= 128 else _Cfg(64, 32, 4, 2)
-    return _Cfg(128, 128, 8, 3) if d <= 64 else (_Cfg(128, 64, 8, 3) if d <= 128 else _Cfg(64, 32, 4, 2))
+        return _Cfg(128, 64, 8, 2) if d <= 128 else _Cfg(64, 32, 8, 2)
+    return _Cfg(128, 128, 8, 3) if d <= 64 else (_Cfg(128, 64, 8, 3) if d <= 128 else _Cfg(64, 32, 8, 2))
 
 
 def _bwd_cfg(d: int) -> _Cfg:
@@ -389,7 +389,7 @@ def _bwd_cfg(d: int) -> _Cfg:
     env = _env_cfg("RCM_ATTN_BWD_CFG")
     if env:
         return env
-    return _Cfg(64, 128, 8, 2) if d <= 128 else _Cfg(32, 64, 4, 2)
+    return _Cfg(64, 128, 8, 2) if d <= 128 else _Cfg(32, 64, 8, 2)
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, tangents=(), mask=None) -> str | None:
@@ -419,14 +419,53 @@ def _strides(x: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
     return (x if x is not None else like).stride()
 
 
-def _mask_args(mask, lq: int, lk: int, bm: int, bn: int, device, transposed: bool = False):
+def _tables(mask, lq: int, lk: int, bm: int, bn: int, device, transposed: bool = False) -> list[Tensor]:
+    """The tile lists a kernel reads: ``[row_iv, full_num, full_idx, part_num, part_idx]``, or [] unmasked."""
     if mask is None:
-        z = torch.zeros(1, dtype=torch.int32, device=device)
-        return (z, z, z, z, z, 0)
+        return []
     t = mask.tiles(lq, lk, bm, bn, device)
     if transposed:
-        return (t.row_iv, t.q_full_num, t.q_full_idx, t.q_part_num, t.q_part_idx, t.q_full_idx.shape[1])
-    return (t.row_iv, t.kv_full_num, t.kv_full_idx, t.kv_part_num, t.kv_part_idx, t.kv_full_idx.shape[1])
+        return [t.row_iv, t.q_full_num, t.q_full_idx, t.q_part_num, t.q_part_idx]
+    return [t.row_iv, t.kv_full_num, t.kv_full_idx, t.kv_part_num, t.kv_part_idx]
+
+
+def _table_args(tables: list[Tensor], device) -> tuple:
+    if not tables:
+        z = torch.zeros(1, dtype=torch.int32, device=device)
+        return (z, z, z, z, z, 0)
+    return (*tables, tables[2].shape[1])
+
+
+# The launchers are torch custom ops so that torch.func transforms (whose forward-AD and backward rules hand
+# the autograd.Function functorch-wrapped tensors) reach the kernels with plain tensors.
+@torch.library.custom_op("rcm_kernels::jvp_attn_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None,
+            scale: float, tables: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    bsz, lq, nh, d = q.shape
+    lk = k.shape[1]
+    has_t = any(t is not None for t in (tq, tk, tv))
+    cfg = _fwd_cfg(d, has_t)
+    out = torch.empty(bsz, lq, nh, d, device=q.device, dtype=q.dtype)
+    tangent = torch.empty_like(out) if has_t else out.new_empty(0)
+    lse = torch.empty(bsz, nh, lq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(lq, cfg.block_m), bsz * nh)
+    _jvp_attn_fwd[grid](
+        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
+        out, tangent if has_t else out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *_strides(tq, q), *_strides(tk, k), *_strides(tv, v),
+        *out.stride(), *(tangent if has_t else out).stride(), *_table_args(tables, q.device),
+        nh, lq, lk, scale,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_TQ=tq is not None, HAS_TK=tk is not None,
+        HAS_TV=tv is not None, HAS_MASK=bool(tables), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, tangent, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, tq, tk, tv, scale, tables):
+    has_t = any(t is not None for t in (tq, tk, tv))
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    return out, (torch.empty_like(out) if has_t else out.new_empty(0)), q.new_empty(
+        q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
 
 
 def jvp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None, tk: Tensor | None = None,
@@ -439,26 +478,12 @@ def jvp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None,
     if reason:
         raise ValueError(f"triton jvp attention: {reason}")
     tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
-    bsz, lq, nh, d = q.shape
-    lk = k.shape[1]
+    d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    has_t = any(t is not None for t in (tq, tk, tv))
-    cfg = _fwd_cfg(d, has_t)
-    out = torch.empty(bsz, lq, nh, d, device=q.device, dtype=q.dtype)
-    tangent = torch.empty_like(out) if has_t else None
-    lse = torch.empty(bsz, nh, lq, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(lq, cfg.block_m), bsz * nh)
-    _jvp_attn_fwd[grid](
-        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
-        out, out if tangent is None else tangent, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_strides(tq, q), *_strides(tk, k), *_strides(tv, v),
-        *out.stride(), *_strides(tangent, out),
-        *_mask_args(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device),
-        nh, lq, lk, scale,
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_TV=tv is not None, HAS_MASK=block_mask is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    return FwdResult(out, tangent, lse)
+    cfg = _fwd_cfg(d, any(t is not None for t in (tq, tk, tv)))
+    tables = _tables(block_mask, q.shape[1], k.shape[1], cfg.block_m, cfg.block_n, q.device)
+    out, tangent, lse = _fwd_op(q, k, v, tq, tk, tv, scale, tables)
+    return FwdResult(out, tangent if tangent.numel() or not out.numel() else None, lse)
 
 
 def _sdpa_flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
@@ -470,6 +495,39 @@ def _sdpa_flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return tuple(g.transpose(1, 2) for g in grads[:3])
 
 
+@torch.library.custom_op("rcm_kernels::attn_bwd", mutates_args=())
+def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+            dkdv_tables: list[Tensor], dq_tables: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    bsz, lq, nh, d = q.shape
+    lk = k.shape[1]
+    if (os.environ.get("RCM_ATTN_BWD", "triton") == "flash" and not dq_tables and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        return tuple(g.contiguous() for g in _sdpa_flash_bwd(do, q, k, v, out, lse, scale))
+    cfg = _bwd_cfg(d)
+    delta = torch.empty_like(lse)
+    bm0 = 16 if _INTERPRET else 64
+    _bwd_delta[(triton.cdiv(lq, bm0), bsz * nh)](out, do, delta, *out.stride(), *do.stride(), nh, lq,
+                                                HEAD_DIM=d, BLOCK_M=bm0)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    # dK/dV: key tiles of BLOCK_N (= cfg.block_n) rows visit query tiles of BLOCK_M (= cfg.block_m)
+    _bwd_dkdv[(triton.cdiv(lk, cfg.block_n), bsz * nh)](
+        q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), *_table_args(dkdv_tables, q.device),
+        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=bool(dkdv_tables),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # dQ: query tiles of cfg.block_n rows visit key tiles of cfg.block_m (the tutorial's swapped shape)
+    _bwd_dq[(triton.cdiv(lq, cfg.block_n), bsz * nh)](
+        q, k, v, do, lse, delta, dq, *common, *dq.stride(), *_table_args(dq_tables, q.device),
+        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m, HAS_MASK=bool(dq_tables),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, scale, dkdv_tables, dq_tables):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                   scale: float | None = None, block_mask=None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` (``[B, L, H, D]``, inputs' dtypes) from the saved output and LSE.
@@ -477,30 +535,10 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     ``RCM_ATTN_BWD`` picks the implementation: ``triton`` (default; ours, any mask) or ``flash`` (SDPA's
     FlashAttention-2 backward fed our O and LSE: unmasked fp16/bf16 on CUDA only, otherwise ours).
     """
-    bsz, lq, nh, d = q.shape
-    lk = k.shape[1]
+    d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if (os.environ.get("RCM_ATTN_BWD", "triton") == "flash" and block_mask is None and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16)):
-        return _sdpa_flash_bwd(do, q, k, v, out, lse, scale)
     cfg = _bwd_cfg(d)
-    delta = torch.empty_like(lse)
-    bm0 = 16 if _INTERPRET else 64
-    _bwd_delta[(triton.cdiv(lq, bm0), bsz * nh)](out, do, delta, *out.stride(), *do.stride(), nh, lq,
-                                                HEAD_DIM=d, BLOCK_M=bm0)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    # dK/dV: key tiles of BLOCK_N (= cfg.block_n) rows visit query tiles of BLOCK_M (= cfg.block_m)
-    _bwd_dkdv[(triton.cdiv(lk, cfg.block_n), bsz * nh)](
-        q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-        *_mask_args(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device, transposed=True),
-        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_MASK=block_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # dQ: query tiles of cfg.block_n rows visit key tiles of cfg.block_m (the tutorial's swapped shape)
-    bm2, bn2 = cfg.block_n, cfg.block_m
-    _bwd_dq[(triton.cdiv(lq, bm2), bsz * nh)](
-        q, k, v, do, lse, delta, dq, *common, *dq.stride(),
-        *_mask_args(block_mask, lq, lk, bm2, bn2, q.device),
-        nh, lq, lk, scale, HEAD_DIM=d, BLOCK_M=bm2, BLOCK_N=bn2,
-        HAS_MASK=block_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dq, dk, dv
+    lq, lk = q.shape[1], k.shape[1]
+    dkdv_tables = _tables(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device, transposed=True)
+    dq_tables = _tables(block_mask, lq, lk, cfg.block_n, cfg.block_m, q.device)
+    return _bwd_op(do, q, k, v, out, lse, scale, dkdv_tables, dq_tables)
