@@ -80,5 +80,7 @@ def test_dcm_times():
     assert t[1, 0].item() == pytest.approx(math.atan(s / (1 - s)), rel=1e-12)
     with pytest.raises(ValueError, match="skip_steps"):
         dcm_times(u, total_steps=4, skip_steps=4)
+    with pytest.raises(ValueError, match="every t_k > 0"):
+        dcm_times(torch.tensor([0.99], dtype=torch.float64), total_steps=48, skip_steps=1)
     with pytest.raises(ValueError, match="skip_steps"):
         sample_dcm_u(2, generator=gen(), total_steps=4, skip_steps=0)

@@ -108,6 +108,9 @@ def dcm_times(u: Tensor, *, total_steps: int = 48, skip_steps: int = 1, shift: f
     """
     if not 1 <= skip_steps < total_steps:
         raise ValueError(f"dCM needs 1 <= skip_steps < total_steps, got {skip_steps} and {total_steps}")
+    if ((u < 0) | (u > 1 - skip_steps / total_steps)).any():
+        raise ValueError(f"dCM offsets u must lie in [0, 1 - skip_steps/total_steps] = "
+                         f"[0, {1 - skip_steps / total_steps:.4f}] so that every t_k > 0")
     k = torch.arange(skip_steps + 1, dtype=torch.float64, device=u.device)[:, None]
     s = 1 - (u.to(torch.float64)[None, :] + k / total_steps)
     return _rf_to_trig_clamped(shift_rf(s, shift))
