@@ -1,0 +1,100 @@
+"""Parallelism applied from outside: ``parallelize(model, mesh, config)``.
+
+Fixed order (each step sees the module tree the previous one left):
+1. context parallel: swap the ``rcm_kernels`` attention / sequence seams for Ulysses versions (module swap,
+   before any wrapper, so the seams are found by type);
+2. selective activation checkpointing on each element of ``model.blocks`` (inside the FSDP units, so
+   recomputation runs on gathered parameters);
+3. FSDP2 ``fully_shard`` per block, then per remaining top-level submodule except ``jvp_modules``, then the
+   root, with a ``MixedPrecisionPolicy``.
+Build big models on the ``meta`` device, parallelize, then ``to_empty`` and initialise or load.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from .checkpointing import SACMode, apply_sac
+from .context_parallel import (
+    UlyssesAttention,
+    UlyssesSequenceShard,
+    apply_context_parallel,
+    broadcast_from_leader,
+)
+from .fsdp import apply_fsdp
+from .mesh import ParallelMesh, build_mesh, init_distributed, mesh_from_megatron, mesh_from_process_groups
+
+__all__ = ["MeshConfig", "ParallelConfig", "parallelize", "ParallelMesh", "build_mesh", "init_distributed",
+           "mesh_from_process_groups", "mesh_from_megatron", "apply_sac", "apply_fsdp", "apply_context_parallel",
+           "broadcast_from_leader", "UlyssesAttention", "UlyssesSequenceShard"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class MeshConfig(BaseModel):
+    """Sizes of the device mesh; their product is the world size."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    dp_replicate: int = 1
+    """HSDP replica groups (gradients all-reduced across them); 1 = plain FSDP."""
+    dp_shard: int = -1
+    """FSDP shard group size; -1 = the rest of the world after dp_replicate and cp."""
+    cp: int = 1
+    """Ulysses context-parallel size (consecutive ranks); must divide the attention head count."""
+
+    def build(self) -> ParallelMesh:
+        return build_mesh(self.dp_replicate, self.dp_shard, self.cp)
+
+
+class ParallelConfig(BaseModel):
+    """How one network is parallelized (student, teacher, fake score and EMA may differ)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    sac: SACMode = "none"
+    """Activation checkpointing of each block: none, block_wise (recompute all) or mm_only (keep matmul and
+    attention outputs, recompute the rest)."""
+    sac_every_n_blocks: int = 1
+    """Checkpoint every n-th block only."""
+    fsdp: bool = True
+    """Shard with FSDP2 (needs a mesh); False leaves parameters replicated and unsynchronised."""
+    param_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = "bfloat16"
+    """Compute dtype FSDP casts parameters to (stored parameters keep their dtype); None = stored dtype."""
+    reduce_dtype: Literal["float32", "bfloat16", "float64"] | None = "float32"
+    """Dtype of the gradient reduce-scatter / all-reduce; None = the compute dtype."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each unit's forward (re-gather in backward)."""
+    context_parallel: bool = True
+    """Swap the attention / sequence seams for Ulysses versions when the mesh has cp > 1."""
+    blocks_attr: str = "blocks"
+    """Name of the model's ModuleList of transformer blocks."""
+    jvp_modules: list[str] = ["patch_embedding", "time_embedding", "time_projection"]
+    """Top-level submodules the network calls inside torch.func.jvp: they must not be separate FSDP units
+    and stay in the root unit (names not present in the model are ignored)."""
+    forward_methods: list[str] = ["forward_jvp"]
+    """Methods besides forward that gather FSDP parameters (registered where they exist)."""
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelConfig) -> nn.Module:
+    """Apply context parallel, activation checkpointing and FSDP2 to ``model`` in place (order above).
+
+    ``mesh`` comes from :func:`build_mesh` (or ``None`` for a single process: only checkpointing applies).
+    Returns the same module.
+    """
+    cp = mesh.cp_size if mesh is not None else 1
+    if cp > 1 and config.context_parallel:
+        apply_context_parallel(model, mesh.cp_group)
+    apply_sac(model, config.sac, every_n_blocks=config.sac_every_n_blocks, blocks_attr=config.blocks_attr)
+    if mesh is not None and config.fsdp:
+        children = dict(model.named_children())
+        apply_fsdp(model, mesh.fsdp, param_dtype=_DTYPES[config.param_dtype] if config.param_dtype else None,
+                   reduce_dtype=_DTYPES[config.reduce_dtype] if config.reduce_dtype else None, reshard_after_forward=config.reshard_after_forward,
+                   blocks_attr=config.blocks_attr, jvp_modules=[n for n in config.jvp_modules if n in children],
+                   forward_methods=config.forward_methods,
+                   grad_divide_factor=float(mesh.dp_size) if cp > 1 else None)
+    return model
