@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["Golden", "golden_dir", "golden_names", "load_golden", "tolerance"]
+__all__ = ["Golden", "golden_dir", "golden_names", "load_golden", "manifest_dir", "tolerance"]
 
 _DEFAULT = Path(__file__).resolve().parents[1] / "fixtures" / "wan21" / "golden"
 
@@ -35,6 +35,14 @@ _DEFAULT = Path(__file__).resolve().parents[1] / "fixtures" / "wan21" / "golden"
 def golden_dir() -> Path:
     """The golden directory: ``$WAN21_GOLDEN_DIR`` or this checkout's ``tests/fixtures/wan21/golden``."""
     return Path(os.environ.get("WAN21_GOLDEN_DIR", str(_DEFAULT)))
+
+
+def manifest_dir() -> Path:
+    """State-dict manifests: ``$WAN21_MANIFEST_DIR``, else ``manifests/`` next to the golden dir, else ours."""
+    if "WAN21_MANIFEST_DIR" in os.environ:
+        return Path(os.environ["WAN21_MANIFEST_DIR"])
+    sibling = golden_dir().parent / "manifests"
+    return sibling if sibling.is_dir() else _DEFAULT.parent / "manifests"
 
 
 def golden_names(module_contains: str) -> list[str]:
