@@ -196,10 +196,21 @@ def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
 
 
 def _default_blocks(q: Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiny tiles in the CPU interpreter."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiny tiles in the CPU interpreter. On CUDA, sized so that
+    the shared memory of the RoPE variant at D=128 fits (Triton 3.9 AOT for sm90: 16-bit q 131 KB, fp32 q
+    with one stage 66 KB)."""
     if not q.is_cuda:
         return 16, 16, 1, 1
+    if q.dtype == torch.float32:
+        return 64, 64, 4, 1
     return (128, 64, 8, 2) if q.shape[-1] >= 64 else (64, 64, 4, 2)
+
+
+def _triton_supports(q: Tensor, layer: CacheLayer) -> bool:
+    """Triton decodes e4m3 codes only on sm89+ (Ada/Hopper); head dims above 256 are not tiled."""
+    if not q.is_cuda or q.shape[-1] > 256:
+        return False
+    return layer.k.dtype != torch.float8_e4m3fn or torch.cuda.get_device_capability(q.device) >= (8, 9)
 
 
 def cache_attention_triton(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | None = None,
@@ -246,12 +257,13 @@ def cache_attention(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | None = No
     ``k_rope=(cos, sin)``, each ``[F·T, D/2]`` in the cache's chronological token order, rotates the cached keys
     when the cache stores them pre-RoPE (``CacheLayer.keys_pre_rope``). ``scale`` defaults to ``1/sqrt(D)``.
     Returns ``[B, Lq, H, D]`` in q's dtype. ``impl="auto"`` takes the Triton kernel on CUDA unless autograd
-    needs gradients of q/extra_k/extra_v, in which case (and off CUDA) the torch path runs.
+    needs gradients of q/extra_k/extra_v, in which case (and off CUDA, or for fp8 storage before sm89) the
+    torch path runs; it materializes a dequantized copy of the visible frames.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"cache_attention: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, extra_k, extra_v))
-    if impl == "triton" or (impl == "auto" and q.is_cuda and not needs_grad and q.shape[-1] <= 256):
+    if impl == "triton" or (impl == "auto" and not needs_grad and _triton_supports(q, layer)):
         return cache_attention_triton(q, layer, extra_k=extra_k, extra_v=extra_v, scale=scale, k_rope=k_rope)
     return cache_attention_torch(q, layer, extra_k=extra_k, extra_v=extra_v, scale=scale, k_rope=k_rope)
