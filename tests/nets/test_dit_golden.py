@@ -69,9 +69,12 @@ def test_dit_matches_official_golden(name):
 def test_dit_golden_single_samples_match_batched(name):
     """Each sample alone gives its golden too (the official per-sample padding never changes outputs)."""
     g = load_golden(name)
+    samples = _samples(g)
+    if len(samples) == 1:
+        pytest.skip("one sample: the batched test already ran it alone")
     net = WanDiT(WanConfig(**g.meta["constructor_kwargs"])).eval()
     net.load_state_dict(g.weights, strict=True)
-    for i, s in enumerate(_samples(g)):
+    for i, s in enumerate(samples):
         x, t, ctx, kw = _batch([s])
         with torch.no_grad():
             out = net(x, t, ctx, **kw)

@@ -79,8 +79,8 @@ def _check(net, x, t, ctx, kw, tx, tt):
     torch.testing.assert_close(tout, rtan, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("which", ["x_and_t", "x_only", "t_only"])
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+@pytest.mark.parametrize(("name", "which"), [("tiny", "x_and_t"), ("tiny", "x_only"), ("tiny", "t_only"),
+                                             ("tiny-i2v", "x_and_t")])
 def test_forward_jvp_matches_func_jvp(nets, name, which):
     net = nets[name]
     x, t, ctx, kw = _inputs(net)
