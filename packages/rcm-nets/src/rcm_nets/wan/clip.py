@@ -110,8 +110,6 @@ class CLIPVisual(nn.Module):
         )
         self.post_norm = _LayerNorm(dim, eps=norm_eps)  # unused; present in the checkpoint
         self.head = nn.Parameter(torch.zeros(dim, out_dim))  # unused; present in the checkpoint
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: Tensor | Sequence[Tensor]) -> Tensor:
         """Images in [-1, 1] → CLIP pixels ``[B, 3, S, S]`` (S = ``image_size``), float32.
@@ -129,7 +127,9 @@ class CLIPVisual(nn.Module):
             size = (self.image_size, self.image_size)
             resized.append(F.interpolate(im.float(), size=size, mode="bicubic", align_corners=False))
         x = torch.cat(resized).mul(0.5).add(0.5)
-        return (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Penultimate-block features of preprocessed ``pixels [B, 3, S, S]``: ``[B, 1 + (S/14)², dim]``.

@@ -128,7 +128,7 @@ class WanVAE(nn.Module):
 
     Constructor arguments use the official names (``temperal_*`` is the official spelling); the defaults are
     the released ``Wan2.1_VAE.pth`` configuration (not the official class defaults). ``latent_mean`` /
-    ``latent_std`` default to the Wan2.1 constants; they are non-persistent buffers (no state-dict keys).
+    ``latent_std`` default to the Wan2.1 constants; they are plain attributes (no state-dict keys).
 
     ``encode`` runs frame 0 alone and then chunks of 4 frames through the encoder with a causal feature
     cache; ``decode`` runs one latent frame at a time. Both compute in the parameters' dtype.
@@ -152,14 +152,18 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = _Decoder3d(dim, z_dim, dim_mult, num_res_blocks, attn_scales,
                                   list(reversed(temperal_downsample)), dropout)
-        mean = torch.as_tensor(WAN21_LATENT_MEAN if latent_mean is None else latent_mean, dtype=torch.float32)
-        std = torch.as_tensor(WAN21_LATENT_STD if latent_std is None else latent_std, dtype=torch.float32)
-        if mean.shape != (z_dim,) or std.shape != (z_dim,):
-            raise ValueError(f"latent_mean / latent_std must have z_dim={z_dim} entries, "
-                             f"got {tuple(mean.shape)} / {tuple(std.shape)}")
-        # The official code keeps 1/std (float32) and divides by it on decode; we do the same.
-        self.register_buffer("latent_mean", mean.view(1, z_dim, 1, 1, 1), persistent=False)
-        self.register_buffer("latent_inv_std", (1.0 / std).view(1, z_dim, 1, 1, 1), persistent=False)
+        mean = [float(v) for v in (WAN21_LATENT_MEAN if latent_mean is None else latent_mean)]
+        std = [float(v) for v in (WAN21_LATENT_STD if latent_std is None else latent_std)]
+        if len(mean) != z_dim or len(std) != z_dim:
+            raise ValueError(f"latent_mean / latent_std must have z_dim={z_dim} entries, got {len(mean)} / {len(std)}")
+        # Plain attributes, not buffers: no state-dict keys, and nothing left on `meta` after a meta build.
+        self.latent_mean, self.latent_std = tuple(mean), tuple(std)
+
+    def _latent_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(mean, 1/std)`` as float32 ``[1, z, 1, 1, 1]``; like the reference we keep and divide by 1/std."""
+        mean = torch.tensor(self.latent_mean, dtype=torch.float32, device=device)
+        inv_std = 1.0 / torch.tensor(self.latent_std, dtype=torch.float32, device=device)
+        return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_video(self, video: Tensor) -> None:
@@ -202,7 +206,7 @@ class WanVAE(nn.Module):
         """
         self._check_video(video)
         p = next(self.parameters())
-        x = video.to(p.dtype)
+        x = video.to(device=p.device, dtype=p.dtype)
         if chunked:
             cache: Cache = {}
             k = self.temporal_factor
@@ -211,7 +215,8 @@ class WanVAE(nn.Module):
         else:
             h = self.encoder(x)
         mu = self.conv1(h)[:, : self.z_dim].float()
-        return ((mu - self.latent_mean) * self.latent_inv_std).to(video.dtype)
+        mean, inv_std = self._latent_stats(mu.device)
+        return ((mu - mean) * inv_std).to(video.dtype)
 
     def decode(self, latent: Tensor, *, clamp: bool = True, tiled: bool = False,
                tile_size: int | tuple[int, int] = 32, tile_overlap: int | tuple[int, int] = 8,
@@ -234,7 +239,8 @@ class WanVAE(nn.Module):
     # ------------------------------------------------------------------------------------- internals
     def _decode(self, latent: Tensor, chunked: bool) -> Tensor:
         p = next(self.parameters())
-        z = (latent.float() / self.latent_inv_std + self.latent_mean).to(p.dtype)
+        mean, inv_std = self._latent_stats(p.device)
+        z = (latent.to(p.device).float() / inv_std + mean).to(p.dtype)
         z = self.conv2(z)
         if not chunked:
             return self.decoder(z)
