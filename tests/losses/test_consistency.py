@@ -58,6 +58,10 @@ def test_g_vanishes_for_exact_consistency_function():
     assert g_pert.abs().max() > 1e-2  # guard: a wrong student gives a clearly nonzero g
     loss, diag = scm_objective(EXACT, EXACT.jvp, TEACHER, x0, eps, t, None, loss_scale=100.0)
     assert loss.abs().max() < 1e-15 and diag["g_norm"].max() < 1e-10
+    # student_jvp=None picks the adapter's own JVP, and the torch.func fallback for a bare callable
+    for student in (EXACT, lambda x, tt, c: EXACT(x, tt, c)):
+        loss, _ = scm_objective(student, None, TEACHER, x0, eps, t, None)
+        assert loss.abs().max() < 1e-15
 
 
 def test_g_equals_cos_t_df_dt_for_perturbed_student():

@@ -111,8 +111,8 @@ def test_adapter_network_inputs():
     tf = torch.tensor([[1.5, 1.4, 1.0], [1.0, 0.6, 0.3]], dtype=F64)  # per-frame times [B, T]
     pred = P.TrigFlowAdapter(net, input_dtype=None, timestep_dtype=None)(x_t, tf, None)
     assert seen["ts"].shape == (2, 3) and seen["x"].dtype == F64
-    torch.testing.assert_close(pred.x0, x_t * torch.cos(tf)[:, None, :, None, None] * 0 + x_t / (
-        torch.cos(tf) + torch.sin(tf))[:, None, :, None, None])  # v = 0 => x0 = c_skip x_t
+    c_skip = 1 / (torch.cos(tf) + torch.sin(tf))
+    torch.testing.assert_close(pred.x0, x_t * c_skip[:, None, :, None, None])  # v = 0 => x0 = c_skip x_t
     with pytest.raises(ValueError, match="does not fit"):
         P.TrigFlowAdapter(net)(x_t, torch.zeros(2, 5, dtype=F64), None)
     with pytest.raises(ValueError, match="batch"):

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rcm_losses.parameterization import Denoiser, DenoiserJVP, add_noise, cfg_denoise, expand_time
+from rcm_losses.parameterization import (
+    Denoiser,
+    DenoiserJVP,
+    add_noise,
+    cfg_denoise,
+    denoiser_jvp_via_func,
+    expand_time,
+)
 
 __all__ = [
     "tangent_warmup_ratio",
@@ -154,7 +161,7 @@ def scm_loss(
 
 def scm_objective(
     student: Denoiser,
-    student_jvp: DenoiserJVP,
+    student_jvp: DenoiserJVP | None,
     teacher: Denoiser,
     x0: Tensor,
     eps: Tensor,
@@ -170,8 +177,12 @@ def scm_objective(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One sCM student objective (§2): teacher CFG velocity and student tangent without grad, then the
     student forward with grad, then :func:`scm_loss`. ``x0``, ``eps`` ``[B, ...]``, ``t`` ``[B]``
-    (from ``LogNormal``). Returns ``(loss [B], diag)``; ``loss.sum()`` is what the reference backpropagates.
+    (from ``LogNormal``). ``student_jvp=None`` uses ``student.jvp`` (a :class:`TrigFlowAdapter`) if present,
+    else the ``torch.func.jvp`` fallback. Returns ``(loss [B], diag)``; ``loss.sum()`` is what the reference
+    backpropagates.
     """
+    if student_jvp is None:
+        student_jvp = getattr(student, "jvp", None) or denoiser_jvp_via_func(student)
     x_t = add_noise(x0, eps, t.to(torch.float64))
     with torch.no_grad():
         F_T = cfg_denoise(teacher, x_t, t, cond, uncond, guidance).F
