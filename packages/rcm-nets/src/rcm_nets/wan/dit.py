@@ -84,7 +84,7 @@ class WanDiT(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         w = self.patch_embedding.weight  # xavier over the flattened [C, in_dim·prod(patch)] Linear view
-        bound = math.sqrt(6.0 / (w.shape[0] + w[0].numel()))
+        bound = math.sqrt(6.0 / (w.shape[0] + math.prod(w.shape[1:])))
         nn.init.uniform_(w, -bound, bound, generator=g)
         nn.init.zeros_(self.patch_embedding.bias)
         for seq in (self.text_embedding, self.time_embedding):
