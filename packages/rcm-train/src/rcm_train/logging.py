@@ -1,0 +1,181 @@
+"""Training logs: a console progress line (it/s, ETA, losses), a JSONL metrics file, optional wandb, and
+images / videos written as files.
+
+All ranks call :meth:`MetricsLogger.log` (metrics are averaged over the logging window and, when a process
+group is up, over ranks); only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+__all__ = ["LoggerConfig", "MetricsLogger", "format_duration", "write_media"]
+
+
+class LoggerConfig(BaseModel):
+    """Where and how often training metrics go."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    dir: str = "outputs/logs"
+    """Directory of metrics.jsonl and media/."""
+    every: int = 10
+    """Print / write averaged metrics every this many iterations."""
+    console: bool = True
+    """Print a progress line (rank 0)."""
+    reduce_across_ranks: bool = True
+    """Average metrics over all ranks before logging (a collective: every rank must call log)."""
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    """Weights & Biases: disabled (default), offline (local files) or online. Needs the wandb extra."""
+    wandb_project: str = "rcm"
+    """wandb project name."""
+    wandb_name: str | None = None
+    """wandb run name (None: wandb picks one)."""
+    video_fps: int = 16
+    """Frame rate of logged videos."""
+
+
+def format_duration(seconds: float) -> str:
+    """``3725 -> '1h02m05s'``; ``inf``/NaN -> ``'?'``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    if x.dtype == torch.uint8:
+        return x
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+
+
+def write_media(path: Path, value: Tensor, *, fps: int = 16) -> Path:
+    """Write an image ``[C, H, W]`` (``.png``) or a video ``[C, T, H, W]`` (``.mp4``); floats are read as
+    ``[-1, 1]``, uint8 as is; C is 1 or 3. Returns the path written (suffix chosen from the rank)."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as e:
+        raise ImportError("writing images/videos needs imageio: pip install imageio imageio-ffmpeg") from e
+    if value.dim() not in (3, 4) or value.shape[0] not in (1, 3):
+        raise ValueError(f"media must be an image [C, H, W] or a video [C, T, H, W] with C in (1, 3), "
+                         f"got {tuple(value.shape)}")
+    arr = _to_uint8(value.cpu())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arr.dim() == 3:
+        path = path.with_suffix(".png")
+        iio.imwrite(path, arr.permute(1, 2, 0).squeeze(-1).numpy())
+    else:
+        path = path.with_suffix(".mp4")
+        frames = arr.permute(1, 2, 3, 0).expand(-1, -1, -1, 3).contiguous().numpy()  # [T, H, W, 3]
+        iio.imwrite(path, frames, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=1)
+    return path
+
+
+class MetricsLogger:
+    """Averages metrics over ``every`` iterations and reports them (console, JSONL, wandb)."""
+
+    def __init__(self, config: LoggerConfig, *, run_config: Mapping[str, Any] | None = None):
+        self.cfg = config
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.dir = Path(config.dir)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._start_it = 0
+        self._max_iter = 0
+        self._t0 = self._t_last = time.perf_counter()
+        self._it_last = 0
+        self._jsonl = None
+        self._wandb = None
+        if self.rank0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.dir / "metrics.jsonl", "a")
+            if config.wandb_mode != "disabled":
+                self._wandb = self._init_wandb(run_config)
+
+    def _init_wandb(self, run_config: Mapping[str, Any] | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"wandb_mode={self.cfg.wandb_mode!r} needs wandb: pip install 'rcm-train[wandb]' "
+                              "(or set wandb_mode='disabled')") from e
+        return wandb.init(mode=self.cfg.wandb_mode, project=self.cfg.wandb_project, name=self.cfg.wandb_name,
+                          dir=str(self.dir), config=dict(run_config or {}))
+
+    def start(self, iteration: int, max_iter: int) -> None:
+        """Mark the starting iteration (after a resume) for it/s and ETA."""
+        self._start_it = self._it_last = iteration
+        self._max_iter = max_iter
+        self._t0 = self._t_last = time.perf_counter()
+
+    def log(self, iteration: int, metrics: Mapping[str, float]) -> dict[str, float] | None:
+        """Add one iteration's metrics; every ``every`` iterations report their window mean (returned)."""
+        for k, v in metrics.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._count += 1
+        if iteration % self.cfg.every != 0:
+            return None
+        keys = sorted(self._sums)
+        values = [self._sums[k] / self._count for k in keys]
+        if self.cfg.reduce_across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(values, dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            values = (t / dist.get_world_size()).tolist()
+        mean = dict(zip(keys, values))
+        self._sums, self._count = {}, 0
+        now = time.perf_counter()
+        it_s = (iteration - self._it_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._it_last = now, iteration
+        if self.rank0:
+            self._report(iteration, mean, it_s, now)
+        return mean
+
+    def _report(self, iteration: int, mean: Mapping[str, float], it_s: float, now: float) -> None:
+        elapsed = now - self._t0
+        done = iteration - self._start_it
+        eta = (self._max_iter - iteration) * elapsed / done if done > 0 else math.inf
+        record = {"iteration": iteration, "time": time.time(), "it_per_s": it_s, **mean}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log({**mean, "it_per_s": it_s}, step=iteration)
+        if self.cfg.console:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in mean.items() if k.endswith("loss") or k.startswith("lr/"))
+            print(f"it {iteration}/{self._max_iter} | {it_s:.2f} it/s | ETA {format_duration(eta)} | {shown}",
+                  flush=True)
+
+    def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:
+        """Write each image/video to ``media/<name>_<iteration>.png|mp4`` (rank 0; also to wandb)."""
+        if not self.rank0:
+            return []
+        paths = []
+        for name, value in media.items():
+            path = write_media(self.dir / "media" / f"{name}_{iteration:09d}", value, fps=self.cfg.video_fps)
+            paths.append(path)
+            if self._wandb is not None:
+                import wandb
+
+                item = wandb.Image(str(path)) if path.suffix == ".png" else wandb.Video(str(path))
+                self._wandb.log({f"media/{name}": item}, step=iteration)
+        return paths
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
