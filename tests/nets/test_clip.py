@@ -101,3 +101,32 @@ def test_bad_input():
         CLIPVisual(pool_type="attn_pool")
     with pytest.raises(KeyError, match="visual."):
         visual_state_dict({"textual.x": torch.zeros(1)})
+
+
+def test_i2v_runs_end_to_end_from_an_image():
+    """Image → CLIP features + VAE conditioning ``y`` → tiny I2V DiT: shapes line up and the output is finite.
+    ``y``'s 4 mask channels are built the official way here (pixel frame 0 marked, repeated 4 times, folded
+    into 4 channels per latent frame) and must equal the helper's."""
+    from rcm_nets.wan import WanDiT, WanVAE
+
+    frames, h, w = 5, 16, 32
+    clip = CLIPVisual(image_size=28, dim=1280, mlp_ratio=1, num_heads=16, num_layers=2).eval()
+    vae = WanVAE(dim=4).eval()
+    dit = WanDiT.from_config("tiny-i2v").eval()
+    dit.init_weights()
+    torch.nn.init.normal_(dit.head.head.weight, std=0.1)  # the official init zeroes the head
+    image = torch.rand(1, 3, 40, 50) * 2 - 1
+    with torch.no_grad():
+        clip_fea = clip.encode_images(image)
+        y = vae.encode_image_condition(image, frames, size=(h, w))
+        assert clip_fea.shape == (1, 5, 1280) and y.shape == (1, 20, 2, h // 8, w // 8)
+        pixel_mask = torch.zeros(frames, h // 8, w // 8)
+        pixel_mask[0] = 1
+        official = torch.cat([pixel_mask[:1].repeat(4, 1, 1), pixel_mask[1:]]).view(-1, 4, h // 8, w // 8)
+        torch.testing.assert_close(y[0, :4], official.transpose(0, 1), atol=0, rtol=0)
+        video = torch.cat([torch.nn.functional.interpolate(image, size=(h, w), mode="bicubic")[:, :, None],
+                           torch.zeros(1, 3, frames - 1, h, w)], dim=2)
+        torch.testing.assert_close(y[:, 4:], vae.encode(video), atol=0, rtol=0)
+        x = torch.randn(1, 16, 2, h // 8, w // 8)
+        out = dit(x, torch.tensor([500]), torch.randn(1, 7, dit.config.text_dim), clip_fea=clip_fea, y=y)
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() > 0

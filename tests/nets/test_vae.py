@@ -208,3 +208,7 @@ def test_bad_tiling_and_config():
         WanVAE(dim=4, temperal_downsample=(True,))
     with pytest.raises(ValueError, match="z_dim"):
         WanVAE(dim=4, latent_mean=[0.0] * 4)
+    with pytest.raises(ValueError, match="image must be \\[B, 3, H, W\\]"):
+        vae.encode_image_condition(torch.zeros(3, 16, 16), 5)
+    with pytest.raises(ValueError, match="frame count must be 1 \\+ 4"):
+        vae.encode_image_condition(torch.zeros(1, 3, 16, 16), 4)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._vae_blocks import AttentionBlock, Cache, CausalConv3d, Resample, ResidualBlock, RMSNorm
@@ -235,6 +236,25 @@ class WanVAE(nn.Module):
         else:
             out = self._decode(latent, chunked)
         return (out.clamp(-1.0, 1.0) if clamp else out).to(latent.dtype)
+
+    def encode_image_condition(self, image: Tensor, num_frames: int,
+                               size: tuple[int, int] | None = None) -> Tensor:
+        """Wan2.1 I2V conditioning ``y [B, 4 + 16, T_lat, H/8, W/8]`` from a first-frame image (WAN21.md §1.8).
+
+        ``image [B, 3, H, W]`` in [-1, 1] (resized bicubically to ``size = (H, W)`` first when given). The
+        latent part encodes the video ``[image, 0, …, 0]`` of ``num_frames = 1 + 4k`` frames; the 4 mask
+        channels, which come first, are 1 on latent frame 0 and 0 elsewhere.
+        """
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"encode_image_condition: image must be [B, 3, H, W], got {tuple(image.shape)}")
+        if size is not None:
+            image = F.interpolate(image.float(), size=tuple(size), mode="bicubic", align_corners=False)
+        b, _, h, w = image.shape
+        video = torch.cat([image[:, :, None], image.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
+        latent = self.encode(video)
+        mask = torch.zeros_like(latent[:, :4])
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, latent], dim=1)
 
     # ------------------------------------------------------------------------------------- internals
     def _decode(self, latent: Tensor, chunked: bool) -> Tensor:
