@@ -106,9 +106,19 @@ def bench_backward(name: str, q, k, v, mask) -> list[dict]:
     r = tj.jvp_attention_fwd(q, k, v, block_mask=mask)
     do = torch.randn_like(r.out)
     flops = 2.5 * 4 * B * H * lq * lk * D
-    provs = {"ours_bwd_triton": lambda: tj.attention_bwd(do, q, k, v, r.out, r.lse, block_mask=mask)}
+    def ours(which):
+        def fn():
+            os.environ["RCM_ATTN_BWD"] = which
+            try:
+                return tj.attention_bwd(do, q, k, v, r.out, r.lse, block_mask=mask)
+            finally:
+                os.environ.pop("RCM_ATTN_BWD")
+        return fn
+
+    provs = {"ours_bwd_triton": ours("triton")}
     if mask is None:
-        provs["ours_bwd_flash_fed_lse"] = lambda: tj._sdpa_flash_bwd(do, q, k, v, r.out, r.lse, D**-0.5)
+        provs["ours_bwd_cudnn_fed_lse"] = ours("cudnn")
+        provs["ours_bwd_flash_fed_lse"] = ours("flash")
         for label, be in (("cudnn_sdpa_bwd", SDPBackend.CUDNN_ATTENTION), ("flash_sdpa_bwd",
                                                                           SDPBackend.FLASH_ATTENTION)):
             qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
@@ -141,29 +151,47 @@ def first_call_latency() -> dict:
     return out
 
 
-SWEEP = {
-    "RCM_JVP_FWD_CFG": ["128,64,8,2", "128,64,8,3", "128,32,8,3", "64,64,4,3", "128,64,4,2", "64,128,8,2"],
-    "RCM_ATTN_FWD_CFG": ["128,64,8,3", "128,128,8,3", "128,128,8,2", "128,64,4,3"],
-    "RCM_ATTN_BWD_CFG": ["64,128,8,2", "64,128,4,2", "32,128,4,3", "64,64,4,3", "128,128,8,2"],
-}
+SWEEP = [  # (kernel, environment) pairs; each entry overrides the fixed block-config table
+    *(("jvp", {"RCM_JVP_FWD_CFG": c}) for c in ("128,32,8,3", "128,32,8,2", "128,32,8,4", "128,16,8,4",
+                                                  "64,32,4,3", "128,64,8,2")),
+    ("jvp", {"RCM_JVP_FWD_CFG": "128,32,8,3", "RCM_JVP_LAZY_RESCALE": "0"}),
+    ("jvp", {"RCM_JVP_FWD_CFG": "128,64,8,2", "RCM_JVP_LAZY_RESCALE": "0"}),
+    *(("fwd", {"RCM_ATTN_FWD_CFG": c}) for c in ("128,64,8,3", "128,128,8,3", "128,64,8,4", "128,32,8,4")),
+    ("fwd", {"RCM_ATTN_FWD_CFG": "128,64,8,3", "RCM_JVP_LAZY_RESCALE": "0"}),
+    *(("bwd", {"RCM_ATTN_BWD_CFG": c, "RCM_ATTN_BWD": "triton"}) for c in ("64,128,8,2", "64,64,4,3", "32,128,4,5",
+                                                                            "64,128,8,3", "32,64,4,3")),
+]
+
+
+def compile_stats() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of our kernels (the compiler's report)."""
+    rows = []
+    for kern in (tj._jvp_attn_fwd, tj._bwd_dkdv, tj._bwd_dq):
+        for entry in getattr(kern, "device_caches", {}).values():
+            for compiled in entry[0].values():
+                md = compiled.metadata
+                rows.append({"kernel": kern.__name__, "n_regs": getattr(compiled, "n_regs", None),
+                             "n_spills": getattr(compiled, "n_spills", None), "shared": getattr(md, "shared", None),
+                             "num_warps": getattr(md, "num_warps", None), "num_stages": getattr(md, "num_stages", None),
+                             "constants": str(getattr(md, "constants", ""))[:200]})
+    return rows
 
 
 def sweep(L: int = 32760) -> list[dict]:
-    """Time each block config of the three kernels at one length (env overrides of the fixed table)."""
+    """Time each alternative of the fixed block-config table (and the lazy rescale switch) at one length."""
     q, k, v, tq, tk, tv = _inputs(L, L)
     r = tj.jvp_attention_fwd(q, k, v)
     do = torch.randn_like(r.out)
-    fns = {"RCM_JVP_FWD_CFG": lambda: tj.jvp_attention_fwd(q, k, v, tq, tk, tv),
-           "RCM_ATTN_FWD_CFG": lambda: tj.jvp_attention_fwd(q, k, v),
-           "RCM_ATTN_BWD_CFG": lambda: tj.attention_bwd(do, q, k, v, r.out, r.lse)}
+    fns = {"jvp": lambda: tj.jvp_attention_fwd(q, k, v, tq, tk, tv), "fwd": lambda: tj.jvp_attention_fwd(q, k, v),
+           "bwd": lambda: tj.attention_bwd(do, q, k, v, r.out, r.lse)}
     rows = []
-    for var, cfgs in SWEEP.items():
-        for cfg in cfgs:
-            os.environ[var] = cfg
-            ms, info = _measure(fns[var], rep_ms=100)
-            rows.append({"kernel": var, "cfg": cfg, "ms": ms, "error": None if ms else info})
-            print(f"sweep {var}={cfg}: {ms if ms else info}", flush=True)
-        os.environ.pop(var)
+    for kernel, env in SWEEP:
+        os.environ.update(env)
+        ms, info = _measure(fns[kernel], rep_ms=100)
+        for key in env:
+            os.environ.pop(key)
+        rows.append({"kernel": kernel, "env": env, "ms": ms, "error": None if ms else info})
+        print(f"sweep {kernel} {env}: {ms if ms else info}", flush=True)
     return rows
 
 
@@ -198,6 +226,13 @@ def main() -> None:
     if dense and masked:
         meta["masked_over_density_times_dense"] = masked / (meta["mask_density"] * dense)
     result = {"meta": meta, "rows": rows, "sweep": sweep() if args.sweep else []}
+    try:
+        result["compile_stats"] = compile_stats()
+    except Exception as err:  # noqa: BLE001 - diagnostics only
+        result["compile_stats"] = f"unavailable: {err}"
+    for row in result["compile_stats"] if isinstance(result["compile_stats"], list) else []:
+        print("compiled", row["kernel"], "regs", row["n_regs"], "spills", row["n_spills"], "smem", row["shared"],
+              "warps", row["num_warps"], "stages", row["num_stages"])
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(meta, indent=1))

@@ -232,18 +232,30 @@ def test_gpu_masked_matches_reference(mask_name, dtype, tol, tangents):
 
 
 @pytest.mark.gpu
-def test_gpu_sdpa_flash_backward_fed_our_lse_matches(monkeypatch):
+@pytest.mark.parametrize("which", ["triton", "flash", "cudnn"])
+def test_gpu_backward_variants_fed_our_lse_match(monkeypatch, which):
     from rcm_kernels.attention import triton_jvp
 
-    q, k, v, *_ = rand_qkv(1, 3001, 1777, 2, 128, torch.bfloat16, "cuda", strided=True)
+    q, k, v, *_ = rand_qkv(1, 3001, 1777, 2, 128, torch.bfloat16, "cuda", strided=which == "triton")
     res = triton_jvp.jvp_attention_fwd(q, k, v)
     do = torch.randn_like(res.out)
-    monkeypatch.setenv("RCM_ATTN_BWD", "flash")
+    monkeypatch.setenv("RCM_ATTN_BWD", which)
     got = triton_jvp.attention_bwd(do, q, k, v, res.out, res.lse)
     ref = attention_reference(*map(_f64, (q, k, v)))
     want = attention_reference_backward(*map(_f64, (q, k, v, ref.out)), ref.lse, do.double())
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_rel(name, g, w, 1.5e-2)
+        assert_rel(f"{which} {name}", g, w, 1.5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_our_lse_is_the_one_cudnn_saves():
+    from rcm_kernels.attention import triton_jvp
+
+    q, k, v, *_ = rand_qkv(1, 1000, 1000, 2, 128, torch.bfloat16, "cuda")
+    res = triton_jvp.jvp_attention_fwd(q, k, v)
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, scale=q.shape[-1] ** -0.5)
+    assert_rel("lse", res.lse, cudnn[1].reshape(res.lse.shape).float(), 1e-4)
 
 
 @pytest.mark.gpu

@@ -99,13 +99,18 @@ class _Mask:
                              f"(q_offset={self.q_offset}), lk={lk}")
 
     def intervals(self, lq: int, lk: int, device) -> Tensor:
-        """``[lq, 4]`` int32: each query row attends to keys in ``[s0, e0) ∪ [s1, e1)`` (clipped to ``lk``)."""
+        """``[lq, 4]`` int32: each query row attends to keys in ``[s0, e0) ∪ [s1, e1)`` (clipped to ``lk``,
+        disjoint and not touching; an empty interval has ``s >= e``)."""
         key = ("iv", lq, lk, str(device))
         if key not in self._cache:
             self._check(lq, lk)
             pos = torch.arange(lq, device=device, dtype=torch.int64) + self.q_offset
-            iv = torch.stack(self._row_intervals(pos), dim=1).clamp(0, lk)
-            self._cache[key] = iv.to(torch.int32).contiguous()
+            s0, e0, s1, e1 = (x.clamp(0, lk) for x in self._row_intervals(pos))
+            # merge touching/overlapping intervals: then a tile is "full" iff one interval covers it
+            merge = (s0 < e0) & (s1 < e1) & (s1 <= e0) & (s0 <= e1)
+            s0, e0 = torch.where(merge, torch.minimum(s0, s1), s0), torch.where(merge, torch.maximum(e0, e1), e0)
+            s1, e1 = torch.where(merge, 0, s1), torch.where(merge, 0, e1)
+            self._cache[key] = torch.stack((s0, e0, s1, e1), dim=1).to(torch.int32).contiguous()
         return self._cache[key]
 
     def dense(self, lq: int, lk: int, device) -> Tensor:
@@ -132,8 +137,8 @@ class _Mask:
             iv = torch.nn.functional.pad(self.intervals(lq, lk, device), (0, 0, 0, pad))
 
             def mask_mod(b, h, q_idx, kv_idx):
-                r = iv[q_idx]
-                return ((kv_idx >= r[0]) & (kv_idx < r[1])) | ((kv_idx >= r[2]) & (kv_idx < r[3]))
+                s0, e0, s1, e1 = iv[q_idx, 0], iv[q_idx, 1], iv[q_idx, 2], iv[q_idx, 3]
+                return ((kv_idx >= s0) & (kv_idx < e0)) | ((kv_idx >= s1) & (kv_idx < e1))
 
             mask_mod.__name__ = f"{type(self).__name__}_mask"
             self._cache[key] = BlockMask.from_kv_blocks(

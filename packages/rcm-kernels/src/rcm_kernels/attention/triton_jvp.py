@@ -37,6 +37,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _LAZY_RESCALE() -> bool:  # noqa: N802 - reads like the constexpr it feeds
+    return os.environ.get("RCM_JVP_LAZY_RESCALE", "1") == "1"
+
+
 class FwdResult(NamedTuple):
     out: Tensor  # [B, Lq, H, D], q's dtype
     tangent: Tensor | None  # [B, Lq, H, D] or None without tangents
@@ -56,8 +60,13 @@ def _row_mask(cols, iv0, iv1, iv2, iv3):
 def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
               iv0, iv1, iv2, iv3, LK, qk_scale, scale,
               stride_kn, stride_vn, stride_tkn, stride_tvn,
-              MODE: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr):
-    """One key tile. MODE 0: no masking; 1: key bound only (ragged tail); 2: row intervals (partial tile)."""
+              MODE: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+              LAZY: tl.constexpr):
+    """One key tile. MODE 0: no masking; 1: key bound only (ragged tail); 2: row intervals (partial tile).
+
+    LAZY: rescale the accumulators only when some row's max grew by more than 2^8 (FlashAttention-4's
+    trick); otherwise keep the stale max, so P̃ <= 2^8 — exact math, fewer multiplies per tile.
+    """
     HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
     cols = start_n + offs_n
     kmask = cols[:, None] < LK
@@ -68,42 +77,65 @@ def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_pt
         k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask, other=0.0)
     kt = tl.trans(k)
-    qk = tl.dot(q, kt) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    qk = tl.dot(q, kt)
+    sdot = qk
+    if HAS_TQ or HAS_TK:  # issued next to q kᵀ: independent of the softmax below
+        sdot = tl.zeros_like(qk)
+        if HAS_TQ:
+            sdot = tl.dot(tq, kt, sdot)
+        if HAS_TK:
+            if MODE == 0:
+                tk = tl.load(tk_ptrs + start_n * stride_tkn)
+            else:
+                tk = tl.load(tk_ptrs + start_n * stride_tkn, mask=kmask, other=0.0)
+            sdot = tl.dot(q, tl.trans(tk), sdot)
+    qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if MODE == 1:
         qk = tl.where(cols[None, :] < LK, qk, float("-inf"))
     if MODE == 2:
         qk = tl.where(_row_mask(cols, iv0, iv1, iv2, iv3), qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_sub = m_new
-    if MODE == 2:  # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_sub)
+    if LAZY:
+        grow = tl.where(m_new == m_i, 0.0, m_new - m_i)  # rows still at -inf: 0; first finite max: +inf
+        if tl.max(grow, 0) > 8.0:
+            m_sub = m_new
+            if MODE == 2:
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha
+            r_i = r_i * alpha
+            acc_o = acc_o * alpha[:, None]
+            if HAS_T:
+                acc_t = acc_t * alpha[:, None]
+            m_i = m_new
+    else:
+        m_sub = m_new
+        if MODE == 2:  # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha
+        r_i = r_i * alpha
+        acc_o = acc_o * alpha[:, None]
+        if HAS_T:
+            acc_t = acc_t * alpha[:, None]
+        m_i = m_new
+    m_sub = m_i
+    if MODE == 2:
+        m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
     p = tl.math.exp2(qk - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc_o = acc_o * alpha[:, None]
+    l_i = l_i + tl.sum(p, 1)
     acc_o = tl.dot(p.to(v.dtype), v, acc_o)
-    if HAS_T:
-        acc_t = acc_t * alpha[:, None]
-        if HAS_TQ or HAS_TK:
-            sdot = tl.zeros_like(qk)
-            if HAS_TQ:
-                sdot = tl.dot(tq, kt, sdot)
-            if HAS_TK:
-                if MODE == 0:
-                    tk = tl.load(tk_ptrs + start_n * stride_tkn)
-                else:
-                    tk = tl.load(tk_ptrs + start_n * stride_tkn, mask=kmask, other=0.0)
-                sdot = tl.dot(q, tl.trans(tk), sdot)
-            h = p * (sdot * scale)  # masked entries have p = 0
-            r_i = r_i * alpha + tl.sum(h, 1)
-            acc_t = tl.dot(h.to(v.dtype), v, acc_t)
-        if HAS_TV:
-            if MODE == 0:
-                tv = tl.load(tv_ptrs + start_n * stride_tvn)
-            else:
-                tv = tl.load(tv_ptrs + start_n * stride_tvn, mask=kmask, other=0.0)
-            acc_t = tl.dot(p.to(tv.dtype), tv, acc_t)
-    return acc_o, acc_t, l_i, m_new, r_i
+    if HAS_TQ or HAS_TK:
+        h = p * (sdot * scale)  # masked entries have p = 0
+        r_i = r_i + tl.sum(h, 1)
+        acc_t = tl.dot(h.to(v.dtype), v, acc_t)
+    if HAS_TV:
+        if MODE == 0:
+            tv = tl.load(tv_ptrs + start_n * stride_tvn)
+        else:
+            tv = tl.load(tv_ptrs + start_n * stride_tvn, mask=kmask, other=0.0)
+        acc_t = tl.dot(p.to(tv.dtype), tv, acc_t)
+    return acc_o, acc_t, l_i, m_i, r_i
 
 
 @triton.jit(do_not_specialize=["LQ", "LK"])
@@ -114,7 +146,8 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
                   ROW_IV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, stride_idx,
                   H, LQ, LK, scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr):
+                  HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr,
+                  LAZY: tl.constexpr):
     HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -150,23 +183,23 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
             start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV)
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY)
         for i in range(tl.load(PART_NUM + pid_m)):
             start_n = tl.load(PART_IDX + pid_m * stride_idx + i) * BLOCK_N
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 2, HAS_TQ, HAS_TK, HAS_TV)
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 2, HAS_TQ, HAS_TK, HAS_TV, LAZY)
     else:
         iv0 = offs_m  # unused placeholders
         lk_full = (LK // BLOCK_N) * BLOCK_N
         for start_n in range(0, lk_full, BLOCK_N):
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV)
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY)
         if lk_full < LK:
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, lk_full, offs_n,
-                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 1, HAS_TQ, HAS_TK, HAS_TV)
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 1, HAS_TQ, HAS_TK, HAS_TV, LAZY)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: zero output, -inf LSE
     o = acc_o / l_safe[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
@@ -456,7 +489,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | Non
         *out.stride(), *(tangent if has_t else out).stride(), *_table_args(tables, q.device),
         nh, lq, lk, scale,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_TV=tv is not None, HAS_MASK=bool(tables), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_TV=tv is not None, HAS_MASK=bool(tables), LAZY=_LAZY_RESCALE(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out, tangent, lse
 
 
@@ -488,11 +522,30 @@ def jvp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None,
 
 def _sdpa_flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
     """dq, dk, dv through SDPA's FlashAttention-2 backward, fed our output and LSE (same math, same inputs)."""
-    empty = torch.empty(0, device=q.device)
     tr = [x.transpose(1, 2) for x in (do, q, k, v, out)]  # [B, H, L, D] views of the BLHD tensors
     grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        *tr, lse, empty, empty, q.shape[1], k.shape[1], 0.0, False, empty, empty, scale=scale)
+        *tr, lse, None, None, q.shape[1], k.shape[1], 0.0, False, None, None, scale=scale)
     return tuple(g.transpose(1, 2) for g in grads[:3])
+
+
+def _sdpa_cudnn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
+    """dq, dk, dv through SDPA's cuDNN backward, fed our output and LSE (cuDNN keeps it as ``[B, H, Lq, 1]``)."""
+    tr = [x.transpose(1, 2) for x in (do, q, k, v, out)]
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *tr, lse.unsqueeze(-1), None, None, None, None, None, q.shape[1], k.shape[1], 0.0, False, scale=scale)
+    return tuple(g.transpose(1, 2) for g in grads[:3])
+
+
+_LIBRARY_BWD = {"flash": _sdpa_flash_bwd, "cudnn": _sdpa_cudnn_bwd}
+
+
+def _bwd_choice(q: Tensor, masked: bool) -> str:
+    """``RCM_ATTN_BWD``: auto (cuDNN when it applies, else ours), triton, flash or cudnn (unmasked only)."""
+    want = os.environ.get("RCM_ATTN_BWD", "auto")
+    library_ok = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128
+    if want == "auto":
+        return "cudnn" if library_ok else "triton"
+    return want if (want in _LIBRARY_BWD and library_ok) else "triton"
 
 
 @torch.library.custom_op("rcm_kernels::attn_bwd", mutates_args=())
@@ -500,9 +553,9 @@ def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
             dkdv_tables: list[Tensor], dq_tables: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     bsz, lq, nh, d = q.shape
     lk = k.shape[1]
-    if (os.environ.get("RCM_ATTN_BWD", "triton") == "flash" and not dq_tables and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16)):
-        return tuple(g.contiguous() for g in _sdpa_flash_bwd(do, q, k, v, out, lse, scale))
+    choice = _bwd_choice(q, bool(dq_tables))
+    if choice in _LIBRARY_BWD:
+        return tuple(g.contiguous() for g in _LIBRARY_BWD[choice](do, q, k, v, out, lse, scale))
     cfg = _bwd_cfg(d)
     delta = torch.empty_like(lse)
     bm0 = 16 if _INTERPRET else 64
@@ -532,8 +585,11 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                   scale: float | None = None, block_mask=None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` (``[B, L, H, D]``, inputs' dtypes) from the saved output and LSE.
 
-    ``RCM_ATTN_BWD`` picks the implementation: ``triton`` (default; ours, any mask) or ``flash`` (SDPA's
-    FlashAttention-2 backward fed our O and LSE: unmasked fp16/bf16 on CUDA only, otherwise ours).
+    ``RCM_ATTN_BWD`` picks the implementation: ``auto`` (default: SDPA's cuDNN backward fed our O and LSE
+    where it applies — unmasked fp16/bf16 on CUDA, D <= 128 — else ours), ``triton`` (ours, any mask, any
+    dtype), ``flash`` or ``cudnn`` (SDPA's kernels fed our O and LSE; masked calls still use ours). The
+    library kernels compute the same FlashAttention-2 gradient from the same (O, LSE) and are the fastest
+    unmasked backward on Hopper; ours is the one that skips masked tiles.
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
