@@ -13,6 +13,7 @@ import pytest
 import torch
 from _golden import golden_names, load_golden, tolerance
 
+from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import CLIPVisual
 from rcm_nets.wan.clip import visual_state_dict
 
@@ -31,8 +32,9 @@ def _images(g) -> list[torch.Tensor]:
 
 
 def _model(g) -> CLIPVisual:
-    m = CLIPVisual(**g.meta["constructor_kwargs"]).eval()
-    m.load_state_dict(g.weights, strict=True)
+    with torch.device("meta"):  # the real loading path: meta build, strict load with assign=True
+        m = CLIPVisual(**g.meta["constructor_kwargs"]).eval()
+    load_checkpoint(m, g.weights, strict=True)
     return m
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from _golden import golden_names, load_golden, tolerance
 
+from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanVAE
 from rcm_nets.wan.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
 
@@ -22,8 +23,10 @@ MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures" / "wan21" / "manife
 def _golden_vae(g) -> WanVAE:
     """The golden's config and latent statistics (``in.scale_mean``, ``in.scale_inv_std``), strict load."""
     inv_std = g.io["in.scale_inv_std"].double()
-    vae = WanVAE(**g.meta["constructor_kwargs"], latent_mean=g.io["in.scale_mean"], latent_std=1.0 / inv_std)
-    vae.load_state_dict(g.weights, strict=True)
+    with torch.device("meta"):  # the real loading path: meta build, strict load with assign=True
+        vae = WanVAE(**g.meta["constructor_kwargs"], latent_mean=g.io["in.scale_mean"].tolist(),
+                     latent_std=(1.0 / inv_std).tolist())
+    load_checkpoint(vae, g.weights, strict=True)
     return vae.eval()
 
 
