@@ -206,6 +206,8 @@ def test_decode_rejects_bad_latent(shape):
 def test_bad_tiling_and_config():
     vae = WanVAE(dim=4)
     with pytest.raises(ValueError, match="tile_overlap"):
+        vae.decode(torch.zeros(1, 16, 1, 8, 8), tiled=True, tile_size=0, tile_overlap=0)
+    with pytest.raises(ValueError, match="tile_overlap"):
         vae.decode(torch.zeros(1, 16, 1, 8, 8), tiled=True, tile_size=4, tile_overlap=3)
     with pytest.raises(ValueError, match="temperal_downsample"):
         WanVAE(dim=4, temperal_downsample=(True,))

@@ -225,9 +225,11 @@ class WanVAE(nn.Module):
         """Decode a normalized latent ``[B, 16, T, h, w]`` to video ``[B, 3, 1+4(T−1), 8h, 8w]``.
 
         ``clamp`` clips to [-1, 1] as the official wrapper does. ``tiled`` decodes overlapping spatial tiles
-        of ``tile_size`` latent pixels (sharing ``tile_overlap`` latent pixels with each neighbour) and blends
-        them with linear ramps over the overlap; peak memory then scales with the tile, not the frame. The
-        middle attention block sees one tile only, so tiled output differs slightly from untiled.
+        of ``tile_size`` latent pixels (sharing at least ``tile_overlap`` latent pixels with each neighbour) and
+        blends them: across a shared span a tile's weight is 0 on the outer quarter, ramps linearly over the
+        middle half, and the neighbour's weight is the complement. Peak memory then scales with the tile,
+        not the frame. Tiles see zero padding at their borders and the middle attention block sees one tile
+        only, so the tiled output differs slightly from the untiled one.
         ``chunked`` (default) decodes one latent frame at a time with the causal feature cache.
         """
         self._check_latent(latent)
@@ -269,17 +271,17 @@ class WanVAE(nn.Module):
 
     def _decode_tiled(self, latent: Tensor, tile: tuple[int, int], overlap: tuple[int, int],
                       chunked: bool) -> Tensor:
-        b, _, t, h, w = latent.shape
+        b, _, _, h, w = latent.shape
         s = self.spatial_factor
-        if any(o < 0 or 2 * o > n for o, n in zip(overlap, tile)):
-            raise ValueError(f"tile_overlap {overlap} must be >= 0 and at most half of tile_size {tile}")
+        if any(n < 1 or o < 0 or 2 * o > n for o, n in zip(overlap, tile)):
+            raise ValueError(f"tile_size {tile} must be >= 1 and tile_overlap {overlap} between 0 and half of it")
         out = weight = None
         rows, cols = _tile_starts(h, tile[0], overlap[0]), _tile_starts(w, tile[1], overlap[1])
         for r in rows:
             for c in cols:
                 th, tw = min(tile[0], h), min(tile[1], w)
                 y = self._decode(latent[:, :, :, r : r + th, c : c + tw], chunked)
-                # ramp only on edges shared with a neighbouring tile (their overlap, in pixels)
+                # blend only across edges shared with a neighbouring tile (spans in pixels)
                 wr = _edge_weight(th * s, _shared(rows, r, th, lo=True) * s, _shared(rows, r, th, lo=False) * s)
                 wc = _edge_weight(tw * s, _shared(cols, c, tw, lo=True) * s, _shared(cols, c, tw, lo=False) * s)
                 wt = (wr[:, None] * wc[None, :]).to(device=y.device, dtype=torch.float32)
