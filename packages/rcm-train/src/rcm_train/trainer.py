@@ -129,13 +129,13 @@ def effective_iteration_critic(iteration: int, schedule: ScheduleConfig, has_cri
 def build_optimizer(module: nn.Module, config: OptimizerConfig) -> AdamW:
     """torch AdamW over the trainable parameters of ``module`` (one group; decay on all of them).
 
-    Raises if a trainable parameter is not float32: low-precision compute belongs in FSDP2's mixed
-    precision policy, the stored parameters are the optimizer's master weights.
+    Raises if a trainable parameter is bf16/fp16: low-precision compute belongs in FSDP2's mixed precision
+    policy, the stored (float32) parameters are the optimizer's master weights.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters")
-    low = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
     if low:
         raise TypeError(f"trainable parameters must be float32 master weights, found {low}: keep parameters "
                         "float32 and compute in bf16 with parallelize(..., ParallelConfig(param_dtype='bfloat16'))")

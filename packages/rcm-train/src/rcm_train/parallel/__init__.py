@@ -5,8 +5,8 @@ Fixed order (each step sees the module tree the previous one left):
    before any wrapper, so the seams are found by type);
 2. selective activation checkpointing on each element of ``model.blocks`` (inside the FSDP units, so
    recomputation runs on gathered parameters);
-3. FSDP2 ``fully_shard`` per block, then per remaining top-level submodule except ``jvp_modules``, then the
-   root, with a ``MixedPrecisionPolicy``.
+3. FSDP2 ``fully_shard`` per block, then per remaining top-level submodule except ``not_fsdp_units``, then
+   the root, with a ``MixedPrecisionPolicy``.
 Build big models on the ``meta`` device, parallelize, then ``to_empty`` and initialise or load.
 """
 
@@ -73,11 +73,14 @@ class ParallelConfig(BaseModel):
     """Swap the attention / sequence seams for Ulysses versions when the mesh has cp > 1."""
     blocks_attr: str = "blocks"
     """Name of the model's ModuleList of transformer blocks."""
-    jvp_modules: list[str] = ["patch_embedding", "time_embedding", "time_projection"]
-    """Top-level submodules the network calls inside torch.func.jvp: they must not be separate FSDP units
-    and stay in the root unit (names not present in the model are ignored)."""
-    forward_methods: list[str] = ["forward_jvp"]
-    """Methods besides forward that gather FSDP parameters (registered where they exist)."""
+    not_fsdp_units: list[str] = ["patch_embedding", "time_embedding", "time_projection", "text_embedding"]
+    """Top-level submodules that must not be separate FSDP units and stay in the root unit: those the network
+    runs inside torch.func.jvp (unit hooks must not fire there, RCM_SPEC §7.2) and those whose parameters it
+    reads without calling the module (no hook would gather them). Names absent from the model are ignored;
+    the defaults fit WanDiT."""
+    forward_methods: list[str] = []
+    """Methods besides forward that must gather FSDP parameters (registered where they exist). Not needed
+    for methods that go through __call__, like WanDiT.forward_jvp."""
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelConfig) -> nn.Module:
@@ -94,7 +97,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelCon
         children = dict(model.named_children())
         apply_fsdp(model, mesh.fsdp, param_dtype=_DTYPES[config.param_dtype] if config.param_dtype else None,
                    reduce_dtype=_DTYPES[config.reduce_dtype] if config.reduce_dtype else None, reshard_after_forward=config.reshard_after_forward,
-                   blocks_attr=config.blocks_attr, jvp_modules=[n for n in config.jvp_modules if n in children],
+                   blocks_attr=config.blocks_attr, not_units=[n for n in config.not_fsdp_units if n in children],
                    forward_methods=config.forward_methods,
                    grad_divide_factor=float(mesh.dp_size) if cp > 1 else None)
     return model

@@ -1,8 +1,10 @@
 """FSDP2 (``fully_shard``) per block, then per remaining top-level submodule, then the root.
 
-Submodules that the network calls inside ``torch.func.jvp`` (patch and time embeddings of the sCM student,
-RCM_SPEC §7.2) must not be separate FSDP units: their unit hooks would fire inside the functional transform.
-They are listed by name and stay in the root unit, whose parameters are gathered before the root forward.
+Some top-level submodules must not be separate FSDP units: those the network calls inside
+``torch.func.jvp`` (patch and time embeddings of the reference sCM student, RCM_SPEC §7.2: their unit
+hooks would fire inside the functional transform) and those whose parameters the network reads without
+calling the module (no hook would gather them). They are listed by name and stay in the root unit, whose
+parameters are gathered before the root forward.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 __all__ = ["apply_fsdp"]
 
 
-def _units(model: nn.Module, blocks_attr: str, jvp_modules: Iterable[str]) -> list[nn.Module]:
-    skip = set(jvp_modules)
+def _units(model: nn.Module, blocks_attr: str, not_units: Iterable[str]) -> list[nn.Module]:
+    skip = set(not_units)
     named = dict(model.named_children())
     unknown = skip - set(named)
     if unknown:
-        raise ValueError(f"jvp_modules names {sorted(unknown)} that are not submodules of {type(model).__name__} "
+        raise ValueError(f"not_fsdp_units names {sorted(unknown)} that are not submodules of {type(model).__name__} "
                          f"(children: {sorted(named)})")
     blocks = named.get(blocks_attr)
     if not isinstance(blocks, nn.ModuleList):
@@ -37,7 +39,7 @@ def _units(model: nn.Module, blocks_attr: str, jvp_modules: Iterable[str]) -> li
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = torch.bfloat16,
                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True,
-               blocks_attr: str = "blocks", jvp_modules: Iterable[str] = (), forward_methods: Iterable[str] = (),
+               blocks_attr: str = "blocks", not_units: Iterable[str] = (), forward_methods: Iterable[str] = (),
                grad_divide_factor: float | None = None) -> nn.Module:
     """Shard ``model`` in place over ``mesh`` (1-D: FSDP; 2-D ``(replicate, shard)``: HSDP).
 
@@ -48,7 +50,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     of the number of FSDP ranks (context parallel: ranks of one CP group hold parts of one sample).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    units = _units(model, blocks_attr, jvp_modules)
+    units = _units(model, blocks_attr, not_units)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
