@@ -1,4 +1,4 @@
-"""Wan2.1 DiT (``WanModel``): text-to-video and image-to-video, plain and JVP modes.
+"""Wan2.1 DiT (``WanModel``): text-to-video and image-to-video; plain, JVP and causal modes.
 
 State-dict keys and shapes are the official ones (``patch_embedding.weight [C, in_dim, 1, 2, 2]`` included:
 the Conv3d weight is used as the Linear it is, through a flattened view), so official checkpoints load with
@@ -11,6 +11,17 @@ block), every attention goes through a ``rcm_kernels.attention.Attention`` modul
 ``context_parallel=True``, ``cross_attn.attn`` with ``False``), and the token sequence is wrapped by
 ``seq_shard`` (a ``SequenceShard``: ``shard`` right after patch embedding on the tokens, their tangents, the
 RoPE angles and the per-token time index; ``gather`` of the head output and its tangent before unpatchify).
+
+Causal (block-autoregressive) mode, CAUSAL_SPEC §2 (docs/causal.md):
+
+* masked full-sequence pass (training): :meth:`WanDiT.forward` / :meth:`WanDiT.forward_jvp` with per-frame
+  times ``t [B, T]``, a ``block_mask`` from ``rcm_kernels.blockmask`` and optional explicit RoPE frame
+  positions ``frame_pos``; :meth:`WanDiT.forward_teacher_forcing` packs ``[clean ; noisy]`` with the
+  teacher-forcing mask, both halves at the same RoPE positions, and returns the noisy half;
+* block-by-block pass (inference, self forcing): :meth:`WanDiT.forward_block` runs one block of frames
+  against a ``rcm_kernels.kv_cache.KVCache`` (RoPE positions from the cache's pending block), optionally
+  writing the block's k/v; text k/v come from :meth:`WanDiT.encode_prompt` (computed once per prompt).
+  The cached pass goes through ``block.__call__`` like the plain one (see ``_causal_seam``).
 """
 
 from __future__ import annotations
@@ -22,13 +33,34 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from rcm_kernels.attention import SequenceShard
+from rcm_kernels.kv_cache import CacheBlock, KVCache
 
 from ._blocks import CLIP_DIM, Head, MLPProj, RMSNorm, WanBlock
+from ._causal_seam import CacheCall, PromptKV, install_causal_hooks
 from ._ops import Pair, cast, gelu_tanh, island, linear, silu, sinusoid
 from ._rope import rope_angles, rope_cos_sin
 from .configs import WanConfig, get_config
 
-__all__ = ["WanDiT"]
+__all__ = ["WanDiT", "PromptKV", "teacher_forcing_positions"]
+
+
+def _per_frame(t: Tensor | float, batch: int, frames: int, device) -> Tensor:
+    """A time given as a number, ``[B]``, ``[B, 1]`` or ``[B, T]`` as ``[B, T]``."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        return t.expand(batch, frames)
+    if t.dim() == 1 and t.shape[0] == batch:
+        return t[:, None].expand(batch, frames)
+    if t.dim() == 2 and t.shape[0] == batch and t.shape[1] in (1, frames):
+        return t.expand(batch, frames)
+    raise ValueError(f"time of shape {tuple(t.shape)} does not fit batch {batch} and {frames} frames")
+
+
+def teacher_forcing_positions(frames: int, device: torch.device | str | None = None) -> Tensor:
+    """RoPE frame positions ``[2·frames]`` of a packed ``[clean ; noisy]`` sequence: ``0..T-1`` twice
+    (the noisy copy of a frame sits at the same temporal position as its clean copy)."""
+    pos = torch.arange(frames, device=device)
+    return torch.cat([pos, pos])
 
 
 class WanDiT(nn.Module):
@@ -58,6 +90,7 @@ class WanDiT(nn.Module):
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(c, **fk)
         self.seq_shard = SequenceShard()
+        install_causal_hooks(self.blocks)  # cache-aware self-attention seams, prompt k/v pre-hooks
 
     @classmethod
     def from_config(cls, name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -96,8 +129,8 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     # --------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, clip_fea: Tensor | None = None,
-                y: Tensor | None = None, block_mask=None, frame_offset: int = 0,
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | PromptKV, *, clip_fea: Tensor | None = None,
+                y: Tensor | None = None, block_mask=None, frame_offset: int = 0, frame_pos: Tensor | None = None,
                 tangents: tuple[Tensor | None, Tensor | None] | None = None):
         """Rectified-flow velocity of the latent video (float32; float64 for float64 parameters).
 
@@ -106,37 +139,158 @@ class WanDiT(nn.Module):
             t: ``[B]`` (or ``[B, 1]``) per-sample, or ``[B, T/pt]`` per-frame timesteps on Wan's 0..1000
                 scale, int or float (the sinusoid is computed in float64 from it).
             context: ``[B, Lc, text_dim]`` text embeddings, ``Lc <= text_len``; zero-padded to ``text_len``
-                rows before ``text_embedding``, all rows attended (as the official model).
+                rows before ``text_embedding``, all rows attended (as the official model). Or a
+                :class:`PromptKV` from :meth:`encode_prompt` (text and CLIP k/v precomputed; then
+                ``clip_fea`` is not needed).
             clip_fea: i2v only, ``[B, 257, 1280]`` CLIP ViT-H/14 penultimate tokens.
             y: i2v only, ``[B, in_dim − C, T, H, W]`` conditioning channels (4 mask + 16 latent),
                 concatenated after ``x``; its tangent is zero.
-            block_mask: passed to every self-attention (``None`` = bidirectional).
+            block_mask: passed to every self-attention (``None`` = bidirectional), e.g.
+                ``rcm_kernels.blockmask.block_causal(num_blocks, frames_per_block, tokens_per_frame)``
+                over the ``L = T/pt · H/ph · W/pw`` tokens (``tokens_per_frame = H/ph · W/pw``).
             frame_offset: temporal RoPE position of the first latent frame (causal blocks).
+            frame_pos: explicit temporal RoPE positions ``[T/pt]`` (overrides ``frame_offset``), e.g.
+                :func:`teacher_forcing_positions` for a packed teacher-forcing sequence.
             tangents: ``(tx, tt)`` to run in JVP mode (use :meth:`forward_jvp`).
 
         Returns: ``out [B, out_dim, T, H, W]``, or ``(out, tangent_out)`` when ``tangents`` is given.
         """
         tx, tt = tangents if tangents is not None else (None, None)
         self._check(x, t, context, clip_fea, y, tx, tt)
-        out, tout = self._run(x, tx, t, tt, context, clip_fea, y, block_mask, frame_offset)
+        frames = x.shape[2] // self.config.patch_size[0]
+        if frame_pos is None:
+            frame_pos = frame_offset + torch.arange(frames, device=x.device)
+        elif tuple(frame_pos.shape) != (frames,):
+            raise ValueError(f"frame_pos has shape {tuple(frame_pos.shape)}, expected [{frames}] (one RoPE "
+                             "position per latent frame)")
+        out, tout = self._run(x, tx, t, tt, context, clip_fea, y, block_mask, frame_pos.to(x.device))
         if tangents is None:
             return out
         return out, (torch.zeros_like(out) if tout is None else tout.detach())
 
-    def forward_jvp(self, x: Tensor, t: Tensor, context: Tensor, tx: Tensor | None, tt: Tensor | None, *,
-                    clip_fea: Tensor | None = None, y: Tensor | None = None, block_mask=None,
-                    frame_offset: int = 0) -> tuple[Tensor, Tensor]:
+    def forward_jvp(self, x: Tensor, t: Tensor, context: Tensor | PromptKV, tx: Tensor | None, tt: Tensor | None,
+                    *, clip_fea: Tensor | None = None, y: Tensor | None = None, block_mask=None,
+                    frame_offset: int = 0, frame_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output and its directional derivative along ``(tx, tt)`` (tangents of ``x`` and ``t``).
 
         Forward-mode by hand through every op, tangents detached (no graph for them; the primal keeps
         the caller's grad mode and is bit-identical to :meth:`forward`). ``None`` tangents are zero and
         cost nothing; the context (and ``y``, ``clip_fea``) have zero tangent. ``tt`` has ``t``'s shape.
+        Works with a ``block_mask`` (causal sCM: the fused JVP attention takes the mask).
         Goes through ``__call__`` so module hooks (FSDP, checkpointing wrappers) fire as for ``forward``.
         """
         return self(x, t, context, clip_fea=clip_fea, y=y, block_mask=block_mask, frame_offset=frame_offset,
-                    tangents=(tx, tt))
+                    frame_pos=frame_pos, tangents=(tx, tt))
 
-    def _run(self, x, tx, t, tt, context, clip_fea, y, block_mask, frame_offset) -> Pair:
+    def forward_teacher_forcing(self, x_clean: Tensor, x_noisy: Tensor, t_noisy: Tensor,
+                                context: Tensor | PromptKV, *, block_mask, t_clean: Tensor | float = 0.0,
+                                tangents: tuple[Tensor | None, Tensor | None] | None = None,
+                                clip_fea: Tensor | None = None, y: Tensor | None = None):
+        """Teacher-forcing pass: ``[x_clean ; x_noisy]`` packed along T, velocity of the noisy half.
+
+        Args:
+            x_clean: ``[B, C, T, H, W]`` context latents (clean, or noised to ``t_clean``).
+            x_noisy: ``[B, C, T, H, W]`` noisy latents; block i attends to clean blocks ``< i`` and itself.
+            t_noisy: ``[B]`` or ``[B, T/pt]`` Wan-scale times of the noisy frames (per block in causal use).
+            t_clean: Wan-scale time of the context frames: a number, ``[B]`` or ``[B, T/pt]`` (0 = clean).
+            block_mask: ``rcm_kernels.blockmask.teacher_forcing(num_blocks, frames_per_block,
+                tokens_per_frame)`` (it covers both halves, ``2·L`` tokens).
+            tangents: ``(tx_noisy, tt_noisy)`` for the JVP mode (causal sCM); the context half has zero
+                tangent in x and t.
+            y: i2v only, ``[B, in_dim − C, T, H, W]``, used for both halves.
+
+        Both halves take the RoPE temporal positions ``0..T/pt-1`` (:func:`teacher_forcing_positions`).
+        Returns ``[B, C, T, H, W]`` (and its tangent in JVP mode), the noisy half only.
+        """
+        if x_clean.shape != x_noisy.shape:
+            raise ValueError(f"x_clean {tuple(x_clean.shape)} and x_noisy {tuple(x_noisy.shape)} must have "
+                             "the same shape")
+        b, frames = x_noisy.shape[0], x_noisy.shape[2] // self.config.patch_size[0]
+        tn, tc = _per_frame(t_noisy, b, frames, x_noisy.device), _per_frame(t_clean, b, frames, x_noisy.device)
+        x = torch.cat([x_clean, x_noisy], dim=2)
+        t = torch.cat([tc.to(tn.dtype), tn], dim=1)
+        yy = None if y is None else torch.cat([y, y], dim=2)
+        pos = teacher_forcing_positions(frames, x.device)
+        half = x_noisy.shape[2]
+        if tangents is None:
+            out = self(x, t, context, clip_fea=clip_fea, y=yy, block_mask=block_mask, frame_pos=pos)
+            return out[:, :, half:]
+        tx, tt = tangents
+        tx = None if tx is None else torch.cat([torch.zeros_like(tx), tx], dim=2)
+        tt = None if tt is None else torch.cat([torch.zeros_like(tn), _per_frame(tt, b, frames, x.device)], dim=1)
+        out, tout = self(x, t, context, clip_fea=clip_fea, y=yy, block_mask=block_mask, frame_pos=pos,
+                         tangents=(tx, tt))
+        return out[:, :, half:], tout[:, :, half:]
+
+    @torch.no_grad()
+    def encode_prompt(self, context: Tensor, *, clip_fea: Tensor | None = None) -> PromptKV:
+        """Cross-attention k/v of every layer for one prompt, to reuse across blocks and steps.
+
+        ``context [B, Lc, text_dim]``; i2v also ``clip_fea [B, 257, 1280]``. Computed without gradient (the
+        text path of a streaming student is frozen input). Calls the cross-attention modules directly, so
+        under FSDP pass the raw context to :meth:`forward_block` instead.
+        """
+        cfg = self.config
+        if context.dim() != 3 or context.shape[2] != cfg.text_dim or context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has shape {tuple(context.shape)}, expected [B, L <= {cfg.text_len}, "
+                             f"{cfg.text_dim}]")
+        if (cfg.model_type == "i2v") != (clip_fea is not None):
+            raise ValueError("encode_prompt: clip_fea is required for an i2v model and refused for t2v")
+        ctx = self._text(context)
+        img = self.img_emb(clip_fea) if clip_fea is not None else None
+        return PromptKV(tuple(blk.cross_attn.context_kv(ctx, img) for blk in self.blocks))
+
+    def forward_block(self, x: Tensor, t: Tensor, context: Tensor | PromptKV, *, cache: KVCache,
+                      block: CacheBlock, write: bool = False, y: Tensor | None = None,
+                      clip_fea: Tensor | None = None) -> Tensor:
+        """One block of frames attending to the KV cache (block-by-block causal inference, self forcing).
+
+        The block's queries see the cache's visible (committed) frames plus the block's own tokens, which is
+        the block-causal (or sliding-window + sink) mask restricted to this block's rows. RoPE temporal
+        positions are ``block.positions`` (absolute frame index, or re-indexed within the window, as the
+        cache's ``position_policy`` says); cached keys keep theirs.
+
+        Args:
+            x: ``[B, C, n·pt, H, W]`` the block's latents, ``n = block.num_frames``.
+            t: ``[B]`` or ``[B, n]`` Wan-scale times.
+            context: a :class:`PromptKV` (:meth:`encode_prompt`, once per prompt) or raw text embeddings.
+            cache: the ``KVCache`` (``num_layers`` layers, the net's heads/head dim, ``tokens_per_frame =
+                H/ph·W/pw``).
+            block: the pending block, ``cache.begin_block(n)``; commit it after the write pass.
+            write: store this pass's k/v of every layer for ``block`` (detached; quantized on write). The
+                denoising steps read only; the context refresh (re-run at t=0 on the denoised block)
+                writes, then the caller calls ``cache.commit(block)``.
+            y, clip_fea: i2v conditioning of the block (``clip_fea`` only with raw context).
+
+        Returns the velocity ``[B, C, n·pt, H, W]``. Differentiable in the parameters and ``x`` (the cache is
+        a constant: the self-forcing exit step); no JVP mode.
+        """
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+        if type(self.seq_shard) is not SequenceShard:
+            raise RuntimeError("forward_block does not support context parallelism (seq_shard is replaced)")
+        if cache.num_layers != cfg.num_layers or cache.tokens_per_frame != (x.shape[3] // ph) * (x.shape[4] // pw):
+            raise ValueError(f"cache geometry (layers={cache.num_layers}, tokens_per_frame="
+                             f"{cache.tokens_per_frame}) does not fit the net ({cfg.num_layers} layers) and x "
+                             f"{tuple(x.shape)} (tokens per frame {(x.shape[3] // ph) * (x.shape[4] // pw)})")
+        if x.dim() != 5 or x.shape[2] != block.num_frames * pt:
+            raise ValueError(f"x has shape {tuple(x.shape)}; block {block.index} has {block.num_frames} frames "
+                             f"(x needs {block.num_frames * pt} along T)")
+        if block.first_frame != cache.frames_written or block is cache.last_block:
+            raise ValueError(f"block {block.index} is not the cache's pending block (begin_block it first)")
+        dev = x.device
+        pos = torch.tensor(block.positions, device=dev)
+        call = CacheCall(cache, block, write, tuple(cache.layer(i) for i in range(cfg.num_layers)))
+        if cache.keys_pre_rope:  # rotate q/k inside the seam; the blocks run with an identity rotation
+            hw = (x.shape[3] // ph, x.shape[4] // pw)
+            q_ang = rope_angles(pos, *hw, cfg.head_dim)
+            k_ang = rope_angles(cache.frame_positions().to(dev), *hw, cfg.head_dim)
+            call.q_rope, call.k_rope = (torch.cos(q_ang), torch.sin(q_ang)), (torch.cos(k_ang), torch.sin(k_ang))
+        self._check(x, t, context, clip_fea, y, None, None)
+        out, _ = self._run(x, None, t, None, context, clip_fea, y, call, pos, identity_rope=cache.keys_pre_rope)
+        return out
+
+    def _run(self, x, tx, t, tt, context, clip_fea, y, block_mask, frame_pos, identity_rope=False) -> Pair:
         cfg = self.config
         pt, ph, pw = cfg.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
@@ -146,10 +300,14 @@ class WanDiT(nn.Module):
         if e.shape[1] > 1:  # per-frame times: each token takes its frame's modulation
             idx = torch.arange(grid[0], device=x.device).repeat_interleave(grid[1] * grid[2])
             mod_index = self.seq_shard.shard(idx[None], dim=1)[0]
-        ctx = self._text(context)
-        img = self.img_emb(clip_fea) if cfg.model_type == "i2v" else None
-        frame_pos = frame_offset + torch.arange(grid[0], device=x.device)
+        if isinstance(context, PromptKV):
+            ctx, img = context, None  # the blocks' cross-attention pre-hooks take the k/v from it
+        else:
+            ctx = self._text(context)
+            img = self.img_emb(clip_fea) if cfg.model_type == "i2v" else None
         ang = rope_angles(frame_pos, grid[1], grid[2], cfg.head_dim)
+        if identity_rope:
+            ang = torch.zeros_like(ang)
         rope = tuple(self.seq_shard.shard(r, dim=1) for r in rope_cos_sin(ang, e.dtype))
         tok, ttok = self.seq_shard.shard(tok, dim=1), (None if ttok is None else self.seq_shard.shard(ttok, dim=1))
         for block in self.blocks:
@@ -207,15 +365,18 @@ class WanDiT(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"x must be a latent video [B, C, T, H, W], got shape {tuple(x.shape)}")
         b, c = x.shape[:2]
+        prompt = isinstance(context, PromptKV)
         if cfg.model_type == "i2v":
-            if y is None or clip_fea is None:
+            if y is None or (clip_fea is None and not prompt):
                 raise ValueError("the i2v model needs y [B, in_dim - C, T, H, W] and clip_fea [B, 257, 1280]")
+            if prompt and clip_fea is not None:
+                raise ValueError("clip_fea is already inside the PromptKV (encode_prompt); do not pass it again")
             if y.dim() != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]:
                 raise ValueError(f"y has shape {tuple(y.shape)}, expected [{b}, *, {', '.join(map(str, x.shape[2:]))}]")
             if c + y.shape[1] != cfg.in_dim:
                 raise ValueError(f"latent channel count: x has {c} and y has {y.shape[1]} channels, together "
                                  f"{c + y.shape[1]}; the model expects in_dim={cfg.in_dim}")
-            if clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != CLIP_DIM:
+            if not prompt and (clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != CLIP_DIM):
                 raise ValueError(f"clip_fea has shape {tuple(clip_fea.shape)}, expected [{b}, N, {CLIP_DIM}]")
         else:
             if y is not None or clip_fea is not None:
@@ -225,9 +386,16 @@ class WanDiT(nn.Module):
         bad = [f"{n}={s} (patch {p})" for n, s, p in zip("THW", x.shape[2:], cfg.patch_size) if s % p]
         if bad:
             raise ValueError(f"x frames/height/width must be divisible by patch_size {cfg.patch_size}: {', '.join(bad)}")
-        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+        if prompt:
+            want = 4 if cfg.model_type == "i2v" else 2
+            if len(context.layers) != cfg.num_layers or any(len(kv) != want for kv in context.layers):
+                raise ValueError(f"PromptKV has {len(context.layers)} layers, expected {cfg.num_layers} layers "
+                                 f"of {want} tensors (encode_prompt of this net)")
+            if context.batch != b:
+                raise ValueError(f"PromptKV has batch {context.batch}, x has batch {b}")
+        elif context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context has shape {tuple(context.shape)}, expected [{b}, L, text_dim={cfg.text_dim}]")
-        if context.shape[1] > cfg.text_len:
+        if not prompt and context.shape[1] > cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} rows, longer than text_len={cfg.text_len}")
         frames = x.shape[2] // cfg.patch_size[0]
         if not (t.shape == (b,) or (t.dim() == 2 and t.shape[0] == b and t.shape[1] in (1, frames))):
