@@ -151,15 +151,15 @@ def first_call_latency() -> dict:
     return out
 
 
-SWEEP = [  # (kernel, environment) pairs; each entry overrides the fixed block-config table
-    *(("jvp", {"RCM_JVP_FWD_CFG": c}) for c in ("128,32,8,3", "128,32,8,2", "128,32,8,4", "128,16,8,4",
-                                                  "64,32,4,3", "128,64,8,2")),
-    ("jvp", {"RCM_JVP_FWD_CFG": "128,32,8,3", "RCM_JVP_LAZY_RESCALE": "0"}),
-    ("jvp", {"RCM_JVP_FWD_CFG": "128,64,8,2", "RCM_JVP_LAZY_RESCALE": "0"}),
-    *(("fwd", {"RCM_ATTN_FWD_CFG": c}) for c in ("128,64,8,3", "128,128,8,3", "128,64,8,4", "128,32,8,4")),
-    ("fwd", {"RCM_ATTN_FWD_CFG": "128,64,8,3", "RCM_JVP_LAZY_RESCALE": "0"}),
-    *(("bwd", {"RCM_ATTN_BWD_CFG": c, "RCM_ATTN_BWD": "triton"}) for c in ("64,128,8,2", "64,64,4,3", "32,128,4,5",
-                                                                            "64,128,8,3", "32,64,4,3")),
+SWEEP = [  # (kernel, environment) pairs; each entry overrides the fixed block-config table / switches
+    *(("jvp", {"RCM_JVP_FWD_CFG": c, "RCM_JVP_TMA": t}) for t in ("0", "1")
+      for c in ("128,64,8,2", "128,32,8,3", "128,32,8,4", "128,64,8,3")),
+    ("jvp", {"RCM_JVP_FWD_CFG": "128,64,8,2", "RCM_JVP_TMA": "1", "RCM_JVP_WARP_SPEC": "1"}),
+    ("jvp", {"RCM_JVP_FWD_CFG": "128,64,8,2", "RCM_JVP_TMA": "1", "RCM_JVP_LAZY_RESCALE": "1"}),
+    *(("fwd", {"RCM_ATTN_FWD_CFG": c, "RCM_JVP_TMA": t}) for t in ("0", "1")
+      for c in ("128,64,8,3", "128,128,8,3", "128,128,8,2")),
+    ("fwd", {"RCM_ATTN_FWD_CFG": "128,128,8,2", "RCM_JVP_TMA": "1", "RCM_JVP_WARP_SPEC": "1"}),
+    *(("bwd", {"RCM_ATTN_BWD_CFG": c, "RCM_ATTN_BWD": "triton"}) for c in ("64,128,8,3", "64,64,8,3")),
 ]
 
 

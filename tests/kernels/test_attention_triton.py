@@ -128,6 +128,17 @@ def test_masked_matches_reference(mask_name, dtype, atol, rtol, tangents):
 
 
 @interp
+def test_lazy_rescale_variant_matches_reference(monkeypatch):
+    monkeypatch.setenv("RCM_JVP_LAZY_RESCALE", "1")  # the non-default kernel switch stays correct
+    mask = _small_masks()["teacher_forcing"]
+    q, k, v, tq, tk, tv = rand_qkv(1, mask.num_tokens, mask.num_tokens, 1, 16, torch.float32, "cpu")
+    q = q * 4  # sharper softmax: the running max grows by > 2^8 at some tiles, not at others
+    cmp = lambda n, g, r: assert_close(n, g, r, 2e-5, 2e-5)  # noqa: E731
+    check_against_reference(q, k, v, tq, tk, tv, mask, cmp, backward=False)
+    check_against_reference(q, k, v, tq, tk, tv, None, cmp, backward=False)
+
+
+@interp
 def test_fully_masked_rows_give_zero_and_minus_inf_lse():
     # queries in block 4 with a 1-block window, keys only up to block 1: nothing is visible to them
     mask = sliding_window(5, 1, 4, window_blocks=1, q_offset=16)
@@ -256,6 +267,20 @@ def test_gpu_our_lse_is_the_one_cudnn_saves():
     cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, scale=q.shape[-1] ** -0.5)
     assert_rel("lse", res.lse, cudnn[1].reshape(res.lse.shape).float(), 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [{"RCM_JVP_TMA": "1"}, {"RCM_JVP_TMA": "0"}, {"RCM_JVP_LAZY_RESCALE": "1"},
+                                   {"RCM_JVP_TMA": "1", "RCM_JVP_LAZY_RESCALE": "1"}], ids=str)
+def test_gpu_kernel_switches_match_reference(monkeypatch, flags):
+    for key, val in flags.items():
+        monkeypatch.setenv(key, val)
+    mask = _real_masks()["teacher_forcing"]
+    L = mask.num_tokens
+    for m, lk in ((mask, L), (None, L - 77)):  # masked, and unmasked with a ragged key length
+        q, k, v, tq, tk, tv = rand_qkv(1, L, lk, 2, 128, torch.bfloat16, "cuda")
+        check_against_reference(q, k, v, tq, tk, tv, m, lambda n, g, r: assert_rel(n, g, r, 1.5e-2),
+                                backward=False)
 
 
 @pytest.mark.gpu

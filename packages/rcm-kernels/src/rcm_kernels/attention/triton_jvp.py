@@ -37,8 +37,32 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _LAZY_RESCALE() -> bool:  # noqa: N802 - reads like the constexpr it feeds
-    return os.environ.get("RCM_JVP_LAZY_RESCALE", "1") == "1"
+# Kernel switches (environment, for the tuning sweep; defaults are the measured best on H100):
+# RCM_JVP_TMA: key-side tiles through TMA descriptors; RCM_JVP_LAZY_RESCALE: rescale only when the max grows
+# by > 2^8; RCM_JVP_WARP_SPEC: Triton's automatic warp specialization of the unmasked loop.
+_FLAG_DEFAULTS = {"RCM_JVP_TMA": "0", "RCM_JVP_LAZY_RESCALE": "0", "RCM_JVP_WARP_SPEC": "0"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, _FLAG_DEFAULTS[name]) == "1"
+
+
+_ALLOCATOR_SET = False
+
+
+def _use_tma(q: Tensor, *key_side: Tensor | None) -> bool:
+    """TMA needs a Hopper+ GPU, a unit last stride and 16-byte aligned rows/bases (else: pointer loads)."""
+    global _ALLOCATOR_SET
+    if _INTERPRET or not _flag("RCM_JVP_TMA") or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    for x in key_side:
+        if x is not None and (x.stride(-1) != 1 or x.data_ptr() % 16
+                              or any(st * x.element_size() % 16 for st in x.stride()[:-1])):
+            return False
+    if not _ALLOCATOR_SET:  # device-side descriptors need scratch memory from the caller
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+    return True
 
 
 class FwdResult(NamedTuple):
@@ -57,11 +81,22 @@ def _row_mask(cols, iv0, iv1, iv2, iv3):
 
 
 @triton.jit
+def _load_tile(src, start_n, stride_n, cols, LK, MODE: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK_N, D] key-side tile: TMA descriptor (rows past LK come back zero) or a pointer block."""
+    if USE_TMA:
+        return src.load([start_n, 0])
+    elif MODE == 0:
+        return tl.load(src + start_n * stride_n)
+    else:
+        return tl.load(src + start_n * stride_n, mask=cols[:, None] < LK, other=0.0)
+
+
+@triton.jit
 def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
               iv0, iv1, iv2, iv3, LK, qk_scale, scale,
               stride_kn, stride_vn, stride_tkn, stride_tvn,
               MODE: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-              LAZY: tl.constexpr):
+              LAZY: tl.constexpr, USE_TMA: tl.constexpr):
     """One key tile. MODE 0: no masking; 1: key bound only (ragged tail); 2: row intervals (partial tile).
 
     LAZY: rescale the accumulators only when some row's max grew by more than 2^8 (FlashAttention-4's
@@ -69,13 +104,8 @@ def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_pt
     """
     HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
     cols = start_n + offs_n
-    kmask = cols[:, None] < LK
-    if MODE == 0:
-        k = tl.load(k_ptrs + start_n * stride_kn)
-        v = tl.load(v_ptrs + start_n * stride_vn)
-    else:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask, other=0.0)
+    k = _load_tile(k_ptrs, start_n, stride_kn, cols, LK, MODE, USE_TMA)
+    v = _load_tile(v_ptrs, start_n, stride_vn, cols, LK, MODE, USE_TMA)
     kt = tl.trans(k)
     qk = tl.dot(q, kt)
     sdot = qk
@@ -84,10 +114,7 @@ def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_pt
         if HAS_TQ:
             sdot = tl.dot(tq, kt, sdot)
         if HAS_TK:
-            if MODE == 0:
-                tk = tl.load(tk_ptrs + start_n * stride_tkn)
-            else:
-                tk = tl.load(tk_ptrs + start_n * stride_tkn, mask=kmask, other=0.0)
+            tk = _load_tile(tk_ptrs, start_n, stride_tkn, cols, LK, MODE, USE_TMA)
             sdot = tl.dot(q, tl.trans(tk), sdot)
     qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if MODE == 1:
@@ -130,10 +157,7 @@ def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_pt
         r_i = r_i + tl.sum(h, 1)
         acc_t = tl.dot(h.to(v.dtype), v, acc_t)
     if HAS_TV:
-        if MODE == 0:
-            tv = tl.load(tv_ptrs + start_n * stride_tvn)
-        else:
-            tv = tl.load(tv_ptrs + start_n * stride_tvn, mask=kmask, other=0.0)
+        tv = _load_tile(tv_ptrs, start_n, stride_tvn, cols, LK, MODE, USE_TMA)
         acc_t = tl.dot(p.to(tv.dtype), tv, acc_t)
     return acc_o, acc_t, l_i, m_i, r_i
 
@@ -147,7 +171,7 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
                   H, LQ, LK, scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr,
-                  LAZY: tl.constexpr):
+                  LAZY: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     HAS_T: tl.constexpr = HAS_TQ or HAS_TK or HAS_TV
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -162,10 +186,22 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     if HAS_TQ:
         tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stql + offs_d[None, :] * stqd, mask=rmask,
                      other=0.0)
-    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd
-    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
-    tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkl + offs_d[None, :] * stkd
-    tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvl + offs_d[None, :] * stvd
+    if USE_TMA:  # per-(b, h) 2-D views [LK, D]; strides checked on the host (16-byte aligned, unit last)
+        k_ptrs = tl.make_tensor_descriptor(K + b * skb + h * skh, [LK, HEAD_DIM], [skl, 1], [BLOCK_N, HEAD_DIM])
+        v_ptrs = tl.make_tensor_descriptor(V + b * svb + h * svh, [LK, HEAD_DIM], [svl, 1], [BLOCK_N, HEAD_DIM])
+        tk_ptrs = k_ptrs
+        tv_ptrs = v_ptrs
+        if HAS_TK:
+            tk_ptrs = tl.make_tensor_descriptor(TK + b * stkb + h * stkh, [LK, HEAD_DIM], [stkl, 1],
+                                                [BLOCK_N, HEAD_DIM])
+        if HAS_TV:
+            tv_ptrs = tl.make_tensor_descriptor(TV + b * stvb + h * stvh, [LK, HEAD_DIM], [stvl, 1],
+                                                [BLOCK_N, HEAD_DIM])
+    else:
+        k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd
+        v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
+        tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkl + offs_d[None, :] * stkd
+        tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvl + offs_d[None, :] * stvd
     qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -183,23 +219,23 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
             start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY)
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY, USE_TMA)
         for i in range(tl.load(PART_NUM + pid_m)):
             start_n = tl.load(PART_IDX + pid_m * stride_idx + i) * BLOCK_N
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 2, HAS_TQ, HAS_TK, HAS_TV, LAZY)
+                iv0, iv1, iv2, iv3, LK, qk_scale, scale, skl, svl, stkl, stvl, 2, HAS_TQ, HAS_TK, HAS_TV, LAZY, USE_TMA)
     else:
         iv0 = offs_m  # unused placeholders
         lk_full = (LK // BLOCK_N) * BLOCK_N
-        for start_n in range(0, lk_full, BLOCK_N):
+        for start_n in tl.range(0, lk_full, BLOCK_N, warp_specialize=WARP_SPEC):
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
-                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY)
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 0, HAS_TQ, HAS_TK, HAS_TV, LAZY, USE_TMA)
         if lk_full < LK:
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
                 acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, lk_full, offs_n,
-                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 1, HAS_TQ, HAS_TK, HAS_TV, LAZY)
+                iv0, iv0, iv0, iv0, LK, qk_scale, scale, skl, svl, stkl, stvl, 1, HAS_TQ, HAS_TK, HAS_TV, LAZY, USE_TMA)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: zero output, -inf LSE
     o = acc_o / l_safe[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
@@ -422,7 +458,7 @@ def _bwd_cfg(d: int) -> _Cfg:
     env = _env_cfg("RCM_ATTN_BWD_CFG")
     if env:
         return env
-    return _Cfg(64, 128, 8, 2) if d <= 128 else _Cfg(32, 64, 8, 2)
+    return _Cfg(64, 128, 8, 3) if d <= 128 else _Cfg(32, 64, 8, 2)
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, tangents=(), mask=None) -> str | None:
@@ -489,8 +525,9 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | Non
         *out.stride(), *(tangent if has_t else out).stride(), *_table_args(tables, q.device),
         nh, lq, lk, scale,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_TV=tv is not None, HAS_MASK=bool(tables), LAZY=_LAZY_RESCALE(), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        HAS_TV=tv is not None, HAS_MASK=bool(tables), LAZY=_flag("RCM_JVP_LAZY_RESCALE"),
+        USE_TMA=_use_tma(q, k, v, tk, tv), WARP_SPEC=_flag("RCM_JVP_WARP_SPEC") and not _INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, tangent, lse
 
 
