@@ -40,7 +40,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Kernel switches (environment, for the tuning sweep; defaults are the measured best on H100):
 # RCM_JVP_TMA: key-side tiles through TMA descriptors; RCM_JVP_LAZY_RESCALE: rescale only when the max grows
 # by > 2^8; RCM_JVP_WARP_SPEC: Triton's automatic warp specialization of the unmasked loop.
-_FLAG_DEFAULTS = {"RCM_JVP_TMA": "0", "RCM_JVP_LAZY_RESCALE": "0", "RCM_JVP_WARP_SPEC": "0"}
+_FLAG_DEFAULTS = {"RCM_JVP_TMA": "1", "RCM_JVP_LAZY_RESCALE": "0", "RCM_JVP_WARP_SPEC": "0"}
 
 
 def _flag(name: str) -> bool:
@@ -449,7 +449,7 @@ def _fwd_cfg(d: int, has_tangent: bool) -> _Cfg:
         return env
     if has_tangent:
         return _Cfg(128, 64, 8, 2) if d <= 128 else _Cfg(64, 32, 8, 2)
-    return _Cfg(128, 128, 8, 3) if d <= 64 else (_Cfg(128, 64, 8, 3) if d <= 128 else _Cfg(64, 32, 8, 2))
+    return _Cfg(128, 128, 8, 3) if d <= 128 else _Cfg(64, 32, 8, 2)
 
 
 def _bwd_cfg(d: int) -> _Cfg:
