@@ -6,6 +6,14 @@ per-sample loss ``[B]`` and a dict of detached diagnostics. The submodules hold 
 (conversions, time samplers, tangents, time grids); docs/losses.md describes them.
 """
 
+from rcm_losses.causal import (
+    FrameBlocks,
+    replayed_video,
+    self_forcing_rollout,
+    teacher_forcing_adapter,
+    tf_dcm_objective,
+    tf_scm_objective,
+)
 from rcm_losses.consistency import dcm_objective, scm_loss, scm_objective, tangent_warmup_ratio
 from rcm_losses.dmd import dmd_loss, dmd_objective, fake_score_objective
 from rcm_losses.ema import ema_beta, ema_update_
@@ -42,4 +50,10 @@ __all__ = [
     "flow_unipc_sample",
     "ema_beta",
     "ema_update_",
+    "FrameBlocks",
+    "teacher_forcing_adapter",
+    "tf_scm_objective",
+    "tf_dcm_objective",
+    "self_forcing_rollout",
+    "replayed_video",
 ]
