@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
-
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_recipes.generation import latent_shape, teacher_generate, velocity_fn, video_size
 from rcm_recipes.loaders import (
@@ -37,6 +35,8 @@ from rcm_recipes.loaders import (
     require_file,
     resolve_dtype,
 )
+from tqdm import tqdm
+
 from rcm_train.data import ShardWriter
 
 
