@@ -32,7 +32,7 @@ import webdataset as wds
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 __all__ = ["DataConfig", "CorruptDataError", "ShardLoader", "ShardWriter", "decode_sample", "MEMBERS"]
 
@@ -113,20 +113,27 @@ def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ reading
 def _shard_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Grouped raw samples of one shard; a truncated/corrupt tar raises CorruptDataError (after the last good
-    sample was yielded)."""
-    last = None
+    """Samples of one shard (members grouped by key, as webdataset groups them); a truncated / corrupt tar
+    raises CorruptDataError after yielding every complete sample before the damage."""
+    current: dict[str, Any] = {}
     try:
         with open(url, "rb") as f:
-            files = ({**d, "__url__": url} for d in tar_file_iterator(f))
-            for sample in group_by_keys(files):
-                last = sample["__key__"]
-                yield sample
-    except CorruptDataError:
-        raise
+            for member in tar_file_iterator(f):
+                key, ext = base_plus_ext(member["fname"])
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current.setdefault("__key__", key)
+                current["__url__"] = url
+                current[ext] = member["data"]
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-        after = f"after sample {last}" if last is not None else "at its start"
-        raise CorruptDataError(f"shard {url}: unreadable {after} ({type(e).__name__}: {e})") from e
+        last = current.get("__key__")
+        if current and all(m in current for m in MEMBERS):
+            yield current
+        raise CorruptDataError(f"shard {url}: unreadable {f'at or after sample {last}' if last else 'at its start'} "
+                               f"({type(e).__name__}: {e})") from e
+    if current:
+        yield current
 
 
 class _Readers(IterableDataset):
