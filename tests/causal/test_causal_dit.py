@@ -141,7 +141,7 @@ def test_rolling_cache_equals_recompute_over_kept_frames(policy):
     net1 = _net(num_layers=1)
     layout, n = BlockLayout(2), 2
     blocks, ctx, _ = _generate(net1, layout, 12, times=(0.7,), window=n, sink=n, rolling=True, policy=policy)
-    for i, b in enumerate(blocks):
+    for b in blocks:
         kept = [f for f in range(b.first_frame) if f < n or f >= b.first_frame - n]  # sink + window
         x_in, t_rf, v = b.steps[0]
         video = torch.cat([p.x0 for p in blocks], 2)
