@@ -7,7 +7,8 @@ Forward (FlashAttention-2 with a tangent, RCM_SPEC §8), per program = BLOCK_M q
 for each key tile, in base 2, ``P̃ = 2^(s·log2e·q kᵀ − m)``; with tangents ``Ṡ = s (q̇ kᵀ + q k̇ᵀ)``,
 ``H̃ = P̃ ⊙ Ṡ``; accumulators ``Õ += P̃ V``, ``T̃ += P̃ V̇ + H̃ V``, ``r̃ += rowsum H̃``, ``l += rowsum P̃``, all
 rescaled by ``2^(m_old − m_new)``. Epilogue ``O = Õ/l``, ``Ȯ = T̃/l − (r̃/l) O``, ``LSE = (m + log2 l) ln 2``.
-A None tangent removes its matmul at compile time; no tangent at all is plain FlashAttention-2.
+A None tangent removes its matmul at compile time; no tangent at all is plain FlashAttention-2. On Hopper the
+key-side tiles are read through TMA descriptors (where strides allow), which frees the address registers.
 
 Masks come as a :class:`rcm_kernels.blockmask.TileTable`: programs visit only the listed key tiles, run
 "full" tiles without any mask arithmetic and mask "partial" tiles from per-row key intervals. Without a mask
@@ -16,7 +17,8 @@ new length never recompiles; block sizes come from a fixed per-(head dim, dtype,
 
 Backward (dq, dk, dv; the tangent output is not differentiated): FlashAttention-2 math from the saved LSE,
 ``δ = rowsum(dO ⊙ O)``, ``dS = P ⊙ (dO Vᵀ − δ)``, as two kernels (dK/dV over query tiles, dQ over key tiles),
-both driven by the same tile table. :func:`attention_bwd` uses these; see its docstring for the SDPA option.
+both driven by the same tile table. :func:`attention_bwd` uses these for masked calls and feeds unmasked
+fp16/bf16 calls to SDPA's cuDNN backward (same gradient from the same O and LSE; see its docstring).
 """
 
 from __future__ import annotations
