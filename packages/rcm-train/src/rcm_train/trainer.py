@@ -383,9 +383,10 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
         if checkpointer is not None and config.checkpoint_every and state.iteration % config.checkpoint_every == 0:
             checkpointer.save(state.iteration, ckpt_state)
     if checkpointer is not None:
+        checkpointer.wait()  # an async save of the last iteration counts as done once finished
         if checkpointer.latest_iteration() != state.iteration:
             checkpointer.save(state.iteration, ckpt_state)
-        checkpointer.wait()
+            checkpointer.wait()
     if logger is not None:
         logger.close()
     return state

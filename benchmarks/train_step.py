@@ -1,0 +1,208 @@
+"""Benchmark: one rCM student iteration and one critic iteration (GPU): time, tokens/s, MFU, peak memory.
+
+Default: Wan2.1 T2V-1.3B with random weights, 480p (latent 21 x 60 x 104 = 32760 tokens), batch 1 per
+data-parallel rank, a 512-row text context and a negative embedding (CFG 5). Networks are built on ``meta``,
+``parallelize``d (student: SAC ``--sac``, fake score: mm_only, teacher: bf16 weights, all FSDP2 over the mesh)
+and trained with ``rcm_train.trainer.train_step`` + ``rcm_train.objectives.RCMObjective`` — the real loop:
+
+* student iteration = sCM closure + DMD closure (as after the tangent warmup), backward each, AdamW step;
+* critic iteration  = no-grad student rollout + fake-score forward/backward, AdamW step.
+``--sim-steps n`` fixes the backward-simulation length (the loop cycles 1..4).
+
+Launch on 1 GPU with ``python``, on several with ``torchrun --nproc_per_node N`` (``--cp`` sets the Ulysses
+size; the rest of the world is FSDP data parallel).
+
+FLOPs (model FLOPs, multiply-add = 2; activation recomputation is not counted): per DiT call the formula of
+``benchmarks/dit_forward.py::flops`` — per block ``2·L·(6C² + 2C·F)`` (self q,k,v,o; cross q,o; FFN) +
+``2·Lc·2C²`` (cross k,v) + ``4·L²·C + 4·L·Lc·C`` (attention), plus embeddings and head; a JVP counts linears
+twice and attention 3x; a call with backward 3x the forward. Per sample:
+
+* student = teacher fwd x2 (CFG) + student JVP + student fwd+bwd            (sCM)
+          + student fwd x(n-1) + student fwd+bwd + fake fwd + teacher fwd x2  (DMD)
+* critic  = student fwd x n + fake fwd+bwd
+
+MFU = FLOPs of the global batch / (iteration time x GPUs x peak dense bf16 FLOP/s of one GPU: 989 TFLOP/s
+for H100/H200 SXM, or ``--peak-tflops``). tokens/s = global samples x L / time. Peak memory: the allocator
+peak of rank 0 during the timed iterations (weights, optimizer state and activations; GiB).
+
+    python benchmarks/train_step.py [--sac mm_only,block_wise] [--frames 21] [--json train_step.json]
+    torchrun --nproc_per_node 2 benchmarks/train_step.py --cp 2      # or --cp 1: FSDP over 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dit_forward import flops as dit_flops  # noqa: E402  (one FLOP formula for every benchmark)
+
+from rcm_nets.wan import WanDiT, get_config  # noqa: E402
+from rcm_train.objectives import RCMObjective, RCMObjectiveConfig  # noqa: E402
+from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize  # noqa: E402
+from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+DEVICE = "cuda"
+
+
+def iteration_flops(cfg, tokens: int, text_rows: int, sim_steps: int) -> dict[str, float]:
+    """Model FLOPs of one sample's student and critic iterations (see the module docstring)."""
+    f = dit_flops(cfg, tokens, text_rows)
+    fwd, jvp, train = f["forward"], f["forward_jvp"], f["fwd+bwd"]
+    scm = 2 * fwd + jvp + train
+    dmd = (sim_steps - 1) * fwd + train + fwd + 2 * fwd
+    return {"student": scm + dmd, "critic": sim_steps * fwd + train}
+
+
+def build(name: str, mesh, parallel: ParallelConfig, *, dtype: torch.dtype, precision: str, trainable: bool,
+          seed: int) -> WanDiT:
+    """Random weights: meta build, parallelize, materialize, Wan init (non-zero head)."""
+    with torch.device("meta"):
+        net = WanDiT(get_config(name, precision=precision), dtype=dtype)
+    parallelize(net, mesh, parallel)
+    net.to_empty(device=DEVICE)
+    torch.manual_seed(seed)  # DTensor random init follows the global generator (same on every rank)
+    net.init_weights()
+    with torch.no_grad():
+        net.head.head.weight.normal_(std=net.config.dim**-0.5)
+    return net.requires_grad_(trainable)
+
+
+def _time(fn, warmup: int, iters: int) -> tuple[float, float | None]:
+    """(median ms, peak GiB); on CPU (``--device cpu``, a smoke run of the script) wall time and no memory."""
+    cuda = torch.cuda.is_available() and DEVICE == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
+def _stepper(models, batch, optimizers, objective, ctx):
+    return lambda: train_step(models, [batch], optimizers, objective, ctx)
+
+
+def run_case(args, frames: int, sac: str) -> list[dict]:
+    world = dist.get_world_size()
+    mesh = build_mesh(1, -1, args.cp)
+    cfg = get_config(args.config)
+    par = dict(param_dtype="bfloat16")
+    models = {
+        "student": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
+                         precision="student", trainable=True, seed=0),
+        "fake_score": build(args.config, mesh, ParallelConfig(sac="mm_only", **par), dtype=torch.float32,
+                            precision="teacher", trainable=True, seed=1),
+        "teacher": build(args.config, mesh, ParallelConfig(param_dtype=None), dtype=torch.bfloat16,
+                         precision="teacher", trainable=False, seed=2),
+    }
+    oc = OptimizerConfig(lr=1e-6, warmup_steps=0)
+    optimizers = {n: build_optimizer(models[n], oc) for n in ("student", "fake_score")}
+    g = torch.Generator(device=DEVICE).manual_seed(mesh.dp_rank)
+    shape = (args.batch, cfg.in_dim, frames, args.height, args.width)
+    batch = {"latent": torch.randn(shape, device=DEVICE, generator=g),
+             "embed": torch.randn(args.batch, args.text_rows, cfg.text_dim, device=DEVICE, generator=g).bfloat16()}
+    negative = torch.randn(args.text_rows, cfg.text_dim, device=DEVICE, generator=g).bfloat16()
+    objective = RCMObjective(RCMObjectiveConfig(), negative_embed=negative)
+    schedule = ScheduleConfig(tangent_warmup=0, student_update_freq=5)
+    tokens = frames * args.height * args.width // (cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+    fl = iteration_flops(cfg, tokens, args.text_rows, args.sim_steps)
+    samples = args.batch * mesh.dp_size
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
+        (v for k, v in PEAK_BF16.items() if DEVICE == "cuda" and k in torch.cuda.get_device_name()), None)
+    rows = []
+    for phase, trained in (("student", ["student"]), ("critic", ["fake_score"])):
+        ctx = StepContext(phase, 0, args.sim_steps - 1, schedule,
+                          torch.Generator(device=DEVICE).manual_seed(mesh.dp_rank), has_critic=True)
+        step = _stepper(models, batch, {n: optimizers[n] for n in trained}, objective, ctx)
+        row = dict(phase=phase, config=args.config, frames=frames, tokens=tokens, world=world, dp=mesh.dp_size,
+                   cp=mesh.cp_size, sac=sac, sim_steps=args.sim_steps, batch_per_dp_rank=args.batch)
+        try:
+            ms, peak_gib = _time(step, args.warmup, args.iters)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({**row, "ms": None, "peak_gib": "OOM"})
+            continue
+        total = fl[phase] * samples
+        rows.append({**row, "ms": ms, "tokens_per_s": samples * tokens / ms * 1e3, "flops": total,
+                     "tflops_per_gpu": total / world / ms / 1e9,
+                     "mfu": None if peak is None else total / (ms / 1e3) / world / peak, "peak_gib": peak_gib})
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    head = f"{'phase':<8}{'frames':>7}{'GPUs':>5}{'dp':>4}{'cp':>4}{'sac':>12}{'ms':>10}{'tok/s':>10}" \
+           f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"
+    print(head)
+    for r in rows:
+        ms = "-" if r["ms"] is None else f"{r['ms']:.0f}"
+        tps = "-" if r["ms"] is None else f"{r['tokens_per_s']:.0f}"
+        tf = "-" if r["ms"] is None else f"{r['tflops_per_gpu']:.0f}"
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        pk = r["peak_gib"] if isinstance(r["peak_gib"], str) else "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        print(f"{r['phase']:<8}{r['frames']:>7}{r['world']:>5}{r['dp']:>4}{r['cp']:>4}{r['sac']:>12}{ms:>10}"
+              f"{tps:>10}{tf:>9}{mfu:>7}{pk:>10}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="t2v-1.3B")
+    ap.add_argument("--frames", default="21", help="latent frames, comma-separated list (e.g. 21,11)")
+    ap.add_argument("--height", type=int, default=60, help="latent height (480 px / 8)")
+    ap.add_argument("--width", type=int, default=104, help="latent width (832 px / 8)")
+    ap.add_argument("--text-rows", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
+    ap.add_argument("--cp", type=int, default=1, help="Ulysses context-parallel size")
+    ap.add_argument("--sac", default="block_wise", help="student activation checkpointing, comma-separated list")
+    ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of one GPU")
+    ap.add_argument("--json", default="train_step.json")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a functional smoke run of this script (tiny config, gloo), no meaningful numbers")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train_step.py needs CUDA GPUs (or --device cpu for a smoke run)")
+    init_distributed("nccl" if DEVICE == "cuda" else "gloo")
+    torch.backends.cuda.matmul.allow_tf32 = True  # the reference trainer enables TF32 (student fp32 FFN)
+    rows = []
+    for frames in map(int, args.frames.split(",")):
+        for sac in args.sac.split(","):
+            rows += run_case(args, frames, sac)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    if dist.get_rank() == 0:
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu"
+        meta = dict(date=str(date.today()), device=name, gpus=dist.get_world_size(),
+                    torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+                    text_rows=args.text_rows, latent_hw=[args.height, args.width])
+        print(f"rCM train step, {args.config}, {meta['device']} x {meta['gpus']}")
+        _print(rows)
+        with open(args.json, "w") as fh:
+            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+        print(f"wrote {args.json}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
