@@ -36,7 +36,7 @@ from datetime import date
 
 import torch
 
-from rcm_nets.wan import WanDiT, WanVAE, get_config
+from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import (
     DEFAULT_STREAM_TIMES,
     BlockLayout,
