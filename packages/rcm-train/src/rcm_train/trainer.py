@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import random
@@ -242,13 +243,12 @@ def train_step(models: Mapping[str, nn.Module], batches: Sequence[Any], optimize
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     trained = [models[n] for n in optimizers]
-    sums: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}  # detached scalars; one host sync at the end
     n = len(batches)
     for i, batch in enumerate(batches):
         _set_grad_sync(trained, i == n - 1)
         gen = make_generator(i) if make_generator is not None else ctx.generator
-        step_ctx = StepContext(ctx.phase, ctx.iteration, ctx.effective_iteration, ctx.schedule, gen, i,
-                               ctx.has_critic)
+        step_ctx = dataclasses.replace(ctx, generator=gen, micro_step=i)
         for name, closure in objective.closures(models, batch, step_ctx).items():
             loss, diag = closure()
             (loss.sum() / n).backward()
@@ -260,7 +260,10 @@ def train_step(models: Mapping[str, nn.Module], batches: Sequence[Any], optimize
         sums[f"grad_norm/{name}"] = sanitize_grads_(params, clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {k: float(v) for k, v in sums.items()}
+    if not sums:
+        return {}
+    dev = next(iter(sums.values())).device
+    return dict(zip(sums, torch.stack([v.detach().double().to(dev) for v in sums.values()]).tolist()))
 
 
 # ------------------------------------------------------------------------------------------ loop
