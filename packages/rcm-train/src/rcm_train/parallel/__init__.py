@@ -12,6 +12,7 @@ Build big models on the ``meta`` device, parallelize, then ``to_empty`` and init
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -92,6 +93,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelCon
     cp = mesh.cp_size if mesh is not None else 1
     if cp > 1 and config.context_parallel:
         apply_context_parallel(model, mesh.cp_group)
+        if not config.fsdp and any(p.requires_grad for p in model.parameters()):
+            warnings.warn("context parallel without FSDP: nothing sums the CP ranks' partial gradients; train "
+                          "with fsdp=True (or freeze this network)", stacklevel=2)
     apply_sac(model, config.sac, every_n_blocks=config.sac_every_n_blocks, blocks_attr=config.blocks_attr)
     if mesh is not None and config.fsdp:
         children = dict(model.named_children())
