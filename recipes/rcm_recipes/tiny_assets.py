@@ -12,6 +12,7 @@ see non-zero velocities. Needs ``sentencepiece`` (the ``tokenizer`` extra).
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,13 @@ class TinyAssets:
     clip: Path
     image: Path
     prompts: Path
+    t5_arch: dict
+    """UMT5Encoder arguments of the tiny encoder (`TINY_T5` plus the tokenizer's vocabulary size)."""
+
+    def component_flags(self) -> list[str]:
+        """Command-line flags pointing generate.py / build_dataset.py at the tiny VAE and text encoder."""
+        return [f"--vae.path={self.vae}", f"--vae.arch={json.dumps(TINY_VAE)}", f"--text_encoder.path={self.t5}",
+                f"--text_encoder.tokenizer={self.tokenizer}", f"--text_encoder.arch={json.dumps(self.t5_arch)}"]
 
 
 def train_tiny_tokenizer(out_dir: Path, *, vocab_size: int = 320, seed: int = 0) -> Path:
@@ -120,4 +128,4 @@ def _write(d: Path, seed: int) -> TinyAssets:
     Image.fromarray(rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)).save(paths["image"])
     paths["prompts"] = d / "prompts.txt"
     paths["prompts"].write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
-    return TinyAssets(dir=d, tokenizer=tok, **paths)
+    return TinyAssets(dir=d, tokenizer=tok, t5_arch={**TINY_T5, "vocab": vocab}, **paths)

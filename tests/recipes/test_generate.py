@@ -1,0 +1,153 @@
+"""recipes/generate.py end to end on tiny networks written in the official file formats (no mocks).
+
+The references are computed here from the same files through the package APIs directly (load_checkpoint,
+Tokenizer + UMT5Encoder, rcm_losses samplers), so they check the recipe's wiring: prompt embeddings, the
+negative prompt, seeds, schedules, sigma_max, the I2V conditioning and the expert switch. Videos are
+checked by their frame count and size (mp4 is lossy).
+"""
+
+import json
+
+import pytest
+import torch
+
+import generate
+from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
+from rcm_nets.checkpoint import load_checkpoint
+from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
+from rcm_recipes.config import ConfigError, field_paths, resolve_config
+from rcm_recipes.loaders import MissingFileError
+from rcm_recipes.tiny_assets import TINY_CLIP, write_tiny_assets
+from rcm_recipes.writers import read_video
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def _args(assets, out, *extra, size="[32,32]"):
+    return [*assets.component_flags(), f"--size={size}", "--num_frames=5", "--device=cpu", f"--output={out}", *extra]
+
+
+def _embed(assets, prompts, text_len):
+    tok = Tokenizer(assets.tokenizer, max_length=text_len)
+    enc = UMT5Encoder(**assets.t5_arch).eval()  # eval: no dropout
+    load_checkpoint(enc, assets.t5)
+    ids, mask = tok(prompts)
+    with torch.no_grad():
+        return enc(ids, mask)
+
+
+def _dit(name, path):
+    net = WanDiT.from_config(name) if name != "tiny-i2v-A14B" else WanDiT.from_config("tiny", in_dim=36)
+    load_checkpoint(net, path)
+    return net.eval()
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for path in field_paths(generate.GenerateConfig):
+        if path not in ("dit", "vae", "text_encoder", "clip"):  # groups: their fields are listed
+            assert f"--{path} " in text or f"--{path}\n" in text, path
+    assert "rcm-i2v-A14B-720p" in text  # presets
+
+
+def test_bad_fields_are_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--num_stpes=3"])
+    assert e.value.code == 2
+    assert "unknown field 'num_stpes'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"did you mean 'dit\.low_noise_path'"):
+        resolve_config(generate.GenerateConfig, ["--dit.low_noise=x"])
+    with pytest.raises(ConfigError, match="rcm num_steps must be 1..4"):
+        resolve_config(generate.GenerateConfig, ["--num_steps=5"])
+    with pytest.raises(ConfigError, match="needs image_path"):
+        resolve_config(generate.GenerateConfig, ["--mode=i2v"])
+    with pytest.raises(ConfigError, match=r"field 'sampler'.*'rcm', 'euler' or 'unipc'"):
+        resolve_config(generate.GenerateConfig, ["--sampler=ddim"])
+
+
+def test_missing_files_name_the_field(assets, tmp_path):
+    with pytest.raises(MissingFileError, match=r"--dit\.path"):
+        generate.main(_args(assets, tmp_path / "x.mp4", f"--dit.path={tmp_path / 'no.pth'}"))
+    with pytest.raises(MissingFileError, match=r"--text_encoder\.tokenizer"):
+        generate.main(_args(assets, tmp_path / "x.mp4", f"--dit.path={assets.t2v}", "--dit.config=tiny",
+                            f"--text_encoder.tokenizer={tmp_path / 'none'}"))
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_t2v_rcm_matches_direct_sampling(assets, tmp_path, capsys):
+    out = tmp_path / "t2v.mp4"
+    res = generate.main(_args(assets, out, "--dit.config=tiny", f"--dit.path={assets.t2v}", "--num_samples=2",
+                              "--num_steps=3", "--seed=7", "--prompt=a cat runs across the green field",
+                              "--save_latents=true"))
+    assert res["videos"] == [out]
+    frames = read_video(out)
+    assert frames.shape == (5, 32, 64, 3)  # 5 frames, 2 samples side by side
+    assert (tmp_path / "t2v.yaml").is_file()
+    printed = capsys.readouterr().out
+    for stage in ("[time] load text encoder", "[time] text encoder", "[time] free text encoder", "[time] DiT steps",
+                  "3 rcm steps = 3 DiT forward calls", "[time] VAE decode", "end to end"):
+        assert stage in printed, stage
+    # reference: same files, package APIs, the documented seeding (CPU generator seeded `seed`)
+    ctx = _embed(assets, ["a cat runs across the green field"], 16).expand(2, -1, -1)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((2, 16, 2, 4, 4), generator=g)
+    want = rcm_sample(TrigFlowAdapter(_dit("tiny", assets.t2v), input_dtype=torch.float32), noise, ctx,
+                      generator=g, num_steps=3, sigma_max=80.0, mid_t=(1.5, 1.4, 1.0))
+    got = torch.load(tmp_path / "t2v.latents.pt")[0]
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)  # same float32 ops in the same order
+
+
+def test_teacher_unipc_cfg_with_prompt_file(assets, tmp_path):
+    res = generate.main(_args(assets, tmp_path / "teacher.mp4", "--dit.config=tiny", f"--dit.path={assets.t2v}",
+                              "--sampler=unipc", "--num_steps=3", f"--prompt_file={assets.prompts}",
+                              "--negative_prompt=blurry static", "--guidance=4", "--save_latents=true"))
+    assert [p.name for p in res["videos"]] == ["teacher_000.mp4", "teacher_001.mp4", "teacher_002.mp4"]
+    prompts = [ln for ln in assets.prompts.read_text().splitlines() if ln.strip()]
+    emb = _embed(assets, [*prompts, "blurry static"], 16)
+    net = _dit("tiny", assets.t2v)
+    got = torch.load(tmp_path / "teacher.latents.pt")
+    for i in (0, 2):  # prompt i uses seed + i
+        noise = torch.randn((1, 16, 2, 4, 4), generator=torch.Generator().manual_seed(i))
+        want = flow_unipc_sample(net, noise, emb[i : i + 1], emb[3:4], guidance=4.0, num_steps=3, shift=5.0,
+                                 sigma_max=5000.0, input_dtype=torch.float32)
+        torch.testing.assert_close(got[i], want.float(), rtol=0, atol=1e-6)
+
+
+def test_i2v_two_experts_switch_at_the_boundary(assets, tmp_path):
+    base = _args(assets, tmp_path / "i2v.mp4", "--mode=i2v", "--dit.config=tiny-i2v-A14B",
+                 f"--dit.path={assets.i2v_high}", f"--dit.low_noise_path={assets.i2v_low}",
+                 f"--image_path={assets.image}")
+    # sigma_max 200 (I2V default) then mid_t 1.5, 1.4, 1.0: RF times 0.995, 0.934, 0.853, 0.609
+    res = generate.main(base)
+    assert res["expert_calls"] == {"high": 2, "low": 2}
+    assert read_video(res["videos"][0]).shape == (5, 32, 32, 3)
+    res = generate.main([*base, "--boundary=0.8", "--ode=true", "--offload_experts=false"])
+    assert res["expert_calls"] == {"high": 3, "low": 1}
+
+
+def test_i2v_wan21_clip_adaptive_resolution(assets, tmp_path):
+    # portrait preset (32 wide, 48 high) + a landscape 56x40 image -> same area, the image's aspect: 48x32
+    res = generate.main(_args(assets, tmp_path / "i2v21.mp4", "--mode=i2v", "--dit.config=tiny-i2v",
+                              f"--dit.path={assets.i2v}", f"--clip.path={assets.clip}",
+                              f"--clip.arch={json.dumps(TINY_CLIP)}", f"--image_path={assets.image}",
+                              "--adaptive_resolution=true", size="[32,48]"))
+    assert read_video(res["videos"][0]).shape == (5, 32, 48, 3)
+    assert "CLIP image encoder" in res["timing"]
+    with pytest.raises(MissingFileError, match=r"--clip\.path"):
+        generate.main(_args(assets, tmp_path / "x.mp4", "--mode=i2v", "--dit.config=tiny-i2v",
+                            f"--dit.path={assets.i2v}", f"--clip.path={tmp_path / 'none.pth'}",
+                            f"--image_path={assets.image}"))
