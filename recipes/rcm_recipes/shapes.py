@@ -13,7 +13,7 @@ Shape legend: N videos, C=3 channels, T frames, H x W pixels, L text tokens, D t
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "balanced_prompts",
     "random_prompts",
     "render_videos",
+    "shape_batches",
 ]
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -180,3 +181,12 @@ class TinyTextEncoder:
                     raise ValueError(f"word '{w}' of prompt '{text}' is not in the demo grammar")
                 out[i, j] = self.table[self.vocab[w]]
         return out
+
+
+def shape_batches(
+    cfg: ShapesConfig, encoder: TinyTextEncoder, batch_size: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches ``{"latent": [B, 3, T, H, W], "embed": [B, L, D]}`` of random prompts."""
+    while True:
+        prompts = random_prompts(batch_size, generator)
+        yield {"latent": render_videos(prompts, cfg, generator), "embed": encoder([p.text for p in prompts])}

@@ -8,17 +8,17 @@ checked by their frame count and size (mp4 is lossy).
 
 import json
 
+import generate
 import pytest
 import torch
-
-import generate
-from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
-from rcm_nets.checkpoint import load_checkpoint
-from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
 from rcm_recipes.config import ConfigError, field_paths, resolve_config
 from rcm_recipes.loaders import MissingFileError
 from rcm_recipes.tiny_assets import TINY_CLIP, write_tiny_assets
 from rcm_recipes.writers import read_video
+
+from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
+from rcm_nets.checkpoint import load_checkpoint
+from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
 
 
 @pytest.fixture(scope="module", autouse=True)
