@@ -57,6 +57,8 @@ class StreamConfig(RecipeConfig):
     model: ModelConfig = ModelConfig()
     vae_checkpoint: str | None = None
     """Wan2.1_VAE.pth: decode each block with the causal feature cache; None = the model works in pixels."""
+    vae_dim: int = 96
+    """Base width of the VAE (96 = the released Wan2.1 VAE; smaller only for tests)."""
     text_encoder: Literal["tiny", "umt5", "file"] = "tiny"
     """'tiny' (the CPU demo's word-vector encoder), 'umt5' (t5_checkpoint + tokenizer) or 'file'."""
     t5_checkpoint: str | None = None
@@ -169,12 +171,12 @@ def _text_context(cfg: StreamConfig, net: WanDiT, device: torch.device) -> torch
     return ctx.to(device)
 
 
-def _load_vae(path: str | None, device: torch.device):
+def _load_vae(path: str | None, dim: int, device: torch.device):
     if path is None:
         return None
     from rcm_nets.wan import WanVAE
 
-    vae = WanVAE()
+    vae = WanVAE(dim=dim)
     load_checkpoint(vae, path, device=device)
     return vae.to(device).eval().requires_grad_(False)
 
@@ -225,7 +227,7 @@ def run(cfg: StreamConfig) -> dict:
     out = Path(cfg.out_dir)
     write_config(cfg, out / "config.yaml")
     net = _load_net(cfg.model, device)
-    vae = _load_vae(cfg.vae_checkpoint, device)
+    vae = _load_vae(cfg.vae_checkpoint, cfg.vae_dim, device)
     if vae is None and net.config.out_dim != 3:
         raise ValueError(f"model {cfg.model.name} makes {net.config.out_dim}-channel latents: give --vae_checkpoint "
                          "(or use a pixel-space model such as tiny-pixel)")

@@ -127,6 +127,22 @@ def test_stream_recipe_i2v_first_frame_is_the_image(tmp_path):
     assert np.abs(frames[0].astype(float) - img).mean() < 8
 
 
+def test_stream_recipe_with_vae(tmp_path):
+    """Latent model + Wan VAE (a dim-4 VAE checkpoint): blocks [1, 2] latent frames decode to 1 + 8 = 9
+    frames of 16x16 (latent 2x2), appended as they come."""
+    from safetensors.torch import save_file
+
+    from rcm_recipes.writers import read_video
+
+    torch.manual_seed(0)
+    save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
+    summary, out = _run_recipe(tmp_path, "--model.name=tiny", f"--vae_checkpoint={tmp_path / 'vae.safetensors'}",
+                               "--vae_dim=4", "--first_block_frames=1", "--max_frames=9")
+    assert read_video(out / "video.mp4").shape == (9, 16, 16, 3) and summary["blocks"] == 2
+    rows = json.loads((out / "timings.json").read_text())["blocks"]
+    assert [r["frames"] for r in rows] == [1, 8] and all(r["decode_s"] > 0 for r in rows)
+
+
 def test_stream_recipe_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run_recipe(tmp_path, "--image=x.png")  # I2V needs a first block of one frame
