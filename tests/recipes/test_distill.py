@@ -1,0 +1,192 @@
+"""recipes/distill.py on one CPU process (a world of one: the FSDP2 + DCP code path of N GPUs) with the tiny
+network: teachers written as net.-prefixed .safetensors and DCP, shards written with rcm_train's writer.
+
+What is checked: the presets mirror RCM_SPEC §6.5; each method runs the closures it should (read back from
+metrics.jsonl); samples are written as mp4 with the documented grid; the exported student loads strictly;
+a run stopped and resumed ends bit-identical to an uninterrupted one (models, EMA, optimizer state, RNG and
+data position all restored); finished stages are skipped on a rerun.
+"""
+
+import json
+import warnings
+
+import distill
+import pytest
+import torch
+from rcm_recipes.config import ConfigError, field_paths, resolve_config
+from rcm_recipes.loaders import MissingFileError
+from rcm_recipes.tiny_assets import TINY_VAE, write_tiny_assets
+from rcm_recipes.writers import read_video
+from safetensors.torch import save_file
+
+from rcm_nets.checkpoint import load_checkpoint
+from rcm_nets.wan import WanDiT
+from rcm_train.checkpoint import load_part
+from rcm_train.data import ShardWriter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill_inputs")
+    assets = write_tiny_assets(d / "assets")
+    teacher = torch.load(assets.t2v, weights_only=True)
+    save_file({f"net.{k}": v for k, v in teacher.items()}, d / "teacher.safetensors")
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({f"net.{k}": v for k, v in teacher.items()}, checkpoint_id=str(d / "teacher.dcp"), no_dist=True)
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(d / "data", 6, 2) as writer:  # latents [16, 2, 4, 4], embeddings [16 rows, 32]
+        for i in writer.pending():
+            writer.write(i, torch.randn(16, 2, 4, 4, generator=g).bfloat16(),
+                         torch.randn(16, 32, generator=g).bfloat16(), f"prompt {i}")
+    torch.save(torch.randn(16, 32, generator=g).bfloat16(), d / "negative.pt")
+    return {"dir": d, "assets": assets, "teacher": teacher}
+
+
+def _args(files, out, *extra, teacher="teacher.safetensors", shards="data/shard_*.tar"):
+    d = files["dir"]
+    return ["--preset=tiny-rcm", f"--model.teacher_path={d / teacher}", f"--data.shards={d / shards}",
+            f"--negative_embed_path={d / 'negative.pt'}", f"--sample.vae.path={files['assets'].vae}",
+            f"--sample.vae.arch={json.dumps(TINY_VAE)}", f"--output_dir={out}", "--train.log_every=1", *extra]
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _part(ckpt, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_part(ckpt, name)
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    groups = {"model", "data", "stage1", "stage2", "stage3", "optimizer", "fake_score_optimizer", "train", "parallel",
+              "sample", "sample.vae", "parallel.student", "parallel.fake_score", "parallel.teacher"}
+    groups |= {f"stage{i}.{g}" for i in (1, 2, 3) for g in ("objective", "schedule")}
+    for path in field_paths(distill.DistillConfig):
+        if path not in groups:
+            assert f"--{path} " in text or f"--{path}\n" in text, path
+    assert "tiny-staged" in text and "14B-rcm" in text
+
+
+def test_bad_fields_and_invalid_combinations(capsys):
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--stage1.objective.cm_typ=dcm"])
+    assert e.value.code == 2
+    assert "did you mean 'stage1.objective.cm_type'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="did you mean 'tiny-rcm'"):
+        resolve_config(distill.DistillConfig, ["--preset=tiny-rmc"], presets=distill.PRESETS)
+    with pytest.raises(ConfigError, match=r"pure DMD.*schedule\.tangent_warmup=0"):
+        resolve_config(distill.DistillConfig, ["--preset=tiny-dmd", "--stage1.schedule.tangent_warmup=3"],
+                       presets=distill.PRESETS)
+    with pytest.raises(ConfigError, match="no stage to run"):
+        resolve_config(distill.DistillConfig, ["--stage1.iterations=0"])
+    with pytest.raises(ConfigError, match="trains nothing"):
+        resolve_config(distill.DistillConfig, ["--preset=tiny-scm", "--stage1.objective.loss_scale=0"],
+                       presets=distill.PRESETS)
+
+
+def test_presets_mirror_the_reference_experiments():
+    p = distill.PRESETS
+    small, big = p["1.3B-rcm"], p["14B-rcm"]
+    s, b = small.stage1, big.stage1
+    assert (s.objective.p_g_mean, s.objective.p_g_std, s.objective.p_d_shift) == (0.7, 1.6, 5.0)
+    assert (b.objective.p_g_mean, b.objective.p_d_shift) == (1.5, 5.0)
+    assert (s.schedule.tangent_warmup, s.schedule.student_update_freq) == (1000, 5)
+    assert (b.schedule.tangent_warmup, b.schedule.student_update_freq) == (0, 10)
+    assert (small.optimizer.lr, small.fake_score_optimizer.lr, big.optimizer.lr, big.fake_score_optimizer.lr) == \
+        (2e-6, 4e-7, 1e-6, 1e-7)
+    assert small.optimizer.betas == (0.0, 0.999) and small.optimizer.weight_decay == 0.01
+    assert (small.parallel.fsdp_shard_size, small.parallel.cp, big.parallel.fsdp_shard_size, big.parallel.cp) == \
+        (4, 1, 32, 8)
+    assert (small.parallel.student.sac, big.parallel.student.sac) == ("block_wise", "mm_only")
+    assert (small.data.num_frames, big.data.num_frames) == (20, 21)
+    assert (small.sample.sigma_max, big.sample.sigma_max) == (80.0, 200.0)
+    assert (small.train.checkpoint_every, big.train.checkpoint_every) == (500, 250)
+    assert s.iterations == b.iterations == 100_000 and s.objective.guidance == 5.0
+    assert (s.objective.loss_scale, s.objective.loss_scale_dmd, s.fake_score) == (100.0, 1.0, True)
+    assert p["1.3B-scm"].stage1.fake_score is False
+    assert p["1.3B-dcm"].stage1.objective.cm_type == "dcm" and not p["1.3B-dcm"].stage1.fake_score
+    dmd = p["1.3B-dmd"].stage1
+    assert dmd.objective.loss_scale == 0 and dmd.objective.dmd_fix_timesteps and dmd.schedule.tangent_warmup == 0
+    st = p["1.3B-staged"]
+    assert [x.name for x in st.stages()] == ["dcm", "scm", "rcm"]
+    assert sum(x.iterations for x in st.stages()) == 100_000
+    debug = p["1.3B-rcm-debug"]
+    assert (debug.stage1.iterations, debug.train.checkpoint_every, debug.sample.every,
+            debug.stage1.schedule.tangent_warmup) == (25, 10, 6, 8)
+
+
+def test_rcm_end_to_end_and_exact_resume(files, tmp_path):
+    sched = ["--stage1.schedule.tangent_warmup=1", "--stage1.schedule.student_update_freq=2",
+             "--train.checkpoint_every=2", "--sample.every=2"]
+    a = tmp_path / "a"
+    res = distill.main(_args(files, a, "--stage1.iterations=4", *sched))
+    assert (a / "config.yaml").is_file()
+    for it in (0, 2, 4):  # every 2 iterations and at the end; rows: (student, EMA) x (1, 2, 4 steps)
+        assert read_video(a / "logs" / "rcm" / "media" / f"samples_{it:09d}.mp4").shape == (5, 6 * 32, 2 * 32, 3)
+    keys = set().union(*[m.keys() for m in _metrics(a / "logs" / "rcm" / "metrics.jsonl")])
+    assert {"scm/loss", "dmd/loss", "critic/loss", "grad_norm/student", "grad_norm/fake_score"} <= keys
+    student = WanDiT.from_config("tiny")
+    load_checkpoint(student, res["student_ema"])  # strict, official keys
+    load_checkpoint(student, res["student"])
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, files["teacher"][k].bfloat16().float())]
+    assert moved  # it trained
+
+    b = tmp_path / "b"
+    distill.main(_args(files, b, "--stage1.iterations=2", *sched))  # stop at 2 ...
+    res_b = distill.main(_args(files, b, "--stage1.iterations=4", *sched))  # ... and resume to 4
+    assert res_b["stages"]["rcm"]["iteration"] == 4
+    ka, kb = res["stages"]["rcm"]["checkpoint"], res_b["stages"]["rcm"]["checkpoint"]
+    for part in ("student", "student_ema", "fake_score", "student_optim"):
+        pa, pb = _part(ka, part), _part(kb, part)
+        assert pa.keys() == pb.keys()
+        bad = [k for k in pa if isinstance(pa[k], torch.Tensor) and not torch.equal(pa[k], pb[k])]
+        assert not bad, (part, bad[:3])
+
+
+def test_staged_from_dcp_teacher_and_rerun_skips(files, tmp_path, capsys):
+    out = tmp_path / "staged"
+    args = _args(files, out, "--preset=tiny-staged", "--stage1.iterations=2", "--stage2.iterations=2",
+                 "--stage3.iterations=3", "--stage3.schedule.student_update_freq=2", "--sample.every=0",
+                 teacher="teacher.dcp")
+    res = distill.main(args)
+    assert list(res["stages"]) == ["dcm", "scm", "rcm"]
+    closures = {}
+    for name in res["stages"]:
+        keys = set().union(*[m.keys() for m in _metrics(out / "logs" / name / "metrics.jsonl")])
+        closures[name] = sorted(k.split("/")[0] for k in keys if k.endswith("/loss"))
+        assert (out / name / "student_ema.safetensors").is_file()
+    assert closures == {"dcm": ["dcm"], "scm": ["scm"], "rcm": ["critic", "dmd", "scm"]}
+    # each stage starts from the previous stage's student: stage 2 moved away from stage 1's final weights,
+    # which differ from the teacher
+    s1, s2 = (_part(res["stages"][n]["checkpoint"], "student") for n in ("dcm", "scm"))
+    assert any(not torch.equal(s1[k], files["teacher"][k]) for k in s1)
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+    capsys.readouterr()
+    again = distill.main(args)
+    text = capsys.readouterr().out
+    assert all(f"stage {n}: complete" in text for n in ("dcm", "scm", "rcm"))
+    assert again["student"] == res["student"]
+
+
+def test_missing_inputs_are_named(files, tmp_path):
+    with pytest.raises(MissingFileError, match=r"--model\.teacher_path"):
+        distill.main(_args(files, tmp_path / "x", teacher="nope.pth"))
+    with pytest.raises(FileNotFoundError, match=r"data\.shards"):
+        distill.main(_args(files, tmp_path / "y", shards="none_*.tar"))
