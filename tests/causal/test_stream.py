@@ -130,9 +130,8 @@ def test_stream_recipe_i2v_first_frame_is_the_image(tmp_path):
 def test_stream_recipe_with_vae(tmp_path):
     """Latent model + Wan VAE (a dim-4 VAE checkpoint): blocks [1, 2] latent frames decode to 1 + 8 = 9
     frames of 16x16 (latent 2x2), appended as they come."""
-    from safetensors.torch import save_file
-
     from rcm_recipes.writers import read_video
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
