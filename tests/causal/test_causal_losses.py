@@ -22,6 +22,7 @@ from rcm_losses.causal import (
     flow_matching_objective,
     network_input,
     ode_regression_objective,
+    replay_backward,
     replayed_video,
     sample_block_dcm_times,
     sample_block_times,
@@ -42,6 +43,15 @@ EXACT = dict(input_dtype=None, timestep_dtype=None)  # no bf16 casts: float64 id
 TOL = dict(atol=1e-10, rtol=1e-10)
 # RF schedule [1, 15/16, 5/6, 5/8] (Causal-rCM / Self-Forcing) in TrigFlow time
 SCHEDULE = [float(rf_to_trig(torch.tensor(s, dtype=F64))) for s in (1.0, 15 / 16, 5 / 6, 5 / 8)]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 class ToyCausalNet(nn.Module):
@@ -463,7 +473,10 @@ def test_rollout_equals_one_teacher_forcing_pass_on_its_own_blocks():
 
 
 @pytest.mark.parametrize("given", [False, True])
-def test_replay_gives_the_same_gradients_as_the_plain_rollout(given):
+@pytest.mark.parametrize("mode", ["video", "eager"])
+def test_replay_gives_the_same_gradients_as_the_plain_rollout(given, mode):
+    """Replayed backprop, both forms: ``replayed_video`` (replay inside the outer backward) and
+    ``replay_backward`` (explicit per-block backward with dL/dG), with I2V given block and noisy context."""
     blocks = FrameBlocks(5, 2, 1)
     net, fake, teacher = ToyCausalNet(seed=0), ToyCausalNet(seed=1), ToyCausalNet(seed=2)
     cond, uncond = conds()
@@ -480,10 +493,16 @@ def test_replay_gives_the_same_gradients_as_the_plain_rollout(given):
     g_plain = _param_grads(net)
     net.zero_grad()
     out2, cache, den, com = _rollout(net, blocks, cond, with_grad=False, **kw)
-    video = replayed_video(out2, den, com, blocks, reset=cache.reset, check_atol=1e-6)
-    loss_replay = loss_of(video)
-    loss_replay.backward()
-    assert torch.equal(loss_plain, loss_replay)
+    if mode == "video":
+        video = replayed_video(out2, den, com, blocks, reset=cache.reset, check_atol=1e-6)
+        loss_replay = loss_of(video)
+        loss_replay.backward()
+    else:
+        video = out2.x0.detach().requires_grad_()
+        loss_replay = loss_of(video)
+        (grad_video,) = torch.autograd.grad(loss_replay, video)
+        replay_backward(out2, den, com, blocks, grad_video, reset=cache.reset, check_atol=1e-6)
+    assert torch.equal(loss_plain, loss_replay.detach())
     assert torch.allclose(g_plain, _param_grads(net), rtol=1e-6, atol=1e-9)  # float32 block outputs
     if given:
         assert torch.equal(out.x0[:, :, :1], kw["given"].float()) and out.exit_steps[0] == -1

@@ -69,6 +69,7 @@ __all__ = [
     "cycled_exit_steps",
     "self_forcing_rollout",
     "replayed_video",
+    "replay_backward",
     "network_input",
 ]
 
@@ -356,6 +357,8 @@ def flow_matching_objective(velocity: VelocityFn, x0: Tensor, eps: Tensor, t: Te
     ``velocity(x_s, round(1000 s), cond)``; target ``eps - x0``. Per sample
     ``loss_scale * sum_frames w(s_f) mean_{C,H,W} (v - (eps - x0))^2`` with ``w = 1`` (``none``, diffusion
     forcing) or the Gaussian bell ``w(s) = exp(-2 (s - 1/2)^2) - exp(-1/2)`` (``bell``, teacher forcing).
+    Frames at ``t = 0`` (clean context inside the sequence, e.g. a given I2V frame) carry no loss: their
+    velocity target is not identifiable from ``x_s = x0``.
     ``velocity`` is the network with a block-causal mask (``df``) or a :class:`TeacherForcingVelocity` with
     a clean context (``tf``).
     """
@@ -372,7 +375,7 @@ def flow_matching_objective(velocity: VelocityFn, x0: Tensor, eps: Tensor, t: Te
         w = torch.ones_like(s)
     else:
         raise ValueError(f"flow-matching weighting must be 'none' or 'bell', got {weighting!r}")
-    loss = loss_scale * (w * per_frame).sum(1)
+    loss = loss_scale * (torch.where(s > 0, w, 0.0) * per_frame).sum(1)
     return loss, {"t": t.detach(), "loss": loss.detach()}
 
 
@@ -496,7 +499,8 @@ def self_forcing_rollout(
     """Block-by-block student rollout with the cache, exactly as at inference (CAUSAL_SPEC §4.3, §5).
 
     ``shape`` = ``[B, C, T, H, W]``. Noise is drawn from ``generator`` for the whole video, in this order:
-    the start sample, then one re-noise tensor per step transition (``max_len - 1``), then (if
+    the start noise ``eps_0`` (block i starts from ``sin t_0 eps_0``: pure noise at ``t_0 = pi/2``, the
+    TrigFlow form of the sampler's ``s_0 eps`` below it), then one re-noise tensor per step transition (``max_len - 1``), then (if
     ``context_time > 0``) the context noise; block i uses its frame slice of each, so the draws do not depend
     on the exit steps. ``schedule``: TrigFlow times ``t_0 > t_1 > ...`` (``pi/2`` = pure noise), one list for
     all blocks or one per block (last repeated). For block i:
@@ -531,11 +535,15 @@ def self_forcing_rollout(
     outs, exits, grids, inputs, ctxs, ctx_ts = [], [], [], [], [], []
     for i, sl in enumerate(blocks.slices):
         if i < n_given:
-            x0_i, ctx, tc, e, grid, x_exit = given[:, :, sl].to(out_dtype), given[:, :, sl].detach(), zero, -1, None, None
+            x0_i, ctx, tc = given[:, :, sl].to(out_dtype), given[:, :, sl].detach(), zero
+            e, grid, x_exit = -1, None, None
         else:
             e = int(exit_steps[i])
-            grid = torch.tensor([*scheds[i][: e + 1], 0.0], dtype=_F64, device=x_start.device)[:, None].expand(-1, b)
-            chain = denoise_chain(lambda x, t, _c, i=i: denoise_block(x, t, i), x_start[:, :, sl], grid, None, noises=[z[:, :, sl] for z in step_noise[:e]], with_grad=with_grad,
+            grid = torch.tensor([*scheds[i][: e + 1], 0.0], dtype=_F64, device=x_start.device)
+            grid = grid[:, None].expand(-1, b)
+            x_init = math.sin(scheds[i][0]) * x_start[:, :, sl]  # TrigFlow sample of pure noise at t_0
+            chain = denoise_chain(lambda x, t, _c, i=i: denoise_block(x, t, i), x_init, grid, None,
+                                  noises=[z[:, :, sl] for z in step_noise[:e]], with_grad=with_grad,
                                   out_dtype=out_dtype)
             x0_i, x_exit = chain.x0, chain.inputs[-1]
             ctx = x0_i.detach() if ctx_noise is None else add_noise(x0_i.detach(), ctx_noise[:, :, sl], t_c)
@@ -561,6 +569,36 @@ def _given_blocks(given: Tensor | None, blocks: FrameBlocks, shape: Sequence[int
     return ends.index(g) + 1
 
 
+def replay_backward(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, commit_block: BlockCommit,
+                    blocks: FrameBlocks, grad_video: Tensor, *, reset: Callable[[], None],
+                    check_atol: float | None = None) -> None:
+    """Replayed backprop of a no-grad rollout (CAUSAL_SPEC §4.4): accumulate into the parameters the gradient
+    of a loss whose derivative w.r.t. the video is ``grad_video`` ``[B, C, T, H, W]``, one block at a time.
+
+    ``reset()`` the cache once, then for block i: recompute the exit step ``denoise_block(exit_input_i,
+    t_{e_i}, i)`` with grad against the cache holding exactly blocks < i, backpropagate the block's slice of
+    ``grad_video`` (one ``torch.autograd.backward`` per block: peak activations of one block), and re-commit
+    the block's saved context under ``no_grad``. The parameter gradients equal those of the plain rollout
+    (whose cache carries no grad either). ``check_atol``: also assert that each recomputed block matches the
+    rollout (catches a cache that does not restart at ``reset()``). Each block's backward is a separate
+    top-level backward, so this composes with FSDP2 (gradients are reduced per backward).
+    """
+    reset()
+    for i, sl in enumerate(blocks.slices):
+        if rollout.exit_steps[i] >= 0:
+            e = rollout.exit_steps[i]
+            with torch.enable_grad():
+                x0_i = denoise_block(rollout.exit_inputs[i], rollout.times[i][e], i).x0.to(rollout.x0.dtype)
+            if check_atol is not None and not torch.allclose(x0_i.detach(), rollout.x0[:, :, sl], atol=check_atol,
+                                                             rtol=0):
+                raise RuntimeError(f"replayed block {i} differs from the rollout: the cache did not restart at "
+                                   "reset() or denoise_block is not deterministic")
+            if x0_i.requires_grad:
+                torch.autograd.backward(x0_i, grad_video[:, :, sl].to(x0_i.dtype))
+        with torch.no_grad():
+            commit_block(rollout.contexts[i], rollout.context_times[i], i)
+
+
 class _Replay(torch.autograd.Function):
     """Identity on the video whose backward runs ``replay(grad)`` (re-entrant, like reentrant checkpointing)."""
 
@@ -577,32 +615,14 @@ class _Replay(torch.autograd.Function):
 
 def replayed_video(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, commit_block: BlockCommit,
                    blocks: FrameBlocks, *, reset: Callable[[], None], check_atol: float | None = None) -> Tensor:
-    """The rollout's video with replayed backprop (CAUSAL_SPEC §4.4): memory of one block's activations.
+    """The rollout's video with replayed backprop: use it in place of ``rollout.x0`` (rollout run with
+    ``with_grad=False``); its backward runs :func:`replay_backward` with ``dL/dG``.
 
-    Run :func:`self_forcing_rollout` with ``with_grad=False``, then use the returned tensor in place of
-    ``rollout.x0``. Its backward gets ``dL/dG`` for the whole video and, block by block: ``reset()`` the cache
-    once, then for block i recompute the exit step ``denoise_block(exit_input_i, t_{e_i}, i)`` with grad
-    against the cache holding exactly blocks < i, backpropagate ``dL/dG`` of the block into the parameters,
-    and re-commit the block's saved context under ``no_grad``. The parameter gradients equal those of the
-    plain rollout (the cache carries no grad there either). ``check_atol``: also assert that each recomputed
-    block matches the rollout (catches a cache that does not restart from ``reset()``).
+    The replay runs *inside* the outer backward (re-entrant autograd). That is fine for plain modules; with
+    FSDP2-sharded networks call :func:`replay_backward` directly instead (its per-block backward passes are
+    top-level ones, which FSDP2's backward hooks expect).
     """
-
-    def replay(grad_video: Tensor) -> None:
-        reset()
-        for i, sl in enumerate(blocks.slices):
-            if rollout.exit_steps[i] >= 0:
-                e = rollout.exit_steps[i]
-                with torch.enable_grad():
-                    x0_i = denoise_block(rollout.exit_inputs[i], rollout.times[i][e], i).x0.to(rollout.x0.dtype)
-                    if check_atol is not None and not torch.allclose(x0_i.detach(), rollout.x0[:, :, sl],
-                                                                     atol=check_atol, rtol=0):
-                        raise RuntimeError(f"replayed block {i} differs from the rollout: the cache did not "
-                                           "restart at reset() or denoise_block is not deterministic")
-                    if x0_i.requires_grad:
-                        torch.autograd.backward(x0_i, grad_video[:, :, sl].to(x0_i.dtype))
-            with torch.no_grad():
-                commit_block(rollout.contexts[i], rollout.context_times[i], i)
-
     anchor = torch.zeros((), requires_grad=True)
+    replay = lambda grad: replay_backward(rollout, denoise_block, commit_block, blocks, grad, reset=reset,
+                                          check_atol=check_atol)
     return _Replay.apply(anchor, rollout.x0, replay)

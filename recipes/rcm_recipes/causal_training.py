@@ -1,0 +1,403 @@
+"""Causal-rCM training objectives for ``rcm_train``: a causal WanDiT bound to ``rcm_losses.causal``.
+
+One :class:`CausalRCMObjective` covers every stage of the Causal-rCM schedule (CAUSAL_SPEC §4); the stage's
+:class:`CausalObjectiveConfig` switches the closures on:
+
+========  =========================================================================================
+flow      causal teacher by teacher forcing (``tf``: packed ``[x0 ; x_t]``, one time per sample, bell
+          weight) or diffusion forcing (``df``: block-causal mask, independent time per block)
+cm        student by teacher-forcing dCM / sCM / both (``dscm``) against the frozen causal teacher (CFG)
+ode       student by regression onto ODE trajectories of the bidirectional teacher (CFG), block-causal
+dmd       student by self-forcing DMD against the bidirectional teacher (CFG) + a fake score (critic
+          iterations); combinable with ``cm`` as sCM + DMD are combined in rCM
+========  =========================================================================================
+
+Networks (``models``): ``student`` (trained: the causal teacher in a ``flow`` stage), ``causal_teacher``
+(frozen, ``cm``), ``teacher`` (frozen bidirectional Wan: ``ode``, ``dmd``), ``fake_score`` (bidirectional,
+trained in critic iterations). The network bindings are small: :func:`tf_velocity` (packed teacher-forcing
+pass, ``WanDiT.forward`` with the teacher-forcing mask and repeated RoPE positions), :func:`df_velocity`
+(block-causal mask) and :class:`CachedBlocks` (``WanDiT.forward_block`` over a ``KVCache``: the
+self-forcing rollout exactly as inference runs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import model_validator
+from torch import Tensor, nn
+
+from rcm_kernels import blockmask
+from rcm_kernels.kv_cache import KVCache
+from rcm_losses import TrigFlowAdapter, dmd_objective, fake_score_objective, flow_euler_sample
+from rcm_losses.causal import (
+    FrameBlocks,
+    cycled_exit_steps,
+    flow_matching_objective,
+    network_input,
+    ode_regression_objective,
+    replay_backward,
+    sample_block_dcm_times,
+    sample_block_times,
+    sample_exit_steps,
+    self_forcing_rollout,
+    teacher_forcing_velocity,
+    tf_dcm_objective,
+    tf_scm_objective,
+)
+from rcm_losses.consistency import tangent_warmup_ratio
+from rcm_losses.parameterization import rf_to_trig
+from rcm_losses.sampling import flow_sigmas
+from rcm_losses.timesteps import LogNormal, UniformShift
+from rcm_nets.wan.causal import BlockLayout, make_kv_cache
+from rcm_nets.wan.dit import teacher_forcing_positions
+from rcm_train.trainer import Closure, StepContext
+
+from .config import RecipeConfig
+
+__all__ = ["CausalObjectiveConfig", "CausalRCMObjective", "CachedBlocks", "tf_velocity", "df_velocity",
+           "block_layout", "shared_generator"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+SF_SCHEDULE = [1.0, 15 / 16, 5 / 6, 5 / 8]
+"""RF times of the self-forcing rollout (Causal-rCM / Self-Forcing's warped [1000, 750, 500, 250])."""
+
+
+class CausalObjectiveConfig(RecipeConfig):
+    """What a causal stage trains and how (defaults: CAUSAL_SPEC §4 values)."""
+
+    flow: Literal["none", "tf", "df"] = "none"
+    """Causal-teacher training by flow matching: teacher forcing (tf) or diffusion forcing (df)."""
+    cm: Literal["none", "dcm", "scm", "dscm"] = "none"
+    """Teacher-forcing consistency distillation against models['causal_teacher'] (dscm: dCM then sCM)."""
+    ode: bool = False
+    """ODE-pair initialization: regress onto trajectories of the bidirectional teacher."""
+    dmd: bool = False
+    """Self-forcing DMD against the bidirectional teacher with a fake score (critic iterations)."""
+    loss_scale: float = 100.0
+    """Weight of the flow-matching and sCM/dCM losses (sums over elements, as rcm)."""
+    loss_scale_dmd: float = 1.0
+    """Weight of the DMD loss."""
+    loss_scale_ode: float = 1.0
+    """Weight of the ODE regression loss."""
+    cm_guidance: float = 3.0
+    """CFG of the causal teacher in sCM/dCM (Causal-rCM: 3)."""
+    dmd_guidance: float = 5.0
+    """CFG of the bidirectional teacher's real score in DMD (Causal-rCM: 5)."""
+    block_times: Literal["random", "same"] = "random"
+    """Per-block times of df / sCM / dCM: independent per block, or one per sample."""
+    p_g_mean: float = -0.8
+    """tf_scm times LogNormal(mean, std) in log-sigma (Causal-rCM: -0.8, 1.6)."""
+    p_g_std: float = 1.6
+    """tf_scm log-sigma std."""
+    p_d_shift: float = 5.0
+    """DMD / critic / flow-matching times UniformShift(shift)."""
+    dcm_total_steps: int = 48
+    """dCM grid size N."""
+    dcm_skip_steps: int = 1
+    """dCM teacher steps per target."""
+    dcm_shift: float = 3.0
+    """dCM RF time shift (Causal-rCM tf_dcm: 3)."""
+    context_noise: float = 0.0
+    """RF time of the student's context (0 = clean; > 0 = Causal-rCM's noisy context, same in TF and SF)."""
+    sf_schedule: list[float] | list[list[float]] = SF_SCHEDULE
+    """RF times of each block's few-step chain (one list, or one per block with the last repeated)."""
+    sf_exit: Literal["random", "cycle"] = "random"
+    """Exit step of each block: uniform random (Self-Forcing) or cycling with the iteration (rcm)."""
+    sf_same_exit: bool = True
+    """One exit step for all blocks (capped by each block's schedule); False draws one per block."""
+    replay: bool = False
+    """Replayed backprop of the rollout: recompute one block at a time (memory of one block)."""
+    kv_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Storage of the self-forcing KV cache (the networks' compute dtype)."""
+    ode_steps: int = 48
+    """Euler steps of the teacher ODE trajectories (Self-Forcing: 48)."""
+    ode_shift: float = 8.0
+    """RF time shift of the ODE trajectories (Self-Forcing: 8)."""
+    ode_guidance: float = 6.0
+    """CFG of the ODE trajectories (Self-Forcing: 6)."""
+    ode_keep: list[int] | None = None
+    """Trajectory steps kept as regression inputs (None: 0, n/4, n/2, 3n/4 as Self-Forcing's 0/12/24/36)."""
+    input_dtype: Literal["bfloat16", "float32", "float64"] | None = "bfloat16"
+    """Dtype of the network input (None: float64 as computed)."""
+    timestep_dtype: Literal["bfloat16", "float32"] | None = "bfloat16"
+    """Round Wan's timestep through this dtype (rcm: bf16); None keeps it exact."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CausalObjectiveConfig:
+        student = self.cm != "none" or self.dmd or self.ode
+        if self.flow != "none" and student:
+            raise ValueError("objective.flow trains a causal teacher: it cannot be combined with cm / ode / dmd")
+        if self.flow == "none" and not student:
+            raise ValueError("the objective trains nothing: set flow, cm, ode or dmd")
+        if self.ode and (self.cm != "none" or self.dmd):
+            raise ValueError("objective.ode is an initialization stage: run cm / dmd in a later stage")
+        if not 0 <= self.context_noise < 1:
+            raise ValueError(f"objective.context_noise must be an RF time in [0, 1), got {self.context_noise}")
+        for s in _schedule_lists(self.sf_schedule):
+            if not s or any(not 0 < v <= 1 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
+                raise ValueError(f"objective.sf_schedule {s} must be strictly decreasing RF times in (0, 1]")
+        return self
+
+    @property
+    def trains_teacher(self) -> bool:
+        return self.flow != "none"
+
+
+def _schedule_lists(schedule) -> list[list[float]]:
+    return [list(s) for s in schedule] if schedule and isinstance(schedule[0], list) else [list(schedule)]
+
+
+def block_layout(blocks: FrameBlocks) -> BlockLayout:
+    return BlockLayout(blocks.frames_per_block, blocks.first)
+
+
+def shared_generator(seed: int, iteration: int, micro_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator equal on every rank (no rank in the seed): the exit steps decide how many network calls
+    each rank makes, which must match across FSDP / data-parallel ranks."""
+    state = np.random.SeedSequence([seed, iteration, micro_step, 0x5E1F]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+# ------------------------------------------------------------------------------------------ bindings
+def _tokens_per_frame(net: nn.Module, x: Tensor) -> int:
+    _, ph, pw = net.config.patch_size
+    return (x.shape[3] // ph) * (x.shape[4] // pw)
+
+
+def tf_velocity(net: nn.Module, blocks: FrameBlocks, like: Tensor):
+    """``(velocity, velocity_jvp)`` of the packed teacher-forcing pass over ``[context ; noisy]``: the
+    teacher-forcing mask of ``blocks`` and RoPE positions ``0..T-1`` for both halves (``like``: the video)."""
+    mask = blockmask.teacher_forcing(blocks.num_blocks, blocks.frames_per_block, _tokens_per_frame(net, like),
+                                     first_block_frames=blocks.first)
+    pos = teacher_forcing_positions(blocks.num_frames, like.device)
+    vel = lambda x, ts, c: net(x, ts, c, block_mask=mask, frame_pos=pos)
+    jvp = lambda x, ts, c, tx, tt: net.forward_jvp(x, ts, c, tx, tt, block_mask=mask, frame_pos=pos)
+    return vel, jvp
+
+
+def df_velocity(net: nn.Module, blocks: FrameBlocks, like: Tensor):
+    """The block-causal full-sequence pass (diffusion forcing, ODE regression) as a velocity."""
+    mask = blockmask.block_causal(blocks.num_blocks, blocks.frames_per_block, _tokens_per_frame(net, like),
+                                  first_block_frames=blocks.first)
+    return lambda x, ts, c: net(x, ts, c, block_mask=mask)
+
+
+class CachedBlocks:
+    """``denoise`` / ``commit`` / ``reset`` of a causal WanDiT over a ``KVCache`` for ``self_forcing_rollout``.
+
+    ``denoise(x_t, t, i)``: ``WanDiT.forward_block`` of block i reading the cache (grad as the caller's mode);
+    ``commit(x, t, i)``: the same pass at the context time writing the block's k/v (detached), then commit.
+    """
+
+    def __init__(self, net: nn.Module, cache: KVCache, cond: Tensor, blocks: FrameBlocks, *,
+                 input_dtype: torch.dtype | None, timestep_dtype: torch.dtype | None):
+        self.net, self.cache, self.cond, self.blocks = net, cache, cond, blocks
+        self.dtypes = dict(input_dtype=input_dtype, timestep_dtype=timestep_dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._pending: tuple[int, Any] | None = None
+
+    def _block(self, i: int):
+        if self._pending is None or self._pending[0] != i:
+            self._pending = (i, self.cache.begin_block(self.blocks.sizes[i]))
+        return self._pending[1]
+
+    def denoise(self, x: Tensor, t: Tensor, i: int):
+        blk = self._block(i)
+        vel = lambda xs, ts, c: self.net.forward_block(xs, ts, c, cache=self.cache, block=blk)
+        return TrigFlowAdapter(vel, **self.dtypes)(x, t, self.cond)
+
+    def commit(self, x: Tensor, t: Tensor, i: int) -> None:
+        blk = self._block(i)
+        x_in, ts = network_input(x, t, **self.dtypes)
+        self.net.forward_block(x_in, ts, self.cond, cache=self.cache, block=blk, write=True)
+        self.cache.commit(blk)
+        self._pending = None
+
+
+# ------------------------------------------------------------------------------------------ objective
+class CausalRCMObjective:
+    """``closures(models, batch, ctx)`` of a causal stage (see the module docstring).
+
+    ``batch``: ``{"latent": x0 [B, C, T, H, W], "embed": [B, L, D]}``; ``blocks`` must cover T frames.
+    ``given_blocks``: leading blocks given as clean context (causal I2V: 1, the data's first block stands in
+    for the image latent). ``negative_embed`` ``[L, D]``: unconditional context of the CFG teachers.
+    ``seed``: the exit steps come from :func:`shared_generator` (identical on all ranks); every other random
+    number from the step generator. ``grad_accum``: the trainer's micro-batches per step (the replay mode runs
+    its own backward passes and applies the trainer's ``1 / grad_accum`` itself).
+    """
+
+    def __init__(self, config: CausalObjectiveConfig, blocks: FrameBlocks, *, given_blocks: int = 0,
+                 negative_embed: Tensor | None = None, seed: int = 0, grad_accum: int = 1):
+        if not 0 <= given_blocks < blocks.num_blocks:
+            raise ValueError(f"given_blocks must be in [0, {blocks.num_blocks}), got {given_blocks}")
+        if config.ode and given_blocks:
+            raise ValueError("ODE initialization is T2V only (the bidirectional teacher cannot take a given "
+                             "block): set blocks.i2v=false for the ode stage")
+        self.cfg, self.blocks, self.seed, self.grad_accum = config, blocks, seed, grad_accum
+        self.given = sum(blocks.sizes[:given_blocks])
+        self.negative_embed = negative_embed
+        self.p_g, self.p_d = LogNormal(config.p_g_mean, config.p_g_std), UniformShift(config.p_d_shift)
+        d = lambda name: _DTYPES[name] if name else None
+        self.dtypes = dict(input_dtype=d(config.input_dtype), timestep_dtype=d(config.timestep_dtype))
+        scheds = [[float(rf_to_trig(torch.tensor(v, dtype=torch.float64))) for v in s]
+                  for s in _schedule_lists(config.sf_schedule)]
+        self.schedule = scheds if isinstance(config.sf_schedule[0], list) else scheds[0]
+        self.lengths = [len(scheds[min(i, len(scheds) - 1)]) for i in range(blocks.num_blocks)]
+        self.t_c = float(rf_to_trig(torch.tensor(config.context_noise, dtype=torch.float64)))
+        self._caches: dict[tuple, KVCache] = {}
+
+    # ---------------------------------------------------------------------------------- pieces
+    def _bidir(self, net: nn.Module) -> TrigFlowAdapter:
+        return TrigFlowAdapter(lambda x, ts, c: net(x, ts, c), **self.dtypes)
+
+    def _context_time(self, x0: Tensor) -> Tensor:
+        t = torch.full((x0.shape[0], x0.shape[2]), self.t_c, dtype=torch.float64, device=x0.device)
+        t[:, : self.given] = 0.0  # a given (I2V) block is clean context at inference too
+        return t
+
+    def _cache(self, net: nn.Module, x0: Tensor) -> KVCache:
+        b, _, t, h, w = x0.shape
+        key = (id(net), b, t, h, w, str(x0.device))
+        if key not in self._caches:
+            self._caches.clear()  # one cache alive at a time (storage is allocated once per shape)
+            self._caches[key] = make_kv_cache(net, batch=b, height=h, width=w, layout=block_layout(self.blocks),
+                                              window_frames=t, rolling=False, kv_dtype=self.cfg.kv_dtype,
+                                              device=x0.device)
+        return self._caches[key]
+
+    def exit_steps(self, ctx: StepContext) -> tuple[int, ...]:
+        if self.cfg.sf_exit == "cycle":
+            return cycled_exit_steps(ctx.effective_iteration, self.lengths)
+        g = shared_generator(self.seed, ctx.iteration, ctx.micro_step)
+        return sample_exit_steps(self.lengths, generator=g, same_across_blocks=self.cfg.sf_same_exit)
+
+    def rollout(self, net: nn.Module, x0: Tensor, cond: Tensor, ctx: StepContext, *, with_grad: bool):
+        """The student's self-forcing rollout (grad through each block's exit step when ``with_grad``) and
+        its cache binding."""
+        binding = CachedBlocks(net, self._cache(net, x0), cond, self.blocks, **self.dtypes)
+        given = x0[:, :, : self.given] if self.given else None
+        out = self_forcing_rollout(binding.denoise, binding.commit, x0.shape, self.blocks, self.schedule,
+                                   generator=ctx.generator, exit_steps=self.exit_steps(ctx), given=given,
+                                   context_time=self.t_c, with_grad=with_grad)
+        return out, binding
+
+    def sf_dmd(self, models: Mapping[str, nn.Module], x0: Tensor, cond: Tensor, uncond: Tensor | None,
+               ctx: StepContext, noise) -> tuple[Tensor, dict[str, Tensor]]:
+        """Self-forcing DMD (CAUSAL_SPEC §4.3); with ``replay`` the rollout runs without grad and each block's
+        exit step is recomputed and backpropagated here, one block at a time (§4.4)."""
+        cfg, g, b = self.cfg, ctx.generator, x0.shape[0]
+        out, binding = self.rollout(models["student"], x0, cond, ctx, with_grad=not cfg.replay)
+        G = out.x0.detach().requires_grad_() if cfg.replay else out.x0
+        loss, diag = dmd_objective(G, self.p_d(b, generator=g).to(x0.device), noise(),
+                                   self._bidir(models["fake_score"]), self._bidir(models["teacher"]), cond, uncond,
+                                   guidance=cfg.dmd_guidance, loss_scale=cfg.loss_scale_dmd)
+        if cfg.replay:  # the trainer's own backward then reaches only the leaf G (no parameters)
+            (grad_g,) = torch.autograd.grad(loss.sum() / self.grad_accum, G, retain_graph=True)
+            replay_backward(out, binding.denoise, binding.commit, self.blocks, grad_g, reset=binding.reset)
+        return loss, diag
+
+    def ode_trajectory(self, teacher: nn.Module, noise: Tensor, cond: Tensor, uncond: Tensor | None):
+        """``(trajectory [K+1, B, C, T, H, W], times [K+1, B])`` in TrigFlow: the teacher's CFG Euler ODE
+        from pure noise, states at ``ode_keep`` plus the endpoint (``t = 0``)."""
+        cfg = self.cfg
+        keep = cfg.ode_keep if cfg.ode_keep is not None else [0, cfg.ode_steps // 4, cfg.ode_steps // 2,
+                                                               3 * cfg.ode_steps // 4]
+        states = [noise.to(torch.float64)]
+        x_end = flow_euler_sample(lambda x, ts, c: teacher(x, ts, c), noise, cond, uncond,
+                                  guidance=cfg.ode_guidance, num_steps=cfg.ode_steps, shift=cfg.ode_shift,
+                                  sigma_max=None, callback=lambda d: states.append(d["x"]), **self.dtypes)
+        s = flow_sigmas(cfg.ode_steps, shift=cfg.ode_shift, sigma_max=None).to(torch.float64)
+        if any(not 0 <= k < cfg.ode_steps for k in keep):
+            raise ValueError(f"objective.ode_keep {keep} must index the {cfg.ode_steps} ODE steps")
+        idx = sorted(set(keep))
+        t = rf_to_trig(s[idx + [cfg.ode_steps]])
+        scale = torch.cos(t) + torch.sin(t)  # RF sample -> TrigFlow sample
+        traj = torch.stack([states[k] * scale[j] for j, k in enumerate(idx)] + [x_end.to(torch.float64)])
+        return traj, t[:, None].expand(-1, noise.shape[0]).to(noise.device)
+
+    # ---------------------------------------------------------------------------------- closures
+    def closures(self, models: Mapping[str, nn.Module], batch: Mapping[str, Any], ctx: StepContext) -> dict[str, Closure]:
+        cfg, g, blocks, given = self.cfg, ctx.generator, self.blocks, self.given
+        x0 = batch["latent"].float()
+        cond = batch["embed"]
+        b = x0.shape[0]
+        if x0.shape[2] != blocks.num_frames:
+            raise ValueError(f"batch latents have {x0.shape[2]} frames; the blocks cover {blocks.num_frames} "
+                             "(set data.num_frames)")
+        uncond = None
+        if self.negative_embed is not None:
+            uncond = self.negative_embed.to(cond)[None].expand(b, *self.negative_embed.shape)
+        student = models["student"]
+        noise = lambda: torch.randn(x0.shape, generator=g, device=g.device, dtype=torch.float32).to(x0.device)
+        out: dict[str, Closure] = {}
+        if ctx.phase == "critic":
+            fake = self._bidir(models["fake_score"])
+
+            def critic():
+                with torch.no_grad():
+                    G = self.rollout(student, x0, cond, ctx, with_grad=False)[0].x0
+                return fake_score_objective(G, self.p_d(b, generator=g).to(x0.device), noise(), fake, cond)
+
+            return {"critic": critic}
+        dev = lambda t: t.to(x0.device)
+        if cfg.flow != "none":
+            def flow():
+                tf = cfg.flow == "tf"
+                t = dev(sample_block_times(self.p_d, b, blocks, generator=g, strategy="same" if tf else cfg.block_times))
+                t[:, :given] = 0.0  # given frames: clean, no loss
+                if tf:
+                    vel = teacher_forcing_velocity(tf_velocity(student, blocks, x0)[0], x0, given_frames=given,
+                                                   **self.dtypes)
+                    return flow_matching_objective(vel, x0[:, :, given:], noise()[:, :, given:], t[:, given:], cond,
+                                                   weighting="bell", loss_scale=cfg.loss_scale, **self.dtypes)
+                return flow_matching_objective(df_velocity(student, blocks, x0), x0, noise(), t, cond,
+                                               weighting="none", loss_scale=cfg.loss_scale, **self.dtypes)
+
+            out["flow"] = flow
+        if cfg.cm in ("dcm", "dscm"):
+            def tf_dcm():
+                times = dev(sample_block_dcm_times(b, blocks, generator=g, total_steps=cfg.dcm_total_steps,
+                                                   skip_steps=cfg.dcm_skip_steps, shift=cfg.dcm_shift,
+                                                   strategy=cfg.block_times))
+                eps = noise()
+                return tf_dcm_objective(tf_velocity(student, blocks, x0)[0],
+                                        tf_velocity(models["causal_teacher"], blocks, x0)[0], x0, eps, times, cond,
+                                        uncond, student_context_time=self._context_time(x0), context_eps=eps,
+                                        given_frames=given, guidance=cfg.cm_guidance, loss_scale=cfg.loss_scale,
+                                        **self.dtypes)
+
+            out["tf_dcm"] = tf_dcm
+        if cfg.cm in ("scm", "dscm"):
+            def tf_scm():
+                t = dev(sample_block_times(self.p_g, b, blocks, generator=g, strategy=cfg.block_times))
+                eps = noise()
+                vel, jvp = tf_velocity(student, blocks, x0)
+                return tf_scm_objective(vel, tf_velocity(models["causal_teacher"], blocks, x0)[0], x0, eps, t, cond,
+                                        uncond, student_packed_jvp=jvp, student_context_time=self._context_time(x0),
+                                        context_eps=eps, given_frames=given, guidance=cfg.cm_guidance,
+                                        r=tangent_warmup_ratio(ctx.iteration, ctx.schedule.tangent_warmup),
+                                        loss_scale=cfg.loss_scale, **self.dtypes)
+
+            out["tf_scm"] = tf_scm
+        if cfg.ode:
+            def ode():
+                with torch.no_grad():
+                    traj, times = self.ode_trajectory(models["teacher"], noise(), cond, uncond)
+                den = TrigFlowAdapter(df_velocity(student, blocks, x0), **self.dtypes)
+                return ode_regression_objective(den, traj, times, cond, blocks, generator=g,
+                                                loss_scale=cfg.loss_scale_ode)
+
+            out["ode"] = ode
+        if cfg.dmd and "fake_score" in models and ctx.has_critic and ctx.iteration >= ctx.schedule.tangent_warmup:
+            def sf_dmd():
+                return self.sf_dmd(models, x0, cond, uncond, ctx, noise)
+
+            out["sf_dmd"] = sf_dmd
+        return out

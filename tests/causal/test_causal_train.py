@@ -1,0 +1,175 @@
+"""recipes/causal_distill.py end to end on the tiny network (CPU): every stage of the staged Causal-rCM schedule
+(and the ODE-init alternative, causal I2V, replay) runs, its losses are finite, checkpoints / exports / the
+streaming sample video are written; plus the recipe-side bindings (teacher-forcing pass, cached rollout)
+against the DiT's own causal passes."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+if str(RECIPES) not in sys.path:
+    sys.path.insert(0, str(RECIPES))
+
+import causal_distill  # noqa: E402
+from rcm_recipes.causal_training import CachedBlocks, CausalObjectiveConfig, block_layout, tf_velocity  # noqa: E402
+
+from rcm_kernels.blockmask import teacher_forcing  # noqa: E402
+from rcm_losses import TrigFlowAdapter  # noqa: E402
+from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing_velocity  # noqa: E402
+from rcm_nets.wan import WanDiT  # noqa: E402
+from rcm_nets.wan.causal import make_kv_cache  # noqa: E402
+from rcm_nets.wan.configs import get_config  # noqa: E402
+from rcm_train.data import ShardWriter  # noqa: E402
+
+C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
+EXACT = dict(input_dtype=None, timestep_dtype=None)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def tiny_net(seed: int) -> WanDiT:
+    net = WanDiT(get_config("tiny"))
+    g = torch.Generator().manual_seed(seed)
+    net.init_weights(generator=g)
+    nn.init.normal_(net.head.head.weight, std=0.05, generator=g)  # a zero head would output exactly 0
+    return net
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("causal_assets")
+    torch.save(tiny_net(0).state_dict(), d / "teacher.pth")
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(d / "data", 4, 2) as w:
+        for i in w.pending():
+            w.write(i, torch.randn(C, T, H, W, generator=g), torch.randn(6, 32, generator=g), f"prompt {i}")
+    torch.save(torch.zeros(16, 32), d / "negative.pt")
+    return d
+
+
+def _args(assets, out, preset, *extra):
+    return [f"--preset={preset}", f"--output_dir={out}", f"--data.shards={assets / 'data' / 'shard_*.tar'}",
+            f"--model.teacher_path={assets / 'teacher.pth'}", f"--negative_embed_path={assets / 'negative.pt'}",
+            *extra]
+
+
+def _metrics(out: Path, stage: str) -> list[dict]:
+    lines = (out / "logs" / stage / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def _check_stage(out: Path, stage: str, losses: list[str]):
+    rows = _metrics(out, stage)
+    for key in losses:
+        vals = [r[f"{key}/loss"] for r in rows if f"{key}/loss" in r]
+        assert vals and all(math.isfinite(v) for v in vals), (stage, key, rows)
+    assert (out / "checkpoints" / stage / "latest").exists()
+    assert (out / stage / "student.safetensors").exists() and (out / stage / "student_ema.safetensors").exists()
+    assert list((out / "logs" / stage / "media").glob("samples_*.mp4"))
+
+
+def test_staged_causal_rcm_runs_end_to_end(assets, tmp_path):
+    """teacher_tf -> tf_dcm -> tf_scm -> sf_dmd on the tiny config: finite losses, DCP checkpoints, exports,
+    streaming samples; the DMD stage alternates student (sf_dmd) and critic iterations."""
+    out = tmp_path / "run"
+    res = causal_distill.main(_args(assets, out, "tiny-causal-rcm"))
+    _check_stage(out, "teacher_tf", ["flow"])
+    _check_stage(out, "tf_dcm", ["tf_dcm"])
+    _check_stage(out, "tf_scm", ["tf_scm"])
+    _check_stage(out, "sf_dmd", ["sf_dmd", "critic"])
+    assert (out / "causal_teacher.safetensors").exists() and res["student"] == out / "student.safetensors"
+    assert (out / "student.safetensors").exists() and (out / "config.yaml").exists()
+    again = causal_distill.main(_args(assets, out, "tiny-causal-rcm"))  # a rerun resumes: every stage complete
+    assert again["stages"]["sf_dmd"]["iteration"] == 3
+
+
+def test_ode_init_i2v_replay_runs(assets, tmp_path):
+    """The ODE-pair initialization, then causal I2V self-forcing DMD with replayed backprop and noisy context."""
+    out = tmp_path / "ode"
+    causal_distill.main(_args(assets, out, "tiny-ode-init", "--stage2.objective.replay=true",
+                              "--stage2.objective.context_noise=0.2", "--stage2.objective.sf_exit=cycle",
+                              "--sample.every=0"))
+    rows = _metrics(out, "ode")
+    assert all(math.isfinite(r["ode/loss"]) for r in rows)
+    assert all(math.isfinite(r[k]) for r in _metrics(out, "sf_dmd") for k in r if k.endswith("/loss"))
+    i2v = tmp_path / "i2v"
+    causal_distill.main(_args(assets, i2v, "tiny-causal-rcm", "--blocks.i2v=true", "--stage1.iterations=1",
+                              "--stage3.iterations=0", "--stage4.iterations=2", "--sample.every=0"))
+    for stage, key in (("teacher_tf", "flow"), ("tf_dcm", "tf_dcm"), ("sf_dmd", "sf_dmd")):
+        assert all(math.isfinite(r[f"{key}/loss"]) for r in _metrics(i2v, stage) if f"{key}/loss" in r)
+
+
+def test_bad_configs_name_the_field(assets, tmp_path):
+    with pytest.raises(SystemExit):
+        causal_distill.main(_args(assets, tmp_path, "tiny-causal-rcm", "--stage2.objective.ode=true"))
+    with pytest.raises(ValueError, match="flow trains a causal teacher"):
+        CausalObjectiveConfig(flow="tf", dmd=True)
+    with pytest.raises(ValueError, match="trains nothing"):
+        CausalObjectiveConfig()
+
+
+# ------------------------------------------------------------------------------------------ bindings
+def test_tf_binding_equals_the_dit_teacher_forcing_pass():
+    """The recipe's packed velocity (forward + TF mask + repeated positions) = WanDiT.forward_teacher_forcing."""
+    net, blocks = tiny_net(1).double(), FrameBlocks(T, 2, 1)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, C, T, H, W, generator=g, dtype=torch.float64)
+    x_s = torch.randn(1, C, T, H, W, generator=g, dtype=torch.float64)
+    ctx = torch.randn(1, 6, 32, generator=g, dtype=torch.float64)
+    ts = blocks.expand(torch.tensor([[300.0, 800.0, 100.0]], dtype=torch.float64))
+    ours = teacher_forcing_velocity(tf_velocity(net, blocks, x0)[0], x0, **EXACT)(x_s, ts, ctx)
+    mask = teacher_forcing(blocks.num_blocks, 2, (H // 2) * (W // 2), first_block_frames=1)
+    ref = net.forward_teacher_forcing(x0, x_s, ts, ctx, block_mask=mask)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_steps():
+    """The recipe's KV-cache binding (``WanDiT.forward_block``) through ``self_forcing_rollout``: each block's
+    exit prediction equals one packed teacher-forcing pass over (committed blocks ; exit inputs), and only
+    the exit-step call of each block receives gradient (tensor hooks on every call's output)."""
+    net, blocks = tiny_net(2), FrameBlocks(T, 2, 1)
+    ctx = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4))
+    cache = make_kv_cache(net, batch=1, height=H, width=W, layout=block_layout(blocks), window_frames=T,
+                          rolling=False, kv_dtype="fp32")
+    binding = CachedBlocks(net, cache, ctx, blocks, input_dtype=torch.float32, timestep_dtype=None)
+    calls, got_grad = {}, []
+
+    def denoise(x, t, i):
+        pred = binding.denoise(x, t, i)
+        k = calls[i] = calls.get(i, -1) + 1
+        if pred.x0.requires_grad:
+            pred.x0.register_hook(lambda g, key=(i, k): got_grad.append(key))
+        return pred
+
+    sched = [math.pi / 2, 1.2, 0.8]
+    exits = (1, 2, 0)
+    out = self_forcing_rollout(denoise, binding.commit, (1, C, T, H, W), blocks, sched,
+                               generator=torch.Generator().manual_seed(5), exit_steps=exits)
+    assert not any(x.requires_grad for x in cache.storage())
+    (out.x0 * torch.randn(out.x0.shape, generator=torch.Generator().manual_seed(6))).sum().backward()
+    assert sorted(got_grad) == [(0, 1), (1, 2), (2, 0)]
+    assert all(p.grad is not None for p in net.blocks.parameters())
+    binding.reset()
+    with torch.no_grad():
+        out = self_forcing_rollout(binding.denoise, binding.commit, (1, C, T, H, W), blocks, sched,
+                                   generator=torch.Generator().manual_seed(5), exit_steps=(2, 2, 2))
+        context, noisy = torch.cat(out.contexts, 2), torch.cat(out.exit_inputs, 2)
+        t = torch.full((1, T), sched[2], dtype=torch.float64)
+        vel = teacher_forcing_velocity(tf_velocity(net, blocks, context)[0], context, input_dtype=torch.float32,
+                                       timestep_dtype=None)
+        pred = TrigFlowAdapter(vel, input_dtype=torch.float32, timestep_dtype=None)(noisy, t, ctx).x0
+    # float32 network: cached vs masked attention sum in different orders (~1e-6 relative)
+    torch.testing.assert_close(pred.float(), out.x0, atol=5e-5, rtol=5e-5)
