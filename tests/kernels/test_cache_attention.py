@@ -100,6 +100,19 @@ def test_triton_kernel_cache_only_batch_and_larger_tiles():
     torch.testing.assert_close(got.double(), _reference(q, c.layer(0), None, None), rtol=0, atol=1e-5)
 
 
+def test_triton_kernel_reads_strided_views_without_copies():
+    # q/k/v as views of a fused projection [B, L, 3, H, D] (unit channel stride, not contiguous); the extra
+    # k/v in fp16 views (cast to q's float32 in registers, exactly).
+    c = _filled("int8", b=1, d=16, t=8, pattern=(1, 2))
+    qkv = torch.randn(1, 9, 3, 2, 16)
+    q, (ek, ev) = qkv[:, :, 0], qkv.half()[:, :, 1:].unbind(2)
+    assert not q.is_contiguous() and not ek.is_contiguous() and q.stride(-1) == 1
+    got = cache_attention_triton(q, c.layer(0), extra_k=ek, extra_v=ev)
+    want = _reference(q, c.layer(0), ek, ev)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)  # fp32 dots vs float64
+    assert got.is_contiguous()
+
+
 def _quant_error_bound(q, k, kd, v, vd, scale):
     """Rigorous bound on |attn(q, kd, vd) - attn(q, k, v)| per (b, i, h, d) from the actual dequantization
     errors: with Δ_i = max_j |s'_ij - s_ij|, the probabilities move by ‖p' - p‖₁ ≤ e^{2Δ_i} - 1, so
@@ -193,27 +206,50 @@ def test_gpu_kernel_matches_reference_bf16(kv_dtype, rope):
     assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
+def _requested_bytes(which: str) -> int:
+    """Bytes the code asked the CUDA caching allocator for (``which``: ``current`` or ``peak``).
+
+    Not ``memory_allocated``: that counts whole allocator blocks, and a request over 1 MiB may be served by a
+    cached free block up to 1 MiB larger, which is then not split. Which block serves it depends on the
+    allocator's history: on an H100 the same call's 14,376,960-byte output counted 14,376,960 allocated bytes
+    in one process and 14,983,168 in another. Requested bytes are exact and do not depend on history.
+    """
+    return torch.cuda.memory_stats()[f"requested_bytes.all.{which}"]
+
+
+def _temporaries(fn):
+    """Peak requested bytes during ``fn()`` above those before it, less its result (after a warm-up call)."""
+    fn()  # warm-up (compile)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # peak := current, for requested bytes too
+    base = _requested_bytes("current")
+    out = fn()
+    torch.cuda.synchronize()
+    return _requested_bytes("peak") - base - out.numel() * out.element_size()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 def test_gpu_kernel_does_not_materialize_the_cache(kv_dtype):
-    # Peak memory during attention = the output (+ small): no dequantized copy of the 15-frame cache.
+    # The output [1, 4680, 12, 128] bf16 (14.4 MB) is the result, not a temporary: it is larger than a tenth
+    # of the 12 visible frames' dense k/v (11.5 MB), so it is subtracted. The smallest copy of anything the
+    # cache holds would be its visible key scales (12 frames x 12 heads x 128 x 4 B = 72 KiB); a scaled q or a
+    # dequantized tile per program is MBs. The kernel path allocates nothing but the output: 0, limit 64 KiB.
     c = _wan_cache(kv_dtype)
+    lay = c.layer(0)
     q = torch.randn(1, 4680, 12, 128, device="cuda", dtype=torch.bfloat16)
     ek, ev = torch.randn_like(q), torch.randn_like(q)
-    cache_attention(q, c.layer(0), extra_k=ek, extra_v=ev)  # warm-up (compile)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = cache_attention(q, c.layer(0), extra_k=ek, extra_v=ev)
-    torch.cuda.synchronize()
-    extra_bytes = torch.cuda.max_memory_allocated() - base
-    assert extra_bytes <= out.numel() * out.element_size() + (1 << 20), extra_bytes
-    dense = c.layer(0).num_tokens * 12 * 128 * 2 * 2  # what a bf16 copy of k and v would take
-    assert extra_bytes < dense / 10
+    tmp = _temporaries(lambda: cache_attention(q, lay, extra_k=ek, extra_v=ev))  # auto: the Triton kernel
+    assert tmp <= 64 << 10, tmp
+    # The measurement does see a materialized cache: the torch path's dequantized copy of the window.
+    dense = lay.num_tokens * 12 * 128 * 2 * 2  # a bf16 copy of the visible k and v
+    assert _temporaries(lambda: cache_attention(q, lay, extra_k=ek, extra_v=ev, impl="torch")) >= dense
 
 
 @pytest.mark.gpu
 def test_gpu_memory_constant_over_many_blocks():
+    # Requested bytes (see _requested_bytes): every full block asks for exactly the same tensors, but
+    # allocated-bytes peaks depend on the allocator's history (an H100 run saw two values over the 9 blocks).
     c = _wan_cache("int8", blocks=1)
     q = torch.randn(1, 4680, 12, 128, device="cuda", dtype=torch.bfloat16)
     peaks, nbytes = [], c.nbytes()
@@ -227,6 +263,6 @@ def test_gpu_memory_constant_over_many_blocks():
         del k, v
         torch.cuda.synchronize()
         if full:
-            peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()))
+            peaks.append((_requested_bytes("peak"), _requested_bytes("current")))
     assert len(peaks) == 9 and len(set(peaks)) == 1, peaks
     assert c.nbytes() == nbytes

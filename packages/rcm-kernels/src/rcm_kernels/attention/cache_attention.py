@@ -195,15 +195,17 @@ def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
              out.to(O.dtype.element_ty), mask=(offs_m < LQ)[:, None] & d_ok[None, :])
 
 
-def _default_blocks(q: Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiny tiles in the CPU interpreter. On CUDA, sized so that
-    the shared memory of the RoPE variant at D=128 fits (Triton 3.9 AOT for sm90: 16-bit q 131 KB, fp32 q
-    with one stage 66 KB)."""
+def _default_blocks(q: Tensor, rope: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiny tiles in the CPU interpreter. On CUDA, measured on an
+    H100 (Triton 3.6) at Wan 1.3B geometry (``benchmarks/RESULTS.md``): 128x64 with 4 warps for plain keys;
+    with RoPE 8 warps (4 warps: +27-30%), and 2 stages, the most that fits in shared memory at D=128."""
     if not q.is_cuda:
         return 16, 16, 1, 1
     if q.dtype == torch.float32:
         return 64, 64, 4, 1
-    return (128, 64, 8, 2) if q.shape[-1] >= 64 else (64, 64, 4, 2)
+    if q.shape[-1] < 64:
+        return 64, 64, 4, 2
+    return (128, 64, 8, 2) if rope else (128, 64, 4, 2)
 
 
 def _triton_supports(q: Tensor, layer: CacheLayer) -> bool:
@@ -222,18 +224,20 @@ def cache_attention_triton(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | No
     b, lq, h, d = q.shape
     if layer.k.stride(-1) != 1 or layer.k.stride() != layer.v.stride():
         raise ValueError("cache_attention: cache k and v must share a layout with unit channel stride")
-    q = q.contiguous()
+    # No copies of the inputs: the kernel takes any strides with a unit channel stride (e.g. q/k/v views of
+    # a fused qkv projection) and casts extra k/v tiles to q's dtype in registers.
+    q = q if q.stride(-1) == 1 else q.contiguous()
     if extra_k is None:
         extra_k = extra_v = q.new_empty(b, 0, h, d)
-    ek, ev = extra_k.to(q.dtype).contiguous(), extra_v.to(q.dtype).contiguous()
-    if ek.stride() != ev.stride():
-        raise ValueError("cache_attention: extra_k and extra_v must share a layout")
-    o = torch.empty_like(q)
+    ek, ev = extra_k, extra_v
+    if ek.stride(-1) != 1 or ek.stride() != ev.stride():  # the kernel shares one set of strides for both
+        ek, ev = ek.contiguous(), ev.contiguous()
+    o = q.new_empty(b, lq, h, d)
     quant = layer.k_scale is not None
-    ks = layer.k_scale if quant else q.new_zeros(1, 1, 1)
-    vs = layer.v_scale if quant else q.new_zeros(1, 1, 1)
+    ks = layer.k_scale if quant else layer.k  # unquantized: placeholder pointers, never read (QUANT_K/V off)
+    vs = layer.v_scale if quant else layer.k
     cos, sin = (k_rope[0].float().contiguous(), k_rope[1].float().contiguous()) if k_rope else (ks, ks)
-    block_m, block_n, warps, stages = blocks or _default_blocks(q)
+    block_m, block_n, warps, stages = blocks or _default_blocks(q, k_rope is not None)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     grid = (triton.cdiv(lq, block_m), b * h)
     _cache_attn_fwd[grid](
