@@ -1,7 +1,7 @@
 """Causal-rCM: distill a bidirectional Wan2.1 teacher into a block-causal streaming student (CAUSAL_SPEC §4).
 
-    uv run recipes/causal_distill.py --preset tiny-causal-rcm --data.shards=... --model.teacher_path=...   # CPU
-    torchrun --nproc-per-node 8 recipes/causal_distill.py --preset 1.3B-causal-rcm                         # N GPUs
+    uv run recipes/causal_distill.py --preset tiny-causal-rcm --data.shards=... --model.teacher_path=...
+    torchrun --nproc-per-node 8 recipes/causal_distill.py --preset 1.3B-causal-rcm      # N GPUs
 
 A run is up to four *stages* (``stage1`` .. ``stage4``; ``iterations=0`` skips one), each one
 ``rcm_train.train`` call with its objective (``rcm_recipes.causal_training.CausalObjectiveConfig``) and the
@@ -26,7 +26,8 @@ self-forcing rollout one block at a time in backward (memory of one block). The 
 Outputs under ``output_dir``: ``config.yaml``; per stage ``checkpoints/<stage>/`` (DCP, resumed),
 ``logs/<stage>/metrics.jsonl``, ``logs/<stage>/media/samples_<iteration>.mp4`` (the student and its EMA
 streamed block by block with the KV cache) and ``<stage>/student[_ema].safetensors``; at the top
-``causal_teacher.safetensors`` (if a flow stage ran) and ``student[_ema].safetensors`` of the last student stage.
+``causal_teacher.safetensors`` (if a flow stage ran) and ``student[_ema].safetensors`` of the last
+student stage.
 """
 
 from __future__ import annotations
@@ -145,13 +146,38 @@ class SampleConfig(RecipeConfig):
 
 # ------------------------------------------------------------------------------------------ presets
 _SIZES = {
-    "1.3B": dict(config="t2v-1.3B", teacher="checkpoints/Wan2.1-T2V-1.3B.pth", frames=21, fpb=3,
-                 iters=(4000, 2000, 2000, 600), save=250, dtype="bfloat16", kv="bf16"),
-    "14B": dict(config="t2v-14B", teacher="checkpoints/Wan2.1-T2V-14B.pth", frames=21, fpb=3,
-                iters=(4000, 2000, 2000, 600), save=250, dtype="bfloat16", kv="bf16"),
+    "1.3B": dict(
+        config="t2v-1.3B",
+        teacher="checkpoints/Wan2.1-T2V-1.3B.pth",
+        frames=21,
+        fpb=3,
+        iters=(4000, 2000, 2000, 600),
+        save=250,
+        dtype="bfloat16",
+        kv="bf16",
+    ),
+    "14B": dict(
+        config="t2v-14B",
+        teacher="checkpoints/Wan2.1-T2V-14B.pth",
+        frames=21,
+        fpb=3,
+        iters=(4000, 2000, 2000, 600),
+        save=250,
+        dtype="bfloat16",
+        kv="bf16",
+    ),
     # CPU-sized: the tiny network, 5 latent frames as c1-2 blocks, a few iterations per stage
-    "tiny": dict(config="tiny", teacher="outputs/tiny_assets/dit_t2v.pth", frames=5, fpb=2, first=1,
-                 iters=(2, 1, 1, 3), save=100, dtype="float32", kv="fp32"),
+    "tiny": dict(
+        config="tiny",
+        teacher="outputs/tiny_assets/dit_t2v.pth",
+        frames=5,
+        fpb=2,
+        first=1,
+        iters=(2, 1, 1, 3),
+        save=100,
+        dtype="float32",
+        kv="fp32",
+    ),
 }
 
 
@@ -168,20 +194,48 @@ def _stages(size_name: str, schedule: str) -> list[StageConfig]:
     size = _SIZES[size_name]
     tiny = size_name == "tiny"
     n_teacher, n_dcm, n_scm, n_dmd = size["iters"]
-    dmd = StageConfig(name="sf_dmd", iterations=n_dmd, init="previous", objective=_objective(size, dmd=True),
-                      schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=2 if tiny else 6))
+    dmd = StageConfig(
+        name="sf_dmd",
+        iterations=n_dmd,
+        init="previous",
+        objective=_objective(size, dmd=True),
+        schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=2 if tiny else 6),
+    )
     if schedule == "ode-init":
-        stages = [StageConfig(name="ode", iterations=n_dcm, init="teacher", objective=_objective(size, ode=True),
-                              schedule=ScheduleConfig()), dmd]
+        stages = [
+            StageConfig(
+                name="ode",
+                iterations=n_dcm,
+                init="teacher",
+                objective=_objective(size, ode=True),
+                schedule=ScheduleConfig(),
+            ),
+            dmd,
+        ]
     else:
         flow = "df" if schedule == "causal-rcm-df" else "tf"
         stages = [
-            StageConfig(name=f"teacher_{flow}", iterations=n_teacher, init="teacher",
-                        objective=_objective(size, flow=flow), schedule=ScheduleConfig()),
-            StageConfig(name="tf_dcm", iterations=n_dcm, init="causal_teacher",
-                        objective=_objective(size, cm="dcm"), schedule=ScheduleConfig()),
-            StageConfig(name="tf_scm", iterations=n_scm, init="previous", objective=_objective(size, cm="scm"),
-                        schedule=ScheduleConfig(tangent_warmup=2 if tiny else 1000)),
+            StageConfig(
+                name=f"teacher_{flow}",
+                iterations=n_teacher,
+                init="teacher",
+                objective=_objective(size, flow=flow),
+                schedule=ScheduleConfig(),
+            ),
+            StageConfig(
+                name="tf_dcm",
+                iterations=n_dcm,
+                init="causal_teacher",
+                objective=_objective(size, cm="dcm"),
+                schedule=ScheduleConfig(),
+            ),
+            StageConfig(
+                name="tf_scm",
+                iterations=n_scm,
+                init="previous",
+                objective=_objective(size, cm="scm"),
+                schedule=ScheduleConfig(tangent_warmup=2 if tiny else 1000),
+            ),
             dmd,
         ]
     return stages + [StageConfig(name=f"stage{i + 1}") for i in range(len(stages), 4)]
@@ -238,8 +292,10 @@ class CausalDistillConfig(RecipeConfig):
             raise ValueError(f"stage names must differ (they name checkpoint directories), got {names}")
         for s in active:
             if s.objective.trains_teacher and s.init == "causal_teacher":
-                raise ValueError(f"stage {s.name!r}: a flow stage trains the causal teacher; init it from "
-                                 "'teacher' (or 'previous')")
+                raise ValueError(
+                    f"stage {s.name!r}: a flow stage trains the causal teacher; init it from "
+                    "'teacher' (or 'previous')"
+                )
         return self
 
     def stages(self) -> list[StageConfig]:
@@ -247,7 +303,9 @@ class CausalDistillConfig(RecipeConfig):
         return [s for s in (self.stage1, self.stage2, self.stage3, self.stage4) if s.iterations > 0]
 
 
-def make_preset(size_name: str, schedule: Literal["causal-rcm", "causal-rcm-df", "ode-init"]) -> CausalDistillConfig:
+def make_preset(
+    size_name: str, schedule: Literal["causal-rcm", "causal-rcm-df", "ode-init"]
+) -> CausalDistillConfig:
     """The preset ``<size>-<schedule>`` (module docstring)."""
     size = _SIZES[size_name]
     tiny = size_name == "tiny"
@@ -257,18 +315,27 @@ def make_preset(size_name: str, schedule: Literal["causal-rcm", "causal-rcm-df",
         output_dir=f"outputs/causal_distill/{size_name}-{schedule}",
         model=ModelConfig(config=size["config"], teacher_path=size["teacher"], teacher_dtype=pdtype),
         blocks=BlocksConfig(frames_per_block=size["fpb"], first_block_frames=size.get("first")),
-        data=DataConfig(shards="outputs/tiny_dataset/shard_*.tar" if tiny else _SHARDS,
-                        num_workers=0 if tiny else 4, shuffle_buffer=16 if tiny else 1000, num_frames=size["frames"]),
+        data=DataConfig(
+            shards="outputs/tiny_dataset/shard_*.tar" if tiny else _SHARDS,
+            num_workers=0 if tiny else 4,
+            shuffle_buffer=16 if tiny else 1000,
+            num_frames=size["frames"],
+        ),
         negative_embed_path="outputs/tiny_dataset/negative_embed.pt" if tiny else _NEGATIVE,
-        stage1=stages[0], stage2=stages[1], stage3=stages[2], stage4=stages[3],
+        stage1=stages[0],
+        stage2=stages[1],
+        stage3=stages[2],
+        stage4=stages[3],
         optimizer=OptimizerConfig(lr=1e-4 if tiny else 2e-6, warmup_steps=2 if tiny else 100),
         fake_score_optimizer=OptimizerConfig(lr=1e-4 if tiny else 4e-7, warmup_steps=2 if tiny else 100),
         train=LoopConfig(checkpoint_every=size["save"], log_every=1 if tiny else 25),
         parallel=ParallelismConfig(
-            student=ParallelConfig(sac="none" if tiny else "block_wise", param_dtype=pdtype,
-                                   forward_methods=["forward_block"]),
+            student=ParallelConfig(
+                sac="none" if tiny else "block_wise", param_dtype=pdtype, forward_methods=["forward_block"]
+            ),
             fake_score=ParallelConfig(sac="none" if tiny else "mm_only", param_dtype=pdtype),
-            teacher=ParallelConfig(param_dtype=None)),
+            teacher=ParallelConfig(param_dtype=None),
+        ),
         sample=SampleConfig(every=100 if tiny else 250, teacher_steps=2 if tiny else 8),
         device="cpu" if tiny else "auto",
     )

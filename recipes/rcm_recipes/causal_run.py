@@ -1,4 +1,4 @@
-"""The body of ``recipes/causal_distill.py``: networks per stage, the staged schedule, streaming samples, exports.
+"""The body of ``recipes/causal_distill.py``: networks per stage, staged schedule, streaming samples, exports.
 
 Reuses ``distill_run``'s pieces (teacher reading, build-on-meta + parallelize + load, device data, shard
 expansion). Each stage is one ``rcm_train.train`` call with its own checkpoint directory (a rerun resumes the
@@ -73,24 +73,55 @@ class CausalSampleHook:
     channels 0-2 (min-max scaled, 8x nearest).
     """
 
-    def __init__(self, cfg, samples: Mapping[str, Any], blocks: FrameBlocks, *, device: torch.device,
-                 times, context_noise: float, i2v: bool, kv_dtype: str):
+    def __init__(
+        self,
+        cfg,
+        samples: Mapping[str, Any],
+        blocks: FrameBlocks,
+        *,
+        device: torch.device,
+        times,
+        context_noise: float,
+        i2v: bool,
+        kv_dtype: str,
+    ):
         self.cfg, self.blocks, self.device = cfg, blocks, device
         self.times, self.context_noise, self.kv_dtype = times, context_noise, kv_dtype
         self.context = samples["embed"].to(device)
         self.initial = samples["latent"][:, :, : blocks.first].to(device) if i2v else None
         self.shape = samples["latent"].shape
-        self.vae = load_vae(cfg.vae, device, torch.float32, field="sample.vae.path") \
-            if cfg.vae is not None and _rank0() else None
+        self.vae = (
+            load_vae(cfg.vae, device, torch.float32, field="sample.vae.path")
+            if cfg.vae is not None and _rank0()
+            else None
+        )
 
     def _stream(self, net: nn.Module) -> Tensor:
         n, c, t, h, w = self.shape
-        cache = make_kv_cache(net, batch=n, height=h, width=w, layout=block_layout(self.blocks), window_frames=t,
-                              rolling=False, kv_dtype=self.kv_dtype, device=self.device)
+        cache = make_kv_cache(
+            net,
+            batch=n,
+            height=h,
+            width=w,
+            layout=block_layout(self.blocks),
+            window_frames=t,
+            rolling=False,
+            kv_dtype=self.kv_dtype,
+            device=self.device,
+        )
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        out = stream_generate(net, self.context, cache, num_frames=t, layout=block_layout(self.blocks),
-                              latent_shape=(n, c, h, w), generator=g, times=self.times,
-                              context_noise=self.context_noise, initial_latent=self.initial)
+        out = stream_generate(
+            net,
+            self.context,
+            cache,
+            num_frames=t,
+            layout=block_layout(self.blocks),
+            latent_shape=(n, c, h, w),
+            generator=g,
+            times=self.times,
+            context_noise=self.context_noise,
+            initial_latent=self.initial,
+        )
         return torch.cat([blk.x0 for blk in out], dim=2)
 
     def _decode(self, x0: Tensor) -> Tensor:
@@ -116,12 +147,18 @@ def _first_samples(data_cfg, n: int) -> dict[str, Any]:
     samples = list(itertools.islice(ShardLoader(one, rank=0, world_size=1), n))
     if not samples:
         raise ValueError(f"no sample in {data_cfg.shards!r}")
-    return {"embed": torch.cat([s["embed"] for s in samples]), "latent": torch.cat([s["latent"] for s in samples])}
+    return {
+        "embed": torch.cat([s["embed"] for s in samples]),
+        "latent": torch.cat([s["latent"] for s in samples]),
+    }
 
 
 # ------------------------------------------------------------------------------------------ stages
 def _exports(stage_dir: Path) -> dict[str, Path]:
-    return {"student": stage_dir / "student.safetensors", "student_ema": stage_dir / "student_ema.safetensors"}
+    return {
+        "student": stage_dir / "student.safetensors",
+        "student_ema": stage_dir / "student_ema.safetensors",
+    }
 
 
 def _finished(ckpt: Checkpointer, stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
@@ -140,9 +177,15 @@ def _frozen(ctx: dict[str, Any], name: str, sd: Mapping[str, Tensor]) -> nn.Modu
     key = (name, id(sd))
     if key not in ctx["frozen"]:
         ctx["frozen"] = {k: v for k, v in ctx["frozen"].items() if k[0] != name}
-        ctx["frozen"][key] = build_network(ctx["net_cfg"], sd, mesh=ctx["mesh"], parallel=ctx["cfg"].parallel.teacher,
-                                           device=ctx["device"], dtype=_DTYPES[ctx["cfg"].model.teacher_dtype],
-                                           trainable=False)
+        ctx["frozen"][key] = build_network(
+            ctx["net_cfg"],
+            sd,
+            mesh=ctx["mesh"],
+            parallel=ctx["cfg"].parallel.teacher,
+            device=ctx["device"],
+            dtype=_DTYPES[ctx["cfg"].model.teacher_dtype],
+            trainable=False,
+        )
     return ctx["frozen"][key]
 
 
@@ -150,23 +193,40 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
     """Train one stage (resuming if it has a checkpoint); returns its exports and checkpoint."""
     mesh, device, net_cfg, obj = ctx["mesh"], ctx["device"], ctx["net_cfg"], stage.objective
     stage_dir = Path(cfg.output_dir) / stage.name
-    ckpt = Checkpointer(Path(cfg.output_dir) / "checkpoints" / stage.name, keep_last=cfg.train.keep_last,
-                        async_save=cfg.train.async_save)
+    ckpt = Checkpointer(
+        Path(cfg.output_dir) / "checkpoints" / stage.name,
+        keep_last=cfg.train.keep_last,
+        async_save=cfg.train.async_save,
+    )
     done = ckpt.latest_iteration()
     if done is not None and done >= stage.iterations:
         _print(f"stage {stage.name}: complete ({done} iterations), skipped")
-        return {"iteration": done, "checkpoint": ckpt.latest(), **_finished(ckpt, stage_dir, _DTYPES[cfg.export_dtype])}
+        return {
+            "iteration": done,
+            "checkpoint": ckpt.latest(),
+            **_finished(ckpt, stage_dir, _DTYPES[cfg.export_dtype]),
+        }
     p = cfg.parallel
-    build = lambda sd, par, trainable, prec: build_network(net_cfg, sd, mesh=mesh, parallel=par, device=device,
-                                                           dtype=torch.float32, trainable=trainable, precision=prec)
+    build = lambda sd, par, trainable, prec: build_network(
+        net_cfg,
+        sd,
+        mesh=mesh,
+        parallel=par,
+        device=device,
+        dtype=torch.float32,
+        trainable=trainable,
+        precision=prec,
+    )
     models = {"student": build(init_sd, p.student, True, "student")}
     ema = build(init_sd, p.student, False, "student")
     optimizers = {"student": build_optimizer(models["student"], cfg.optimizer)}
     schedulers = {"student": build_scheduler(optimizers["student"], cfg.optimizer)}
     if obj.cm != "none":
         if ctx["causal_teacher_sd"] is None:
-            raise ValueError(f"stage {stage.name}: objective.cm needs a causal teacher (a flow stage before it, "
-                             "or model.causal_teacher_path)")
+            raise ValueError(
+                f"stage {stage.name}: objective.cm needs a causal teacher (a flow stage before it, "
+                "or model.causal_teacher_path)"
+            )
         models["causal_teacher"] = _frozen(ctx, "causal_teacher", ctx["causal_teacher_sd"])
     if obj.ode or obj.dmd:
         models["teacher"] = _frozen(ctx, "teacher", ctx["teacher_sd"])
@@ -176,28 +236,71 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
         schedulers["fake_score"] = build_scheduler(optimizers["fake_score"], cfg.fake_score_optimizer)
     parts = TrainParts(models=models, optimizers=optimizers, schedulers=schedulers, ema={"student": ema})
     loop = cfg.train
-    train_cfg = TrainConfig(max_iter=stage.iterations, grad_accum=loop.grad_accum, clip_norm=loop.clip_norm,
-                            seed=loop.seed, ema_rate=loop.ema_rate, schedule=stage.schedule,
-                            student_models=["student"], critic_models=["fake_score"] if obj.dmd else [],
-                            checkpoint_every=loop.checkpoint_every, sample_every=cfg.sample.every)
-    logger = MetricsLogger(LoggerConfig(dir=str(Path(cfg.output_dir) / "logs" / stage.name), every=loop.log_every,
-                                        wandb_mode=loop.wandb_mode, wandb_project=loop.wandb_project,
-                                        wandb_name=f"{Path(cfg.output_dir).name}-{stage.name}",
-                                        video_fps=cfg.sample.fps), run_config=cfg.model_dump(mode="json"))
+    train_cfg = TrainConfig(
+        max_iter=stage.iterations,
+        grad_accum=loop.grad_accum,
+        clip_norm=loop.clip_norm,
+        seed=loop.seed,
+        ema_rate=loop.ema_rate,
+        schedule=stage.schedule,
+        student_models=["student"],
+        critic_models=["fake_score"] if obj.dmd else [],
+        checkpoint_every=loop.checkpoint_every,
+        sample_every=cfg.sample.every,
+    )
+    logger = MetricsLogger(
+        LoggerConfig(
+            dir=str(Path(cfg.output_dir) / "logs" / stage.name),
+            every=loop.log_every,
+            wandb_mode=loop.wandb_mode,
+            wandb_project=loop.wandb_project,
+            wandb_name=f"{Path(cfg.output_dir).name}-{stage.name}",
+            video_fps=cfg.sample.fps,
+        ),
+        run_config=cfg.model_dump(mode="json"),
+    )
     blocks = ctx["blocks"]
-    objective = CausalRCMObjective(obj, blocks, given_blocks=int(cfg.blocks.i2v), negative_embed=ctx["negative"],
-                                   seed=loop.seed, grad_accum=loop.grad_accum)
+    objective = CausalRCMObjective(
+        obj,
+        blocks,
+        given_blocks=int(cfg.blocks.i2v),
+        negative_embed=ctx["negative"],
+        seed=loop.seed,
+        grad_accum=loop.grad_accum,
+    )
     hook = None
     if cfg.sample.every:
-        times = obj.sf_schedule if not obj.trains_teacher else \
-            [1.0 - k / cfg.sample.teacher_steps for k in range(cfg.sample.teacher_steps)]
-        hook = CausalSampleHook(cfg.sample, ctx["samples"], blocks, device=device, times=times,
-                                context_noise=obj.context_noise, i2v=cfg.blocks.i2v, kv_dtype=obj.kv_dtype)
+        times = (
+            obj.sf_schedule
+            if not obj.trains_teacher
+            else [1.0 - k / cfg.sample.teacher_steps for k in range(cfg.sample.teacher_steps)]
+        )
+        hook = CausalSampleHook(
+            cfg.sample,
+            ctx["samples"],
+            blocks,
+            device=device,
+            times=times,
+            context_noise=obj.context_noise,
+            i2v=cfg.blocks.i2v,
+            kv_dtype=obj.kv_dtype,
+        )
     data = DeviceData(ShardLoader(cfg.data, rank=mesh.dp_rank, world_size=mesh.dp_size), device)
-    _print(f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(models)}, blocks "
-           f"{blocks.sizes}" + (f", resuming from iteration {done}" if done is not None else ""))
-    state = train(parts, objective, data, train_cfg, checkpointer=ckpt, logger=logger, sample_hook=hook,
-                  dp_rank=mesh.dp_rank, device=device)
+    _print(
+        f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(models)}, blocks "
+        f"{blocks.sizes}" + (f", resuming from iteration {done}" if done is not None else "")
+    )
+    state = train(
+        parts,
+        objective,
+        data,
+        train_cfg,
+        checkpointer=ckpt,
+        logger=logger,
+        sample_hook=hook,
+        dp_rank=mesh.dp_rank,
+        device=device,
+    )
     if hook is not None:
         media = hook(state.iteration, {**models, "student_ema": ema})
         if media:
@@ -236,24 +339,43 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
     mesh = build_mesh(world // shard, shard, 1)  # no context parallel: the cached block pass refuses it
     net_cfg = dit_config(DiTSpec(config=cfg.model.config, overrides=cfg.model.overrides))
     blocks = frame_blocks(cfg)
-    _print(f"causal_distill: world {world} on {device.type}, blocks {blocks.sizes}, stages "
-           f"{[(s.name, s.iterations) for s in cfg.stages()]}")
+    _print(
+        f"causal_distill: world {world} on {device.type}, blocks {blocks.sizes}, stages "
+        f"{[(s.name, s.iterations) for s in cfg.stages()]}"
+    )
     negative = None
     if cfg.negative_embed_path is not None:
-        negative = load_embedding(cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len).to(device)
-    ctx = {"cfg": cfg, "mesh": mesh, "device": device, "net_cfg": net_cfg, "blocks": blocks, "negative": negative,
-           "teacher_sd": read_teacher(net_cfg, cfg.model.teacher_path), "frozen": {},
-           "causal_teacher_sd": read_teacher(net_cfg, cfg.model.causal_teacher_path)
-           if cfg.model.causal_teacher_path else None,
-           "samples": _first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None}
+        negative = load_embedding(
+            cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len
+        ).to(device)
+    ctx = {
+        "cfg": cfg,
+        "mesh": mesh,
+        "device": device,
+        "net_cfg": net_cfg,
+        "blocks": blocks,
+        "negative": negative,
+        "teacher_sd": read_teacher(net_cfg, cfg.model.teacher_path),
+        "frozen": {},
+        "causal_teacher_sd": read_teacher(net_cfg, cfg.model.causal_teacher_path)
+        if cfg.model.causal_teacher_path
+        else None,
+        "samples": _first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None,
+    }
     results: dict[str, Any] = {}
     student_sd = None
     for stage in cfg.stages():
-        init = {"teacher": ctx["teacher_sd"], "causal_teacher": ctx["causal_teacher_sd"], "previous": student_sd}
+        init = {
+            "teacher": ctx["teacher_sd"],
+            "causal_teacher": ctx["causal_teacher_sd"],
+            "previous": student_sd,
+        }
         if init[stage.init] is None:
-            raise ValueError(f"stage {stage.name}: init={stage.init!r} but no such network exists yet (a "
-                             "student stage must come before 'previous', a flow stage or model.causal_teacher_path "
-                             "before 'causal_teacher')")
+            raise ValueError(
+                f"stage {stage.name}: init={stage.init!r} but no such network exists yet (a "
+                "student stage must come before 'previous', a flow stage or model.causal_teacher_path "
+                "before 'causal_teacher')"
+            )
         results[stage.name] = info = _run_stage(cfg, stage, ctx, init[stage.init])
         sd = load_part(info["checkpoint"], "student")
         if stage.objective.trains_teacher:

@@ -58,8 +58,15 @@ from rcm_train.trainer import Closure, StepContext
 
 from .config import RecipeConfig
 
-__all__ = ["CausalObjectiveConfig", "CausalRCMObjective", "CachedBlocks", "tf_velocity", "df_velocity",
-           "block_layout", "shared_generator"]
+__all__ = [
+    "CausalObjectiveConfig",
+    "CausalRCMObjective",
+    "CachedBlocks",
+    "tf_velocity",
+    "df_velocity",
+    "block_layout",
+    "shared_generator",
+]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 SF_SCHEDULE = [1.0, 15 / 16, 5 / 6, 5 / 8]
@@ -130,13 +137,17 @@ class CausalObjectiveConfig(RecipeConfig):
     def _check(self) -> CausalObjectiveConfig:
         student = self.cm != "none" or self.dmd or self.ode
         if self.flow != "none" and student:
-            raise ValueError("objective.flow trains a causal teacher: it cannot be combined with cm / ode / dmd")
+            raise ValueError(
+                "objective.flow trains a causal teacher: it cannot be combined with cm / ode / dmd"
+            )
         if self.flow == "none" and not student:
             raise ValueError("the objective trains nothing: set flow, cm, ode or dmd")
         if self.ode and (self.cm != "none" or self.dmd):
             raise ValueError("objective.ode is an initialization stage: run cm / dmd in a later stage")
         if not 0 <= self.context_noise < 1:
-            raise ValueError(f"objective.context_noise must be an RF time in [0, 1), got {self.context_noise}")
+            raise ValueError(
+                f"objective.context_noise must be an RF time in [0, 1), got {self.context_noise}"
+            )
         for s in _schedule_lists(self.sf_schedule):
             if not s or any(not 0 < v <= 1 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
                 raise ValueError(f"objective.sf_schedule {s} must be strictly decreasing RF times in (0, 1]")
@@ -155,7 +166,9 @@ def block_layout(blocks: FrameBlocks) -> BlockLayout:
     return BlockLayout(blocks.frames_per_block, blocks.first)
 
 
-def shared_generator(seed: int, iteration: int, micro_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+def shared_generator(
+    seed: int, iteration: int, micro_step: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator equal on every rank (no rank in the seed): the exit steps decide how many network calls
     each rank makes, which must match across FSDP / data-parallel ranks."""
     state = np.random.SeedSequence([seed, iteration, micro_step, 0x5E1F]).generate_state(1, np.uint64)[0]
@@ -171,8 +184,12 @@ def _tokens_per_frame(net: nn.Module, x: Tensor) -> int:
 def tf_velocity(net: nn.Module, blocks: FrameBlocks, like: Tensor):
     """``(velocity, velocity_jvp)`` of the packed teacher-forcing pass over ``[context ; noisy]``: the
     teacher-forcing mask of ``blocks`` and RoPE positions ``0..T-1`` for both halves (``like``: the video)."""
-    mask = blockmask.teacher_forcing(blocks.num_blocks, blocks.frames_per_block, _tokens_per_frame(net, like),
-                                     first_block_frames=blocks.first)
+    mask = blockmask.teacher_forcing(
+        blocks.num_blocks,
+        blocks.frames_per_block,
+        _tokens_per_frame(net, like),
+        first_block_frames=blocks.first,
+    )
     pos = teacher_forcing_positions(blocks.num_frames, like.device)
     vel = lambda x, ts, c: net(x, ts, c, block_mask=mask, frame_pos=pos)
     jvp = lambda x, ts, c, tx, tt: net.forward_jvp(x, ts, c, tx, tt, block_mask=mask, frame_pos=pos)
@@ -181,20 +198,32 @@ def tf_velocity(net: nn.Module, blocks: FrameBlocks, like: Tensor):
 
 def df_velocity(net: nn.Module, blocks: FrameBlocks, like: Tensor):
     """The block-causal full-sequence pass (diffusion forcing, ODE regression) as a velocity."""
-    mask = blockmask.block_causal(blocks.num_blocks, blocks.frames_per_block, _tokens_per_frame(net, like),
-                                  first_block_frames=blocks.first)
+    mask = blockmask.block_causal(
+        blocks.num_blocks,
+        blocks.frames_per_block,
+        _tokens_per_frame(net, like),
+        first_block_frames=blocks.first,
+    )
     return lambda x, ts, c: net(x, ts, c, block_mask=mask)
 
 
 class CachedBlocks:
-    """``denoise`` / ``commit`` / ``reset`` of a causal WanDiT over a ``KVCache`` for ``self_forcing_rollout``.
+    """``denoise`` / ``commit`` / ``reset`` of a causal WanDiT over a ``KVCache`` (self-forcing rollout).
 
     ``denoise(x_t, t, i)``: ``WanDiT.forward_block`` of block i reading the cache (grad as the caller's mode);
     ``commit(x, t, i)``: the same pass at the context time writing the block's k/v (detached), then commit.
     """
 
-    def __init__(self, net: nn.Module, cache: KVCache, cond: Tensor, blocks: FrameBlocks, *,
-                 input_dtype: torch.dtype | None, timestep_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        net: nn.Module,
+        cache: KVCache,
+        cond: Tensor,
+        blocks: FrameBlocks,
+        *,
+        input_dtype: torch.dtype | None,
+        timestep_dtype: torch.dtype | None,
+    ):
         self.net, self.cache, self.cond, self.blocks = net, cache, cond, blocks
         self.dtypes = dict(input_dtype=input_dtype, timestep_dtype=timestep_dtype)
         self.reset()
@@ -233,21 +262,33 @@ class CausalRCMObjective:
     its own backward passes and applies the trainer's ``1 / grad_accum`` itself).
     """
 
-    def __init__(self, config: CausalObjectiveConfig, blocks: FrameBlocks, *, given_blocks: int = 0,
-                 negative_embed: Tensor | None = None, seed: int = 0, grad_accum: int = 1):
+    def __init__(
+        self,
+        config: CausalObjectiveConfig,
+        blocks: FrameBlocks,
+        *,
+        given_blocks: int = 0,
+        negative_embed: Tensor | None = None,
+        seed: int = 0,
+        grad_accum: int = 1,
+    ):
         if not 0 <= given_blocks < blocks.num_blocks:
             raise ValueError(f"given_blocks must be in [0, {blocks.num_blocks}), got {given_blocks}")
         if config.ode and given_blocks:
-            raise ValueError("ODE initialization is T2V only (the bidirectional teacher cannot take a given "
-                             "block): set blocks.i2v=false for the ode stage")
+            raise ValueError(
+                "ODE initialization is T2V only (the bidirectional teacher cannot take a given "
+                "block): set blocks.i2v=false for the ode stage"
+            )
         self.cfg, self.blocks, self.seed, self.grad_accum = config, blocks, seed, grad_accum
         self.given = sum(blocks.sizes[:given_blocks])
         self.negative_embed = negative_embed
         self.p_g, self.p_d = LogNormal(config.p_g_mean, config.p_g_std), UniformShift(config.p_d_shift)
         d = lambda name: _DTYPES[name] if name else None
         self.dtypes = dict(input_dtype=d(config.input_dtype), timestep_dtype=d(config.timestep_dtype))
-        scheds = [[float(rf_to_trig(torch.tensor(v, dtype=torch.float64))) for v in s]
-                  for s in _schedule_lists(config.sf_schedule)]
+        scheds = [
+            [float(rf_to_trig(torch.tensor(v, dtype=torch.float64))) for v in s]
+            for s in _schedule_lists(config.sf_schedule)
+        ]
         self.schedule = scheds if isinstance(config.sf_schedule[0], list) else scheds[0]
         self.lengths = [len(scheds[min(i, len(scheds) - 1)]) for i in range(blocks.num_blocks)]
         self.t_c = float(rf_to_trig(torch.tensor(config.context_noise, dtype=torch.float64)))
@@ -267,9 +308,17 @@ class CausalRCMObjective:
         key = (id(net), b, t, h, w, str(x0.device))
         if key not in self._caches:
             self._caches.clear()  # one cache alive at a time (storage is allocated once per shape)
-            self._caches[key] = make_kv_cache(net, batch=b, height=h, width=w, layout=block_layout(self.blocks),
-                                              window_frames=t, rolling=False, kv_dtype=self.cfg.kv_dtype,
-                                              device=x0.device)
+            self._caches[key] = make_kv_cache(
+                net,
+                batch=b,
+                height=h,
+                width=w,
+                layout=block_layout(self.blocks),
+                window_frames=t,
+                rolling=False,
+                kv_dtype=self.cfg.kv_dtype,
+                device=x0.device,
+            )
         return self._caches[key]
 
     def exit_steps(self, ctx: StepContext) -> tuple[int, ...]:
@@ -283,21 +332,45 @@ class CausalRCMObjective:
         its cache binding."""
         binding = CachedBlocks(net, self._cache(net, x0), cond, self.blocks, **self.dtypes)
         given = x0[:, :, : self.given] if self.given else None
-        out = self_forcing_rollout(binding.denoise, binding.commit, x0.shape, self.blocks, self.schedule,
-                                   generator=ctx.generator, exit_steps=self.exit_steps(ctx), given=given,
-                                   context_time=self.t_c, with_grad=with_grad)
+        out = self_forcing_rollout(
+            binding.denoise,
+            binding.commit,
+            x0.shape,
+            self.blocks,
+            self.schedule,
+            generator=ctx.generator,
+            exit_steps=self.exit_steps(ctx),
+            given=given,
+            context_time=self.t_c,
+            with_grad=with_grad,
+        )
         return out, binding
 
-    def sf_dmd(self, models: Mapping[str, nn.Module], x0: Tensor, cond: Tensor, uncond: Tensor | None,
-               ctx: StepContext, noise) -> tuple[Tensor, dict[str, Tensor]]:
+    def sf_dmd(
+        self,
+        models: Mapping[str, nn.Module],
+        x0: Tensor,
+        cond: Tensor,
+        uncond: Tensor | None,
+        ctx: StepContext,
+        noise,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Self-forcing DMD (CAUSAL_SPEC §4.3); with ``replay`` the rollout runs without grad and each block's
         exit step is recomputed and backpropagated here, one block at a time (§4.4)."""
         cfg, g, b = self.cfg, ctx.generator, x0.shape[0]
         out, binding = self.rollout(models["student"], x0, cond, ctx, with_grad=not cfg.replay)
         G = out.x0.detach().requires_grad_() if cfg.replay else out.x0
-        loss, diag = dmd_objective(G, self.p_d(b, generator=g).to(x0.device), noise(),
-                                   self._bidir(models["fake_score"]), self._bidir(models["teacher"]), cond, uncond,
-                                   guidance=cfg.dmd_guidance, loss_scale=cfg.loss_scale_dmd)
+        loss, diag = dmd_objective(
+            G,
+            self.p_d(b, generator=g).to(x0.device),
+            noise(),
+            self._bidir(models["fake_score"]),
+            self._bidir(models["teacher"]),
+            cond,
+            uncond,
+            guidance=cfg.dmd_guidance,
+            loss_scale=cfg.loss_scale_dmd,
+        )
         if cfg.replay:  # the trainer's own backward then reaches only the leaf G (no parameters)
             (grad_g,) = torch.autograd.grad(loss.sum() / self.grad_accum, G, retain_graph=True)
             replay_backward(out, binding.denoise, binding.commit, self.blocks, grad_g, reset=binding.reset)
@@ -307,12 +380,24 @@ class CausalRCMObjective:
         """``(trajectory [K+1, B, C, T, H, W], times [K+1, B])`` in TrigFlow: the teacher's CFG Euler ODE
         from pure noise, states at ``ode_keep`` plus the endpoint (``t = 0``)."""
         cfg = self.cfg
-        keep = cfg.ode_keep if cfg.ode_keep is not None else [0, cfg.ode_steps // 4, cfg.ode_steps // 2,
-                                                               3 * cfg.ode_steps // 4]
+        keep = (
+            cfg.ode_keep
+            if cfg.ode_keep is not None
+            else [0, cfg.ode_steps // 4, cfg.ode_steps // 2, 3 * cfg.ode_steps // 4]
+        )
         states = [noise.to(torch.float64)]
-        x_end = flow_euler_sample(lambda x, ts, c: teacher(x, ts, c), noise, cond, uncond,
-                                  guidance=cfg.ode_guidance, num_steps=cfg.ode_steps, shift=cfg.ode_shift,
-                                  sigma_max=None, callback=lambda d: states.append(d["x"]), **self.dtypes)
+        x_end = flow_euler_sample(
+            lambda x, ts, c: teacher(x, ts, c),
+            noise,
+            cond,
+            uncond,
+            guidance=cfg.ode_guidance,
+            num_steps=cfg.ode_steps,
+            shift=cfg.ode_shift,
+            sigma_max=None,
+            callback=lambda d: states.append(d["x"]),
+            **self.dtypes,
+        )
         s = flow_sigmas(cfg.ode_steps, shift=cfg.ode_shift, sigma_max=None).to(torch.float64)
         if any(not 0 <= k < cfg.ode_steps for k in keep):
             raise ValueError(f"objective.ode_keep {keep} must index the {cfg.ode_steps} ODE steps")
@@ -323,14 +408,18 @@ class CausalRCMObjective:
         return traj, t[:, None].expand(-1, noise.shape[0]).to(noise.device)
 
     # ---------------------------------------------------------------------------------- closures
-    def closures(self, models: Mapping[str, nn.Module], batch: Mapping[str, Any], ctx: StepContext) -> dict[str, Closure]:
+    def closures(
+        self, models: Mapping[str, nn.Module], batch: Mapping[str, Any], ctx: StepContext
+    ) -> dict[str, Closure]:
         cfg, g, blocks, given = self.cfg, ctx.generator, self.blocks, self.given
         x0 = batch["latent"].float()
         cond = batch["embed"]
         b = x0.shape[0]
         if x0.shape[2] != blocks.num_frames:
-            raise ValueError(f"batch latents have {x0.shape[2]} frames; the blocks cover {blocks.num_frames} "
-                             "(set data.num_frames)")
+            raise ValueError(
+                f"batch latents have {x0.shape[2]} frames; the blocks cover {blocks.num_frames} "
+                "(set data.num_frames)"
+            )
         uncond = None
         if self.negative_embed is not None:
             uncond = self.negative_embed.to(cond)[None].expand(b, *self.negative_embed.shape)
@@ -348,54 +437,116 @@ class CausalRCMObjective:
             return {"critic": critic}
         dev = lambda t: t.to(x0.device)
         if cfg.flow != "none":
+
             def flow():
                 tf = cfg.flow == "tf"
-                t = dev(sample_block_times(self.p_d, b, blocks, generator=g, strategy="same" if tf else cfg.block_times))
+                t = dev(
+                    sample_block_times(
+                        self.p_d, b, blocks, generator=g, strategy="same" if tf else cfg.block_times
+                    )
+                )
                 t[:, :given] = 0.0  # given frames: clean, no loss
                 if tf:
-                    vel = teacher_forcing_velocity(tf_velocity(student, blocks, x0)[0], x0, given_frames=given,
-                                                   **self.dtypes)
-                    return flow_matching_objective(vel, x0[:, :, given:], noise()[:, :, given:], t[:, given:], cond,
-                                                   weighting="bell", loss_scale=cfg.loss_scale, **self.dtypes)
-                return flow_matching_objective(df_velocity(student, blocks, x0), x0, noise(), t, cond,
-                                               weighting="none", loss_scale=cfg.loss_scale, **self.dtypes)
+                    vel = teacher_forcing_velocity(
+                        tf_velocity(student, blocks, x0)[0], x0, given_frames=given, **self.dtypes
+                    )
+                    return flow_matching_objective(
+                        vel,
+                        x0[:, :, given:],
+                        noise()[:, :, given:],
+                        t[:, given:],
+                        cond,
+                        weighting="bell",
+                        loss_scale=cfg.loss_scale,
+                        **self.dtypes,
+                    )
+                return flow_matching_objective(
+                    df_velocity(student, blocks, x0),
+                    x0,
+                    noise(),
+                    t,
+                    cond,
+                    weighting="none",
+                    loss_scale=cfg.loss_scale,
+                    **self.dtypes,
+                )
 
             out["flow"] = flow
         if cfg.cm in ("dcm", "dscm"):
+
             def tf_dcm():
-                times = dev(sample_block_dcm_times(b, blocks, generator=g, total_steps=cfg.dcm_total_steps,
-                                                   skip_steps=cfg.dcm_skip_steps, shift=cfg.dcm_shift,
-                                                   strategy=cfg.block_times))
+                times = dev(
+                    sample_block_dcm_times(
+                        b,
+                        blocks,
+                        generator=g,
+                        total_steps=cfg.dcm_total_steps,
+                        skip_steps=cfg.dcm_skip_steps,
+                        shift=cfg.dcm_shift,
+                        strategy=cfg.block_times,
+                    )
+                )
                 eps = noise()
-                return tf_dcm_objective(tf_velocity(student, blocks, x0)[0],
-                                        tf_velocity(models["causal_teacher"], blocks, x0)[0], x0, eps, times, cond,
-                                        uncond, student_context_time=self._context_time(x0), context_eps=eps,
-                                        given_frames=given, guidance=cfg.cm_guidance, loss_scale=cfg.loss_scale,
-                                        **self.dtypes)
+                return tf_dcm_objective(
+                    tf_velocity(student, blocks, x0)[0],
+                    tf_velocity(models["causal_teacher"], blocks, x0)[0],
+                    x0,
+                    eps,
+                    times,
+                    cond,
+                    uncond,
+                    student_context_time=self._context_time(x0),
+                    context_eps=eps,
+                    given_frames=given,
+                    guidance=cfg.cm_guidance,
+                    loss_scale=cfg.loss_scale,
+                    **self.dtypes,
+                )
 
             out["tf_dcm"] = tf_dcm
         if cfg.cm in ("scm", "dscm"):
+
             def tf_scm():
                 t = dev(sample_block_times(self.p_g, b, blocks, generator=g, strategy=cfg.block_times))
                 eps = noise()
                 vel, jvp = tf_velocity(student, blocks, x0)
-                return tf_scm_objective(vel, tf_velocity(models["causal_teacher"], blocks, x0)[0], x0, eps, t, cond,
-                                        uncond, student_packed_jvp=jvp, student_context_time=self._context_time(x0),
-                                        context_eps=eps, given_frames=given, guidance=cfg.cm_guidance,
-                                        r=tangent_warmup_ratio(ctx.iteration, ctx.schedule.tangent_warmup),
-                                        loss_scale=cfg.loss_scale, **self.dtypes)
+                return tf_scm_objective(
+                    vel,
+                    tf_velocity(models["causal_teacher"], blocks, x0)[0],
+                    x0,
+                    eps,
+                    t,
+                    cond,
+                    uncond,
+                    student_packed_jvp=jvp,
+                    student_context_time=self._context_time(x0),
+                    context_eps=eps,
+                    given_frames=given,
+                    guidance=cfg.cm_guidance,
+                    r=tangent_warmup_ratio(ctx.iteration, ctx.schedule.tangent_warmup),
+                    loss_scale=cfg.loss_scale,
+                    **self.dtypes,
+                )
 
             out["tf_scm"] = tf_scm
         if cfg.ode:
+
             def ode():
                 with torch.no_grad():
                     traj, times = self.ode_trajectory(models["teacher"], noise(), cond, uncond)
                 den = TrigFlowAdapter(df_velocity(student, blocks, x0), **self.dtypes)
-                return ode_regression_objective(den, traj, times, cond, blocks, generator=g,
-                                                loss_scale=cfg.loss_scale_ode)
+                return ode_regression_objective(
+                    den, traj, times, cond, blocks, generator=g, loss_scale=cfg.loss_scale_ode
+                )
 
             out["ode"] = ode
-        if cfg.dmd and "fake_score" in models and ctx.has_critic and ctx.iteration >= ctx.schedule.tangent_warmup:
+        if (
+            cfg.dmd
+            and "fake_score" in models
+            and ctx.has_critic
+            and ctx.iteration >= ctx.schedule.tangent_warmup
+        ):
+
             def sf_dmd():
                 return self.sf_dmd(models, x0, cond, uncond, ctx, noise)
 

@@ -1,4 +1,4 @@
-"""rcm_losses.causal: block times, teacher forcing vs block-by-block, self-forcing gradients, replay, ODE init.
+"""rcm_losses.causal: block times, teacher forcing vs block by block, self-forcing gradients, replay, ODE.
 
 The networks are a tiny two-layer attention model (:class:`ToyCausalNet`, float64, written here) with the two
 call forms of the causal DiT: a masked full-sequence pass (dense masks from ``rcm_kernels.blockmask``) and a
@@ -44,6 +44,7 @@ TOL = dict(atol=1e-10, rtol=1e-10)
 # RF schedule [1, 15/16, 5/6, 5/8] (Causal-rCM / Self-Forcing) in TrigFlow time
 SCHEDULE = [float(rf_to_trig(torch.tensor(s, dtype=F64))) for s in (1.0, 15 / 16, 5 / 6, 5 / 8)]
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
@@ -53,14 +54,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 class ToyCausalNet(nn.Module):
-    """RF velocity net over ``[B, C, T, H, W]``: one token per pixel, per-frame time modulation, sinusoidal frame
-    positions, ``cond [B, dim]`` added to every token, two attention layers.
+    """RF velocity net over ``[B, C, T, H, W]``: one token per pixel, per-frame time modulation,
+    sinusoidal frame positions, ``cond [B, dim]`` added to every token, two attention layers.
 
     ``forward(x, timestep, cond, positions=None, mask=None)``: full sequence with a dense ``[L, L]`` mask.
-    ``block(x, timestep, cond, past, offset)``: a block at frame ``offset`` attending to the cached k/v ``past``
-    (per layer ``(k, v)`` of earlier blocks) and to itself; returns ``(v, new_kv)``.
+    ``block(x, timestep, cond, past, offset)``: a block at frame ``offset`` attending to the cached
+    k/v ``past`` (per layer ``(k, v)`` of earlier blocks) and to itself; returns ``(v, new_kv)``.
     """
 
     def __init__(self, dim=8, layers=2, seed=0):
@@ -75,7 +75,9 @@ class ToyCausalNet(nn.Module):
     def _embed(self, x, timestep, positions, cond):
         t = x.shape[2]
         z = self.inp(rearrange(x.to(F64), "b c t h w -> b (t h w) c"))
-        s = (timestep.to(F64)[:, None] if timestep.ndim == 1 else timestep.to(F64)).expand(x.shape[0], t) / 1000
+        s = (timestep.to(F64)[:, None] if timestep.ndim == 1 else timestep.to(F64)).expand(
+            x.shape[0], t
+        ) / 1000
         scale, shift = self.time(torch.stack([torch.sin(3 * s), torch.cos(3 * s), s, s * s], -1)).chunk(2, -1)
         freqs = torch.arange(1, self.dim + 1, dtype=F64) / self.dim
         pos = torch.sin(positions.to(F64)[:, None] * freqs)  # [T, dim]
@@ -130,15 +132,17 @@ class ToyCache:
     def past(self):
         if not self.blocks:
             return None
-        return [(torch.cat([b[i][0] for b in self.blocks], 1), torch.cat([b[i][1] for b in self.blocks], 1))
-                for i in range(len(self.blocks[0]))]
+        return [
+            (torch.cat([b[i][0] for b in self.blocks], 1), torch.cat([b[i][1] for b in self.blocks], 1))
+            for i in range(len(self.blocks[0]))
+        ]
 
     def append(self, kvs):
         self.blocks.append([(k.detach(), v.detach()) if self.detach else (k, v) for k, v in kvs])
 
 
 def block_fns(net, cache, cond, blocks, record=None):
-    """``denoise_block`` / ``commit_block`` of the toy student over ``cache`` (what the recipe binds for WanDiT)."""
+    """``denoise_block`` / ``commit_block`` of the toy student over ``cache`` (as the recipe binds WanDiT)."""
 
     def velocity_at(i):
         return lambda xs, ts, c: net.block(xs, ts, c, cache.past(), blocks.frames_before(i))[0]
@@ -157,7 +161,7 @@ def block_fns(net, cache, cond, blocks, record=None):
 
 
 def tf_packed(net, blocks):
-    """The packed teacher-forcing pass of the toy net: TF mask, RoPE-like positions repeated for both halves."""
+    """The packed teacher-forcing pass of the toy net: TF mask, positions repeated for both halves."""
     mask = teacher_forcing(blocks.num_blocks, blocks.frames_per_block, HW, first_block_frames=blocks.first)
     t = blocks.num_frames
     pos = torch.cat([torch.arange(t), torch.arange(t)])
@@ -175,7 +179,7 @@ def per_block_velocity(net, blocks, ctx_s, ctx_ts, given=0):
         for sl in blocks.slices:
             if sl.start >= given:
                 o = sl.start - given
-                xi, ti = x_s[:, :, o:o + sl.stop - sl.start], ts[:, o:o + sl.stop - sl.start]
+                xi, ti = x_s[:, :, o : o + sl.stop - sl.start], ts[:, o : o + sl.stop - sl.start]
                 outs.append(net.block(xi, ti, cond, cache.past(), sl.start)[0])
             cache.append(net.block(ctx_s[:, :, sl], ctx_ts[:, sl], cond, cache.past(), sl.start)[1])
         return torch.cat(outs, 2)
@@ -209,13 +213,14 @@ def test_block_times_constant_in_blocks_and_reproducible():
     t = sample_block_times(LogNormal(0.7, 1.6), 3, blocks, generator=torch.Generator().manual_seed(0))
     assert t.shape == (3, 7) and t.dtype == F64
     for sl in blocks.slices:
-        assert torch.equal(t[:, sl], t[:, sl.start:sl.start + 1].expand(-1, sl.stop - sl.start))
+        assert torch.equal(t[:, sl], t[:, sl.start : sl.start + 1].expand(-1, sl.stop - sl.start))
     per_block = t[:, [0, 1, 3, 5]]
     assert (per_block[:, 1:] != per_block[:, :1]).all()  # independent draws per block (diffusion forcing)
     again = sample_block_times(LogNormal(0.7, 1.6), 3, blocks, generator=torch.Generator().manual_seed(0))
     assert torch.equal(t, again)
-    same = sample_block_times(UniformShift(5.0), 3, blocks, generator=torch.Generator().manual_seed(0),
-                              strategy="same")
+    same = sample_block_times(
+        UniformShift(5.0), 3, blocks, generator=torch.Generator().manual_seed(0), strategy="same"
+    )
     assert torch.equal(same, same[:, :1].expand(-1, 7))
 
 
@@ -237,8 +242,9 @@ def test_teacher_forcing_pass_equals_block_by_block(given, noisy_context):
     net, (cond, _) = ToyCausalNet(), conds()
     x0, eps = randn(B, C, 5, H, W, seed=1), randn(B, C, 5, H, W, seed=2)
     t_c = 0.3 if noisy_context else 0.0
-    tfv = teacher_forcing_velocity(tf_packed(net, blocks), x0, context_time=t_c, context_eps=eps,
-                                   given_frames=given, **EXACT)
+    tfv = teacher_forcing_velocity(
+        tf_packed(net, blocks), x0, context_time=t_c, context_eps=eps, given_frames=given, **EXACT
+    )
     if noisy_context:  # the context is the RF sample of x0 re-noised to t_c (TrigFlow), at timestep 1000 s_c
         s_c = math.sin(t_c) / (math.sin(t_c) + math.cos(t_c))
         assert torch.allclose(tfv.context, (1 - s_c) * x0 + s_c * eps, atol=1e-14)
@@ -278,16 +284,37 @@ def test_tf_scm_loss_equals_per_block_computation(given):
     cond, uncond = conds()
     x0, eps = randn(B, C, 5, H, W, seed=1), randn(B, C, 5, H, W, seed=2)
     t = sample_block_times(LogNormal(0.7, 1.6), B, blocks, generator=torch.Generator().manual_seed(3))
-    loss, diag = tf_scm_objective(tf_packed(student, blocks), tf_packed(teacher, blocks), x0, eps, t, cond, uncond,
-                                  given_frames=given, guidance=3.0, r=0.7, **EXACT)
+    loss, diag = tf_scm_objective(
+        tf_packed(student, blocks),
+        tf_packed(teacher, blocks),
+        x0,
+        eps,
+        t,
+        cond,
+        uncond,
+        given_frames=given,
+        guidance=3.0,
+        r=0.7,
+        **EXACT,
+    )
     loss.sum().backward()
     g_tf = _param_grads(student)
     student.zero_grad()
     ctx_ts = torch.zeros(B, 5, dtype=F64)
     s_ref = TrigFlowAdapter(per_block_velocity(student, blocks, x0, ctx_ts, given), **EXACT)
     t_ref = TrigFlowAdapter(per_block_velocity(teacher, blocks, x0, ctx_ts, given), **EXACT)
-    loss_ref, _ = scm_objective(s_ref, None, t_ref, x0[:, :, given:], eps[:, :, given:], t[:, given:], cond, uncond,
-                                guidance=3.0, r=0.7)
+    loss_ref, _ = scm_objective(
+        s_ref,
+        None,
+        t_ref,
+        x0[:, :, given:],
+        eps[:, :, given:],
+        t[:, given:],
+        cond,
+        uncond,
+        guidance=3.0,
+        r=0.7,
+    )
     loss_ref.sum().backward()
     assert torch.allclose(loss, loss_ref, **TOL) and (loss > 0).all() and not diag["nan"].any()
     assert torch.allclose(g_tf, _param_grads(student), **TOL)
@@ -299,14 +326,28 @@ def test_tf_dcm_loss_equals_per_block_computation():
     cond, uncond = conds()
     x0, eps = randn(B, C, 4, H, W, seed=1), randn(B, C, 4, H, W, seed=2)
     times = sample_block_dcm_times(B, blocks, generator=torch.Generator().manual_seed(4))
-    loss, _ = tf_dcm_objective(tf_packed(student, blocks), tf_packed(teacher, blocks), x0, eps, times, cond, uncond,
-                               student_context_time=0.2, context_eps=eps, **EXACT)
+    loss, _ = tf_dcm_objective(
+        tf_packed(student, blocks),
+        tf_packed(teacher, blocks),
+        x0,
+        eps,
+        times,
+        cond,
+        uncond,
+        student_context_time=0.2,
+        context_eps=eps,
+        **EXACT,
+    )
     loss.sum().backward()
     g_tf = _param_grads(student)
     student.zero_grad()
     s_c = math.sin(0.2) / (math.sin(0.2) + math.cos(0.2))
-    s_ref = TrigFlowAdapter(per_block_velocity(student, blocks, (1 - s_c) * x0 + s_c * eps,
-                                               torch.full((B, 4), 1000 * s_c, dtype=F64)), **EXACT)
+    s_ref = TrigFlowAdapter(
+        per_block_velocity(
+            student, blocks, (1 - s_c) * x0 + s_c * eps, torch.full((B, 4), 1000 * s_c, dtype=F64)
+        ),
+        **EXACT,
+    )
     t_ref = TrigFlowAdapter(per_block_velocity(teacher, blocks, x0, torch.zeros(B, 4, dtype=F64)), **EXACT)
     loss_ref, _ = causal_dcm_objective(s_ref, t_ref, x0, eps, times, cond, uncond)
     loss_ref.sum().backward()
@@ -325,8 +366,10 @@ def test_causal_dcm_is_zero_for_the_exact_point_mass_student():
 
     exact = TrigFlowAdapter(velocity, **EXACT)
     eps = randn(B, C, 2, H, W, seed=6)
-    for times in (torch.tensor([[1.2, 1.0], [0.9, 0.7]], dtype=F64),
-                  torch.tensor([[[1.2, 1.0]] * B, [[0.9, 0.3]] * B], dtype=F64)):
+    for times in (
+        torch.tensor([[1.2, 1.0], [0.9, 0.7]], dtype=F64),
+        torch.tensor([[[1.2, 1.0]] * B, [[0.9, 0.3]] * B], dtype=F64),
+    ):
         loss, _ = causal_dcm_objective(exact, exact, x_data, eps, times, None, uncond=None)
         assert loss.abs().max() < 1e-20
 
@@ -358,7 +401,9 @@ def test_ode_regression_blockwise_indices_and_clean_frames_excluded():
         seen["x"], seen["t"] = x, t
         return TrigFlowAdapter(lambda xs, ts, _c: xs * 0 + 0.0, **EXACT)(x, t, c)  # x0_hat = c_skip x_t
 
-    loss, _ = ode_regression_objective(student, traj, times, None, blocks, generator=torch.Generator().manual_seed(2))
+    loss, _ = ode_regression_objective(
+        student, traj, times, None, blocks, generator=torch.Generator().manual_seed(2)
+    )
     t = seen["t"]
     assert t.shape == (B, 6) and torch.equal(t[:, 0], t[:, 1]) and torch.equal(t[:, 4], t[:, 5])
     for bi in range(B):
@@ -375,8 +420,16 @@ def _rollout(net, blocks, cond, *, seed=0, exits=None, record=None, **kw):
     cache = ToyCache()
     den, com = block_fns(net, cache, cond, blocks, record)
     exits = exits if exits is not None else (3,) * blocks.num_blocks
-    out = self_forcing_rollout(den, com, (B, C, blocks.num_frames, H, W), blocks, SCHEDULE,
-                               generator=torch.Generator().manual_seed(seed), exit_steps=exits, **kw)
+    out = self_forcing_rollout(
+        den,
+        com,
+        (B, C, blocks.num_frames, H, W),
+        blocks,
+        SCHEDULE,
+        generator=torch.Generator().manual_seed(seed),
+        exit_steps=exits,
+        **kw,
+    )
     return out, cache, den, com
 
 
@@ -402,8 +455,9 @@ def test_self_forcing_gradient_reaches_only_the_exit_step_of_each_block():
     assert all(not k.requires_grad and not v.requires_grad for blk in cache.blocks for k, v in blk)
     bidir = lambda m: TrigFlowAdapter(lambda xs, ts, c: m(xs, ts, c), **EXACT)
     t_d = UniformShift(5.0)(B, generator=torch.Generator().manual_seed(6))
-    loss, _ = dmd_objective(out.x0, t_d, randn(B, C, 5, H, W, seed=8), bidir(fake), bidir(teacher), cond, uncond,
-                            guidance=5.0)
+    loss, _ = dmd_objective(
+        out.x0, t_d, randn(B, C, 5, H, W, seed=8), bidir(fake), bidir(teacher), cond, uncond, guidance=5.0
+    )
     loss.sum().backward()
     assert sorted(got_grad) == [(i, e) for i, e in enumerate(exits)]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
@@ -421,7 +475,9 @@ def _reference_rollout(net, blocks, cond, exits, seed):
         x = x_start[:, :, sl]
         for k in range(exits[i] + 1):
             with torch.set_grad_enabled(k == exits[i]):
-                x0 = TrigFlowAdapter(vel, **EXACT)(x, torch.full((B,), SCHEDULE[k], dtype=F64), cond).x0.float()
+                x0 = TrigFlowAdapter(vel, **EXACT)(
+                    x, torch.full((B,), SCHEDULE[k], dtype=F64), cond
+                ).x0.float()
             if k < exits[i]:
                 tn = SCHEDULE[k + 1]
                 x = math.cos(tn) * x0.double() + math.sin(tn) * noises[k][:, :, sl].double()
@@ -485,7 +541,9 @@ def test_replay_gives_the_same_gradients_as_the_plain_rollout(given, mode):
     t_d, eps = UniformShift(5.0)(B, generator=torch.Generator().manual_seed(6)), randn(B, C, 5, H, W, seed=8)
 
     def loss_of(video):
-        return dmd_objective(video, t_d, eps, bidir(fake), bidir(teacher), cond, uncond, guidance=5.0)[0].sum()
+        return dmd_objective(video, t_d, eps, bidir(fake), bidir(teacher), cond, uncond, guidance=5.0)[
+            0
+        ].sum()
 
     out, *_ = _rollout(net, blocks, cond, **kw)
     loss_plain = loss_of(out.x0)
@@ -529,8 +587,17 @@ def test_given_block_and_noisy_context_are_committed_as_specified():
         commits.append((i, x.clone(), t.clone(), torch.is_grad_enabled()))
         com(x, t, i)
 
-    out = self_forcing_rollout(den, commit, (B, C, 5, H, W), blocks, SCHEDULE, generator=torch.Generator()
-                               .manual_seed(0), exit_steps=(0, 1, 1), given=image, context_time=0.4)
+    out = self_forcing_rollout(
+        den,
+        commit,
+        (B, C, 5, H, W),
+        blocks,
+        SCHEDULE,
+        generator=torch.Generator().manual_seed(0),
+        exit_steps=(0, 1, 1),
+        given=image,
+        context_time=0.4,
+    )
     assert [c[0] for c in commits] == [0, 1, 2] and not any(c[3] for c in commits)
     assert torch.equal(commits[0][1], image) and torch.equal(commits[0][2], torch.zeros(B, dtype=F64))
     assert torch.equal(commits[1][2], torch.full((B,), 0.4, dtype=F64))
@@ -558,8 +625,9 @@ def test_bad_inputs_name_the_problem():
     blocks = FrameBlocks(4, 2)
     net, (cond, _) = ToyCausalNet(), conds()
     den, com = block_fns(net, ToyCache(), cond, blocks)
-    run = lambda **kw: self_forcing_rollout(den, com, (B, C, 4, H, W), blocks, kw.pop("schedule", SCHEDULE),
-                                            generator=torch.Generator(), **kw)
+    run = lambda **kw: self_forcing_rollout(
+        den, com, (B, C, 4, H, W), blocks, kw.pop("schedule", SCHEDULE), generator=torch.Generator(), **kw
+    )
     with pytest.raises(ValueError, match="outside its 4-step schedule"):
         run(exit_steps=(0, 4))
     with pytest.raises(ValueError, match="strictly decreasing"):
@@ -571,8 +639,9 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="needs context_eps"):
         teacher_forcing_velocity(tf_packed(net, blocks), torch.zeros(B, C, 4, H, W), context_time=0.3)
     with pytest.raises(ValueError, match="dCM times"):
-        causal_dcm_objective(None, None, torch.zeros(B, C, 4, H, W), torch.zeros(B, C, 4, H, W),
-                             torch.zeros(1, B), None)
+        causal_dcm_objective(
+            None, None, torch.zeros(B, C, 4, H, W), torch.zeros(B, C, 4, H, W), torch.zeros(1, B), None
+        )
     tfv = teacher_forcing_velocity(tf_packed(net, blocks), torch.zeros(B, C, 4, H, W, dtype=F64), **EXACT)
     with pytest.raises(ValueError, match="do not match the context"):
         tfv(torch.zeros(B, C, 3, H, W, dtype=F64), torch.zeros(B, dtype=F64), cond)

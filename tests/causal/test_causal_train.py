@@ -1,6 +1,6 @@
-"""recipes/causal_distill.py end to end on the tiny network (CPU): every stage of the staged Causal-rCM schedule
-(and the ODE-init alternative, causal I2V, replay) runs, its losses are finite, checkpoints / exports / the
-streaming sample video are written; plus the recipe-side bindings (teacher-forcing pass, cached rollout)
+"""recipes/causal_distill.py end to end on the tiny network (CPU): every stage of the staged Causal-rCM
+schedule (and the ODE-init alternative, causal I2V, replay) runs, its losses are finite, checkpoints / exports
+/ the streaming sample video are written; plus the recipe-side bindings (teacher-forcing pass, cached rollout)
 against the DiT's own causal passes."""
 
 import json
@@ -17,7 +17,12 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 import causal_distill  # noqa: E402
-from rcm_recipes.causal_training import CachedBlocks, CausalObjectiveConfig, block_layout, tf_velocity  # noqa: E402
+from rcm_recipes.causal_training import (  # noqa: E402
+    CachedBlocks,
+    CausalObjectiveConfig,
+    block_layout,
+    tf_velocity,
+)
 
 from rcm_kernels.blockmask import teacher_forcing  # noqa: E402
 from rcm_losses import TrigFlowAdapter  # noqa: E402
@@ -30,6 +35,7 @@ from rcm_train.data import ShardWriter  # noqa: E402
 C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
 EXACT = dict(input_dtype=None, timestep_dtype=None)
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
@@ -37,7 +43,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def tiny_net(seed: int) -> WanDiT:
@@ -61,9 +66,14 @@ def assets(tmp_path_factory):
 
 
 def _args(assets, out, preset, *extra):
-    return [f"--preset={preset}", f"--output_dir={out}", f"--data.shards={assets / 'data' / 'shard_*.tar'}",
-            f"--model.teacher_path={assets / 'teacher.pth'}", f"--negative_embed_path={assets / 'negative.pt'}",
-            *extra]
+    return [
+        f"--preset={preset}",
+        f"--output_dir={out}",
+        f"--data.shards={assets / 'data' / 'shard_*.tar'}",
+        f"--model.teacher_path={assets / 'teacher.pth'}",
+        f"--negative_embed_path={assets / 'negative.pt'}",
+        *extra,
+    ]
 
 
 def _metrics(out: Path, stage: str) -> list[dict]:
@@ -77,7 +87,9 @@ def _check_stage(out: Path, stage: str, losses: list[str]):
         vals = [r[f"{key}/loss"] for r in rows if f"{key}/loss" in r]
         assert vals and all(math.isfinite(v) for v in vals), (stage, key, rows)
     assert (out / "checkpoints" / stage / "latest").exists()
-    assert (out / stage / "student.safetensors").exists() and (out / stage / "student_ema.safetensors").exists()
+    assert (out / stage / "student.safetensors").exists() and (
+        out / stage / "student_ema.safetensors"
+    ).exists()
     assert list((out / "logs" / stage / "media").glob("samples_*.mp4"))
 
 
@@ -92,22 +104,42 @@ def test_staged_causal_rcm_runs_end_to_end(assets, tmp_path):
     _check_stage(out, "sf_dmd", ["sf_dmd", "critic"])
     assert (out / "causal_teacher.safetensors").exists() and res["student"] == out / "student.safetensors"
     assert (out / "student.safetensors").exists() and (out / "config.yaml").exists()
-    again = causal_distill.main(_args(assets, out, "tiny-causal-rcm"))  # a rerun resumes: every stage complete
+    again = causal_distill.main(
+        _args(assets, out, "tiny-causal-rcm")
+    )  # a rerun resumes: every stage complete
     assert again["stages"]["sf_dmd"]["iteration"] == 3
 
 
 def test_ode_init_i2v_replay_runs(assets, tmp_path):
-    """The ODE-pair initialization, then causal I2V self-forcing DMD with replayed backprop and noisy context."""
+    """ODE-pair initialization then self-forcing DMD with replayed backprop and noisy context; causal I2V."""
     out = tmp_path / "ode"
-    causal_distill.main(_args(assets, out, "tiny-ode-init", "--stage2.objective.replay=true",
-                              "--stage2.objective.context_noise=0.2", "--stage2.objective.sf_exit=cycle",
-                              "--sample.every=0"))
+    causal_distill.main(
+        _args(
+            assets,
+            out,
+            "tiny-ode-init",
+            "--stage2.objective.replay=true",
+            "--stage2.objective.context_noise=0.2",
+            "--stage2.objective.sf_exit=cycle",
+            "--sample.every=0",
+        )
+    )
     rows = _metrics(out, "ode")
     assert all(math.isfinite(r["ode/loss"]) for r in rows)
     assert all(math.isfinite(r[k]) for r in _metrics(out, "sf_dmd") for k in r if k.endswith("/loss"))
     i2v = tmp_path / "i2v"
-    causal_distill.main(_args(assets, i2v, "tiny-causal-rcm", "--blocks.i2v=true", "--stage1.iterations=1",
-                              "--stage3.iterations=0", "--stage4.iterations=2", "--sample.every=0"))
+    causal_distill.main(
+        _args(
+            assets,
+            i2v,
+            "tiny-causal-rcm",
+            "--blocks.i2v=true",
+            "--stage1.iterations=1",
+            "--stage3.iterations=0",
+            "--stage4.iterations=2",
+            "--sample.every=0",
+        )
+    )
     for stage, key in (("teacher_tf", "flow"), ("tf_dcm", "tf_dcm"), ("sf_dmd", "sf_dmd")):
         assert all(math.isfinite(r[f"{key}/loss"]) for r in _metrics(i2v, stage) if f"{key}/loss" in r)
 
@@ -123,7 +155,7 @@ def test_bad_configs_name_the_field(assets, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bindings
 def test_tf_binding_equals_the_dit_teacher_forcing_pass():
-    """The recipe's packed velocity (forward + TF mask + repeated positions) = WanDiT.forward_teacher_forcing."""
+    """The recipe's packed velocity (forward, TF mask, repeated positions) = forward_teacher_forcing."""
     net, blocks = tiny_net(1).double(), FrameBlocks(T, 2, 1)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(1, C, T, H, W, generator=g, dtype=torch.float64)
@@ -142,8 +174,16 @@ def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_step
     the exit-step call of each block receives gradient (tensor hooks on every call's output)."""
     net, blocks = tiny_net(2), FrameBlocks(T, 2, 1)
     ctx = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4))
-    cache = make_kv_cache(net, batch=1, height=H, width=W, layout=block_layout(blocks), window_frames=T,
-                          rolling=False, kv_dtype="fp32")
+    cache = make_kv_cache(
+        net,
+        batch=1,
+        height=H,
+        width=W,
+        layout=block_layout(blocks),
+        window_frames=T,
+        rolling=False,
+        kv_dtype="fp32",
+    )
     binding = CachedBlocks(net, cache, ctx, blocks, input_dtype=torch.float32, timestep_dtype=None)
     calls, got_grad = {}, []
 
@@ -156,20 +196,35 @@ def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_step
 
     sched = [math.pi / 2, 1.2, 0.8]
     exits = (1, 2, 0)
-    out = self_forcing_rollout(denoise, binding.commit, (1, C, T, H, W), blocks, sched,
-                               generator=torch.Generator().manual_seed(5), exit_steps=exits)
+    out = self_forcing_rollout(
+        denoise,
+        binding.commit,
+        (1, C, T, H, W),
+        blocks,
+        sched,
+        generator=torch.Generator().manual_seed(5),
+        exit_steps=exits,
+    )
     assert not any(x.requires_grad for x in cache.storage())
     (out.x0 * torch.randn(out.x0.shape, generator=torch.Generator().manual_seed(6))).sum().backward()
     assert sorted(got_grad) == [(0, 1), (1, 2), (2, 0)]
     assert all(p.grad is not None for p in net.blocks.parameters())
     binding.reset()
     with torch.no_grad():
-        out = self_forcing_rollout(binding.denoise, binding.commit, (1, C, T, H, W), blocks, sched,
-                                   generator=torch.Generator().manual_seed(5), exit_steps=(2, 2, 2))
+        out = self_forcing_rollout(
+            binding.denoise,
+            binding.commit,
+            (1, C, T, H, W),
+            blocks,
+            sched,
+            generator=torch.Generator().manual_seed(5),
+            exit_steps=(2, 2, 2),
+        )
         context, noisy = torch.cat(out.contexts, 2), torch.cat(out.exit_inputs, 2)
         t = torch.full((1, T), sched[2], dtype=torch.float64)
-        vel = teacher_forcing_velocity(tf_velocity(net, blocks, context)[0], context, input_dtype=torch.float32,
-                                       timestep_dtype=None)
+        vel = teacher_forcing_velocity(
+            tf_velocity(net, blocks, context)[0], context, input_dtype=torch.float32, timestep_dtype=None
+        )
         pred = TrigFlowAdapter(vel, input_dtype=torch.float32, timestep_dtype=None)(noisy, t, ctx).x0
     # float32 network: cached vs masked attention sum in different orders (~1e-6 relative)
     torch.testing.assert_close(pred.float(), out.x0, atol=5e-5, rtol=5e-5)

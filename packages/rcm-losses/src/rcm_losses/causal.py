@@ -7,18 +7,19 @@ constant inside a block.
 The video is a sequence of frame blocks (:class:`FrameBlocks`: a first block of ``first_block_frames``, then
 blocks of ``frames_per_block``). Two ways to train a causal student, combined as in rCM:
 
-* **Teacher forcing** (the consistency side, offline): one network pass over ``[context ; noisy]`` along T with
-  a teacher-forcing mask (noisy block i sees context blocks < i and itself). The caller binds the network, its
-  mask and its RoPE positions into a *packed velocity* ``(x_packed [B, C, 2T, H, W], timestep [B, 2T], cond) ->
-  v``; :class:`TeacherForcingVelocity` turns it into an ordinary velocity of the noisy frames alone, so the
-  rCM objectives (``scm_objective``, ``fake_score``...) and :class:`TrigFlowAdapter` apply unchanged with
-  per-block times. :func:`tf_scm_objective`, :func:`tf_dcm_objective` and :func:`flow_matching_objective`
-  (causal teacher by teacher / diffusion forcing) are the spec's objectives.
+* **Teacher forcing** (the consistency side, offline): one network pass over ``[context ; noisy]`` along T
+  with a teacher-forcing mask (noisy block i sees context blocks < i and itself). The caller binds the
+  network, its mask and its RoPE positions into a *packed velocity*
+  ``(x_packed [B, C, 2T, H, W], timestep [B, 2T], cond) -> v``; :class:`TeacherForcingVelocity` turns it
+  into an ordinary velocity of the noisy frames alone, so the rCM objectives and :class:`TrigFlowAdapter`
+  apply unchanged with per-block times. :func:`tf_scm_objective`, :func:`tf_dcm_objective` and
+  :func:`flow_matching_objective` (causal teacher by teacher / diffusion forcing) are the spec's objectives.
 * **Self forcing** (the DMD side, on-policy): :func:`self_forcing_rollout` generates the video block by block
   through two callables, exactly as inference does: ``denoise_block`` (reads the KV cache) and
   ``commit_block`` (writes a block's context k/v). Each block runs its few-step chain up to an *exit step*;
   only the exit step carries grad, earlier steps and every cache write run without grad (context k/v
-  detached). :func:`replayed_video` gives the same gradients while keeping one block's activations at a time.
+  detached). :func:`replay_backward` / :func:`replayed_video` give the same gradients while keeping one
+  block's activations at a time.
 
 :func:`ode_regression_objective` is the alternative initialization (regression onto ODE trajectories).
 """
@@ -89,9 +90,11 @@ class FrameBlocks:
     def __post_init__(self) -> None:
         first, fpb, t = self.first, self.frames_per_block, self.num_frames
         if fpb < 1 or first < 1 or t < first or (t - first) % fpb:
-            raise ValueError(f"{t} frames do not split into a first block of {first} and blocks of {fpb} "
-                             "frames: need num_frames >= first_block_frames and (num_frames - first) % "
-                             "frames_per_block == 0")
+            raise ValueError(
+                f"{t} frames do not split into a first block of {first} and blocks of {fpb} "
+                "frames: need num_frames >= first_block_frames and (num_frames - first) % "
+                "frames_per_block == 0"
+            )
 
     @property
     def first(self) -> int:
@@ -124,8 +127,14 @@ class FrameBlocks:
         return t_bn.repeat_interleave(sizes, dim=-1)
 
 
-def sample_block_times(sampler: TimeSampler, batch: int, blocks: FrameBlocks, *, generator: torch.Generator,
-                       strategy: Literal["random", "same"] = "random") -> Tensor:
+def sample_block_times(
+    sampler: TimeSampler,
+    batch: int,
+    blocks: FrameBlocks,
+    *,
+    generator: torch.Generator,
+    strategy: Literal["random", "same"] = "random",
+) -> Tensor:
     """Per-frame TrigFlow times ``[B, T]`` float64, constant inside each block.
 
     ``random`` (diffusion forcing, CAUSAL_SPEC §4.1): an independent draw per block (``sampler(B * N)``,
@@ -141,9 +150,16 @@ def sample_block_times(sampler: TimeSampler, batch: int, blocks: FrameBlocks, *,
     return blocks.expand(t_bn)
 
 
-def sample_block_dcm_times(batch: int, blocks: FrameBlocks, *, generator: torch.Generator, total_steps: int = 48,
-                           skip_steps: int = 1, shift: float = 5.0,
-                           strategy: Literal["random", "same"] = "random") -> Tensor:
+def sample_block_dcm_times(
+    batch: int,
+    blocks: FrameBlocks,
+    *,
+    generator: torch.Generator,
+    total_steps: int = 48,
+    skip_steps: int = 1,
+    shift: float = 5.0,
+    strategy: Literal["random", "same"] = "random",
+) -> Tensor:
     """dCM grids per block (RCM_SPEC §3 with one offset ``u`` per block, or per sample for ``same``):
     ``[K + 1, B, T]`` float64, strictly decreasing along K, constant inside each block."""
     n = blocks.num_blocks
@@ -157,16 +173,23 @@ def sample_block_dcm_times(batch: int, blocks: FrameBlocks, *, generator: torch.
 
 
 # ------------------------------------------------------------------------------------------ teacher forcing
-def network_input(x_t: Tensor, t: Tensor, *, input_dtype: torch.dtype | None = torch.bfloat16,
-                  timestep_dtype: torch.dtype | None = torch.bfloat16) -> tuple[Tensor, Tensor]:
+def network_input(
+    x_t: Tensor,
+    t: Tensor,
+    *,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[Tensor, Tensor]:
     """What an RF network receives for the TrigFlow sample ``x_t`` at ``t`` (``[B]`` or ``[B, T]``): the RF
     sample ``c_in x_t`` cast to ``input_dtype`` and the Wan timestep ``1000 s`` rounded through
     ``timestep_dtype`` (as :func:`rcm_losses.parameterization.trigflow_denoise` does); for cache writes."""
     t64 = t.to(_F64)
     tb = expand_time(t64, x_t)
     x_in = x_t.to(_F64) / (torch.cos(tb) + torch.sin(tb))
-    return (x_in if input_dtype is None else x_in.to(input_dtype),
-            round_timestep(RF_TIMESTEP_SCALE * trig_to_rf(t64), timestep_dtype))
+    return (
+        x_in if input_dtype is None else x_in.to(input_dtype),
+        round_timestep(RF_TIMESTEP_SCALE * trig_to_rf(t64), timestep_dtype),
+    )
 
 
 def _per_frame(timestep: Tensor, frames: int) -> Tensor:
@@ -185,7 +208,8 @@ class TeacherForcingVelocity:
     of all ``2T`` frames. ``context`` ``[B, C, T, H, W]`` is the network input of the context half (RF sample,
     already in the input dtype) at ``context_timestep`` ``[B, T]``. The first ``given`` frames of the noisy
     half are not generated (causal I2V: the image block): they are copies of the context frames at the context
-    timestep and are neither inputs nor outputs here. ``__call__(x_s [B, C, T - given, H, W], timestep, cond)``
+    timestep and are neither inputs nor outputs here.
+    ``__call__(x_s [B, C, T - given, H, W], timestep, cond)``
     returns ``v`` of the generated frames; ``jvp`` does the same for the ``VelocityJVP`` contract with zero
     tangents for the context (``packed_jvp`` is the packed network's JVP).
     """
@@ -199,8 +223,10 @@ class TeacherForcingVelocity:
     def _pack(self, x_s: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
         t_all, g = self.context.shape[2], self.given
         if x_s.shape[2] + g != t_all or x_s.shape[:2] != self.context.shape[:2]:
-            raise ValueError(f"noisy frames {tuple(x_s.shape)} plus {g} given frames do not match the context "
-                             f"{tuple(self.context.shape)}")
+            raise ValueError(
+                f"noisy frames {tuple(x_s.shape)} plus {g} given frames do not match the context "
+                f"{tuple(self.context.shape)}"
+            )
         ctx = self.context.to(x_s.dtype)
         x = torch.cat([ctx, ctx[:, :, :g], x_s], dim=2)
         ts_ctx = self.context_timestep.to(timestep.dtype)
@@ -208,7 +234,7 @@ class TeacherForcingVelocity:
         return x, ts
 
     def _noisy(self, out: Tensor) -> Tensor:
-        return out[:, :, self.context.shape[2] + self.given:]
+        return out[:, :, self.context.shape[2] + self.given :]
 
     def __call__(self, x_s: Tensor, timestep: Tensor, cond: Any) -> Tensor:
         x, ts = self._pack(x_s, timestep)
@@ -220,8 +246,13 @@ class TeacherForcingVelocity:
         x, ts = self._pack(x_s, timestep)
         zx = torch.zeros_like(x[:, :, : x.shape[2] - x_s.shape[2]])
         txp = torch.cat([zx, tx.to(x.dtype)], dim=2)
-        ttp = torch.cat([torch.zeros_like(ts[:, : ts.shape[1] - x_s.shape[2]]), _per_frame(tt, x_s.shape[2])
-                         .to(ts.dtype)], dim=1)
+        ttp = torch.cat(
+            [
+                torch.zeros_like(ts[:, : ts.shape[1] - x_s.shape[2]]),
+                _per_frame(tt, x_s.shape[2]).to(ts.dtype),
+            ],
+            dim=1,
+        )
         v, dv = self.packed_jvp(x, ts, cond, txp, ttp)
         return self._noisy(v), self._noisy(dv)
 
@@ -231,11 +262,17 @@ def _context_time(context_time: float | Tensor, x0: Tensor) -> Tensor:
     return t.expand(x0.shape[0], x0.shape[2]) if t.ndim == 0 else t.to(_F64)
 
 
-def teacher_forcing_velocity(packed: VelocityFn, x0: Tensor, *, context_time: float | Tensor = 0.0,
-                             context_eps: Tensor | None = None, given_frames: int = 0,
-                             packed_jvp: VelocityJVP | None = None,
-                             input_dtype: torch.dtype | None = torch.bfloat16,
-                             timestep_dtype: torch.dtype | None = torch.bfloat16) -> TeacherForcingVelocity:
+def teacher_forcing_velocity(
+    packed: VelocityFn,
+    x0: Tensor,
+    *,
+    context_time: float | Tensor = 0.0,
+    context_eps: Tensor | None = None,
+    given_frames: int = 0,
+    packed_jvp: VelocityJVP | None = None,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> TeacherForcingVelocity:
     """A :class:`TeacherForcingVelocity` whose context is ``x0`` ``[B, C, T, H, W]`` (clean at
     ``context_time = 0``) or ``x0`` re-noised to TrigFlow ``context_time`` (scalar or ``[B, T]``) with
     ``context_eps`` (Causal-rCM's noisy context, CAUSAL_SPEC §3.2: the context the cache holds when the last
@@ -245,8 +282,9 @@ def teacher_forcing_velocity(packed: VelocityFn, x0: Tensor, *, context_time: fl
     """
     t_c = _context_time(context_time, x0)
     if t_c.shape != (x0.shape[0], x0.shape[2]):
-        raise ValueError(f"context_time must be a scalar or [B, T] = {(x0.shape[0], x0.shape[2])}, "
-                         f"got {tuple(t_c.shape)}")
+        raise ValueError(
+            f"context_time must be a scalar or [B, T] = {(x0.shape[0], x0.shape[2])}, got {tuple(t_c.shape)}"
+        )
     if not 0 <= given_frames < x0.shape[2]:
         raise ValueError(f"given_frames must lie in [0, {x0.shape[2]}), got {given_frames}")
     s_c = trig_to_rf(t_c)
@@ -261,19 +299,33 @@ def teacher_forcing_velocity(packed: VelocityFn, x0: Tensor, *, context_time: fl
     return TeacherForcingVelocity(packed, ctx, ts, given_frames, packed_jvp)
 
 
-def teacher_forcing_adapter(packed: VelocityFn, x0: Tensor, *, context_time: float | Tensor = 0.0,
-                            context_eps: Tensor | None = None, given_frames: int = 0,
-                            packed_jvp: VelocityJVP | None = None,
-                            input_dtype: torch.dtype | None = torch.bfloat16,
-                            timestep_dtype: torch.dtype | None = torch.bfloat16) -> TrigFlowAdapter:
+def teacher_forcing_adapter(
+    packed: VelocityFn,
+    x0: Tensor,
+    *,
+    context_time: float | Tensor = 0.0,
+    context_eps: Tensor | None = None,
+    given_frames: int = 0,
+    packed_jvp: VelocityJVP | None = None,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> TrigFlowAdapter:
     """The TrigFlow denoiser of the generated frames ``x0[:, :, given_frames:]`` under teacher forcing
     (:func:`teacher_forcing_velocity` wrapped in :class:`TrigFlowAdapter`; ``.jvp`` uses ``packed_jvp``, or
     ``torch.func.jvp`` through the packed network when it is None)."""
-    v = teacher_forcing_velocity(packed, x0, context_time=context_time, context_eps=context_eps,
-                                 given_frames=given_frames, packed_jvp=packed_jvp, input_dtype=input_dtype,
-                                 timestep_dtype=timestep_dtype)
-    return TrigFlowAdapter(v, v.jvp if packed_jvp is not None else None, input_dtype=input_dtype,
-                           timestep_dtype=timestep_dtype)
+    v = teacher_forcing_velocity(
+        packed,
+        x0,
+        context_time=context_time,
+        context_eps=context_eps,
+        given_frames=given_frames,
+        packed_jvp=packed_jvp,
+        input_dtype=input_dtype,
+        timestep_dtype=timestep_dtype,
+    )
+    return TrigFlowAdapter(
+        v, v.jvp if packed_jvp is not None else None, input_dtype=input_dtype, timestep_dtype=timestep_dtype
+    )
 
 
 def _generated(x: Tensor, t: Tensor, given: int) -> tuple[Tensor, Tensor]:
@@ -283,31 +335,70 @@ def _generated(x: Tensor, t: Tensor, given: int) -> tuple[Tensor, Tensor]:
     return x[:, :, given:], t
 
 
-def tf_scm_objective(student_packed: VelocityFn, teacher_packed: VelocityFn, x0: Tensor, eps: Tensor, t: Tensor,
-                     cond: Any, uncond: Any = None, *, student_packed_jvp: VelocityJVP | None = None,
-                     student_context_time: float | Tensor = 0.0, context_eps: Tensor | None = None,
-                     given_frames: int = 0, guidance: float = 3.0, r: float = 1.0, loss_scale: float = 100.0,
-                     input_dtype: torch.dtype | None = torch.bfloat16,
-                     timestep_dtype: torch.dtype | None = torch.bfloat16) -> tuple[Tensor, dict[str, Tensor]]:
+def tf_scm_objective(
+    student_packed: VelocityFn,
+    teacher_packed: VelocityFn,
+    x0: Tensor,
+    eps: Tensor,
+    t: Tensor,
+    cond: Any,
+    uncond: Any = None,
+    *,
+    student_packed_jvp: VelocityJVP | None = None,
+    student_context_time: float | Tensor = 0.0,
+    context_eps: Tensor | None = None,
+    given_frames: int = 0,
+    guidance: float = 3.0,
+    r: float = 1.0,
+    loss_scale: float = 100.0,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Teacher-forcing sCM (CAUSAL_SPEC §4.2 ``tf_scm``): :func:`rcm_losses.scm_objective` on the generated
     frames, with per-block times ``t`` ``[B, T]`` (or ``[B]``), the causal teacher (CFG) on the clean context
     and the student on its (clean or noisy) context. The JVP tangent of the context is zero in ``x`` and
-    ``t``; since noisy block i sees only context blocks < i and itself, the joint JVP gives every block its own
-    ``cos t_i sin t_i dF_i/dt_i``. ``x0``, ``eps`` ``[B, C, T, H, W]`` cover the whole video (given frames
+    ``t``; since noisy block i sees only context blocks < i and itself, the joint JVP gives every block its
+    own ``cos t_i sin t_i dF_i/dt_i``. ``x0``, ``eps`` ``[B, C, T, H, W]`` cover the whole video (given frames
     included; their entries are ignored). Returns ``(loss [B], diag)``.
     """
     kw = dict(given_frames=given_frames, input_dtype=input_dtype, timestep_dtype=timestep_dtype)
-    student = teacher_forcing_adapter(student_packed, x0, context_time=student_context_time,
-                                      context_eps=context_eps, packed_jvp=student_packed_jvp, **kw)
+    student = teacher_forcing_adapter(
+        student_packed,
+        x0,
+        context_time=student_context_time,
+        context_eps=context_eps,
+        packed_jvp=student_packed_jvp,
+        **kw,
+    )
     teacher = teacher_forcing_adapter(teacher_packed, x0, **kw)
     x0_g, t_g = _generated(x0, t, given_frames)
-    return scm_objective(student, student.jvp, teacher, x0_g, eps[:, :, given_frames:], t_g, cond, uncond,
-                         guidance=guidance, r=r, loss_scale=loss_scale)
+    return scm_objective(
+        student,
+        student.jvp,
+        teacher,
+        x0_g,
+        eps[:, :, given_frames:],
+        t_g,
+        cond,
+        uncond,
+        guidance=guidance,
+        r=r,
+        loss_scale=loss_scale,
+    )
 
 
-def causal_dcm_objective(student: Denoiser, teacher: Denoiser, x0: Tensor, eps: Tensor, times: Tensor, cond: Any,
-                         uncond: Any = None, *, guidance: float = 3.0,
-                         loss_scale: float = 100.0) -> tuple[Tensor, dict[str, Tensor]]:
+def causal_dcm_objective(
+    student: Denoiser,
+    teacher: Denoiser,
+    x0: Tensor,
+    eps: Tensor,
+    times: Tensor,
+    cond: Any,
+    uncond: Any = None,
+    *,
+    guidance: float = 3.0,
+    loss_scale: float = 100.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """dCM (RCM_SPEC §3) with per-frame times: ``times`` ``[K + 1, B, T]`` (or ``[K + 1, B]``).
 
     With grad ``x0_hat = student(x_{t_0}, t_0).x0``; no grad: ``K`` CFG teacher Euler steps
@@ -328,29 +419,59 @@ def causal_dcm_objective(student: Denoiser, teacher: Denoiser, x0: Tensor, eps: 
     return loss, {"t": times[0].detach(), "nan": torch.isnan(loss), "loss": loss.detach()}
 
 
-def tf_dcm_objective(student_packed: VelocityFn, teacher_packed: VelocityFn, x0: Tensor, eps: Tensor,
-                     times: Tensor, cond: Any, uncond: Any = None, *, student_context_time: float | Tensor = 0.0,
-                     context_eps: Tensor | None = None, given_frames: int = 0, guidance: float = 3.0,
-                     loss_scale: float = 100.0, input_dtype: torch.dtype | None = torch.bfloat16,
-                     timestep_dtype: torch.dtype | None = torch.bfloat16) -> tuple[Tensor, dict[str, Tensor]]:
+def tf_dcm_objective(
+    student_packed: VelocityFn,
+    teacher_packed: VelocityFn,
+    x0: Tensor,
+    eps: Tensor,
+    times: Tensor,
+    cond: Any,
+    uncond: Any = None,
+    *,
+    student_context_time: float | Tensor = 0.0,
+    context_eps: Tensor | None = None,
+    given_frames: int = 0,
+    guidance: float = 3.0,
+    loss_scale: float = 100.0,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Teacher-forcing dCM (CAUSAL_SPEC §4.2 ``tf_dcm``): :func:`causal_dcm_objective` on the generated frames
     with per-block grids ``times`` ``[K + 1, B, T]`` (:func:`sample_block_dcm_times`); the causal teacher runs
     on the clean context, the student on its (clean or noisy) context. ``x0``, ``eps`` as in
     :func:`tf_scm_objective`."""
     kw = dict(given_frames=given_frames, input_dtype=input_dtype, timestep_dtype=timestep_dtype)
-    student = teacher_forcing_adapter(student_packed, x0, context_time=student_context_time,
-                                      context_eps=context_eps, **kw)
+    student = teacher_forcing_adapter(
+        student_packed, x0, context_time=student_context_time, context_eps=context_eps, **kw
+    )
     teacher = teacher_forcing_adapter(teacher_packed, x0, **kw)
     if times.ndim == 3 and times.shape[2] == x0.shape[2]:
         times = times[:, :, given_frames:]
-    return causal_dcm_objective(student, teacher, x0[:, :, given_frames:], eps[:, :, given_frames:], times, cond,
-                                uncond, guidance=guidance, loss_scale=loss_scale)
+    return causal_dcm_objective(
+        student,
+        teacher,
+        x0[:, :, given_frames:],
+        eps[:, :, given_frames:],
+        times,
+        cond,
+        uncond,
+        guidance=guidance,
+        loss_scale=loss_scale,
+    )
 
 
-def flow_matching_objective(velocity: VelocityFn, x0: Tensor, eps: Tensor, t: Tensor, cond: Any, *,
-                            weighting: Literal["none", "bell"] = "none", loss_scale: float = 100.0,
-                            input_dtype: torch.dtype | None = torch.bfloat16,
-                            timestep_dtype: torch.dtype | None = torch.bfloat16) -> tuple[Tensor, dict[str, Tensor]]:
+def flow_matching_objective(
+    velocity: VelocityFn,
+    x0: Tensor,
+    eps: Tensor,
+    t: Tensor,
+    cond: Any,
+    *,
+    weighting: Literal["none", "bell"] = "none",
+    loss_scale: float = 100.0,
+    input_dtype: torch.dtype | None = torch.bfloat16,
+    timestep_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Flow matching of a (causal) velocity network with per-frame times (CAUSAL_SPEC §4.1 ``tf`` / ``df``).
 
     ``t`` TrigFlow ``[B, T]`` (or ``[B]``) -> RF ``s``; ``x_s = (1 - s) x0 + s eps`` enters
@@ -379,9 +500,17 @@ def flow_matching_objective(velocity: VelocityFn, x0: Tensor, eps: Tensor, t: Te
     return loss, {"t": t.detach(), "loss": loss.detach()}
 
 
-def ode_regression_objective(student: Denoiser, trajectory: Tensor, times: Tensor, cond: Any, blocks: FrameBlocks,
-                             *, generator: torch.Generator, loss_scale: float = 1.0,
-                             include_clean: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+def ode_regression_objective(
+    student: Denoiser,
+    trajectory: Tensor,
+    times: Tensor,
+    cond: Any,
+    blocks: FrameBlocks,
+    *,
+    generator: torch.Generator,
+    loss_scale: float = 1.0,
+    include_clean: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """ODE-pair initialization (CAUSAL_SPEC §4.5): regress the causal student's ``x0`` onto the endpoint of a
     teacher ODE trajectory, each block at its own random trajectory state.
 
@@ -393,15 +522,20 @@ def ode_regression_objective(student: Denoiser, trajectory: Tensor, times: Tenso
     """
     k1 = trajectory.shape[0]
     if k1 < 2 or times.shape != trajectory.shape[:2] or trajectory.ndim != 6:
-        raise ValueError(f"trajectory must be [K+1 >= 2, B, C, T, H, W] with times [K+1, B], got "
-                         f"{tuple(trajectory.shape)} and {tuple(times.shape)}")
+        raise ValueError(
+            f"trajectory must be [K+1 >= 2, B, C, T, H, W] with times [K+1, B], got "
+            f"{tuple(trajectory.shape)} and {tuple(times.shape)}"
+        )
     if bool((times[-1] != 0).any()):
         raise ValueError("the last trajectory time must be 0 (the ODE endpoint is the regression target)")
     b, n = trajectory.shape[1], blocks.num_blocks
     high = k1 if include_clean else k1 - 1
-    idx = blocks.expand(torch.randint(high, (b, n), generator=generator, device=generator.device)
-                        .to(trajectory.device))  # [B, T]
-    x_t = torch.gather(trajectory, 0, idx[None, :, None, :, None, None].expand(1, b, *trajectory.shape[2:]))[0]
+    idx = blocks.expand(
+        torch.randint(high, (b, n), generator=generator, device=generator.device).to(trajectory.device)
+    )  # [B, T]
+    x_t = torch.gather(trajectory, 0, idx[None, :, None, :, None, None].expand(1, b, *trajectory.shape[2:]))[
+        0
+    ]
     t = times.to(_F64).T.gather(1, idx)  # [B, T]
     x0_hat = student(x_t, t, cond).x0.to(_F64)
     noisy = expand_time(t > 0, x0_hat)
@@ -412,8 +546,8 @@ def ode_regression_objective(student: Denoiser, trajectory: Tensor, times: Tenso
 
 # ------------------------------------------------------------------------------------------ self forcing
 BlockDenoiser = Callable[[Tensor, Tensor, int], TrigFlowPrediction]
-"""``(x_t [B, C, Tb, H, W], t [B], block_index) -> TrigFlowPrediction``: the student on one block, attending to
-the blocks committed so far (the cache is read, not written)."""
+"""``(x_t [B, C, Tb, H, W], t [B], block_index) -> TrigFlowPrediction``: the student on one block,
+attending to the blocks committed so far (the cache is read, not written)."""
 BlockCommit = Callable[[Tensor, Tensor, int], None]
 """``(x [B, C, Tb, H, W], t [B], block_index) -> None``: run the network on a finished block at (context) time
 ``t`` and write its k/v to the cache (the context of later blocks). Called under ``torch.no_grad()``."""
@@ -422,11 +556,12 @@ BlockCommit = Callable[[Tensor, Tensor, int], None]
 class SelfForcingRollout(NamedTuple):
     """Result of :func:`self_forcing_rollout`.
 
-    ``x0`` ``[B, C, T, H, W]`` (``out_dtype``): the generated video; block i carries grad through its exit step
-    only (when the rollout ran with grad). Per block (``given`` blocks: ``exit_steps = -1``, ``exit_inputs``
-    and ``times`` None): ``exit_steps``; ``times`` the TrigFlow grid ``[e + 2, B]`` actually run (last entry 0);
-    ``exit_inputs`` the detached sample fed to the exit step; ``contexts`` / ``context_times`` the detached
-    sample and time ``[B]`` committed to the cache. Everything :func:`replayed_video` needs.
+    ``x0`` ``[B, C, T, H, W]`` (``out_dtype``): the generated video; block i carries grad through its exit
+    step only (when the rollout ran with grad). Per block (``given`` blocks: ``exit_steps = -1``,
+    ``exit_inputs`` and ``times`` None): ``exit_steps``; ``times`` the TrigFlow grid ``[e + 2, B]`` actually
+    run (last entry 0); ``exit_inputs`` the detached sample fed to the exit step; ``contexts`` /
+    ``context_times`` the detached sample and time ``[B]`` committed to the cache. Everything
+    :func:`replayed_video` needs.
     """
 
     x0: Tensor
@@ -442,18 +577,23 @@ def _schedules(schedule: Sequence[float] | Sequence[Sequence[float]], num_blocks
     per block, its last entry repeated for later blocks)."""
     if len(schedule) == 0:
         raise ValueError("the self-forcing schedule is empty")
-    per_block = [list(map(float, s)) for s in schedule] if isinstance(schedule[0], Sequence) \
+    per_block = (
+        [list(map(float, s)) for s in schedule]
+        if isinstance(schedule[0], Sequence)
         else [list(map(float, schedule))]
+    )
     per_block = per_block + [per_block[-1]] * max(0, num_blocks - len(per_block))
     for s in per_block:
         if not s or any(not 0 < v <= math.pi / 2 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
-            raise ValueError(f"a self-forcing schedule must be strictly decreasing TrigFlow times in (0, pi/2], "
-                             f"got {s}")
+            raise ValueError(
+                f"a self-forcing schedule must be strictly decreasing TrigFlow times in (0, pi/2], got {s}"
+            )
     return per_block[:num_blocks]
 
 
-def sample_exit_steps(lengths: Sequence[int], *, generator: torch.Generator,
-                      same_across_blocks: bool = True) -> tuple[int, ...]:
+def sample_exit_steps(
+    lengths: Sequence[int], *, generator: torch.Generator, same_across_blocks: bool = True
+) -> tuple[int, ...]:
     """Random exit steps (gradient truncation, CAUSAL_SPEC §4.5): block i exits at step ``e_i < lengths[i]``.
 
     ``same_across_blocks``: one uniform draw ``e`` in ``[0, max(lengths))``, capped per block at
@@ -468,12 +608,16 @@ def sample_exit_steps(lengths: Sequence[int], *, generator: torch.Generator,
     return tuple(int(torch.randint(n, (), generator=generator, device=generator.device)) for n in lengths)
 
 
-def cycled_exit_steps(effective_iteration: int, lengths: Sequence[int], max_steps: int | None = None) -> tuple[int, ...]:
+def cycled_exit_steps(
+    effective_iteration: int, lengths: Sequence[int], max_steps: int | None = None
+) -> tuple[int, ...]:
     """rcm's deterministic exit (CAUSAL_SPEC §4.3): ``n = it % max_steps + 1`` steps, capped per block at its
     schedule length; returns exit indices ``min(n, len_i) - 1``."""
     max_steps = max(lengths) if max_steps is None else max_steps
     if effective_iteration < 0 or max_steps < 1:
-        raise ValueError(f"need effective_iteration >= 0 and max_steps >= 1, got {effective_iteration}, {max_steps}")
+        raise ValueError(
+            f"need effective_iteration >= 0 and max_steps >= 1, got {effective_iteration}, {max_steps}"
+        )
     n = effective_iteration % max_steps + 1
     return tuple(min(n, m) - 1 for m in lengths)
 
@@ -498,19 +642,19 @@ def self_forcing_rollout(
 ) -> SelfForcingRollout:
     """Block-by-block student rollout with the cache, exactly as at inference (CAUSAL_SPEC §4.3, §5).
 
-    ``shape`` = ``[B, C, T, H, W]``. Noise is drawn from ``generator`` for the whole video, in this order:
-    the start noise ``eps_0`` (block i starts from ``sin t_0 eps_0``: pure noise at ``t_0 = pi/2``, the
-    TrigFlow form of the sampler's ``s_0 eps`` below it), then one re-noise tensor per step transition (``max_len - 1``), then (if
-    ``context_time > 0``) the context noise; block i uses its frame slice of each, so the draws do not depend
-    on the exit steps. ``schedule``: TrigFlow times ``t_0 > t_1 > ...`` (``pi/2`` = pure noise), one list for
-    all blocks or one per block (last repeated). For block i:
+    ``shape`` = ``[B, C, T, H, W]``. Noise is drawn from ``generator`` for the whole video, in this order: the
+    start noise ``eps_0`` (block i starts from ``sin t_0 eps_0``: pure noise at ``t_0 = pi/2``, the TrigFlow
+    form of the sampler's ``s_0 eps`` below it), then one re-noise tensor per step transition (``max_len -
+    1``), then (if ``context_time > 0``) the context noise; block i uses its frame slice of each, so the draws
+    do not depend on the exit steps. ``schedule``: TrigFlow times ``t_0 > t_1 > ...`` (``pi/2`` = pure noise),
+    one list for all blocks or one per block (last repeated). For block i:
 
     1. :func:`rcm_losses.rollout.denoise_chain` from the start sample over ``[t_0 .. t_{e_i}, 0]``:
        ``x0_hat = denoise_block(x, t_k, i)``, re-noise ``x = cos t_{k+1} x0_hat + sin t_{k+1} eps_k``; steps
        before the exit ``e_i = exit_steps[i]`` run under ``no_grad``, the exit step with grad (if
        ``with_grad``);
-    2. under ``no_grad``: ``commit_block(ctx, t_c, i)`` with ``ctx = x0_hat`` detached (``context_time = 0``) or
-       re-noised to ``t_c`` (noisy context). The cache never carries grad into later blocks.
+    2. under ``no_grad``: ``commit_block(ctx, t_c, i)`` with ``ctx = x0_hat`` detached (``context_time = 0``)
+       or re-noised to ``t_c`` (noisy context). The cache never carries grad into later blocks.
 
     ``given`` ``[B, C, G, H, W]``: the first blocks are given (causal I2V: the image latent, G = frames of the
     given blocks); they are committed at ``t = 0`` and returned unchanged (no grad). ``exit_steps`` has one
@@ -526,7 +670,9 @@ def self_forcing_rollout(
     n_given = _given_blocks(given, blocks, shape)
     for i in range(n_given, n):
         if not 0 <= exit_steps[i] < len(scheds[i]):
-            raise ValueError(f"block {i}: exit step {exit_steps[i]} outside its {len(scheds[i])}-step schedule")
+            raise ValueError(
+                f"block {i}: exit step {exit_steps[i]} outside its {len(scheds[i])}-step schedule"
+            )
     x_start = _randn(shape, generator)
     step_noise = [_randn(shape, generator) for _ in range(max(map(len, scheds)) - 1)]
     ctx_noise = _randn(shape, generator) if context_time > 0 else None
@@ -542,9 +688,15 @@ def self_forcing_rollout(
             grid = torch.tensor([*scheds[i][: e + 1], 0.0], dtype=_F64, device=x_start.device)
             grid = grid[:, None].expand(-1, b)
             x_init = math.sin(scheds[i][0]) * x_start[:, :, sl]  # TrigFlow sample of pure noise at t_0
-            chain = denoise_chain(lambda x, t, _c, i=i: denoise_block(x, t, i), x_init, grid, None,
-                                  noises=[z[:, :, sl] for z in step_noise[:e]], with_grad=with_grad,
-                                  out_dtype=out_dtype)
+            chain = denoise_chain(
+                lambda x, t, _c, i=i: denoise_block(x, t, i),
+                x_init,
+                grid,
+                None,
+                noises=[z[:, :, sl] for z in step_noise[:e]],
+                with_grad=with_grad,
+                out_dtype=out_dtype,
+            )
             x0_i, x_exit = chain.x0, chain.inputs[-1]
             ctx = x0_i.detach() if ctx_noise is None else add_noise(x0_i.detach(), ctx_noise[:, :, sl], t_c)
             tc = zero if ctx_noise is None else t_c
@@ -552,8 +704,9 @@ def self_forcing_rollout(
             commit_block(ctx, tc, i)
         for lst, v in zip((outs, exits, grids, inputs, ctxs, ctx_ts), (x0_i, e, grid, x_exit, ctx, tc)):
             lst.append(v)
-    return SelfForcingRollout(torch.cat(outs, dim=2), tuple(exits), tuple(grids), tuple(inputs), tuple(ctxs),
-                              tuple(ctx_ts))
+    return SelfForcingRollout(
+        torch.cat(outs, dim=2), tuple(exits), tuple(grids), tuple(inputs), tuple(ctxs), tuple(ctx_ts)
+    )
 
 
 def _given_blocks(given: Tensor | None, blocks: FrameBlocks, shape: Sequence[int]) -> int:
@@ -562,16 +715,29 @@ def _given_blocks(given: Tensor | None, blocks: FrameBlocks, shape: Sequence[int
         return 0
     ends = [s.stop for s in blocks.slices]
     g = given.shape[2]
-    if given.ndim != 5 or tuple(given.shape[:2]) != tuple(shape[:2]) or tuple(given.shape[3:]) != tuple(shape[3:]) \
-            or g not in ends[:-1]:
-        raise ValueError(f"given frames {tuple(given.shape)} must be [B, C, G, H, W] like {tuple(shape)} with G a "
-                         f"block boundary before the last block ({ends[:-1]})")
+    if (
+        given.ndim != 5
+        or tuple(given.shape[:2]) != tuple(shape[:2])
+        or tuple(given.shape[3:]) != tuple(shape[3:])
+        or g not in ends[:-1]
+    ):
+        raise ValueError(
+            f"given frames {tuple(given.shape)} must be [B, C, G, H, W] like {tuple(shape)} with G a "
+            f"block boundary before the last block ({ends[:-1]})"
+        )
     return ends.index(g) + 1
 
 
-def replay_backward(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, commit_block: BlockCommit,
-                    blocks: FrameBlocks, grad_video: Tensor, *, reset: Callable[[], None],
-                    check_atol: float | None = None) -> None:
+def replay_backward(
+    rollout: SelfForcingRollout,
+    denoise_block: BlockDenoiser,
+    commit_block: BlockCommit,
+    blocks: FrameBlocks,
+    grad_video: Tensor,
+    *,
+    reset: Callable[[], None],
+    check_atol: float | None = None,
+) -> None:
     """Replayed backprop of a no-grad rollout (CAUSAL_SPEC §4.4): accumulate into the parameters the gradient
     of a loss whose derivative w.r.t. the video is ``grad_video`` ``[B, C, T, H, W]``, one block at a time.
 
@@ -589,10 +755,13 @@ def replay_backward(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, c
             e = rollout.exit_steps[i]
             with torch.enable_grad():
                 x0_i = denoise_block(rollout.exit_inputs[i], rollout.times[i][e], i).x0.to(rollout.x0.dtype)
-            if check_atol is not None and not torch.allclose(x0_i.detach(), rollout.x0[:, :, sl], atol=check_atol,
-                                                             rtol=0):
-                raise RuntimeError(f"replayed block {i} differs from the rollout: the cache did not restart at "
-                                   "reset() or denoise_block is not deterministic")
+            if check_atol is not None and not torch.allclose(
+                x0_i.detach(), rollout.x0[:, :, sl], atol=check_atol, rtol=0
+            ):
+                raise RuntimeError(
+                    f"replayed block {i} differs from the rollout: the cache did not restart at "
+                    "reset() or denoise_block is not deterministic"
+                )
             if x0_i.requires_grad:
                 torch.autograd.backward(x0_i, grad_video[:, :, sl].to(x0_i.dtype))
         with torch.no_grad():
@@ -600,7 +769,7 @@ def replay_backward(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, c
 
 
 class _Replay(torch.autograd.Function):
-    """Identity on the video whose backward runs ``replay(grad)`` (re-entrant, like reentrant checkpointing)."""
+    """Identity on the video whose backward runs ``replay(grad)`` (re-entrant autograd)."""
 
     @staticmethod
     def forward(ctx, anchor: Tensor, video: Tensor, replay: Callable[[Tensor], None]) -> Tensor:
@@ -613,8 +782,15 @@ class _Replay(torch.autograd.Function):
         return None, None, None
 
 
-def replayed_video(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, commit_block: BlockCommit,
-                   blocks: FrameBlocks, *, reset: Callable[[], None], check_atol: float | None = None) -> Tensor:
+def replayed_video(
+    rollout: SelfForcingRollout,
+    denoise_block: BlockDenoiser,
+    commit_block: BlockCommit,
+    blocks: FrameBlocks,
+    *,
+    reset: Callable[[], None],
+    check_atol: float | None = None,
+) -> Tensor:
     """The rollout's video with replayed backprop: use it in place of ``rollout.x0`` (rollout run with
     ``with_grad=False``); its backward runs :func:`replay_backward` with ``dL/dG``.
 
@@ -623,6 +799,7 @@ def replayed_video(rollout: SelfForcingRollout, denoise_block: BlockDenoiser, co
     top-level ones, which FSDP2's backward hooks expect).
     """
     anchor = torch.zeros((), requires_grad=True)
-    replay = lambda grad: replay_backward(rollout, denoise_block, commit_block, blocks, grad, reset=reset,
-                                          check_atol=check_atol)
+    replay = lambda grad: replay_backward(
+        rollout, denoise_block, commit_block, blocks, grad, reset=reset, check_atol=check_atol
+    )
     return _Replay.apply(anchor, rollout.x0, replay)
