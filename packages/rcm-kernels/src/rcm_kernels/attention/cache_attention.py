@@ -260,14 +260,18 @@ def cache_attention(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | None = No
     ``extra_k/extra_v`` are the current block's own (unquantized, already rotated) k/v; ``None`` means none.
     ``k_rope=(cos, sin)``, each ``[F·T, D/2]`` in the cache's chronological token order, rotates the cached keys
     when the cache stores them pre-RoPE (``CacheLayer.keys_pre_rope``). ``scale`` defaults to ``1/sqrt(D)``.
-    Returns ``[B, Lq, H, D]`` in q's dtype. ``impl="auto"`` takes the Triton kernel on CUDA unless autograd
-    needs gradients of q/extra_k/extra_v, in which case (and off CUDA, or for fp8 storage before sm89) the
-    torch path runs; it materializes a dequantized copy of the visible frames.
+    Returns ``[B, Lq, H, D]`` in q's dtype. ``impl="auto"`` takes the Triton kernel on CUDA for quantized
+    (int8/fp8) storage, where not materializing a dequantized copy is the point of quantizing, unless autograd
+    needs gradients of q/extra_k/extra_v. Native (bf16/fp16/fp32) storage, autograd, CPU tensors and fp8
+    before sm89 take the torch path (cuDNN/flash SDPA over the visible frames): on an H100 it measured
+    1.5x faster than the kernel for bf16 storage (benchmarks/RESULTS.md, cache_attention section), and a
+    bf16 cache gains no memory from the kernel beyond one gathered copy of the window.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"cache_attention: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, extra_k, extra_v))
-    if impl == "triton" or (impl == "auto" and not needs_grad and _triton_supports(q, layer)):
+    quantized = layer.k_scale is not None
+    if impl == "triton" or (impl == "auto" and quantized and not needs_grad and _triton_supports(q, layer)):
         return cache_attention_triton(q, layer, extra_k=extra_k, extra_v=extra_v, scale=scale, k_rope=k_rope)
     return cache_attention_torch(q, layer, extra_k=extra_k, extra_v=extra_v, scale=scale, k_rope=k_rope)
