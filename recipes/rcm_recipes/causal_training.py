@@ -496,7 +496,7 @@ class CausalRCMObjective:
                     cond,
                     uncond,
                     student_context_time=self._context_time(x0),
-                    context_eps=eps,
+                    context_eps=noise(),  # fresh, as the rollout's context noise
                     given_frames=given,
                     guidance=cfg.cm_guidance,
                     loss_scale=cfg.loss_scale,
@@ -520,7 +520,7 @@ class CausalRCMObjective:
                     uncond,
                     student_packed_jvp=jvp,
                     student_context_time=self._context_time(x0),
-                    context_eps=eps,
+                    context_eps=noise(),  # fresh, as the rollout's context noise
                     given_frames=given,
                     guidance=cfg.cm_guidance,
                     r=tangent_warmup_ratio(ctx.iteration, ctx.schedule.tangent_warmup),
