@@ -80,8 +80,9 @@ def lora_from_delta(student: dict[str, Tensor], teacher: dict[str, Tensor], rank
                     device: str | torch.device = "cpu", svd_dtype: torch.dtype = torch.float32) -> LoraResult:
     """LoRA (``diffusion_model.*`` keys) of ``student - teacher`` at ``rank``; see the module docstring.
 
-    Both dicts must have the same keys and shapes (module keys; wrapper prefixes are stripped). Tensors that
-    did not change produce no key. Each matrix uses rank ``min(rank, out, in)``; at full rank the
+    Both dicts must have the same keys and shapes (module keys; wrapper prefixes are stripped). A teacher
+    tensor in another dtype than the student's is first rounded to the student's. Tensors that did not
+    change produce no key. Each matrix uses rank ``min(rank, out, in)``; at full rank the
     reconstruction is exact up to the SVD's rounding (``svd_dtype``) and the storage ``dtype``.
     """
     if rank < 1:
@@ -100,7 +101,10 @@ def lora_from_delta(student: dict[str, Tensor], teacher: dict[str, Tensor], rank
     worst = ("", 0.0)
     lora_params = delta_params = 0
     for key in sorted(student):
-        d = student[key].to(device=device, dtype=torch.float64) - teacher[key].to(device=device, dtype=torch.float64)
+        t = teacher[key]
+        if t.is_floating_point() and t.dtype != student[key].dtype:  # e.g. a bf16 student vs an fp32 teacher:
+            t = t.to(student[key].dtype)  # the teacher's rounding to that dtype is not part of the distillation
+        d = student[key].to(device=device, dtype=torch.float64) - t.to(device=device, dtype=torch.float64)
         n2 = float(d.square().sum())
         if n2 == 0.0:
             continue

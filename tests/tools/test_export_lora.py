@@ -128,6 +128,8 @@ def test_errors(pair):
     student, teacher = pair
     with pytest.raises(ValueError, match="identical"):
         export_lora.lora_from_delta(teacher, teacher, 4)
+    with pytest.raises(ValueError, match="identical"):  # a bf16 copy: the teacher's rounding is not a delta
+        export_lora.lora_from_delta({k: v.bfloat16() for k, v in teacher.items()}, teacher, 4)
     with pytest.raises(KeyError, match="only in teacher"):
         export_lora.lora_from_delta({k: v for k, v in student.items() if k != "head.head.bias"}, teacher, 4)
     with pytest.raises(ValueError, match="rank must be >= 1"):
