@@ -20,6 +20,7 @@ import causal_distill  # noqa: E402
 from rcm_recipes.causal_training import (  # noqa: E402
     CachedBlocks,
     CausalObjectiveConfig,
+    CausalRCMObjective,
     block_layout,
     tf_velocity,
 )
@@ -31,6 +32,7 @@ from rcm_nets.wan import WanDiT  # noqa: E402
 from rcm_nets.wan.causal import make_kv_cache  # noqa: E402
 from rcm_nets.wan.configs import get_config  # noqa: E402
 from rcm_train.data import ShardWriter  # noqa: E402
+from rcm_train.trainer import ScheduleConfig, StepContext  # noqa: E402
 
 C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
 EXACT = dict(input_dtype=None, timestep_dtype=None)
@@ -228,3 +230,40 @@ def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_step
         pred = TrigFlowAdapter(vel, input_dtype=torch.float32, timestep_dtype=None)(noisy, t, ctx).x0
     # float32 network: cached vs masked attention sum in different orders (~1e-6 relative)
     torch.testing.assert_close(pred.float(), out.x0, atol=5e-5, rtol=5e-5)
+
+
+def test_objective_closures_combine_tf_scm_with_sf_dmd_and_run_df():
+    """Closure sets per phase: a combined stage gives tf_scm + sf_dmd in student iterations (sf_dmd only after
+    the warmup) and the critic otherwise; every closure (and the diffusion-forcing flow) yields a finite loss
+    with gradients on the trained network."""
+    blocks = FrameBlocks(T, 2, 1)
+    models = {
+        "student": tiny_net(0),
+        "causal_teacher": tiny_net(1),
+        "teacher": tiny_net(2),
+        "fake_score": tiny_net(3),
+    }
+    g = torch.Generator().manual_seed(0)
+    batch = {"latent": torch.randn(1, C, T, H, W, generator=g), "embed": torch.randn(1, 6, 32, generator=g)}
+    cfg = CausalObjectiveConfig(
+        cm="scm", dmd=True, input_dtype="float32", kv_dtype="fp32", sf_schedule=[1.0, 0.8]
+    )
+    obj = CausalRCMObjective(cfg, blocks, negative_embed=torch.zeros(16, 32))
+    sched = ScheduleConfig(tangent_warmup=2, student_update_freq=2)
+    ctx = lambda phase, it: StepContext(
+        phase, it, it, sched, torch.Generator().manual_seed(it), has_critic=True
+    )
+    assert set(obj.closures(models, batch, ctx("student", 0))) == {"tf_scm"}
+    closures = obj.closures(models, batch, ctx("student", 2))
+    assert set(closures) == {"tf_scm", "sf_dmd"}
+    for name, closure in {**closures, **obj.closures(models, batch, ctx("critic", 3))}.items():
+        trained = models["fake_score" if name == "critic" else "student"]
+        trained.zero_grad()
+        loss, _ = closure()
+        loss.sum().backward()
+        assert torch.isfinite(loss).all(), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters()), name
+    df = CausalRCMObjective(CausalObjectiveConfig(flow="df", input_dtype="float32"), blocks)
+    loss, diag = df.closures(models, batch, ctx("student", 0))["flow"]()
+    t = diag["t"]
+    assert torch.isfinite(loss).all() and torch.equal(t[:, 1], t[:, 2]) and not torch.equal(t[:, 2], t[:, 3])
