@@ -43,5 +43,8 @@ def test_cuda_bf16_forward_and_jvp_track_float64(name, precision):
     with torch.no_grad():
         out, tan = net.forward_jvp(g(x), t.cuda(), g(ctx), g(tx), tt.cuda(), **kwg)
         plain = net(g(x), t.cuda(), g(ctx), **kwg)
-    assert out.dtype == torch.float32 and torch.equal(out, plain)
+    # On CUDA the JVP pass runs the fused JVP kernel (its own tile sizes, so another summation order)
+    # while the plain pass runs the plain attention path: equal up to bf16 rounding, not bitwise
+    # (bitwise equality of the primal is asserted in float64 on CPU, tests/nets/test_dit_jvp.py).
+    assert out.dtype == torch.float32 and _rel(out, plain.double().cpu()) < 1e-2, _rel(out, plain.double().cpu())
     assert _rel(out, ref) < 5e-2 and _rel(tan, rtan) < 5e-2, (_rel(out, ref), _rel(tan, rtan))

@@ -49,21 +49,22 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, _FLAG_DEFAULTS[name]) == "1"
 
 
-_ALLOCATOR_SET = False
+def _scratch(size: int, align: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _use_tma(q: Tensor, *key_side: Tensor | None) -> bool:
     """TMA needs a Hopper+ GPU, a unit last stride and 16-byte aligned rows/bases (else: pointer loads)."""
-    global _ALLOCATOR_SET
     if _INTERPRET or not _flag("RCM_JVP_TMA") or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
     for x in key_side:
         if x is not None and (x.stride(-1) != 1 or x.data_ptr() % 16
                               or any(st * x.element_size() % 16 for st in x.stride()[:-1])):
             return False
-    if not _ALLOCATOR_SET:  # device-side descriptors need scratch memory from the caller
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    # Device-side descriptors need scratch memory from the caller. Triton keeps the allocator in a
+    # ContextVar, so it is set on every launch: autograd's backward thread (activation-checkpoint
+    # recomputation runs there) does not inherit a value set once on the main thread.
+    triton.set_allocator(_scratch)
     return True
 
 
