@@ -135,7 +135,7 @@ def run(cfg: BuildDatasetConfig) -> dict:
     print(f"build_dataset: rank {rank}/{world}, {len(prompts)} samples, {len(todo)} to write", flush=True)
     if not todo and (rank != 0 or neg_path.exists()):
         return {"written": 0, "total": len(prompts), "shards": sorted(out.glob("shard_*.tar"))}
-    require_file(cfg.dit.path, "dit.path", "teacher DiT weights")
+    require_file(cfg.dit.path, "dit.path", "teacher DiT weights")  # fail before loading the text encoder
     encoder = TextEncoder(cfg.text_encoder, text_len=net_cfg.text_len, device=device)
     negative = encoder([cfg.negative_prompt])[0] if cfg.guidance > 1 else None
     if rank == 0:

@@ -190,9 +190,8 @@ def _check_files(cfg: GenerateConfig, needs_clip: bool) -> None:
     if cfg.dit.low_noise_path is not None:
         require_file(cfg.dit.low_noise_path, "dit.low_noise_path", "low-noise expert weights")
     require_file(cfg.vae.path, "vae.path", "VAE weights")
-    if cfg.negative_embed_path is None or cfg.sampler == "rcm":
-        require_file(cfg.text_encoder.path, "text_encoder.path", "umT5 encoder weights")
-        require_file(cfg.text_encoder.tokenizer, "text_encoder.tokenizer", "umT5 tokenizer")
+    require_file(cfg.text_encoder.path, "text_encoder.path", "umT5 encoder weights")
+    require_file(cfg.text_encoder.tokenizer, "text_encoder.tokenizer", "umT5 tokenizer")
     if cfg.negative_embed_path is not None:
         require_file(cfg.negative_embed_path, "negative_embed_path", "negative-prompt embedding")
     if cfg.image_path is not None:
@@ -258,6 +257,8 @@ def _sample(cfg: GenerateConfig, velocity, context, uncond, shape, i: int, n: in
     calls = steps * (2 if cfg.sampler != "rcm" and cfg.guidance > 1 else 1)
     what = (f"prompt {i + 1}/{n}: {steps} {cfg.sampler} steps = {calls} DiT forward calls on a batch of "
             f"{cfg.num_samples}, latent {list(shape)}")
+    if cfg.dit.low_noise_path is not None and cfg.offload_experts:
+        what += ", expert CPU<->GPU swaps included"
     with tqdm(total=steps, desc=f"{cfg.sampler} {i + 1}/{n}", leave=False, disable=None) as bar, \
             timer.stage("DiT steps", what):
         if cfg.sampler == "rcm":
