@@ -325,7 +325,7 @@ def run(cfg: GenerateConfig) -> dict:
             paths.append(save_video(grid_video(video[None]), path, fps=cfg.fps))
     if cfg.save_latents:
         torch.save(torch.stack([x.cpu() for x in latents]), out.with_suffix(".latents.pt"))
-    timer.report("main() start to the last mp4 written, loading included")
+    timer.report("config resolved to the last mp4 written, loading included")
     return {"videos": paths, "timing": timer.as_dict(), "expert_calls": dict(switch.calls) if switch else None,
             "prompts": prompts}
 

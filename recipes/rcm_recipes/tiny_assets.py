@@ -129,3 +129,25 @@ def _write(d: Path, seed: int) -> TinyAssets:
     paths["prompts"] = d / "prompts.txt"
     paths["prompts"].write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
     return TinyAssets(dir=d, tokenizer=tok, t5_arch={**TINY_T5, "vocab": vocab}, **paths)
+
+
+def _main() -> None:
+    """``python recipes/rcm_recipes/tiny_assets.py [DIR]``: write the assets and print a tiny end-to-end run."""
+    import shlex
+    import sys
+
+    a = write_tiny_assets(sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny_assets")
+    flags = " ".join(shlex.quote(f) for f in a.component_flags())
+    size = "--size='[32,32]' --num_frames=5 --device=cpu"
+    print(f"wrote the tiny assets to {a.dir}; a tiny pipeline on the CPU:\n"
+          f"uv run recipes/build_dataset.py --dit.config=tiny --dit.path={a.t2v} --prompt_file={a.prompts} "
+          f"--repeat=4 --samples_per_shard=4 --num_steps=8 --output_dir=outputs/tiny_dataset {size} "
+          f"{' '.join(shlex.quote(f) for f in a.component_flags()[2:])}\n"
+          f"uv run recipes/distill.py --preset=tiny-rcm --model.teacher_path={a.t2v} "
+          f"--sample.vae.path={a.vae}\n"
+          f"uv run recipes/generate.py --dit.config=tiny --dit.path=outputs/distill/tiny-rcm/student_ema.safetensors "
+          f"--output=outputs/tiny_generate/video.mp4 {size} {flags}")
+
+
+if __name__ == "__main__":
+    _main()
