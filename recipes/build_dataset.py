@@ -28,6 +28,7 @@ from rcm_recipes.loaders import (
     WAN_NEGATIVE_PROMPT,
     DiTSpec,
     DType,
+    MissingFileError,
     TextEncoder,
     TextEncoderSpec,
     dit_config,
@@ -161,4 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
+        raise SystemExit(f"build_dataset.py: error: {err}") from None

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 from rcm_recipes.config import RecipeConfig, parse_config
 from rcm_recipes.distill_run import run
-from rcm_recipes.loaders import VAESpec
+from rcm_recipes.loaders import MissingFileError, VAESpec
 
 from rcm_train.data import DataConfig
 from rcm_train.objectives import RCMObjectiveConfig
@@ -293,4 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
+        raise SystemExit(f"distill.py: error: {err}") from None

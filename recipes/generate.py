@@ -35,6 +35,7 @@ from rcm_recipes.loaders import (
     CLIPSpec,
     DiTSpec,
     DType,
+    MissingFileError,
     TextEncoder,
     TextEncoderSpec,
     VAESpec,
@@ -336,4 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
+        raise SystemExit(f"generate.py: error: {err}") from None
