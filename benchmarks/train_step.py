@@ -2,7 +2,7 @@
 
 Default: Wan2.1 T2V-1.3B with random weights, 480p (latent 21 x 60 x 104 = 32760 tokens), batch 1 per
 data-parallel rank, a 512-row text context and a negative embedding (CFG 5). Networks are built on ``meta``,
-``parallelize``d (student: SAC ``--sac``, fake score: mm_only, teacher: bf16 weights, all FSDP2 over the mesh)
+``parallelize``d (student and fake score: SAC ``--sac``, teacher: bf16 weights, all FSDP2 over the mesh)
 and trained with ``rcm_train.trainer.train_step`` + ``rcm_train.objectives.RCMObjective`` — the real loop:
 
 * student iteration = sCM closure + DMD closure (as after the tangent warmup), backward each, AdamW step;
@@ -108,7 +108,7 @@ def run_case(args, frames: int, sac: str) -> list[dict]:
     models = {
         "student": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
                          precision="student", trainable=True, seed=0),
-        "fake_score": build(args.config, mesh, ParallelConfig(sac="mm_only", **par), dtype=torch.float32,
+        "fake_score": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
                             precision="teacher", trainable=True, seed=1),
         "teacher": build(args.config, mesh, ParallelConfig(param_dtype=None), dtype=torch.bfloat16,
                          precision="teacher", trainable=False, seed=2),
@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--text-rows", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
     ap.add_argument("--cp", type=int, default=1, help="Ulysses context-parallel size")
-    ap.add_argument("--sac", default="block_wise", help="student activation checkpointing, comma-separated list")
+    ap.add_argument("--sac", default="block_wise", help="student and fake-score activation checkpointing, comma-separated list")
     ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
