@@ -1,0 +1,56 @@
+"""Progress bars and loss-curve recording for recipes that run `rcm_train.train`.
+
+`ProgressLogger` has the logger interface `rcm_train.train` calls (`start`, `log`, `log_media`, `close`):
+it advances a tqdm bar every iteration, shows the latest losses in the bar, and keeps every scalar it
+receives as a curve (`curves`), which `writers.plot_curves` draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = ["ProgressLogger"]
+
+
+class ProgressLogger:
+    """A tqdm bar over `total` iterations that records metrics as `{name: ([iteration], [value])}`.
+
+    `keep` selects which metric names are recorded and shown (substring match; all when empty).
+    Media are not written (the demo writes its own grids); `log_media` returns no paths.
+    """
+
+    def __init__(self, desc: str, total: int, *, keep: tuple[str, ...] = ("loss",), disable: bool = False):
+        self.desc, self.total, self.keep = desc, total, keep
+        self.curves: dict[str, tuple[list[int], list[float]]] = {}
+        self._bar: tqdm | None = None
+        self._disable = disable
+
+    def start(self, iteration: int, max_iter: int) -> None:
+        self.total = max_iter
+        self._bar = tqdm(total=max_iter, initial=iteration, desc=self.desc, dynamic_ncols=True,
+                         mininterval=1.0, disable=self._disable)
+
+    def log(self, iteration: int, metrics: Mapping[str, float]) -> dict[str, float]:
+        kept = {k: float(v) for k, v in metrics.items() if not self.keep or any(s in k for s in self.keep)}
+        for name, value in kept.items():
+            if math.isfinite(value):
+                steps, values = self.curves.setdefault(name, ([], []))
+                steps.append(iteration)
+                values.append(value)
+        if self._bar is not None:
+            self._bar.update(iteration - self._bar.n)
+            self._bar.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in kept.items()}, refresh=False)
+        return kept
+
+    def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:
+        return []
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
