@@ -11,7 +11,8 @@ never timed; mp4 encoding is never timed):
 
 * ``text_encoder``: tokenize (padded to the DiT's text_len) + umT5 forward of the prompt, plus the negative
   prompt for CFG samplers (one batch of 2); the embedding stays on the device.
-* ``dit_step[k]`` (bidirectional): step k of the sampler, from the end of step k-1: the DiT forward(s)
+* ``dit_step[k]`` (bidirectional): step k of the sampler, from the end of step k-1 (k = 0: from the start of
+  the sampler call, after the initial noise draw): the DiT forward(s)
   (rcm: 1, CFG: 2 sequential calls, cond then uncond), the CFG combination and the solver update, and for rcm
   the fresh noise of the next step (CPU generator draw + host-to-device copy).
 * ``dit_step[k]`` (causal): the ``forward_block`` call of denoising step k, averaged over the blocks (the
@@ -121,13 +122,14 @@ def _bidirectional(c: dict, kind: str, steps: int, shape, ctx, unc, clock: _Cloc
     t0 = clock.now()
     noise = torch.randn((1, *shape), generator=g).to(c["device"])
     vel = velocity_fn(c["net"])
+    t1 = clock.now()
     cb: Callable[[dict], None] = lambda _: marks.append(clock.now())  # noqa: E731
     if kind == "rcm":
         x0 = rcm_generate(vel, noise, ctx, generator=g, num_steps=steps, input_dtype=c["dtype"], callback=cb)
     else:
         x0 = teacher_generate(vel, noise, ctx, unc, sampler=kind, num_steps=steps, input_dtype=c["dtype"],
                               callback=cb)
-    edges = [t0, *marks]
+    edges = [t1, *marks]
     return x0, {"dit_step": [b - a for a, b in zip(edges, edges[1:])], "dit_total": marks[-1] - t0}
 
 

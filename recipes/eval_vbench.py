@@ -300,6 +300,8 @@ def _load_baseline(path: str, suite: str) -> Scores:
 def report(cfg: EvalVBenchConfig) -> dict:
     """Aggregate ``vbench_results/`` (with deltas to the baseline), print the table, write JSON + PNG."""
     p = _paths(cfg)
+    if not p["results"].is_dir():
+        raise FileNotFoundError(f"no vbench results in {p['results']}: run --stage=score first")
     scores = aggregate(load_results(p["results"]), cfg.suite)
     base = None
     if cfg.baseline is not None:

@@ -83,8 +83,9 @@ def find_vbench_file(suite: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"no prompt file given and the '{package}' package is not installed in this environment: set "
-            f"--prompt_file=PATH to {name} (from the VBench repository, github.com/Vchitect/VBench) or "
-            "`pip install vbench` here (it ships the T2V VBench_full_info.json)")
+            f"--prompt_file=PATH to {name} (from the VBench repository, github.com/Vchitect/VBench), or "
+            "--score.python=PYTHON of the environment where vbench is installed (its package ships the T2V "
+            "VBench_full_info.json)")
     for location in spec.submodule_search_locations:
         path = Path(location) / name
         if path.is_file():

@@ -246,6 +246,10 @@ def test_score_and_report_stages(assets, suite_file, tmp_path, monkeypatch):
     (fake / "vbench-0.0.0.dist-info").mkdir()
     (fake / "vbench-0.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vbench\nVersion: 0.0.0\n")
     monkeypatch.setenv("PYTHONPATH", str(fake))
+    # no --prompt_file: the suite file is found inside the vbench package of score.python's environment
+    (fake / "vbench" / "VBench_full_info.json").write_text(json.dumps(SUITE[:1]))
+    cfg = resolve_config(eval_vbench.EvalVBenchConfig, [f"--score.python={sys.executable}"])
+    assert eval_vbench._prompt_file(cfg) == fake / "vbench" / "VBench_full_info.json"
     dims = '--score.dimensions=["subject_consistency","color"]'
     # teacher: 1 sample per prompt of 5 looked up -> 0.2; student: 2 -> 0.4
     teacher = tmp_path / "teacher"
