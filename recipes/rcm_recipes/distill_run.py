@@ -9,7 +9,6 @@ rerun resumes the stage in progress and skips finished ones.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import shutil
@@ -28,6 +27,7 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.configs import WanConfig
 from rcm_train.checkpoint import Checkpointer, export_module, export_part, load_part
 from rcm_train.data import ShardLoader
+from rcm_train.data import expand_shards as data_shards
 from rcm_train.logging import LoggerConfig, MetricsLogger
 from rcm_train.objectives import RCMObjective
 from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize
@@ -118,12 +118,11 @@ class DeviceData:
 
 
 def expand_shards(data_cfg):
-    """``data_cfg`` with ``shards`` as an explicit sorted file list: every entry (the command line turns even
-    a single pattern into a one-element list) is glob-expanded. Raises naming the patterns if none match."""
-    patterns = [data_cfg.shards] if isinstance(data_cfg.shards, str) else list(data_cfg.shards)
-    files = sorted({f for p in patterns for f in (glob.glob(p) if glob.has_magic(p) else [p]) if Path(f).is_file()})
+    """``data_cfg`` with ``shards`` as an explicit sorted file list (the command line turns even a single
+    pattern into a one-element list; every entry is expanded). Raises naming the patterns if none match."""
+    files = sorted(set(data_shards(data_cfg.shards)))
     if not files:
-        raise FileNotFoundError(f"no shard file matches data.shards={patterns} (build them with "
+        raise FileNotFoundError(f"no shard file matches data.shards={data_cfg.shards} (build them with "
                                 "recipes/build_dataset.py)")
     return data_cfg.model_copy(update={"shards": files})
 

@@ -188,6 +188,15 @@ class _Readers(IterableDataset):
                 yield {**_collate(batch), "_worker": logical, "_skipped": self.skipped}
 
 
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Existing shard paths from a glob pattern or a list of paths/patterns (each entry expanded and sorted)."""
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for e in entries:
+        out += sorted(glob.glob(e))  # a literal path matches itself when it exists
+    return out
+
+
 class ShardLoader:
     """Batches for one data-parallel rank: ``{"latent" [B,C,T,H,W], "embed" [B,L,D], "prompt", "key"}``.
 
@@ -197,7 +206,7 @@ class ShardLoader:
     """
 
     def __init__(self, config: DataConfig, *, rank: int | None = None, world_size: int | None = None):
-        shards = sorted(glob.glob(config.shards)) if isinstance(config.shards, str) else list(config.shards)
+        shards = expand_shards(config.shards)
         if not shards:
             raise FileNotFoundError(f"no shards match {config.shards!r}")
         self.cfg, self.shards = config, shards
