@@ -23,7 +23,8 @@ never timed; mp4 encoding is never timed):
 * ``end_to_end``: prompt string to decoded pixels on the device, i.e. the interval enclosing the three stages
   above (it includes the per-step synchronizations the step figures need: one host round trip per step).
 
-Every figure is the median over ``--iters`` runs after ``--warmup`` runs. GPU mode builds the named DiT config,
+Every figure is the median over ``--iters`` runs after ``--warmup`` runs; ``peak GiB`` is the CUDA allocator's
+peak over the timed runs of a sampler, resident weights (DiT, VAE, umT5) included. GPU mode builds the named DiT config,
 the released-size VAE and umT5-xxl with random weights (speed does not depend on the values) and a small
 sentencepiece tokenizer trained on the fly (prompts are padded to text_len either way). ``--tiny`` runs the
 tiny test configurations on the CPU (a smoke test of the harness; its numbers say nothing about GPUs).
@@ -86,13 +87,13 @@ def build(args) -> dict:
     tok_dir = train_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="rcm_bench_tok_")))
     with torch.device("meta"):
         net = WanDiT.from_config(args.config, dtype=dtype)
-        t5 = UMT5Encoder(**({**TINY_T5, "vocab": 320} if args.tiny else {}))
-        vae = WanVAE(**(TINY_VAE if args.tiny else {}))
+        t5 = UMT5Encoder(**({**TINY_T5, "vocab": 320} if args.tiny else {})).to(dtype)  # cast on meta: free
+        vae = WanVAE(**(TINY_VAE if args.tiny else {})).to(getattr(torch, args.vae_dtype))
     net.to_empty(device=device)
     net.init_weights(generator=g)
     nn.init.normal_(net.head.head.weight, std=0.02, generator=g)  # a zero head would make every output 0
-    t5 = _random_init(t5.to_empty(device=device), g).to(dtype)
-    vae = _random_init(vae.to_empty(device=device), g).to(getattr(torch, args.vae_dtype))
+    t5 = _random_init(t5.to_empty(device=device), g)
+    vae = _random_init(vae.to_empty(device=device), g)
     tok = Tokenizer(tok_dir, max_length=net.config.text_len)
     return {"net": net.eval(), "t5": t5.eval(), "vae": vae.eval(), "tok": tok, "device": device, "dtype": dtype}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Literal
@@ -162,8 +163,7 @@ def _prompt_file(cfg: EvalVBenchConfig) -> Path:
     except FileNotFoundError:
         if cfg.score.python is None:
             raise
-    import subprocess  # ask the vbench environment where its package lives (without importing it)
-
+    # ask the vbench environment where its package lives (without importing it)
     code = ("import importlib.util as u; s = u.find_spec('vbench'); "
             "print(list(s.submodule_search_locations)[0] if s else '')")
     found = subprocess.run([cfg.score.python, "-c", code], capture_output=True, text=True).stdout.strip()

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
+
 from .config import RecipeConfig
 
 __all__ = ["ScoreSpec", "VBenchUnavailableError", "VBenchRunError", "INSTALL_HINT", "check_vbench", "run_vbench",
@@ -66,6 +68,11 @@ class ScoreSpec(RecipeConfig):
     """Sets VBENCH_CACHE_DIR for vbench (None: its default ~/.cache/vbench)."""
     timeout_s: float | None = None
     """Stop vbench after this many seconds (None: no limit)."""
+
+    @field_validator("python", "cache_dir")
+    @classmethod
+    def _expand_user(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser())  # "--score.python=~/x": no shell expands it
 
 
 def _python(spec: ScoreSpec) -> str:

@@ -251,11 +251,13 @@ def test_score_and_report_stages(assets, suite_file, tmp_path, monkeypatch):
     cfg = resolve_config(eval_vbench.EvalVBenchConfig, [f"--score.python={sys.executable}"])
     assert eval_vbench._prompt_file(cfg) == fake / "vbench" / "VBench_full_info.json"
     dims = '--score.dimensions=["subject_consistency","color"]'
-    # teacher: 1 sample per prompt of 5 looked up -> 0.2; student: 2 -> 0.4
+    # the teacher's output folder as the score stage leaves it (vbench's files); the student: 2 of the 5 files
+    # vbench looks up per prompt exist -> 0.4
     teacher = tmp_path / "teacher"
-    eval_vbench.main(_args(assets, suite_file, teacher, "--samples_per_prompt=1", "--sampler.kind=euler",
-                           "--sampler.negative_prompt=static"))
-    eval_vbench.main(_args(assets, suite_file, teacher, "--stage=score", dims))
+    (teacher / "vbench_results").mkdir(parents=True)
+    (teacher / "vbench_results" / "color_eval_results.json").write_text(json.dumps({"color": [0.2, []]}))
+    (teacher / "vbench_results" / "subject_consistency_eval_results.json").write_text(
+        json.dumps({"subject_consistency": [0.2, []]}))
     res = eval_vbench.main(_args(assets, suite_file, out, "--stage=score", dims, f"--baseline={teacher}"))
     scores, base = res["report"]["scores"], res["report"]["baseline"]
     assert scores.raw == {"subject_consistency": 0.4, "color": 0.4} and base.raw["color"] == 0.2
