@@ -79,8 +79,14 @@ def _python(spec: ScoreSpec) -> str:
     return spec.python or sys.executable
 
 
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def _env(spec: ScoreSpec) -> dict[str, str]:
-    env = dict(os.environ)
+    # Launched from rank 0 of a torchrun job, vbench must not inherit that job's world (it would wait for
+    # ranks that never join); with score.gpus > 1, its own torch.distributed.run sets a new one.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     if spec.cache_dir is not None:
         env["VBENCH_CACHE_DIR"] = str(Path(spec.cache_dir).expanduser())
     return env
@@ -113,8 +119,8 @@ def worker_command(spec: ScoreSpec, *, suite: str, videos_dir: Path, info_json: 
     return cmd + (["--local"] if spec.local else [])
 
 
-_OFFLINE_SIGNS = ("wget", "urlopen", "ConnectionError", "Temporary failure in name resolution", "HTTPError",
-                  "Max retries exceeded", "offline", "Network is unreachable", "No such file or directory")
+_OFFLINE_SIGNS = ("wget", "urlopen", "URLError", "ConnectionError", "Temporary failure in name resolution",
+                  "HTTPError", "Max retries exceeded", "Network is unreachable", "LocalEntryNotFoundError")
 
 
 def run_vbench(spec: ScoreSpec, *, suite: str, videos_dir: Path, info_json: Path, out_dir: Path,

@@ -17,7 +17,7 @@ from rcm_recipes.config import ConfigError, resolve_config
 from rcm_recipes.timing import StageTimer
 from rcm_recipes.tiny_assets import TINY_CLIP, TINY_VAE, write_tiny_assets
 from rcm_recipes.vbench_sampling import EvalSampler, SamplerSpec, VideoSpec
-from rcm_recipes.vbench_score import VBenchUnavailableError
+from rcm_recipes.vbench_score import VBenchRunError, VBenchUnavailableError
 from rcm_recipes.vbench_suite import load_suite, rank_slice, sample_seed
 from rcm_recipes.video_io import save_video
 from rcm_recipes.writers import read_video
@@ -223,6 +223,9 @@ class VBench:
 
     def evaluate(self, videos_path, name, dimension_list=None, local=False, mode="vbench_standard", **kwargs):
         assert mode == "vbench_standard" and kwargs["imaging_quality_preprocessing_mode"] == "longer"
+        if "scene" in dimension_list:  # what vbench does offline: its model download (wget) fails
+            import subprocess
+            raise subprocess.CalledProcessError(4, ["wget", "https://example.invalid/tag2text.pth"])
         names = set(os.listdir(videos_path))
         res = {}
         for dim in dimension_list:
@@ -242,10 +245,12 @@ def test_score_and_report_stages(assets, suite_file, tmp_path, monkeypatch):
     fake = tmp_path / "fake_site"
     (fake / "vbench").mkdir(parents=True)
     (fake / "vbench" / "__init__.py").write_text(textwrap.dedent(_FAKE_VBENCH))
-    (fake / "vbench" / "distributed.py").write_text("def dist_init():\n    pass\n\ndef get_rank():\n    return 0\n")
+    (fake / "vbench" / "distributed.py").write_text(
+        "def dist_init():\n    raise RuntimeError('inherited a torchrun world')\n\ndef get_rank():\n    return 0\n")
     (fake / "vbench-0.0.0.dist-info").mkdir()
     (fake / "vbench-0.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vbench\nVersion: 0.0.0\n")
     monkeypatch.setenv("PYTHONPATH", str(fake))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # as inside torchrun: the worker must not inherit it (checked below)
     # no --prompt_file: the suite file is found inside the vbench package of score.python's environment
     (fake / "vbench" / "VBench_full_info.json").write_text(json.dumps(SUITE[:1]))
     cfg = resolve_config(eval_vbench.EvalVBenchConfig, [f"--score.python={sys.executable}"])
@@ -266,3 +271,7 @@ def test_score_and_report_stages(assets, suite_file, tmp_path, monkeypatch):
     assert data["harness"]["seed_rule"] == "seed + 1000 * prompt_index + sample"
     assert (out / "vbench_scores.png").is_file() and "+20.00" in (out / "vbench_scores.txt").read_text()
     assert (out / "vbench_results" / "vbench.log").is_file()
+    # offline: the error says that vbench downloads its models and where; finished dimensions stay
+    with pytest.raises(VBenchRunError, match=r"(?s)model download that failed.*~/\.cache/vbench"):
+        eval_vbench.main(_args(assets, suite_file, out, "--stage=score", '--score.dimensions=["color","scene"]'))
+    assert (out / "vbench_results" / "color_eval_results.json").is_file()
