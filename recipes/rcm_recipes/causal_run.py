@@ -10,7 +10,6 @@ student of the next stage with ``init=previous``.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from rcm_losses.causal import FrameBlocks
 from rcm_nets.wan.causal import make_kv_cache, stream_generate
-from rcm_train.checkpoint import Checkpointer, export_module, export_part, load_part
+from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger
 from rcm_train.parallel import build_mesh, init_distributed
@@ -32,28 +31,10 @@ from .causal_training import CausalRCMObjective, block_layout
 from .config import write_config
 from .distill_run import DeviceData, build_network, expand_shards, read_teacher
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae
+from .runtime import DTYPES, decode_preview, export_finished, export_students, is_rank0, print0, train_device
 from .video_io import grid_video
 
 __all__ = ["run", "CausalSampleHook", "frame_blocks"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _print(*args) -> None:
-    if _rank0():
-        print(*args, flush=True)
-
-
-def _device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available (use --device=cpu)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def frame_blocks(cfg) -> FrameBlocks:
@@ -92,7 +73,7 @@ class CausalSampleHook:
         self.shape = samples["latent"].shape
         self.vae = (
             load_vae(cfg.vae, device, torch.float32, field="sample.vae.path")
-            if cfg.vae is not None and _rank0()
+            if cfg.vae is not None and is_rank0()
             else None
         )
 
@@ -124,22 +105,13 @@ class CausalSampleHook:
         )
         return torch.cat([blk.x0 for blk in out], dim=2)
 
-    def _decode(self, x0: Tensor) -> Tensor:
-        if self.vae is None:
-            z = x0[:, :3].float()
-            lo, hi = z.amin(dim=(1, 2, 3, 4), keepdim=True), z.amax(dim=(1, 2, 3, 4), keepdim=True)
-            z = (z - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
-            return z.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4).cpu()
-        with torch.no_grad():
-            return self.vae.decode(x0.float()).float().cpu()
-
     def __call__(self, iteration: int, models: Mapping[str, nn.Module]) -> dict[str, Tensor] | None:
         names = ["student"] + (["student_ema"] if self.cfg.ema and "student_ema" in models else [])
         rows = [self._stream(models[name]) for name in names]  # every rank: FSDP calls are collective
-        if not _rank0():
+        if not is_rank0():
             return None
-        _print(f"samples at iteration {iteration}: rows {names}, {self.blocks.num_blocks} blocks")
-        return {"samples": grid_video(torch.stack([self._decode(x) for x in rows]))}
+        print0(f"samples at iteration {iteration}: rows {names}, {self.blocks.num_blocks} blocks")
+        return {"samples": grid_video(torch.stack([decode_preview(self.vae, x) for x in rows]))}
 
 
 def _first_samples(data_cfg, n: int) -> dict[str, Any]:
@@ -154,24 +126,6 @@ def _first_samples(data_cfg, n: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def _exports(stage_dir: Path) -> dict[str, Path]:
-    return {
-        "student": stage_dir / "student.safetensors",
-        "student_ema": stage_dir / "student_ema.safetensors",
-    }
-
-
-def _finished(ckpt: Checkpointer, stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
-    paths = _exports(stage_dir)
-    if _rank0():
-        for name, path in paths.items():
-            if not path.exists():
-                export_part(ckpt.latest(), name, path, dtype=dtype)
-    if dist.is_initialized():
-        dist.barrier()
-    return paths
-
-
 def _frozen(ctx: dict[str, Any], name: str, sd: Mapping[str, Tensor]) -> nn.Module:
     """A frozen network built once per state dict (the causal teacher changes after a flow stage)."""
     key = (name, id(sd))
@@ -183,7 +137,7 @@ def _frozen(ctx: dict[str, Any], name: str, sd: Mapping[str, Tensor]) -> nn.Modu
             mesh=ctx["mesh"],
             parallel=ctx["cfg"].parallel.teacher,
             device=ctx["device"],
-            dtype=_DTYPES[ctx["cfg"].model.teacher_dtype],
+            dtype=DTYPES[ctx["cfg"].model.teacher_dtype],
             trainable=False,
         )
     return ctx["frozen"][key]
@@ -200,11 +154,11 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
     )
     done = ckpt.latest_iteration()
     if done is not None and done >= stage.iterations:
-        _print(f"stage {stage.name}: complete ({done} iterations), skipped")
+        print0(f"stage {stage.name}: complete ({done} iterations), skipped")
         return {
             "iteration": done,
             "checkpoint": ckpt.latest(),
-            **_finished(ckpt, stage_dir, _DTYPES[cfg.export_dtype]),
+            **export_finished(ckpt.latest(), stage_dir, DTYPES[cfg.export_dtype]),
         }
     p = cfg.parallel
     build = lambda sd, par, trainable, prec: build_network(
@@ -286,7 +240,7 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
             kv_dtype=obj.kv_dtype,
         )
     data = DeviceData(ShardLoader(cfg.data, rank=mesh.dp_rank, world_size=mesh.dp_size), device)
-    _print(
+    print0(
         f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(models)}, blocks "
         f"{blocks.sizes}" + (f", resuming from iteration {done}" if done is not None else "")
     )
@@ -305,9 +259,7 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
         media = hook(state.iteration, {**models, "student_ema": ema})
         if media:
             logger.log_media(state.iteration, media)
-    paths = _exports(stage_dir)
-    for name, path in paths.items():
-        export_module({**models, "student_ema": ema}[name], path, dtype=_DTYPES[cfg.export_dtype])
+    paths = export_students({**models, "student_ema": ema}, stage_dir, DTYPES[cfg.export_dtype])
     return {"iteration": state.iteration, "checkpoint": ckpt.latest(), **paths}
 
 
@@ -317,7 +269,7 @@ def run(cfg) -> dict[str, Any]:
     Initializes the process group from torchrun's environment (or a world of one); tears it down at the end
     if it created it.
     """
-    device = _device(cfg.device)
+    device = train_device(cfg.device)
     own_group = not dist.is_initialized()
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -329,7 +281,7 @@ def run(cfg) -> dict[str, Any]:
 
 def _run(cfg, device: torch.device) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    if _rank0():
+    if is_rank0():
         write_config(cfg, out / "config.yaml")
     cfg = cfg.model_copy(update={"data": expand_shards(cfg.data)})
     world, p = dist.get_world_size(), cfg.parallel
@@ -339,7 +291,7 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
     mesh = build_mesh(world // shard, shard, 1)  # no context parallel: the cached block pass refuses it
     net_cfg = dit_config(DiTSpec(config=cfg.model.config, overrides=cfg.model.overrides))
     blocks = frame_blocks(cfg)
-    _print(
+    print0(
         f"causal_distill: world {world} on {device.type}, blocks {blocks.sizes}, stages "
         f"{[(s.name, s.iterations) for s in cfg.stages()]}"
     )
@@ -390,10 +342,10 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
             if key == "student":
                 final["student_ema"] = results[stage.name]["student_ema"]
     copies = {k: out / f"{k}.safetensors" for k in final}
-    if _rank0():
+    if is_rank0():
         for k, src in final.items():
             shutil.copyfile(src, copies[k])
-        _print(f"exported {', '.join(str(p) for p in copies.values())}")
+        print0(f"exported {', '.join(str(p) for p in copies.values())}")
     if dist.is_initialized():
         dist.barrier()
     return {"stages": results, **copies}

@@ -10,7 +10,6 @@ rerun resumes the stage in progress and skips finished ones.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -25,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from rcm_nets.checkpoint import load_checkpoint, read_state_dict
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.configs import WanConfig
-from rcm_train.checkpoint import Checkpointer, export_module, export_part, load_part
+from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.data import expand_shards as data_shards
 from rcm_train.logging import LoggerConfig, MetricsLogger
@@ -37,28 +36,10 @@ from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_sc
 from .config import write_config
 from .generation import rcm_generate, teacher_generate, velocity_fn
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae, require_file
+from .runtime import DTYPES, decode_preview, export_finished, export_students, is_rank0, print0, train_device
 from .video_io import grid_video
 
 __all__ = ["run", "DeviceData", "SampleHook", "build_network", "read_teacher"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _print(*args) -> None:
-    if _rank0():
-        print(*args, flush=True)
-
-
-def _device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available (use --device=cpu)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _mesh(fsdp_shard_size: int, cp: int) -> ParallelMesh:
@@ -82,7 +63,7 @@ def read_teacher(net_cfg: WanConfig, path: str) -> dict[str, Tensor]:
         net = WanDiT(net_cfg, dtype=dtype)
     report = load_checkpoint(net, sd)
     prefix = f", stripped prefix {report.prefix!r}" if report.prefix else ""
-    _print(f"teacher: {path} ({fmt}, {len(sd)} tensors, {dtype}{prefix})")
+    print0(f"teacher: {path} ({fmt}, {len(sd)} tensors, {dtype}{prefix})")
     return net.state_dict()
 
 
@@ -154,7 +135,7 @@ class SampleHook:
                                  generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         self.negative, self.guidance = negative, guidance
         self.vae = load_vae(cfg.vae, device, torch.float32, field="sample.vae.path") \
-            if cfg.vae is not None and _rank0() else None
+            if cfg.vae is not None and is_rank0() else None
 
     def _rows(self, models: Mapping[str, nn.Module]) -> tuple[list[str], list[Tensor]]:
         cfg, labels, rows = self.cfg, [], []
@@ -174,42 +155,15 @@ class SampleHook:
             labels.append(f"teacher {cfg.teacher_steps} step")
         return labels, rows
 
-    def _decode(self, x0: Tensor) -> Tensor:
-        if self.vae is None:  # latent preview: channels 0-2, per-video min-max to [-1, 1], 8x nearest
-            z = x0[:, :3].float()
-            lo, hi = z.amin(dim=(1, 2, 3, 4), keepdim=True), z.amax(dim=(1, 2, 3, 4), keepdim=True)
-            z = (z - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
-            return z.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4).cpu()
-        with torch.no_grad():
-            return self.vae.decode(x0.to(torch.float32)).float().cpu()
-
     def __call__(self, iteration: int, models: Mapping[str, nn.Module]) -> dict[str, Tensor] | None:
         labels, rows = self._rows(models)
-        if not _rank0():
+        if not is_rank0():
             return None
-        _print(f"samples at iteration {iteration}: rows {labels}")
-        return {"samples": grid_video(torch.stack([self._decode(x) for x in rows]))}
+        print0(f"samples at iteration {iteration}: rows {labels}")
+        return {"samples": grid_video(torch.stack([decode_preview(self.vae, x) for x in rows]))}
 
 
 # ------------------------------------------------------------------------------------------ stages
-def _export(models: Mapping[str, nn.Module], stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
-    paths = {"student": stage_dir / "student.safetensors", "student_ema": stage_dir / "student_ema.safetensors"}
-    for name, path in paths.items():
-        export_module(models[name], path, dtype=dtype)
-    return paths
-
-
-def _export_finished(ckpt: Path, stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
-    paths = {"student": stage_dir / "student.safetensors", "student_ema": stage_dir / "student_ema.safetensors"}
-    if _rank0():
-        for name, path in paths.items():
-            if not path.exists():
-                export_part(ckpt, name, path, dtype=dtype)
-    if dist.is_initialized():
-        dist.barrier()
-    return paths
-
-
 def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """Train one stage (resuming if it has a checkpoint); returns its exports and last iteration."""
     mesh, device, net_cfg = ctx["mesh"], ctx["device"], ctx["net_cfg"]
@@ -218,9 +172,9 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
                         async_save=cfg.train.async_save)
     done = ckpt.latest_iteration()
     if done is not None and done >= stage.iterations:
-        _print(f"stage {stage.name}: complete ({done} iterations), skipped")
-        return {"iteration": done, "checkpoint": ckpt.latest(), **_export_finished(ckpt.latest(), stage_dir,
-                                                                                   _DTYPES[cfg.export_dtype])}
+        print0(f"stage {stage.name}: complete ({done} iterations), skipped")
+        return {"iteration": done, "checkpoint": ckpt.latest(), **export_finished(ckpt.latest(), stage_dir,
+                                                                                   DTYPES[cfg.export_dtype])}
     p = cfg.parallel
     build = lambda sd, par, trainable, prec: build_network(net_cfg, sd, mesh=mesh, parallel=par, device=device,
                                                            dtype=torch.float32, trainable=trainable, precision=prec)
@@ -249,7 +203,7 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
                           input_dtype=_input_dtype(stage), guidance=stage.objective.guidance)
     data = DeviceData(ShardLoader(cfg.data, rank=mesh.dp_rank, world_size=mesh.dp_size), device)
     objective = RCMObjective(stage.objective, negative_embed=ctx["negative"])
-    _print(f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(models)}"
+    print0(f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(models)}"
            + (f", resuming from iteration {done}" if done is not None else ""))
     state = train(parts, objective, data, train_cfg, checkpointer=ckpt, logger=logger, sample_hook=hook,
                   dp_rank=mesh.dp_rank, device=device)
@@ -257,7 +211,7 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
         media = hook(state.iteration, {**models, "student_ema": ema})
         if media:
             logger.log_media(state.iteration, media)
-    paths = _export({**models, "student_ema": ema}, stage_dir, _DTYPES[cfg.export_dtype])
+    paths = export_students({**models, "student_ema": ema}, stage_dir, DTYPES[cfg.export_dtype])
     return {"iteration": state.iteration, "checkpoint": ckpt.latest(), **paths}
 
 
@@ -273,7 +227,7 @@ def run(cfg) -> dict[str, Any]:
     Initializes the process group from torchrun's environment (or a world of one) and tears it down at
     the end if it created it.
     """
-    device = _device(cfg.device)
+    device = train_device(cfg.device)
     own_group = not dist.is_initialized()
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -285,11 +239,11 @@ def run(cfg) -> dict[str, Any]:
 
 def _run(cfg, device: torch.device) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    if _rank0():
+    if is_rank0():
         write_config(cfg, out / "config.yaml")
     cfg = cfg.model_copy(update={"data": expand_shards(cfg.data)})
     mesh = _mesh(cfg.parallel.fsdp_shard_size, cfg.parallel.cp)
-    _print(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = {mesh.shape}, "
+    print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = {mesh.shape}, "
            f"stages {[(s.name, s.iterations) for s in cfg.stages()]}")
     net_cfg = dit_config(DiTSpec(config=cfg.model.config, overrides=cfg.model.overrides))
     teacher_sd = read_teacher(net_cfg, cfg.model.teacher_path)
@@ -298,7 +252,7 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
         negative = load_embedding(cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len)
         negative = negative.to(device)
     teacher = build_network(net_cfg, teacher_sd, mesh=mesh, parallel=cfg.parallel.teacher, device=device,
-                            dtype=_DTYPES[cfg.model.teacher_dtype], trainable=False)
+                            dtype=DTYPES[cfg.model.teacher_dtype], trainable=False)
     ctx = {"mesh": mesh, "device": device, "net_cfg": net_cfg, "teacher": teacher, "teacher_sd": teacher_sd,
            "negative": negative,
            "samples": _first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None}
@@ -310,10 +264,10 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
             init_sd = load_part(info["checkpoint"], "student")
     last = results[cfg.stages()[-1].name]
     final = {"student": out / "student.safetensors", "student_ema": out / "student_ema.safetensors"}
-    if _rank0():
+    if is_rank0():
         for name, path in final.items():
             shutil.copyfile(last[name], path)
-        _print(f"exported {final['student']} and {final['student_ema']}")
+        print0(f"exported {final['student']} and {final['student_ema']}")
     if dist.is_initialized():
         dist.barrier()
     return {"stages": results, **final}

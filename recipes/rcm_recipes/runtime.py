@@ -1,0 +1,77 @@
+"""Process-level helpers shared by the training runs (``distill_run``, ``causal_run``): rank-0 printing,
+the training device, export dtypes, sample decoding and the per-stage ``student`` / ``student_ema`` exports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rcm_train.checkpoint import export_module, export_part
+
+__all__ = ["DTYPES", "is_rank0", "print0", "train_device", "decode_preview", "stage_exports",
+           "export_students", "export_finished"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def is_rank0() -> bool:
+    """True on rank 0 of the default process group, or when no group is initialized."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args) -> None:
+    """``print`` (flushed) on rank 0 only."""
+    if is_rank0():
+        print(*args, flush=True)
+
+
+def train_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (``cuda:LOCAL_RANK``) or ``auto`` (CUDA when available, else CPU)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available (use --device=cpu)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def decode_preview(vae, x0: Tensor) -> Tensor:
+    """Latents ``[N, C, T, h, w]`` -> video ``[N, 3, T', H, W]`` in [-1, 1] on CPU: decoded by ``vae`` in
+    float32, or without one a latent preview (channels 0-2, per-video min-max to [-1, 1], 8x nearest)."""
+    if vae is None:
+        z = x0[:, :3].float()
+        lo, hi = z.amin(dim=(1, 2, 3, 4), keepdim=True), z.amax(dim=(1, 2, 3, 4), keepdim=True)
+        z = (z - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+        return z.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4).cpu()
+    with torch.no_grad():
+        return vae.decode(x0.float()).float().cpu()
+
+
+def stage_exports(stage_dir: Path) -> dict[str, Path]:
+    """Where a stage's ``student`` and ``student_ema`` weights are exported."""
+    return {"student": stage_dir / "student.safetensors", "student_ema": stage_dir / "student_ema.safetensors"}
+
+
+def export_students(models: Mapping[str, nn.Module], stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """Export ``models["student"]`` and ``models["student_ema"]`` (collective under FSDP: every rank calls)."""
+    paths = stage_exports(stage_dir)
+    for name, path in paths.items():
+        export_module(models[name], path, dtype=dtype)
+    return paths
+
+
+def export_finished(ckpt: Path, stage_dir: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """A finished stage's exports, written from checkpoint ``ckpt`` on rank 0 where missing (then a barrier)."""
+    paths = stage_exports(stage_dir)
+    if is_rank0():
+        for name, path in paths.items():
+            if not path.exists():
+                export_part(ckpt, name, path, dtype=dtype)
+    if dist.is_initialized():
+        dist.barrier()
+    return paths
