@@ -1,29 +1,18 @@
 """recipes/build_dataset.py: teacher samples into webdataset shards, split over ranks, resumable, read back by
 rcm_train's loader; a stored latent equals a direct Euler + CFG sampling of the same files."""
 
+import _fixtures
 import build_dataset
 import pytest
 import torch
 from rcm_recipes.config import field_paths
-from rcm_recipes.tiny_assets import write_tiny_assets
 
 from rcm_losses import flow_euler_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
 from rcm_train.data import DataConfig, ShardLoader
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+_one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
 
 
 def _args(assets, out):

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import _fixtures
 import distill
 import pytest
 import torch
@@ -28,13 +29,7 @@ from rcm_nets.wan import WanDiT
 from rcm_train.checkpoint import load_part
 from rcm_train.data import ShardWriter
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
+_one_thread = _fixtures._one_thread  # shared autouse pytest fixture (module scope)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ import shutil
 import sys
 import textwrap
 
+import _fixtures
 import eval_vbench
 import numpy as np
 import pytest
 import torch
 from rcm_recipes.config import ConfigError, resolve_config
 from rcm_recipes.timing import StageTimer
-from rcm_recipes.tiny_assets import TINY_CLIP, TINY_VAE, write_tiny_assets
+from rcm_recipes.tiny_assets import TINY_CLIP, TINY_VAE
 from rcm_recipes.vbench_sampling import EvalSampler, SamplerSpec, VideoSpec
 from rcm_recipes.vbench_score import VBenchRunError, VBenchUnavailableError
 from rcm_recipes.vbench_suite import load_suite, rank_slice, sample_seed
@@ -27,24 +28,13 @@ from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.causal import BlockLayout, make_kv_cache, stream_generate
 
+_one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
+
 SUITE = [  # VBench's format; the first prompt appears twice (as in VBench_full_info.json), named once
     {"prompt_en": "a cat runs across the green field", "dimension": ["subject_consistency", "dynamic_degree"]},
     {"prompt_en": "birds flying under blue sky with clouds", "dimension": ["color"]},
     {"prompt_en": "a cat runs across the green field", "dimension": ["overall_consistency"]},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
 
 
 @pytest.fixture(scope="module")

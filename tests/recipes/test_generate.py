@@ -8,30 +8,20 @@ checked by their frame count and size (mp4 is lossy).
 
 import json
 
+import _fixtures
 import generate
 import pytest
 import torch
 from rcm_recipes.config import ConfigError, field_paths, resolve_config
 from rcm_recipes.loaders import MissingFileError
-from rcm_recipes.tiny_assets import TINY_CLIP, write_tiny_assets
+from rcm_recipes.tiny_assets import TINY_CLIP
 from rcm_recipes.writers import read_video
 
 from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+_one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
 
 
 def _args(assets, out, *extra, size="[32,32]"):

@@ -1,0 +1,20 @@
+"""Fixtures shared by the recipe tests; a test module uses them by importing them into its namespace:
+``from _fixtures import _one_thread, assets  # noqa: F401``."""
+
+import pytest
+import torch
+from rcm_recipes.tiny_assets import write_tiny_assets
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The tiny networks, tokenizer and prompts in the official file formats (``rcm_recipes.tiny_assets``)."""
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
