@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from rcm_losses.consistency import scm_objective
+from rcm_losses.consistency import _dcm_loss, scm_objective  # _dcm_loss: the dCM core, per-frame times
 from rcm_losses.parameterization import (
     RF_TIMESTEP_SCALE,
     Denoiser,
@@ -43,7 +43,6 @@ from rcm_losses.parameterization import (
     VelocityFn,
     VelocityJVP,
     add_noise,
-    cfg_denoise,
     expand_time,
     round_timestep,
     trig_to_rf,
@@ -408,14 +407,7 @@ def causal_dcm_objective(
     if times.ndim not in (2, 3) or times.shape[0] < 2 or times.shape[1] != x0.shape[0]:
         raise ValueError(f"dCM times must be [K+1 >= 2, B={x0.shape[0]}(, T)], got {tuple(times.shape)}")
     times = times.to(_F64)
-    x = add_noise(x0, eps, times[0])
-    x0_hat = student(x, times[0], cond).x0
-    with torch.no_grad():
-        for k in range(times.shape[0] - 1):
-            F_T = cfg_denoise(teacher, x, times[k], cond, uncond, guidance).F
-            x = x - expand_time(times[k] - times[k + 1], x) * F_T
-        target = student(x, times[-1], cond).x0
-    loss = loss_scale * (x0_hat.to(_F64) - target).pow(2).flatten(1).sum(1)
+    loss = _dcm_loss(student, teacher, x0, eps, times, cond, uncond, guidance, loss_scale)
     return loss, {"t": times[0].detach(), "nan": torch.isnan(loss), "loss": loss.detach()}
 
 
