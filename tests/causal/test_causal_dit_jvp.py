@@ -7,12 +7,10 @@ the hand-written rules and the JVP attention with the mask. float64: both are ex
 catches a wrong formula, a mask dropped from the tangent path or a nonzero context tangent.
 """
 
-import contextlib
-
 import pytest
 import torch
+from _plain_attention import plain_torch_attention
 
-from rcm_kernels.attention import Attention, attention_reference
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import BlockLayout
 
@@ -32,22 +30,6 @@ def net():
     return net
 
 
-@contextlib.contextmanager
-def _plain_attention(net):
-    sites = [m for m in net.modules() if isinstance(m, Attention)]
-
-    def plain(q, k, v, tq=None, tk=None, tv=None, *, scale=None, block_mask=None):
-        return attention_reference(q, k, v, scale=scale, mask=block_mask).out, None
-
-    for m in sites:
-        m.forward = plain
-    try:
-        yield
-    finally:
-        for m in sites:
-            del m.forward
-
-
 def _inputs(frames):
     x, tx = torch.randn(B, C, frames, H, W, dtype=F64), torch.randn(B, C, frames, H, W, dtype=F64)
     t = torch.rand(B, frames, dtype=F64) * 1000
@@ -59,7 +41,7 @@ def test_forward_jvp_block_causal_per_frame_times(net):
     mask = layout.mask(3, HW)
     x, tx, t, tt, ctx = _inputs(5)
     out, tout = net.forward_jvp(x, t, ctx, tx, tt, block_mask=mask)
-    with _plain_attention(net):
+    with plain_torch_attention(net):
         ref, tref = torch.func.jvp(lambda a, b: net(a, b, ctx, block_mask=mask), (x, t), (tx, tt))
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
     torch.testing.assert_close(tout, tref, atol=TOL, rtol=TOL)
@@ -74,7 +56,7 @@ def test_teacher_forcing_jvp(net):
     xn, tx, tn, tt, ctx = _inputs(4)
     xc = torch.randn_like(xn)
     out, tout = net.forward_teacher_forcing(xc, xn, tn, ctx, block_mask=mask, tangents=(tx, tt))
-    with _plain_attention(net):
+    with plain_torch_attention(net):
         ref, tref = torch.func.jvp(lambda a, b: net.forward_teacher_forcing(xc, a, b, ctx, block_mask=mask),
                                    (xn, tn), (tx, tt))
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)

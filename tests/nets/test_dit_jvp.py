@@ -7,12 +7,10 @@ catches any wrong formula. Weights are random everywhere, the head included (Wan
 would make every tangent 0 and the test vacuous, RCM_SPEC §14.15).
 """
 
-import contextlib
-
 import pytest
 import torch
+from _plain_attention import plain_torch_attention
 
-from rcm_kernels.attention import Attention, attention_reference
 from rcm_nets.wan import WanDiT
 
 F64 = torch.float64
@@ -48,30 +46,13 @@ def nets():
     return {"tiny": _net("tiny", num_layers=2), "tiny-i2v": _net("tiny-i2v", num_layers=1)}
 
 
-@contextlib.contextmanager
-def _plain_torch_attention(net):
-    """Route every attention seam to plain-torch math, so torch.func differentiates ordinary ops."""
-    sites = [m for m in net.modules() if isinstance(m, Attention)]
-
-    def plain(q, k, v, tq=None, tk=None, tv=None, *, scale=None, block_mask=None):
-        return attention_reference(q, k, v, scale=scale, mask=block_mask).out, None
-
-    for m in sites:
-        m.forward = plain
-    try:
-        yield
-    finally:
-        for m in sites:
-            del m.forward
-
-
 def _check(net, x, t, ctx, kw, tx, tt):
     with torch.no_grad():
         out, tout = net.forward_jvp(x, t, ctx, tx, tt, **kw)
         plain = net(x, t, ctx, **kw)
     zx = torch.zeros_like(x) if tx is None else tx
     zt = torch.zeros_like(t) if tt is None else tt
-    with _plain_torch_attention(net):
+    with plain_torch_attention(net):
         ref, rtan = torch.func.jvp(lambda x_, t_: net(x_, t_, ctx, **kw), (x, t), (zx, zt))
     assert torch.equal(out, plain), "the JVP pass's primal must equal the plain forward exactly"
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
