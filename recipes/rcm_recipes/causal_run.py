@@ -20,14 +20,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rcm_losses.causal import FrameBlocks
-from rcm_nets.wan.causal import make_kv_cache, stream_generate
+from rcm_nets.wan.causal import stream_generate
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger
 from rcm_train.parallel import build_mesh, init_distributed
 from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_scheduler, train
 
-from .causal_training import CausalRCMObjective, block_layout
+from .causal_training import CausalRCMObjective, block_layout, video_kv_cache
 from .config import write_config
 from .distill_run import DeviceData, build_network, expand_shards, read_teacher
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae
@@ -79,17 +79,7 @@ class CausalSampleHook:
 
     def _stream(self, net: nn.Module) -> Tensor:
         n, c, t, h, w = self.shape
-        cache = make_kv_cache(
-            net,
-            batch=n,
-            height=h,
-            width=w,
-            layout=block_layout(self.blocks),
-            window_frames=t,
-            rolling=False,
-            kv_dtype=self.kv_dtype,
-            device=self.device,
-        )
+        cache = video_kv_cache(net, self.blocks, self.shape, self.kv_dtype, self.device)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         out = stream_generate(
             net,

@@ -22,7 +22,7 @@ self-forcing rollout exactly as inference runs it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -65,6 +65,7 @@ __all__ = [
     "tf_velocity",
     "df_velocity",
     "block_layout",
+    "video_kv_cache",
     "shared_generator",
 ]
 
@@ -164,6 +165,25 @@ def _schedule_lists(schedule) -> list[list[float]]:
 
 def block_layout(blocks: FrameBlocks) -> BlockLayout:
     return BlockLayout(blocks.frames_per_block, blocks.first)
+
+
+def video_kv_cache(
+    net: nn.Module, blocks: FrameBlocks, shape: Sequence[int], kv_dtype: str, device: torch.device | str
+) -> KVCache:
+    """A non-rolling KV cache of ``net`` for a whole latent video of ``shape`` ``(B, C, T, H, W)`` in the
+    block layout of ``blocks`` (the window holds all ``T`` frames)."""
+    b, _, t, h, w = shape
+    return make_kv_cache(
+        net,
+        batch=b,
+        height=h,
+        width=w,
+        layout=block_layout(blocks),
+        window_frames=t,
+        rolling=False,
+        kv_dtype=kv_dtype,
+        device=device,
+    )
 
 
 def shared_generator(
@@ -308,17 +328,7 @@ class CausalRCMObjective:
         key = (id(net), b, t, h, w, str(x0.device))
         if key not in self._caches:
             self._caches.clear()  # one cache alive at a time (storage is allocated once per shape)
-            self._caches[key] = make_kv_cache(
-                net,
-                batch=b,
-                height=h,
-                width=w,
-                layout=block_layout(self.blocks),
-                window_frames=t,
-                rolling=False,
-                kv_dtype=self.cfg.kv_dtype,
-                device=x0.device,
-            )
+            self._caches[key] = video_kv_cache(net, self.blocks, x0.shape, self.cfg.kv_dtype, x0.device)
         return self._caches[key]
 
     def exit_steps(self, ctx: StepContext) -> tuple[int, ...]:
