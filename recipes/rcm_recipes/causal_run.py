@@ -24,14 +24,23 @@ from rcm_nets.wan.causal import stream_generate
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger
-from rcm_train.parallel import build_mesh, init_distributed
+from rcm_train.parallel import build_mesh
 from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_scheduler, train
 
 from .causal_training import CausalRCMObjective, block_layout, video_kv_cache
 from .config import write_config
 from .distill_run import DeviceData, build_network, expand_shards, read_teacher
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae
-from .runtime import DTYPES, decode_preview, export_finished, export_students, is_rank0, print0, train_device
+from .runtime import (
+    DTYPES,
+    decode_preview,
+    export_finished,
+    finish_stage,
+    is_rank0,
+    print0,
+    process_group,
+    train_device,
+)
 from .video_io import grid_video
 
 __all__ = ["run", "CausalSampleHook", "frame_blocks"]
@@ -245,12 +254,15 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
         dp_rank=mesh.dp_rank,
         device=device,
     )
-    if hook is not None:
-        media = hook(state.iteration, {**models, "student_ema": ema})
-        if media:
-            logger.log_media(state.iteration, media)
-    paths = export_students({**models, "student_ema": ema}, stage_dir, DTYPES[cfg.export_dtype])
-    return {"iteration": state.iteration, "checkpoint": ckpt.latest(), **paths}
+    return finish_stage(
+        state.iteration,
+        {**models, "student_ema": ema},
+        hook=hook,
+        logger=logger,
+        ckpt=ckpt,
+        stage_dir=stage_dir,
+        dtype=DTYPES[cfg.export_dtype],
+    )
 
 
 def run(cfg) -> dict[str, Any]:
@@ -260,13 +272,8 @@ def run(cfg) -> dict[str, Any]:
     if it created it.
     """
     device = train_device(cfg.device)
-    own_group = not dist.is_initialized()
-    init_distributed("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with process_group(device):
         return _run(cfg, device)
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _run(cfg, device: torch.device) -> dict[str, Any]:

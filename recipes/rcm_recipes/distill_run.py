@@ -29,14 +29,23 @@ from rcm_train.data import ShardLoader
 from rcm_train.data import expand_shards as data_shards
 from rcm_train.logging import LoggerConfig, MetricsLogger
 from rcm_train.objectives import RCMObjective
-from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize
+from rcm_train.parallel import ParallelConfig, build_mesh, parallelize
 from rcm_train.parallel.mesh import ParallelMesh
 from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_scheduler, train
 
 from .config import write_config
 from .generation import rcm_generate, teacher_generate, velocity_fn
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae, require_file
-from .runtime import DTYPES, decode_preview, export_finished, export_students, is_rank0, print0, train_device
+from .runtime import (
+    DTYPES,
+    decode_preview,
+    export_finished,
+    finish_stage,
+    is_rank0,
+    print0,
+    process_group,
+    train_device,
+)
 from .video_io import grid_video
 
 __all__ = ["run", "DeviceData", "SampleHook", "build_network", "read_teacher"]
@@ -207,12 +216,8 @@ def _run_stage(cfg, stage, ctx: dict[str, Any], init_sd: Mapping[str, Tensor]) -
            + (f", resuming from iteration {done}" if done is not None else ""))
     state = train(parts, objective, data, train_cfg, checkpointer=ckpt, logger=logger, sample_hook=hook,
                   dp_rank=mesh.dp_rank, device=device)
-    if hook is not None:
-        media = hook(state.iteration, {**models, "student_ema": ema})
-        if media:
-            logger.log_media(state.iteration, media)
-    paths = export_students({**models, "student_ema": ema}, stage_dir, DTYPES[cfg.export_dtype])
-    return {"iteration": state.iteration, "checkpoint": ckpt.latest(), **paths}
+    return finish_stage(state.iteration, {**models, "student_ema": ema}, hook=hook, logger=logger, ckpt=ckpt,
+                        stage_dir=stage_dir, dtype=DTYPES[cfg.export_dtype])
 
 
 def _input_dtype(stage) -> torch.dtype:
@@ -228,13 +233,8 @@ def run(cfg) -> dict[str, Any]:
     the end if it created it.
     """
     device = train_device(cfg.device)
-    own_group = not dist.is_initialized()
-    init_distributed("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with process_group(device):
         return _run(cfg, device)
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _run(cfg, device: torch.device) -> dict[str, Any]:

@@ -4,18 +4,21 @@ the training device, export dtypes, sample decoding and the per-stage ``student`
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rcm_train.checkpoint import export_module, export_part
+from rcm_train.checkpoint import Checkpointer, export_module, export_part
+from rcm_train.logging import MetricsLogger
+from rcm_train.parallel import init_distributed
 
-__all__ = ["DTYPES", "is_rank0", "print0", "train_device", "decode_preview", "stage_exports",
-           "export_students", "export_finished"]
+__all__ = ["DTYPES", "is_rank0", "print0", "train_device", "process_group", "decode_preview", "stage_exports",
+           "export_students", "export_finished", "finish_stage"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -38,6 +41,19 @@ def train_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but CUDA is not available (use --device=cpu)")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """The default process group from torchrun's environment (or a world of one; NCCL on CUDA, else gloo)
+    for the ``with`` block, torn down at the end if this opened it."""
+    own_group = not dist.is_initialized()
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def decode_preview(vae, x0: Tensor) -> Tensor:
@@ -75,3 +91,16 @@ def export_finished(ckpt: Path, stage_dir: Path, dtype: torch.dtype) -> dict[str
     if dist.is_initialized():
         dist.barrier()
     return paths
+
+
+def finish_stage(iteration: int, models: Mapping[str, nn.Module], *, hook, logger: MetricsLogger,
+                 ckpt: Checkpointer, stage_dir: Path, dtype: torch.dtype) -> dict:
+    """End of a trained stage: last samples through ``hook`` (if any) into ``logger``, then the exports of
+    ``models["student"]`` / ``models["student_ema"]``; returns ``{"iteration", "checkpoint", "student",
+    "student_ema"}``."""
+    if hook is not None:
+        media = hook(iteration, models)
+        if media:
+            logger.log_media(iteration, media)
+    paths = export_students(models, stage_dir, dtype)
+    return {"iteration": iteration, "checkpoint": ckpt.latest(), **paths}
