@@ -120,6 +120,20 @@ def _merge(cls: type[BaseModel], base: dict[str, Any], update: Mapping[str, Any]
     return out
 
 
+def _nested_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """Dumps of the fields whose default is a model instance, e.g. ``data: Shapes = Shapes(size=32)``.
+
+    Overrides merge onto these: without them ``--data.frames=5`` would rebuild ``data`` from the class
+    ``Shapes`` defaults and silently drop the ``size=32`` the recipe chose.
+    """
+    out = {}
+    for name, info in cls.model_fields.items():
+        default = info.get_default(call_default_factory=True, validated_data={})
+        if isinstance(default, BaseModel):
+            out[name] = default.model_dump()
+    return out
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a `.yaml`/`.yml`/`.json` config file into a (possibly partial) nested dict."""
     path = Path(path)
@@ -203,7 +217,7 @@ def resolve_config(
                               f"choose from {', '.join(presets)}")
         values = presets[preset_name].model_dump()
     else:
-        values = {}
+        values = _nested_defaults(cls)
     if parsed.config is not None:
         file_values = load_config_file(parsed.config)
         try:  # validate the file alone first, so its errors name the file

@@ -32,9 +32,10 @@ METRIC_DESCRIPTION = (
     "color_accuracy / direction_accuracy: fraction of samples whose color (foreground-weighted mean RGB, "
     "nearest grammar color) and direction (least-squares velocity of the foreground centroid, nearest "
     "grammar direction) read back from the pixels match the prompt; chance 1/6 and 1/4. prompt_accuracy: "
-    "both right. frechet_distance: Frechet distance between Gaussians fitted to 14 hand-made video features "
-    "(color, area, centroid, velocity, path straightness, extent, background level, edge energy, pixel "
-    "spread), standardized by the held-out reference set; lower is better. See rcm_recipes/shapes_metric.py."
+    "both right. frechet_distance: Frechet distance between Gaussians fitted to 16 hand-made video features "
+    "(color, area, centroid, velocity, path straightness, extent, partial coverage (blur), texture, "
+    "background level, edge energy, pixel spread), standardized by a held-out reference set of the same "
+    "prompts; lower is better; two real sets score ~0.2-0.5. See rcm_recipes/shapes_metric.py."
 )
 
 
@@ -49,8 +50,9 @@ class EvalConfig(RecipeConfig):
     """Euler steps of the few-step teacher baseline."""
     student_steps: list[int] = [1, 2, 4]
     """Step counts of the student (rCM sampler)."""
-    teacher_shift: float = 1.0
-    """Time shift of the teacher's Euler schedule (1 = uniform in RF time)."""
+    teacher_shift: float = 3.0
+    """Time shift of the teacher's Euler schedule (1 = uniform in RF time; larger spends more steps at
+    high noise)."""
     teacher_sigma_max: float | None = None
     """Starting noise level of the teacher sampler (None: pure noise)."""
     student_sigma_max: float = 80.0
@@ -124,18 +126,26 @@ def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncod
     for name, (video, nfe) in samples.items():
         steps = int(name.rsplit("_", 1)[1])
         methods[name] = {"steps": steps, "network_evaluations": nfe, **evaluate(video, prompts, reference)}
-    k = min(cfg.grid_columns, cfg.num_samples)
-    rows = {"held-out\ndata": heldout[:k]}
-    rows.update({f"teacher\n{_plural(n)}": samples[f"teacher_{n}"][0][:k]
+    cols = _grid_columns(cfg.grid_columns, cfg.num_samples)
+    rows = {"held-out\ndata": heldout[cols]}
+    rows.update({f"teacher\n{_plural(n)}": samples[f"teacher_{n}"][0][cols]
                  for n in (cfg.teacher_steps, cfg.teacher_few_steps)})
-    rows.update({f"student\n{_plural(n)}": samples[f"student_{n}"][0][:k] for n in cfg.student_steps})
-    grid = video_grid(rows, column_labels=[f"{p.color}\n{p.shape} {p.direction}" for p in prompts[:k]],
-                      scale=cfg.grid_scale)
+    rows.update({f"student\n{_plural(n)}": samples[f"student_{n}"][0][cols] for n in cfg.student_steps})
+    grid = video_grid(rows, column_labels=[f"{prompts[i].color}\n{prompts[i].shape} {prompts[i].direction}"
+                                           for i in cols], scale=cfg.grid_scale)
     for suffix in (".mp4", ".gif"):
         write_video(grid, Path(out_dir) / f"grid{suffix}", fps=cfg.fps)
     return {"metric": METRIC_DESCRIPTION, "chance": {"color_accuracy": 1 / 6, "direction_accuracy": 1 / 4},
             "num_samples": cfg.num_samples, "guidance": guidance, "methods": methods,
             "checks": _checks(methods, cfg)}
+
+
+def _grid_columns(k: int, n: int) -> list[int]:
+    """Samples shown: with 48+ balanced prompts, half squares (from index 0) and half disks (from 24)."""
+    k = min(k, n)
+    if n < 48:
+        return list(range(k))
+    return list(range((k + 1) // 2)) + list(range(24, 24 + k // 2))
 
 
 def _checks(methods: dict[str, dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
@@ -144,19 +154,23 @@ def _checks(methods: dict[str, dict[str, Any]], cfg: EvalConfig) -> dict[str, An
     * student close to teacher: the 4-step (largest) student's prompt accuracy is within 0.15 of the
       many-step teacher's and its FD at most twice the teacher's FD plus the held-out data's FD + 1;
     * student far better than the few-step teacher: its FD is under half the few-step teacher's;
-    * distillation helped: the student's FD is under half the untrained student's at the same steps.
+    * distillation helped: at every step count the student's FD is below the untrained student's (the
+      teacher's weights in the same sampler), and at one step below half of it.
     """
-    n = max(cfg.student_steps)
-    s, t, tf, u = (methods[f"student_{n}"], methods[f"teacher_{cfg.teacher_steps}"],
-                   methods[f"teacher_{cfg.teacher_few_steps}"], methods[f"untrained_student_{n}"])
+    n, n1 = max(cfg.student_steps), min(cfg.student_steps)
+    s, t, tf = (methods[f"student_{n}"], methods[f"teacher_{cfg.teacher_steps}"],
+                methods[f"teacher_{cfg.teacher_few_steps}"])
+    fd = lambda name: methods[name]["frechet_distance"]
     fd_floor = methods["data_heldout"]["frechet_distance"] + 1.0
     return {
         "student_close_to_teacher": bool(s["prompt_accuracy"] >= t["prompt_accuracy"] - 0.15
                                           and s["frechet_distance"] <= 2 * t["frechet_distance"] + fd_floor),
         "student_far_better_than_few_step_teacher": bool(s["frechet_distance"] < 0.5 * tf["frechet_distance"]),
-        "distillation_improved_student": bool(s["frechet_distance"] < 0.5 * u["frechet_distance"]),
+        "distillation_improved_student": bool(
+            all(fd(f"student_{k}") < fd(f"untrained_student_{k}") for k in cfg.student_steps)
+            and fd(f"student_{n1}") < 0.5 * fd(f"untrained_student_{n1}")),
         "compared": {"student": f"student_{n}", "teacher": f"teacher_{cfg.teacher_steps}",
-                     "few_step_teacher": f"teacher_{cfg.teacher_few_steps}", "untrained": f"untrained_student_{n}"},
+                     "few_step_teacher": f"teacher_{cfg.teacher_few_steps}"},
     }
 
 

@@ -44,7 +44,7 @@ class ProgressLogger:
                 values.append(value)
         if self._bar is not None:
             self._bar.update(iteration - self._bar.n)
-            self._bar.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in kept.items()}, refresh=False)
+            self._bar.set_postfix({k.removesuffix("/loss"): f"{v:.3g}" for k, v in kept.items()}, refresh=False)
         return kept
 
     def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:

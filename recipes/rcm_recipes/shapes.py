@@ -113,15 +113,20 @@ class ShapesConfig(RecipeConfig):
     """Half-width of the square / radius of the disk, in pixels."""
     speed: float = 1.0
     """Pixels moved per frame."""
+    texture: float = 0.0
+    """Sparkle of the shape: each covered pixel's brightness is scaled by 1 - texture * u, u ~ U[0, 1)
+    drawn per pixel and frame (0 = flat color). Fine detail that few-step samplers average away."""
 
     @model_validator(mode="after")
     def _fits(self) -> ShapesConfig:
         path = self.speed * (self.frames - 1)
         room = self.size - 2 - 2 * self.radius  # centers stay >= radius + 0.5 from the frame's edge pixels
+        if not 0 <= self.texture <= 0.5:
+            raise ValueError(f"shapes.texture={self.texture} must lie in [0, 0.5] (darker pixels would read as background)")
         if self.frames < 2 or self.radius <= 0 or path > room:
             raise ValueError(
                 f"a shape of radius {self.radius} moving {path:g} px (speed x (frames-1)) does not fit in "
-                f"{self.size} px: lower shapes.speed / shapes.frames / shapes.radius or raise shapes.size"
+                f"{self.size} px: lower speed, frames or radius, or raise size"
             )
         return self
 
@@ -153,6 +158,9 @@ def render_videos(prompts: Sequence[Prompt], cfg: ShapesConfig, generator: torch
     color = torch.tensor([COLORS[p.color] for p in prompts])[:, :, None, None, None]  # [N, 3, 1, 1, 1]
     bg = torch.tensor(BACKGROUND)[None, :, None, None, None]
     alpha = alpha[:, None]  # [N, 1, T, H, W]
+    if cfg.texture > 0:  # scale the color's brightness in [0, 1] units, per pixel and frame
+        shade = 1 - cfg.texture * torch.rand(alpha.shape, generator=generator)
+        color = (color + 1) * shade - 1
     return bg * (1 - alpha) + color * alpha
 
 

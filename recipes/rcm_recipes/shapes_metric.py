@@ -10,12 +10,14 @@ Two numbers, both computed against held-out procedural data (`shapes.render_vide
   through it over time, and the grammar direction with the largest dot product with that velocity.
   Chance is 1/6 for color and 1/4 for direction (on balanced prompts).
 * **Frechet distance on hand-made features** (FD) -- is the set of videos distributed like real ones?
-  Each video gives `FEATURES` (color, foreground area and its stability over time, centroid position,
-  velocity and the straightness of its path, shape extent, background cleanliness, edge sharpness, pixel
-  spread). Features are standardized by the reference set's mean and standard deviation (floored at
-  0.05 so features constant in clean data, like the background level, stay finite), then
+  Each video gives the 16 `FEATURES` (color, foreground area and its stability over time, centroid
+  position, velocity and the straightness of its path, shape extent, blur as the share of partially
+  covered pixels, brightness detail inside the shape (texture), background cleanliness, edge energy,
+  pixel spread). Features are standardized by the reference set's mean and standard deviation, the
+  latter floored at a per-feature resolution (`_SCALE_FLOOR`, so features that are constant in clean
+  data, like the background level, give finite distances), then
   ``FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` as in FID. Two real sets of 96 videos
-  score about 1 (finite-sample noise); blurry or noisy samples score tens to thousands.
+  score 0.2-0.5 (finite-sample noise), a 3x3 box blur of real videos ~10, uniform noise ~5000.
 
 Shape legend: N videos, C=3, T frames, H x W pixels, F features.
 """
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .shapes import BACKGROUND, COLORS, DIRECTIONS, Prompt
 
@@ -37,6 +40,8 @@ FEATURES: tuple[str, ...] = (
     "centroid_x", "centroid_y",
     "velocity_x", "velocity_y", "path_residual",
     "extent",
+    "partial_coverage",
+    "texture",
     "background_level",
     "edge_energy",
     "pixel_std",
@@ -45,7 +50,17 @@ FEATURES: tuple[str, ...] = (
 
 _MARGIN = 1.0  # RGB distance from the background below which a pixel counts as background
 _EPS = 1e-6
-_FEATURE_SCALE_FLOOR = 0.05  # in the features' own units: pixel values, fractions, pixels, pixels/frame
+# Smallest standard deviation used to standardize each feature, in the feature's own units: the size of a
+# difference that matters (real data has almost no spread in some features, e.g. its paths are exactly
+# straight and its background exactly black, and would otherwise turn invisible differences into huge FDs).
+_SCALE_FLOOR: dict[str, float] = {
+    "color_r": 0.1, "color_g": 0.1, "color_b": 0.1,  # RGB in [-1, 1]
+    "area": 0.01, "area_std": 0.01,  # foreground weight per pixel
+    "centroid_x": 0.02, "centroid_y": 0.02,  # fraction of the frame
+    "velocity_x": 0.1, "velocity_y": 0.1,  # pixels per frame
+    "path_residual": 0.25, "extent": 0.1,  # pixels
+    "partial_coverage": 0.01, "texture": 0.01, "background_level": 0.02, "edge_energy": 0.01, "pixel_std": 0.02,
+}  # fmt: skip
 
 
 def _foreground(video_ncthw: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,17 @@ def video_features(video_ncthw: torch.Tensor) -> np.ndarray:
     xs = torch.arange(w_, dtype=torch.float64)[None, :]
     d2 = (xs - c[..., 0, None, None]) ** 2 + (ys - c[..., 1, None, None]) ** 2  # [N, T, H, W]
     extent = ((w * d2).sum((1, 2, 3)) / total).sqrt()
+    # Coverage of each pixel relative to the video's own color: 0 background, 1 fully covered; blur makes
+    # many pixels partial, sharp shapes only their anti-aliased rim. 4a(1-a) peaks at a = 1/2.
+    full = _foreground(mean_rgb[:, :, None, None, None]) + _EPS  # [N, 1, 1, 1]
+    a = (w / full).clamp(0, 1)
+    partial = (4 * a * (1 - a)).mean((1, 2, 3))
+    # Texture: RMS of brightness minus its 3x3 local mean, over the shape's interior (pixels whose 5x5
+    # neighbourhood is all foreground): 0 inside a flat shape, high for sparkle, low once it is blurred.
+    bright = (w + _MARGIN) * (w > 0)  # [N, T, H, W] RGB distance from the background
+    inner = -F.max_pool3d(-(w > 0).double()[:, None], (1, 5, 5), 1, (0, 2, 2))[:, 0]
+    local = F.avg_pool3d(bright[:, None], (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)[:, 0]
+    texture = (((bright - local) ** 2 * inner).sum((1, 2, 3)) / (inner.sum((1, 2, 3)) + _EPS)).sqrt()
     bg = torch.tensor(BACKGROUND, dtype=torch.float64)[None, :, None, None, None]
     is_bg = (w == 0).double()
     bg_level = ((x - bg).abs().mean(1) * is_bg).sum((1, 2, 3)) / (is_bg.sum((1, 2, 3)) + _EPS)
@@ -134,6 +160,8 @@ def video_features(video_ncthw: torch.Tensor) -> np.ndarray:
             c_mean[:, 0] / w_, c_mean[:, 1] / h,
             slope[:, 0], slope[:, 1], resid,
             extent,
+            partial,
+            texture,
             bg_level,
             edges,
             x.reshape(n, -1).std(1),
@@ -150,7 +178,8 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
 
 def frechet_distance(feats: np.ndarray, ref_feats: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to `feats` `[N, F]` and `ref_feats` `[M, F]`, after
-    standardizing both by the reference's per-feature mean and std (std floored at 0.05), so FD has no units.
+    standardizing both by the reference's per-feature mean and std (for `FEATURES` columns the std is floored
+    at `_SCALE_FLOOR`; other widths use the plain std), so FD has no units.
 
     ``tr (S_a S_b)^(1/2)`` is computed as ``tr (S_b^(1/2) S_a S_b^(1/2))^(1/2)`` with symmetric
     eigendecompositions (the two agree; the second is a PSD matrix, so no complex round-off).
@@ -161,7 +190,8 @@ def frechet_distance(feats: np.ndarray, ref_feats: np.ndarray) -> float:
         raise ValueError("need at least two samples on each side")
     # A floor on the scale keeps features that are (nearly) constant in the reference, such as the
     # background level of clean videos, from turning tiny differences into huge distances.
-    mu, sd = ref_feats.mean(0), np.maximum(ref_feats.std(0), _FEATURE_SCALE_FLOOR)
+    floor = np.array([_SCALE_FLOOR[f] for f in FEATURES]) if feats.shape[1] == len(FEATURES) else 0.0
+    mu, sd = ref_feats.mean(0), np.maximum(ref_feats.std(0), floor) + 1e-12
     a, b = (feats - mu) / sd, (ref_feats - mu) / sd
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

@@ -119,7 +119,7 @@ def plot_curves(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = min(len(panels), 3) or 1
+    cols = min(len(panels), 4) or 1
     nrows = math.ceil(len(panels) / cols) or 1
     fig = Figure(figsize=(4.5 * cols, 3.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)

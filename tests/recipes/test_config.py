@@ -108,6 +108,18 @@ def test_precedence_defaults_preset_file_cli(tmp_path, suffix):
     assert resolve_config(Job, []) == Job()
 
 
+class Outer(RecipeConfig):
+    net: Net = Net(dim=64)
+    """A nested default that differs from the nested class's defaults."""
+
+
+def test_partial_overrides_keep_the_recipes_nested_defaults(tmp_path):
+    assert resolve_config(Outer, ["--net.heads=8"]).net == Net(dim=64, heads=8)
+    f = tmp_path / "o.yaml"
+    f.write_text("net:\n  heads: 3\n")
+    assert resolve_config(Outer, ["--config", str(f)]).net == Net(dim=64, heads=3)
+
+
 @pytest.mark.parametrize("name", ["resolved.yaml", "resolved.json"])
 def test_resolved_config_is_written_and_reads_back(tmp_path, name):
     cfg = resolve_config(Job, ["--net.dim=48", "--optim.clip=true", "--seed", "9"])

@@ -84,3 +84,18 @@ def test_text_encoder():
     assert not torch.equal(TinyTextEncoder(dim=12, length=8, seed=2)(["a red disk moving up"])[0], e[0])
     with pytest.raises(ValueError, match="'purple'"):
         enc(["a purple disk moving up"])
+
+
+def test_texture_scales_brightness_per_pixel():
+    flat_cfg, tex_cfg = ShapesConfig(), ShapesConfig(texture=0.4)
+    prompts = all_prompts()
+    flat = render_videos(prompts, flat_cfg, torch.Generator().manual_seed(0))
+    tex = render_videos(prompts, tex_cfg, torch.Generator().manual_seed(0))  # same positions: drawn first
+    bg = torch.tensor(BACKGROUND)[None, :, None, None, None]
+    inside = (flat - bg).abs().amax(1, keepdim=True) > 0  # pixels the shape covers at all
+    ratio = ((tex + 1) / (flat + 1)).where(flat > -1, torch.ones(()))  # brightness factor per channel
+    shade = ratio[inside.expand_as(ratio) & (flat > -1)]
+    assert shade.min() >= 0.6 - 1e-6 and shade.max() <= 1 + 1e-6 and shade.std() > 0.05
+    assert torch.equal(tex[~inside.expand_as(tex)], flat[~inside.expand_as(flat)])  # background untouched
+    with pytest.raises(ValueError, match="texture"):
+        ShapesConfig(texture=0.8)

@@ -52,6 +52,18 @@ def test_degradations_are_ordered(data):
     assert m_avg["frechet_distance"] > 10 * m_blur["frechet_distance"]
 
 
+def test_texture_is_measured_and_read_back_survives_it():
+    prompts = balanced_prompts(N)
+    flat = render_videos(prompts, ShapesConfig(radius=3.5, frames=5, speed=1.5), torch.Generator().manual_seed(1))
+    cfg = ShapesConfig(radius=3.5, frames=5, speed=1.5, texture=0.4)
+    tex, ref = (render_videos(prompts, cfg, torch.Generator().manual_seed(s)) for s in (1, 2))
+    k = FEATURES.index("texture")
+    assert video_features(flat)[:, k].max() < 0.05 < video_features(tex)[:, k].min()
+    m_tex, m_flat = evaluate(tex, prompts, ref), evaluate(flat, prompts, ref)
+    assert m_tex["prompt_accuracy"] == 1.0 and m_tex["frechet_distance"] < 1.0
+    assert m_flat["prompt_accuracy"] == 1.0 and m_flat["frechet_distance"] > 10.0  # lost detail is seen
+
+
 def test_read_back_detects_wrong_prompts(data):
     prompts, real, _ = data
     colors, directions = read_back(real)
