@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 
 from .config import RecipeConfig
-from .shapes import ShapesConfig, TinyTextEncoder, balanced_prompts, render_videos
+from .shapes import SHAPES, Prompt, ShapesConfig, TinyTextEncoder, balanced_prompts, render_videos
 from .shapes_metric import evaluate
 from .writers import video_grid, write_video
 
@@ -126,7 +126,7 @@ def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncod
     for name, (video, nfe) in samples.items():
         steps = int(name.rsplit("_", 1)[1])
         methods[name] = {"steps": steps, "network_evaluations": nfe, **evaluate(video, prompts, reference)}
-    cols = _grid_columns(cfg.grid_columns, cfg.num_samples)
+    cols = _grid_columns(prompts, cfg.grid_columns)
     rows = {"held-out\ndata": heldout[cols]}
     rows.update({f"teacher\n{_plural(n)}": samples[f"teacher_{n}"][0][cols]
                  for n in (cfg.teacher_steps, cfg.teacher_few_steps)})
@@ -140,12 +140,15 @@ def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncod
             "checks": _checks(methods, cfg)}
 
 
-def _grid_columns(k: int, n: int) -> list[int]:
-    """Samples shown: with 48+ balanced prompts, half squares (from index 0) and half disks (from 24)."""
-    k = min(k, n)
-    if n < 48:
-        return list(range(k))
-    return list(range((k + 1) // 2)) + list(range(24, 24 + k // 2))
+def _grid_columns(prompts: list[Prompt], k: int) -> list[int]:
+    """Indices of the samples shown: the first half of the columns from the first prompts of one shape, the
+    rest from the first of the other, when both shapes have enough prompts; else the first `k` prompts."""
+    k = min(k, len(prompts))
+    halves = [[i for i, p in enumerate(prompts) if p.shape == s] for s in SHAPES]
+    take = ((k + 1) // 2, k // 2)
+    if all(len(h) >= n for h, n in zip(halves, take, strict=True)):
+        return [i for h, n in zip(halves, take, strict=True) for i in h[:n]]
+    return list(range(k))
 
 
 def _checks(methods: dict[str, dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:

@@ -68,3 +68,13 @@ def test_ci_demo_end_to_end(tmp_path):
     assert grid_mp4.shape[0] == grid_gif.shape[0] == resolved["data"]["frames"]  # a grid frame per video frame
     assert iio.imread(out / "loss_curves.png").std() > 5
     assert "student_close_to_teacher" in proc.stdout
+
+
+def test_grid_shows_both_shapes_when_there_are_enough():
+    from rcm_recipes.demo_eval import _grid_columns
+    from rcm_recipes.shapes import balanced_prompts
+
+    prompts = balanced_prompts(96)
+    cols = _grid_columns(prompts, 7)
+    assert [prompts[i].shape for i in cols] == ["square"] * 4 + ["disk"] * 3 and len(set(cols)) == 7
+    assert _grid_columns(balanced_prompts(24), 8) == list(range(8))  # squares only: the first prompts
