@@ -95,6 +95,28 @@ def _load_tile(src, start_n, stride_n, cols, LK, MODE: tl.constexpr, USE_TMA: tl
 
 
 @triton.jit
+def _finite_max(m, MODE: tl.constexpr):
+    """The running max to subtract: in MODE 2 a row may have seen no allowed key yet (max -inf), so use 0
+    there and keep exp2 away from (-inf) - (-inf)."""
+    m_sub = m
+    if MODE == 2:
+        m_sub = tl.where(m == float("-inf"), 0.0, m)
+    return m_sub
+
+
+@triton.jit
+def _rescale(acc_o, acc_t, l_i, r_i, m_i, m_new, MODE: tl.constexpr, HAS_T: tl.constexpr):
+    """Accumulators moved from the running max ``m_i`` to ``m_new``: all scaled by ``2^(m_i − m_new)``."""
+    alpha = tl.math.exp2(m_i - _finite_max(m_new, MODE))
+    l_i = l_i * alpha
+    r_i = r_i * alpha
+    acc_o = acc_o * alpha[:, None]
+    if HAS_T:
+        acc_t = acc_t * alpha[:, None]
+    return acc_o, acc_t, l_i, r_i
+
+
+@triton.jit
 def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, start_n, offs_n,
               iv0, iv1, iv2, iv3, LK, qk_scale, scale,
               stride_kn, stride_vn, stride_tkn, stride_tvn,
@@ -128,31 +150,12 @@ def _fwd_tile(acc_o, acc_t, l_i, m_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_pt
     if LAZY:
         grow = tl.where(m_new == m_i, 0.0, m_new - m_i)  # rows still at -inf: 0; first finite max: +inf
         if tl.max(grow, 0) > 8.0:
-            m_sub = m_new
-            if MODE == 2:
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha
-            r_i = r_i * alpha
-            acc_o = acc_o * alpha[:, None]
-            if HAS_T:
-                acc_t = acc_t * alpha[:, None]
+            acc_o, acc_t, l_i, r_i = _rescale(acc_o, acc_t, l_i, r_i, m_i, m_new, MODE, HAS_T)
             m_i = m_new
     else:
-        m_sub = m_new
-        if MODE == 2:  # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha
-        r_i = r_i * alpha
-        acc_o = acc_o * alpha[:, None]
-        if HAS_T:
-            acc_t = acc_t * alpha[:, None]
+        acc_o, acc_t, l_i, r_i = _rescale(acc_o, acc_t, l_i, r_i, m_i, m_new, MODE, HAS_T)
         m_i = m_new
-    m_sub = m_i
-    if MODE == 2:
-        m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.math.exp2(qk - m_sub[:, None])
+    p = tl.math.exp2(qk - _finite_max(m_i, MODE)[:, None])
     l_i = l_i + tl.sum(p, 1)
     acc_o = tl.dot(p.to(v.dtype), v, acc_o)
     if HAS_TQ or HAS_TK:
