@@ -232,6 +232,22 @@ def test_block_dcm_times_decrease_and_are_blockwise():
     assert torch.equal(t[:, :, 0], t[:, :, 1]) and not torch.equal(t[:, :, 1], t[:, :, 2])
 
 
+def test_network_input_is_what_the_adapter_feeds_the_network():
+    """A cache write must see bit-identical inputs to a denoising call at the same ``(x_t, t)``."""
+    seen = {}
+
+    def net(xs, ts, c):
+        seen.update(x=xs, ts=ts)
+        return torch.zeros_like(xs)
+
+    x_t = randn(B, C, 3, H, W, seed=1).float()
+    for t in (torch.tensor([1.3, 0.4], dtype=F64), torch.tensor([[1.5, 0.9, 0.2], [1.1, 0.7, 0.05]], dtype=F64)):
+        for dtypes in (EXACT, {}):
+            TrigFlowAdapter(net, **dtypes)(x_t, t, None)
+            x_in, ts = network_input(x_t, t, **dtypes)
+            assert torch.equal(x_in, seen["x"]) and x_in.dtype == seen["x"].dtype and torch.equal(ts, seen["ts"])
+
+
 # ------------------------------------------------------------------------------------------ teacher forcing
 @pytest.mark.parametrize("given", [0, 1])
 @pytest.mark.parametrize("noisy_context", [False, True])

@@ -46,6 +46,7 @@ from rcm_losses.parameterization import (
     expand_time,
     round_timestep,
     trig_to_rf,
+    trigflow_scalings,
 )
 from rcm_losses.rollout import denoise_chain
 from rcm_losses.timesteps import TimeSampler, dcm_times, sample_dcm_u
@@ -181,14 +182,11 @@ def network_input(
 ) -> tuple[Tensor, Tensor]:
     """What an RF network receives for the TrigFlow sample ``x_t`` at ``t`` (``[B]`` or ``[B, T]``): the RF
     sample ``c_in x_t`` cast to ``input_dtype`` and the Wan timestep ``1000 s`` rounded through
-    ``timestep_dtype`` (as :func:`rcm_losses.parameterization.trigflow_denoise` does); for cache writes."""
-    t64 = t.to(_F64)
-    tb = expand_time(t64, x_t)
-    x_in = x_t.to(_F64) / (torch.cos(tb) + torch.sin(tb))
-    return (
-        x_in if input_dtype is None else x_in.to(input_dtype),
-        round_timestep(RF_TIMESTEP_SCALE * trig_to_rf(t64), timestep_dtype),
-    )
+    ``timestep_dtype``, computed with :func:`rcm_losses.parameterization.trigflow_scalings` exactly as
+    :func:`rcm_losses.parameterization.trigflow_denoise` does (identical values); for cache writes."""
+    c = trigflow_scalings(t)
+    x_in = x_t * expand_time(c.c_in, x_t)
+    return x_in if input_dtype is None else x_in.to(input_dtype), round_timestep(c.c_noise, timestep_dtype)
 
 
 def _per_frame(timestep: Tensor, frames: int) -> Tensor:
