@@ -17,7 +17,6 @@ Rank 0 also writes ``negative_embed.pt`` (the negative prompt's embedding ``[tex
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +35,7 @@ from rcm_recipes.loaders import (
     require_file,
     resolve_dtype,
 )
+from rcm_recipes.runtime import launch_rank_world, local_device
 from tqdm import tqdm
 
 from rcm_train.data import ShardWriter
@@ -96,19 +96,6 @@ def _prompts(cfg: BuildDatasetConfig) -> list[str]:
     return prompts * cfg.repeat
 
 
-def _rank_world() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def sample_latents(cfg: BuildDatasetConfig, velocity, indices: list[int], context: torch.Tensor,
                    negative: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
@@ -124,13 +111,13 @@ def sample_latents(cfg: BuildDatasetConfig, velocity, indices: list[int], contex
 
 def run(cfg: BuildDatasetConfig) -> dict:
     """Write this rank's missing samples; returns ``{"written": n, "total": N, "shards": [paths]}``."""
-    rank, world = _rank_world()
+    rank, world = launch_rank_world()
     prompts = _prompts(cfg)
     out = Path(cfg.output_dir)
     writer = ShardWriter(out, len(prompts), cfg.samples_per_shard, rank=rank, world_size=world)
     todo = writer.pending()
     net_cfg = dit_config(cfg.dit)
-    device = _device(cfg.device)
+    device = local_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     neg_path = out / "negative_embed.pt"
     print(f"build_dataset: rank {rank}/{world}, {len(prompts)} samples, {len(todo)} to write", flush=True)

@@ -20,14 +20,11 @@ harness). ``all`` = sample, score, report.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.distributed as dist
 from pydantic import model_validator
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_recipes.loaders import (
@@ -37,9 +34,9 @@ from rcm_recipes.loaders import (
     TextEncoderSpec,
     VAESpec,
     dit_config,
-    resolve_device,
     resolve_dtype,
 )
+from rcm_recipes.runtime import launch_rank_world, local_device
 from rcm_recipes.timing import StageTimer
 from rcm_recipes.vbench_sampling import EvalSampler, SamplerSpec, VideoSpec, encode_texts, write_video_atomic
 from rcm_recipes.vbench_score import ScoreSpec, run_vbench
@@ -139,22 +136,6 @@ PRESETS: dict[str, EvalVBenchConfig] = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _rank_world() -> tuple[int, int]:
-    """From an initialized process group, else torchrun's RANK / WORLD_SIZE (no group is needed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto" and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return resolve_device(name)
-
-
 def _prompt_file(cfg: EvalVBenchConfig) -> Path:
     if cfg.prompt_file is not None:
         return Path(cfg.prompt_file)
@@ -215,7 +196,7 @@ class _Eta:
 def sample(cfg: EvalVBenchConfig) -> dict:
     """Make this rank's missing videos. Returns ``{"rank", "world", "assigned": [paths], "written": [paths],
     "skipped": n}``."""
-    rank, world = _rank_world()
+    rank, world = launch_rank_world()
     p = _paths(cfg)
     entries = _suite(cfg)
     videos = plan_videos(entries, p["videos"], samples=cfg.samples_per_prompt, seed=cfg.seed)
@@ -232,7 +213,7 @@ def sample(cfg: EvalVBenchConfig) -> dict:
           f"{result['skipped']} already done, {len(todo)} to make", flush=True)
     if not todo:
         return result
-    device = _device(cfg.device)
+    device = local_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     timer = StageTimer(device, verbose=rank == 0)
     texts = list(dict.fromkeys(v.entry.text for v in todo))
@@ -323,7 +304,7 @@ def report(cfg: EvalVBenchConfig) -> dict:
 
 def run(cfg: EvalVBenchConfig) -> dict:
     out: dict = {}
-    rank, world = _rank_world()
+    rank, world = launch_rank_world()
     if cfg.stage in ("all", "sample"):
         out["sample"] = sample(cfg)
     if rank != 0 or cfg.stage == "sample":

@@ -1,5 +1,6 @@
-"""Process-level helpers shared by the training runs (``distill_run``, ``causal_run``): rank-0 printing,
-the training device, export dtypes, sample decoding and the per-stage ``student`` / ``student_ema`` exports.
+"""Process-level helpers shared by the recipes: rank-0 printing, the launch rank / world and device (training
+runs, ``build_dataset``, ``eval_vbench``), export dtypes, sample decoding and the per-stage ``student`` /
+``student_ema`` exports.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from rcm_train.checkpoint import Checkpointer, export_module, export_part
 from rcm_train.logging import MetricsLogger
 from rcm_train.parallel import init_distributed
 
-__all__ = ["DTYPES", "is_rank0", "print0", "train_device", "process_group", "decode_preview", "stage_exports",
-           "export_students", "export_finished", "finish_stage"]
+from .loaders import resolve_device
+
+__all__ = ["DTYPES", "is_rank0", "print0", "launch_rank_world", "local_device", "train_device", "process_group",
+           "decode_preview", "stage_exports", "export_students", "export_finished", "finish_stage"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -32,6 +35,25 @@ def print0(*args) -> None:
     """``print`` (flushed) on rank 0 only."""
     if is_rank0():
         print(*args, flush=True)
+
+
+def launch_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialized process group, else torchrun's RANK / WORLD_SIZE (no group
+    is needed; a single process is rank 0 of 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def local_device(name: str) -> torch.device:
+    """``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; anything else as
+    `loaders.resolve_device` takes it (``cpu``, ``cuda:1``, ...)."""
+    if name == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return resolve_device(name)
 
 
 def train_device(name: str) -> torch.device:
