@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
+from rcm_recipes.loaders import resolve_device
+from rcm_recipes.video_io import load_image
 
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanDiT
@@ -120,10 +122,6 @@ class StreamConfig(RecipeConfig):
 
 
 # ------------------------------------------------------------------------------------------------- setup
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def _load_net(cfg: ModelConfig, device: torch.device) -> WanDiT:
     dtype = _DTYPES[cfg.dtype]
     if cfg.checkpoint is None:
@@ -185,11 +183,8 @@ def _first_frame(cfg: StreamConfig, vae, device: torch.device) -> torch.Tensor |
     """Causal I2V: the image as the first latent block ``[1, C, 1, h, w]``."""
     if cfg.image is None:
         return None
-    import imageio.v3 as iio
-
-    img = torch.from_numpy(np.asarray(iio.imread(cfg.image))[..., :3].copy()).permute(2, 0, 1).float()
-    img = torch.nn.functional.interpolate(img[None] / 127.5 - 1, size=(cfg.height, cfg.width), mode="bicubic",
-                                          align_corners=False).clamp(-1, 1)
+    img = torch.nn.functional.interpolate(load_image(cfg.image)[None], size=(cfg.height, cfg.width),
+                                          mode="bicubic", align_corners=False).clamp(-1, 1)
     if vae is None:
         return img[:, :, None].to(device)
     with torch.no_grad():
@@ -223,7 +218,7 @@ class _Mp4Appender:
 # -------------------------------------------------------------------------------------------------- main
 def run(cfg: StreamConfig) -> dict:
     """Generate, write ``video.mp4`` progressively; returns the timing summary (also in timings.json)."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     write_config(cfg, out / "config.yaml")
     net = _load_net(cfg.model, device)
