@@ -9,7 +9,6 @@ student of the next stage with ``init=previous``.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,12 +23,11 @@ from rcm_nets.wan.causal import stream_generate
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger
-from rcm_train.parallel import build_mesh
 from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_scheduler, train
 
 from .causal_training import CausalRCMObjective, block_layout, video_kv_cache
 from .config import write_config
-from .distill_run import DeviceData, build_network, expand_shards, read_teacher
+from .distill_run import DeviceData, build_network, expand_shards, first_samples, make_mesh, read_teacher
 from .loaders import DiTSpec, dit_config, load_embedding, load_vae
 from .runtime import (
     DTYPES,
@@ -111,17 +109,6 @@ class CausalSampleHook:
             return None
         print0(f"samples at iteration {iteration}: rows {names}, {self.blocks.num_blocks} blocks")
         return {"samples": grid_video(torch.stack([decode_preview(self.vae, x) for x in rows]))}
-
-
-def _first_samples(data_cfg, n: int) -> dict[str, Any]:
-    one = data_cfg.model_copy(update=dict(batch_size=1, num_workers=0, shuffle_buffer=1, max_epochs=1))
-    samples = list(itertools.islice(ShardLoader(one, rank=0, world_size=1), n))
-    if not samples:
-        raise ValueError(f"no sample in {data_cfg.shards!r}")
-    return {
-        "embed": torch.cat([s["embed"] for s in samples]),
-        "latent": torch.cat([s["latent"] for s in samples]),
-    }
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -281,11 +268,8 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
     if is_rank0():
         write_config(cfg, out / "config.yaml")
     cfg = cfg.model_copy(update={"data": expand_shards(cfg.data)})
-    world, p = dist.get_world_size(), cfg.parallel
-    shard = world if p.fsdp_shard_size == -1 else min(p.fsdp_shard_size, world)
-    if world % shard:
-        raise ValueError(f"parallel.fsdp_shard_size {shard} must divide the world size {world}")
-    mesh = build_mesh(world // shard, shard, 1)  # no context parallel: the cached block pass refuses it
+    world = dist.get_world_size()
+    mesh = make_mesh(cfg.parallel.fsdp_shard_size, 1)  # no context parallel: the cached block pass refuses it
     net_cfg = dit_config(DiTSpec(config=cfg.model.config, overrides=cfg.model.overrides))
     blocks = frame_blocks(cfg)
     print0(
@@ -309,7 +293,7 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
         "causal_teacher_sd": read_teacher(net_cfg, cfg.model.causal_teacher_path)
         if cfg.model.causal_teacher_path
         else None,
-        "samples": _first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None,
+        "samples": first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None,
     }
     results: dict[str, Any] = {}
     student_sd = None

@@ -48,10 +48,10 @@ from .runtime import (
 )
 from .video_io import grid_video
 
-__all__ = ["run", "DeviceData", "SampleHook", "build_network", "read_teacher"]
+__all__ = ["run", "DeviceData", "SampleHook", "build_network", "read_teacher", "first_samples", "make_mesh"]
 
 
-def _mesh(fsdp_shard_size: int, cp: int) -> ParallelMesh:
+def make_mesh(fsdp_shard_size: int, cp: int) -> ParallelMesh:
     """``(replicate, shard, cp)`` from the reference's knobs: parameters are sharded over
     ``fsdp_shard_size`` ranks (CP ranks included; at most the world), replicated across such groups."""
     world = dist.get_world_size()
@@ -117,14 +117,15 @@ def expand_shards(data_cfg):
     return data_cfg.model_copy(update={"shards": files})
 
 
-def _first_samples(data_cfg, n: int) -> dict[str, Any]:
-    """The first ``n`` samples of the data (fixed order): embeddings ``[n, L, D]``, prompts, latent shape."""
+def first_samples(data_cfg, n: int) -> dict[str, Any]:
+    """The first ``n`` samples of the data (fixed order): ``embed [n, L, D]``, ``prompt`` (n strings) and
+    ``latent [n, C, T, H, W]`` (CPU)."""
     one = data_cfg.model_copy(update=dict(batch_size=1, num_workers=0, shuffle_buffer=1, max_epochs=1))
     samples = list(itertools.islice(ShardLoader(one, rank=0, world_size=1), n))
     if not samples:
         raise ValueError(f"no sample in {data_cfg.shards!r}")
     return {"embed": torch.cat([s["embed"] for s in samples]), "prompt": [s["prompt"][0] for s in samples],
-            "shape": tuple(samples[0]["latent"].shape[1:])}
+            "latent": torch.cat([s["latent"] for s in samples])}
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -140,7 +141,7 @@ class SampleHook:
                  negative: Tensor | None, guidance: float):
         self.cfg, self.device, self.input_dtype = cfg, device, input_dtype
         self.context = samples["embed"].to(device)
-        self.noise = torch.randn((len(samples["prompt"]), *samples["shape"]),
+        self.noise = torch.randn(samples["latent"].shape,
                                  generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         self.negative, self.guidance = negative, guidance
         self.vae = load_vae(cfg.vae, device, torch.float32, field="sample.vae.path") \
@@ -242,7 +243,7 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
     if is_rank0():
         write_config(cfg, out / "config.yaml")
     cfg = cfg.model_copy(update={"data": expand_shards(cfg.data)})
-    mesh = _mesh(cfg.parallel.fsdp_shard_size, cfg.parallel.cp)
+    mesh = make_mesh(cfg.parallel.fsdp_shard_size, cfg.parallel.cp)
     print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = {mesh.shape}, "
            f"stages {[(s.name, s.iterations) for s in cfg.stages()]}")
     net_cfg = dit_config(DiTSpec(config=cfg.model.config, overrides=cfg.model.overrides))
@@ -255,7 +256,7 @@ def _run(cfg, device: torch.device) -> dict[str, Any]:
                             dtype=DTYPES[cfg.model.teacher_dtype], trainable=False)
     ctx = {"mesh": mesh, "device": device, "net_cfg": net_cfg, "teacher": teacher, "teacher_sd": teacher_sd,
            "negative": negative,
-           "samples": _first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None}
+           "samples": first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None}
     results, init_sd = {}, teacher_sd
     for stage in cfg.stages():
         results[stage.name] = info = _run_stage(cfg, stage, ctx, init_sd)
