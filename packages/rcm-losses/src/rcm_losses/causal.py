@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from rcm_losses.consistency import _dcm_loss, scm_objective  # _dcm_loss: the dCM core, per-frame times
+from rcm_losses.consistency import dcm_objective, scm_objective
 from rcm_losses.parameterization import (
     RF_TIMESTEP_SCALE,
     Denoiser,
@@ -396,17 +396,14 @@ def causal_dcm_objective(
     guidance: float = 3.0,
     loss_scale: float = 100.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """dCM (RCM_SPEC §3) with per-frame times: ``times`` ``[K + 1, B, T]`` (or ``[K + 1, B]``).
+    """dCM (RCM_SPEC §3) with per-frame times ``times`` ``[K + 1, B, T]`` (or ``[K + 1, B]``):
+    :func:`rcm_losses.consistency.dcm_objective` with Causal-rCM's default ``guidance = 3``.
 
     With grad ``x0_hat = student(x_{t_0}, t_0).x0``; no grad: ``K`` CFG teacher Euler steps
     ``x <- x - (t_k - t_{k+1}) F_T`` (frame-wise step sizes) and the target ``student(x_K, t_K).x0`` (same
     online student, stop-grad); ``loss = loss_scale * sum((x0_hat - target)^2)`` per sample, float64.
     """
-    if times.ndim not in (2, 3) or times.shape[0] < 2 or times.shape[1] != x0.shape[0]:
-        raise ValueError(f"dCM times must be [K+1 >= 2, B={x0.shape[0]}(, T)], got {tuple(times.shape)}")
-    times = times.to(_F64)
-    loss = _dcm_loss(student, teacher, x0, eps, times, cond, uncond, guidance, loss_scale)
-    return loss, {"t": times[0].detach(), "nan": torch.isnan(loss), "loss": loss.detach()}
+    return dcm_objective(student, teacher, x0, eps, times, cond, uncond, guidance=guidance, loss_scale=loss_scale)
 
 
 def tf_dcm_objective(

@@ -192,22 +192,6 @@ def scm_objective(
     return scm_loss(F_theta, F_T, t_F, x_t, t, r=r, loss_scale=loss_scale)
 
 
-def _dcm_loss(student: Denoiser, teacher: Denoiser, x0: Tensor, eps: Tensor, times: Tensor, cond: Any,
-              uncond: Any, guidance: float, loss_scale: float) -> Tensor:
-    """The dCM loss ``[B]`` for checked float64 ``times`` ``[K+1, B]`` or per-frame ``[K+1, B, T]`` (shared
-    by :func:`dcm_objective` and ``rcm_losses.causal.causal_dcm_objective``): ``x0_hat`` with grad, ``K``
-    CFG teacher Euler steps and the stop-grad student target without, ``loss_scale * sum((x0_hat -
-    target)^2)`` per sample in float64."""
-    x = add_noise(x0, eps, times[0])
-    x0_hat = student(x, times[0], cond).x0
-    with torch.no_grad():
-        for k in range(times.shape[0] - 1):
-            F_T = cfg_denoise(teacher, x, times[k], cond, uncond, guidance).F
-            x = x - expand_time(times[k] - times[k + 1], x) * F_T
-        target = student(x, times[-1], cond).x0
-    return loss_scale * _sum_per_sample((x0_hat.to(torch.float64) - target) ** 2)
-
-
 def dcm_objective(
     student: Denoiser,
     teacher: Denoiser,
@@ -220,15 +204,23 @@ def dcm_objective(
     guidance: float = 5.0,
     loss_scale: float = 100.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Discrete-time CM objective (§3). ``times`` ``[K+1, B]`` from :func:`rcm_losses.timesteps.dcm_times`.
+    """Discrete-time CM objective (§3). ``times`` ``[K+1, B]`` from :func:`rcm_losses.timesteps.dcm_times`,
+    or per-frame ``[K+1, B, T]`` for ``[B, C, T, H, W]`` samples (causal students, frame-wise step sizes).
 
     Prediction with grad ``x0_hat = student(x_{t_0}, t_0).x0``; no grad: ``K`` TrigFlow-Euler teacher steps
     with CFG ``x_{k+1} = x_k - (t_k - t_{k+1}) F_T(x_k, t_k)`` and the target ``student(x_K, t_K).x0`` (same
     online student, stop-grad). Loss ``loss_scale * sum((x0_hat - target)^2)`` per sample, float64, no NaN
     masking (the reference has none here; ``diag['nan']`` reports it).
     """
-    if times.ndim != 2 or times.shape[0] < 2 or times.shape[1] != x0.shape[0]:
-        raise ValueError(f"dCM times must be [K+1 >= 2, B={x0.shape[0]}], got {tuple(times.shape)}")
+    if times.ndim not in (2, 3) or times.shape[0] < 2 or times.shape[1] != x0.shape[0]:
+        raise ValueError(f"dCM times must be [K+1 >= 2, B={x0.shape[0]}(, T)], got {tuple(times.shape)}")
     times = times.to(torch.float64)
-    loss = _dcm_loss(student, teacher, x0, eps, times, cond, uncond, guidance, loss_scale)
-    return loss, {"t": times[0], "nan": _nan_per_sample(loss[:, None]), "loss": loss.detach()}
+    x = add_noise(x0, eps, times[0])
+    x0_hat = student(x, times[0], cond).x0
+    with torch.no_grad():
+        for k in range(times.shape[0] - 1):
+            F_T = cfg_denoise(teacher, x, times[k], cond, uncond, guidance).F
+            x = x - expand_time(times[k] - times[k + 1], x) * F_T
+        target = student(x, times[-1], cond).x0
+    loss = loss_scale * _sum_per_sample((x0_hat.to(torch.float64) - target) ** 2)
+    return loss, {"t": times[0], "nan": torch.isnan(loss), "loss": loss.detach()}
