@@ -72,6 +72,12 @@ def test_rcm_start_and_fresh_noise():
     t0 = math.atan(80.0)
     torch.testing.assert_close(calls[0][0], math.sin(t0) * z, rtol=0, atol=0)  # RF x = s0 eps, in TrigFlow form
     assert calls[1][1].tolist() == [1.5] * 8
+    # the second input re-noises the first prediction with the generator's first float32 draw (not with z);
+    # same float64 formula as add_noise, so only rounding differs (1e-14)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(F64)
+    x0 = student(*calls[0], None).x0
+    torch.testing.assert_close(calls[1][0], math.cos(1.5) * x0 + math.sin(1.5) * eps, rtol=1e-14, atol=1e-14)
+    assert (eps - z).abs().max() > 0.1  # guard: the check above tells fresh noise from the start noise
 
 
 def test_rcm_schedule():
