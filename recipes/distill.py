@@ -186,7 +186,7 @@ class DistillConfig(RecipeConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        active = [s for s in (self.stage1, self.stage2, self.stage3) if s.iterations > 0]
+        active = self.stages()
         if not active:
             raise ValueError("no stage to run: set stage1.iterations (or stage2/stage3) > 0")
         names = [s.name for s in active]
