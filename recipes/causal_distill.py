@@ -145,27 +145,10 @@ class SampleConfig(RecipeConfig):
 
 
 # ------------------------------------------------------------------------------------------ presets
+_WAN = dict(frames=21, fpb=3, iters=(4000, 2000, 2000, 600), save=250, dtype="bfloat16")
 _SIZES = {
-    "1.3B": dict(
-        config="t2v-1.3B",
-        teacher="checkpoints/Wan2.1-T2V-1.3B.pth",
-        frames=21,
-        fpb=3,
-        iters=(4000, 2000, 2000, 600),
-        save=250,
-        dtype="bfloat16",
-        kv="bf16",
-    ),
-    "14B": dict(
-        config="t2v-14B",
-        teacher="checkpoints/Wan2.1-T2V-14B.pth",
-        frames=21,
-        fpb=3,
-        iters=(4000, 2000, 2000, 600),
-        save=250,
-        dtype="bfloat16",
-        kv="bf16",
-    ),
+    "1.3B": dict(_WAN, config="t2v-1.3B", teacher="checkpoints/Wan2.1-T2V-1.3B.pth"),
+    "14B": dict(_WAN, config="t2v-14B", teacher="checkpoints/Wan2.1-T2V-14B.pth"),
     # CPU-sized: the tiny network, 5 latent frames as c1-2 blocks, a few iterations per stage
     "tiny": dict(
         config="tiny",
@@ -176,7 +159,6 @@ _SIZES = {
         iters=(2, 1, 1, 3),
         save=100,
         dtype="float32",
-        kv="fp32",
     ),
 }
 
