@@ -75,12 +75,11 @@ def rollout_times(
         raise ValueError("random rollout times need generator=")
     if fixed is not None and len(fixed) < n_steps - 1:
         raise ValueError(f"{n_steps} steps need {n_steps - 1} fixed times, got {list(fixed)}")
-    if generator is not None and time_sampler is not None:
+    if time_sampler is not None:
         device = generator.device
     times = [torch.full((batch,), math.pi / 2, dtype=torch.float64, device=device)]
     if fixed is not None:
-        mid = fixed_times(list(fixed)[: n_steps - 1], batch, device=device) if n_steps > 1 else []
-        times.extend(mid)
+        times.extend(fixed_times(list(fixed)[: n_steps - 1], batch, device=device))  # [0, B] for one step
     else:
         for _ in range(n_steps - 1):
             times.append(torch.minimum(time_sampler(batch, generator=generator).to(times[-1]), times[-1]))
