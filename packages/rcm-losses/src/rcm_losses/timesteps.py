@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rcm_losses.parameterization import rf_to_trig, shift_rf
+from rcm_losses.parameterization import rf_to_trig, shift_rf, sigma_to_rf
 
 __all__ = [
     "TimeSampler",
@@ -59,7 +59,7 @@ class LogNormal:
         _check_batch(batch)
         n = torch.randn(batch, generator=generator, device=generator.device, dtype=torch.float32)
         sigma = torch.exp(self.p_mean + self.p_std * n.to(torch.float64))
-        return _rf_to_trig_clamped(sigma / (sigma + 1))
+        return _rf_to_trig_clamped(sigma_to_rf(sigma))
 
 
 @dataclass(frozen=True)
