@@ -34,7 +34,6 @@ from torch import Tensor
 
 __all__ = ["FwdResult", "attention_bwd", "jvp_attention_fwd", "unsupported_reason"]
 
-_LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,6 +80,15 @@ class FwdResult(NamedTuple):
 def _row_mask(cols, iv0, iv1, iv2, iv3):
     c = cols[None, :]
     return ((c >= iv0[:, None]) & (c < iv1[:, None])) | ((c >= iv2[:, None]) & (c < iv3[:, None]))
+
+
+@triton.jit
+def _load_row_iv(ROW_IV, rows, LQ):
+    """The ``[s0, e0) ∪ [s1, e1)`` key intervals of query ``rows`` (0 for rows past LQ)."""
+    iv = ROW_IV + rows * 4
+    valid = rows < LQ
+    return (tl.load(iv, mask=valid, other=0), tl.load(iv + 1, mask=valid, other=0),
+            tl.load(iv + 2, mask=valid, other=0), tl.load(iv + 3, mask=valid, other=0))
 
 
 @triton.jit
@@ -215,12 +223,7 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
     acc_o = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_MASK:
-        iv = ROW_IV + offs_m * 4
-        vm = offs_m < LQ
-        iv0 = tl.load(iv, mask=vm, other=0)
-        iv1 = tl.load(iv + 1, mask=vm, other=0)
-        iv2 = tl.load(iv + 2, mask=vm, other=0)
-        iv3 = tl.load(iv + 3, mask=vm, other=0)
+        iv0, iv1, iv2, iv3 = _load_row_iv(ROW_IV, offs_m, LQ)
         for i in range(tl.load(FULL_NUM + pid_m)):
             start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
             acc_o, acc_t, l_i, m_i, r_i = _fwd_tile(
@@ -293,12 +296,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, o
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # fully masked rows: P = 0
     pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
     if MODE == 2:
-        iv = ROW_IV + rows * 4
-        qm = rows < LQ
-        s0 = tl.load(iv, mask=qm, other=0)
-        e0 = tl.load(iv + 1, mask=qm, other=0)
-        s1 = tl.load(iv + 2, mask=qm, other=0)
-        e1 = tl.load(iv + 3, mask=qm, other=0)
+        s0, e0, s1, e1 = _load_row_iv(ROW_IV, rows, LQ)
         c = offs_n[:, None]
         allowed = ((c >= s0[None, :]) & (c < e0[None, :])) | ((c >= s1[None, :]) & (c < e1[None, :]))
         pt = tl.where(allowed, pt, 0.0)
@@ -361,13 +359,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, iv0, iv1, iv2, iv3, LK, qk_scale,
                  stride_kn, stride_vn, MODE: tl.constexpr):
     cols = start_n + offs_n
-    if MODE == 0:
-        k = tl.load(k_ptrs + start_n * stride_kn)
-        v = tl.load(v_ptrs + start_n * stride_vn)
-    else:
-        kmask = cols[:, None] < LK
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask, other=0.0)
+    k = _load_tile(k_ptrs, start_n, stride_kn, cols, LK, MODE, False)
+    v = _load_tile(v_ptrs, start_n, stride_vn, cols, LK, MODE, False)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MODE == 1:
         p = tl.where(cols[None, :] < LK, p, 0.0)
@@ -405,11 +398,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_MASK:
-        iv = ROW_IV + offs_m * 4
-        iv0 = tl.load(iv, mask=vm, other=0)
-        iv1 = tl.load(iv + 1, mask=vm, other=0)
-        iv2 = tl.load(iv + 2, mask=vm, other=0)
-        iv3 = tl.load(iv + 3, mask=vm, other=0)
+        iv0, iv1, iv2, iv3 = _load_row_iv(ROW_IV, offs_m, LQ)
         for i in range(tl.load(FULL_NUM + pid_m)):
             start_n = tl.load(FULL_IDX + pid_m * stride_idx + i) * BLOCK_N
             dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_n, iv0, iv1, iv2, iv3, LK,
