@@ -34,6 +34,8 @@ from torch import Tensor
 
 __all__ = ["FwdResult", "attention_bwd", "jvp_attention_fwd", "unsupported_reason"]
 
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e): the kernels work in base 2
+_LN2 = tl.constexpr(0.6931471805599453)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -216,7 +218,7 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
         v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
         tk_ptrs = TK + b * stkb + h * stkh + offs_n[:, None] * stkl + offs_d[None, :] * stkd
         tv_ptrs = TV + b * stvb + h * stvh + offs_n[:, None] * stvl + offs_d[None, :] * stvd
-    qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
+    qk_scale = scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
@@ -253,7 +255,7 @@ def _jvp_attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE,
         t = acc_t / l_safe[:, None] - (r_i / l_safe)[:, None] * o
         tl.store(TO + b * stob + h * stoh + offs_m[:, None] * stol + offs_d[None, :] * stod,
                  t.to(TO.dtype.element_ty), mask=rmask)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
@@ -293,7 +295,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, o
         do = tl.load(do_ptrs + start_m * stride_dom, mask=qm[:, None], other=0.0)
         lse = tl.load(lse_ptr + rows, mask=qm, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=qm, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # fully masked rows: P = 0
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E  # fully masked rows: P = 0
     pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
     if MODE == 2:
         s0, e0, s1, e1 = _load_row_iv(ROW_IV, rows, LQ)
@@ -328,7 +330,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     do_ptrs = DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod
     lse_ptr = LSE + pid_bh.to(tl.int64) * LQ
     delta_ptr = DELTA + pid_bh.to(tl.int64) * LQ
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if HAS_MASK:
@@ -391,11 +393,11 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=rmask,
                  other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=vm, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=vm, other=0.0)
     k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd
     v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_MASK:
         iv0, iv1, iv2, iv3 = _load_row_iv(ROW_IV, offs_m, LQ)
