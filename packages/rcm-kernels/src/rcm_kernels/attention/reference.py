@@ -69,7 +69,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = Non
     o = p @ vh
     tangent = None
     if tq is not None or tk is not None or tv is not None:
-        ds = torch.zeros_like(s) if m is None else torch.zeros_like(s).masked_fill(~m, 0.0)
+        ds = torch.zeros_like(s)  # masked entries need no care: P = 0 there
         if tq is not None:
             ds = ds + scale * tq.transpose(1, 2).to(acc) @ kh.transpose(-1, -2)
         if tk is not None:
