@@ -255,10 +255,5 @@ class StreamingDecoder:
         self.frames_in += latent_bcthw.shape[2]
         if self.vae is None:
             return latent_bcthw.float().clamp(-1, 1)
-        vae = self.vae
-        vae._check_latent(latent_bcthw)
-        p = next(vae.parameters())
-        mean, inv_std = vae._latent_stats(p.device)
-        z = vae.conv2((latent_bcthw.to(p.device).float() / inv_std + mean).to(p.dtype))  # 1x1x1 conv: per frame
-        out = torch.cat([vae.decoder(z[:, :, i:i + 1], self._cache) for i in range(z.shape[2])], dim=2)
-        return out.clamp(-1.0, 1.0).float()
+        self.vae._check_latent(latent_bcthw)
+        return self.vae._decode(latent_bcthw, chunked=True, cache=self._cache).clamp(-1.0, 1.0).float()

@@ -259,14 +259,15 @@ class WanVAE(nn.Module):
         return torch.cat([mask, latent], dim=1)
 
     # ------------------------------------------------------------------------------------- internals
-    def _decode(self, latent: Tensor, chunked: bool) -> Tensor:
+    def _decode(self, latent: Tensor, chunked: bool, cache: Cache | None = None) -> Tensor:
+        """Unclamped decode; ``cache`` (chunked only) continues a previous call's causal feature cache."""
         p = next(self.parameters())
         mean, inv_std = self._latent_stats(p.device)
         z = (latent.to(p.device).float() / inv_std + mean).to(p.dtype)
         z = self.conv2(z)
         if not chunked:
             return self.decoder(z)
-        cache: Cache = {}
+        cache = {} if cache is None else cache
         return torch.cat([self.decoder(z[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2)
 
     def _decode_tiled(self, latent: Tensor, tile: tuple[int, int], overlap: tuple[int, int],
