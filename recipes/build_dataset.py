@@ -32,6 +32,7 @@ from rcm_recipes.loaders import (
     TextEncoderSpec,
     dit_config,
     load_dit,
+    read_prompts,
     require_file,
     resolve_dtype,
 )
@@ -87,10 +88,7 @@ class BuildDatasetConfig(RecipeConfig):
 
 
 def _prompts(cfg: BuildDatasetConfig) -> list[str]:
-    text = require_file(cfg.prompt_file, "prompt_file", "prompt file").read_text(encoding="utf-8")
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {cfg.prompt_file} has no non-empty line")
+    prompts = read_prompts(cfg.prompt_file)
     if cfg.repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {cfg.repeat}")
     return prompts * cfg.repeat

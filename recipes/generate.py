@@ -45,6 +45,7 @@ from rcm_recipes.loaders import (
     load_dit,
     load_embedding,
     load_vae,
+    read_prompts,
     require_file,
     resolve_device,
     resolve_dtype,
@@ -178,11 +179,7 @@ PRESETS: dict[str, GenerateConfig] = {
 def _prompts(cfg: GenerateConfig) -> list[str]:
     if cfg.prompt_file is None:
         return [cfg.prompt]
-    lines = require_file(cfg.prompt_file, "prompt_file", "prompt file").read_text(encoding="utf-8").splitlines()
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {cfg.prompt_file} has no non-empty line")
-    return prompts
+    return read_prompts(cfg.prompt_file)
 
 
 def _check_files(cfg: GenerateConfig, needs_clip: bool) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "TextEncoderSpec",
     "CLIPSpec",
     "require_file",
+    "read_prompts",
     "resolve_device",
     "resolve_dtype",
     "dit_config",
@@ -127,6 +128,15 @@ def require_file(path: str | Path | None, field: str, what: str) -> Path:
         raise MissingFileError(f"{what}: {p} does not exist; set --{field}=PATH to a local file "
                                "(nothing is downloaded)")
     return p
+
+
+def read_prompts(path: str | Path, field: str = "prompt_file") -> list[str]:
+    """The stripped non-empty lines of a UTF-8 text file (one prompt each); raises if there is none."""
+    text = require_file(path, field, "prompt file").read_text(encoding="utf-8")
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no non-empty line")
+    return prompts
 
 
 def resolve_device(device: str) -> torch.device:
