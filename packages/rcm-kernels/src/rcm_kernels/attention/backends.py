@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import dense_mask
+
 __all__ = ["BACKENDS", "resolve_backend", "sdpa_like_attention"]
 
 BACKENDS = ("rcm", "sdpa", "cudnn", "flash", "efficient", "math", "flex", "flex_fa4", "flash_attn")
@@ -42,16 +44,10 @@ def _sdpa_kernel(name: str):
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
 
 
-def _dense(block_mask, lq: int, lk: int, device) -> Tensor | None:
-    if block_mask is None or isinstance(block_mask, Tensor):
-        return block_mask
-    return block_mask.dense(lq, lk, device)
-
-
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, name: str) -> Tensor:
     from torch.nn.attention import sdpa_kernel
 
-    mask = _dense(block_mask, q.shape[1], k.shape[1], q.device)
+    mask = dense_mask(block_mask, q.shape[1], k.shape[1], q.device)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views, no copies
     if name == "sdpa":
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
@@ -69,6 +65,8 @@ def _compiled_flex():
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, fa4: bool) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention  # imported lazily: ~2 s
+
     if block_mask is not None and not hasattr(block_mask, "flex"):
         raise TypeError("backend 'flex' needs a rcm_kernels.blockmask mask (or None), not a dense tensor")
     bm = None if block_mask is None else block_mask.flex(q.shape[1], k.shape[1], q.device)
@@ -79,8 +77,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, fa4: bool) 
         except ImportError as err:
             raise ImportError("backend 'flex_fa4' needs flash-attn-4: pip install --pre flash-attn-4") from err
         kwargs["kernel_options"] = {"BACKEND": "FLASH"}
-    fn = _compiled_flex() if q.is_cuda else __import__("torch.nn.attention.flex_attention",
-                                                       fromlist=["flex_attention"]).flex_attention
+    fn = _compiled_flex() if q.is_cuda else flex_attention
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     return fn(qh, kh, vh, block_mask=bm, scale=scale, **kwargs).transpose(1, 2)
 
