@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..kv_cache import CacheLayer
-from ..quant import dequantize_keys
+from ..quant import dequantize, dequantize_keys
 
 __all__ = ["cache_attention", "cache_attention_torch", "cache_attention_triton", "gather_cache",
            "apply_rope_interleaved"]
@@ -59,7 +59,7 @@ def gather_cache(layer: CacheLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]
         k, v = k5.to(dtype), v5.to(dtype)
     else:
         k = dequantize_keys(k5, layer.k_scale[:, idx], dtype)
-        v = (v5.float() * layer.v_scale.view(b, -1, t, h)[:, idx, :, :, None]).to(dtype)
+        v = dequantize((v5, layer.v_scale.view(b, -1, t, h, 1)[:, idx]), dtype)
     return k.flatten(1, 2), v.flatten(1, 2)
 
 
