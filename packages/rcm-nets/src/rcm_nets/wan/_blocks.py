@@ -58,17 +58,28 @@ def _project(lin: nn.Linear, norm: RMSNorm | None, x: Tensor, tx: Tensor | None,
     return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with qk RMSNorm over the full width, 3-D RoPE on q and k, one attention seam."""
+class _QKVO(nn.Module):
+    """The q, k, v, o projections (official keys), optional qk RMSNorm over the full width, one attention seam."""
 
-    def __init__(self, cfg: WanConfig, **factory):
+    def __init__(self, cfg: WanConfig, context_parallel: bool, **factory):
         super().__init__()
         c = cfg.dim
         self.num_heads, self.eps = cfg.num_heads, cfg.eps
         self.q, self.k, self.v, self.o = (nn.Linear(c, c, **factory) for _ in range(4))
         self.norm_q = RMSNorm(c, **factory) if cfg.qk_norm else None
         self.norm_k = RMSNorm(c, **factory) if cfg.qk_norm else None
-        self.attn = Attention(context_parallel=True)
+        self.attn = Attention(context_parallel=context_parallel)
+
+    def out(self, o: Tensor, to: Tensor | None) -> Pair:
+        """Merge heads of ``o [B, L, H, D]`` and apply the output projection."""
+        return linear(o.flatten(2), None if to is None else to.flatten(2), self.o.weight, self.o.bias)
+
+
+class WanSelfAttention(_QKVO):
+    """Self-attention with qk RMSNorm over the full width, 3-D RoPE on q and k, one attention seam."""
+
+    def __init__(self, cfg: WanConfig, **factory):
+        super().__init__(cfg, True, **factory)
 
     def qkv(self, x: Tensor, tx: Tensor | None, rope: tuple[Tensor, Tensor]):
         """``(q, k, v), (tq, tk, tv)`` as ``[B, L, H, D]``; RoPE applied to q and k."""
@@ -77,30 +88,21 @@ class WanSelfAttention(nn.Module):
         v, tv = _project(self.v, None, x, tx, self.eps, self.num_heads)
         return (q, k, v), (tq, tk, tv)
 
-    def out(self, o: Tensor, to: Tensor | None) -> Pair:
-        """Merge heads of ``o [B, L, H, D]`` and apply the output projection."""
-        return linear(o.flatten(2), None if to is None else to.flatten(2), self.o.weight, self.o.bias)
-
     def forward(self, x: Tensor, tx: Tensor | None, rope: tuple[Tensor, Tensor], block_mask=None) -> Pair:
         (q, k, v), (tq, tk, tv) = self.qkv(x, tx, rope)
         o, to = self.attn(q, k, v, tq, tk, tv, block_mask=block_mask)
         return self.out(o, to)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_QKVO):
     """Cross-attention to the text (and, for i2v, separately to the CLIP image tokens; outputs summed)."""
 
     def __init__(self, cfg: WanConfig, **factory):
-        super().__init__()
-        c = cfg.dim
-        self.num_heads, self.eps = cfg.num_heads, cfg.eps
-        self.q, self.k, self.v, self.o = (nn.Linear(c, c, **factory) for _ in range(4))
-        self.norm_q = RMSNorm(c, **factory) if cfg.qk_norm else None
-        self.norm_k = RMSNorm(c, **factory) if cfg.qk_norm else None
+        super().__init__(cfg, False, **factory)
         if cfg.model_type == "i2v":
+            c = cfg.dim
             self.k_img, self.v_img = nn.Linear(c, c, **factory), nn.Linear(c, c, **factory)
             self.norm_k_img = RMSNorm(c, **factory) if cfg.qk_norm else None
-        self.attn = Attention(context_parallel=False)
 
     def context_kv(self, ctx: Tensor, img: Tensor | None) -> tuple[Tensor, ...]:
         """Keys and values of the context (a cache may keep them): ``(k, v)`` or ``(k, v, k_img, v_img)``."""
@@ -120,7 +122,7 @@ class WanCrossAttention(nn.Module):
         if len(kv) == 4:
             oi, toi = self.attn(q, kv[2], kv[3], tq, None, None)
             o, to = o + oi, add(to, toi)
-        return linear(o.flatten(2), None if to is None else to.flatten(2), self.o.weight, self.o.bias)
+        return self.out(o, to)
 
 
 class WanBlock(nn.Module):
