@@ -148,8 +148,13 @@ class _Mask:
 
     def density(self, lq: int, lk: int, device="cpu") -> float:
         """Fraction of allowed (query, key) pairs."""
-        iv = self.intervals(lq, lk, device).long()
-        return float(((iv[:, 1] - iv[:, 0]).clamp_min(0) + (iv[:, 3] - iv[:, 2]).clamp_min(0)).sum()) / (lq * lk)
+        return _density(self.intervals(lq, lk, device), lk)
+
+
+def _density(iv: Tensor, lk: int) -> float:
+    """Fraction of allowed pairs for row intervals ``iv [lq, 4]`` over ``lk`` keys."""
+    allowed = (iv[:, 1] - iv[:, 0]).clamp_min(0) + (iv[:, 3] - iv[:, 2]).clamp_min(0)
+    return float(allowed.double().sum()) / (iv.shape[0] * lk)
 
 
 def _sorted_lists(sel: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,9 +184,8 @@ def _build_tiles(iv: Tensor, lk: int, block_m: int, block_n: int) -> TileTable:
     overlap = torch.nn.functional.pad(overlap, (0, 0, 0, pad), value=False).view(nq, block_m, nk).any(1)
     cover = torch.nn.functional.pad(cover, (0, 0, 0, pad), value=False).view(nq, block_m, nk).all(1)
     full, part = cover, overlap & ~cover  # [nq, nk]
-    allowed = ((iv[:, 1] - iv[:, 0]).clamp_min(0) + (iv[:, 3] - iv[:, 2]).clamp_min(0)).double().sum()
     return TileTable(iv, *_sorted_lists(full), *_sorted_lists(part), *_sorted_lists(full.T),
-                     *_sorted_lists(part.T), float(allowed) / (lq * lk))
+                     *_sorted_lists(part.T), _density(iv, lk))
 
 
 @dataclass(frozen=True)
