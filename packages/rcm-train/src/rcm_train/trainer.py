@@ -196,23 +196,18 @@ def step_generator(seed: int, iteration: int, micro_step: int, dp_rank: int,
     return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def _grads(params: Iterable[Tensor]) -> list[Tensor]:
-    return [p.grad for p in params if p.grad is not None]
-
-
 @torch.no_grad()
 def sanitize_grads_(params: Sequence[Tensor], clip_norm: float | None) -> Tensor:
     """Replace NaN/±inf in gradients by 0, then clip the total norm to ``clip_norm`` (None: no clipping).
 
     Returns the total norm (after sanitizing, before clipping) as a plain tensor.
     """
-    grads = _grads(params)
-    for g in grads:
-        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    for p in with_grad:
+        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if not with_grad:
         return torch.zeros(())
-    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                          math.inf if clip_norm is None else clip_norm, foreach=True)
+    norm = torch.nn.utils.clip_grad_norm_(with_grad, math.inf if clip_norm is None else clip_norm, foreach=True)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
