@@ -116,8 +116,7 @@ class _Mask:
     def dense(self, lq: int, lk: int, device) -> Tensor:
         """``[lq, lk]`` boolean twin (True = attend)."""
         iv = self.intervals(lq, lk, device).unsqueeze(-1)  # [lq, 4, 1]
-        kk = torch.arange(lk, device=device, dtype=torch.int32)
-        return ((kk >= iv[:, 0]) & (kk < iv[:, 1])) | ((kk >= iv[:, 2]) & (kk < iv[:, 3]))
+        return _in_intervals(torch.arange(lk, device=device, dtype=torch.int32), *iv.unbind(1))
 
     def tiles(self, lq: int, lk: int, block_m: int, block_n: int, device) -> TileTable:
         """Per-tile sparsity lists for tiles of ``block_m`` queries x ``block_n`` keys (cached)."""
@@ -137,8 +136,7 @@ class _Mask:
             iv = torch.nn.functional.pad(self.intervals(lq, lk, device), (0, 0, 0, pad))
 
             def mask_mod(b, h, q_idx, kv_idx):
-                s0, e0, s1, e1 = iv[q_idx, 0], iv[q_idx, 1], iv[q_idx, 2], iv[q_idx, 3]
-                return ((kv_idx >= s0) & (kv_idx < e0)) | ((kv_idx >= s1) & (kv_idx < e1))
+                return _in_intervals(kv_idx, iv[q_idx, 0], iv[q_idx, 1], iv[q_idx, 2], iv[q_idx, 3])
 
             mask_mod.__name__ = f"{type(self).__name__}_mask"
             self._cache[key] = BlockMask.from_kv_blocks(
@@ -149,6 +147,11 @@ class _Mask:
     def density(self, lq: int, lk: int, device="cpu") -> float:
         """Fraction of allowed (query, key) pairs."""
         return _density(self.intervals(lq, lk, device), lk)
+
+
+def _in_intervals(k: Tensor, s0: Tensor, e0: Tensor, s1: Tensor, e1: Tensor) -> Tensor:
+    """Whether key index ``k`` lies in ``[s0, e0) ∪ [s1, e1)`` (broadcasting)."""
+    return ((k >= s0) & (k < e0)) | ((k >= s1) & (k < e1))
 
 
 def _density(iv: Tensor, lk: int) -> float:
