@@ -34,9 +34,6 @@ from rcm_train.trainer import Closure, StepContext
 
 __all__ = ["RCMObjectiveConfig", "RCMObjective"]
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
 class RCMObjectiveConfig(BaseModel):
     """rCM student (sCM/dCM + DMD) and critic objectives (defaults: the 1.3B recipe, RCM_SPEC §6.5, §13)."""
 
@@ -92,11 +89,10 @@ class RCMObjective:
         self.p_d = UniformShift(config.p_d_shift)
 
     def denoiser(self, net: nn.Module) -> TrigFlowAdapter:
-        jvp = getattr(net, "forward_jvp", None)
-        velocity_jvp = None if jvp is None else (lambda x, ts, ctx, tx, tts: jvp(x, ts, ctx, tx, tts))
-        return TrigFlowAdapter(lambda x, ts, ctx: net(x, ts, ctx), velocity_jvp,
-                               input_dtype=_DTYPES[self.cfg.input_dtype] if self.cfg.input_dtype else None,
-                               timestep_dtype=_DTYPES[self.cfg.timestep_dtype] if self.cfg.timestep_dtype else None)
+        cfg = self.cfg
+        return TrigFlowAdapter(net, getattr(net, "forward_jvp", None),
+                               input_dtype=getattr(torch, cfg.input_dtype) if cfg.input_dtype else None,
+                               timestep_dtype=getattr(torch, cfg.timestep_dtype) if cfg.timestep_dtype else None)
 
     def _simulate(self, student, cond, shape, ctx: StepContext, with_grad: bool) -> Tensor:
         cfg = self.cfg

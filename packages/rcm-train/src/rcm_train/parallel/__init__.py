@@ -33,9 +33,6 @@ __all__ = ["MeshConfig", "ParallelConfig", "parallelize", "ParallelMesh", "build
            "mesh_from_process_groups", "mesh_from_megatron", "apply_sac", "apply_fsdp", "apply_context_parallel",
            "broadcast_from_leader", "UlyssesAttention", "UlyssesSequenceShard"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
 class MeshConfig(BaseModel):
     """Sizes of the device mesh; their product is the world size."""
 
@@ -99,8 +96,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelCon
     apply_sac(model, config.sac, every_n_blocks=config.sac_every_n_blocks, blocks_attr=config.blocks_attr)
     if mesh is not None and config.fsdp:
         children = dict(model.named_children())
-        apply_fsdp(model, mesh.fsdp, param_dtype=_DTYPES[config.param_dtype] if config.param_dtype else None,
-                   reduce_dtype=_DTYPES[config.reduce_dtype] if config.reduce_dtype else None, reshard_after_forward=config.reshard_after_forward,
+        apply_fsdp(model, mesh.fsdp, param_dtype=getattr(torch, config.param_dtype) if config.param_dtype else None,
+                   reduce_dtype=getattr(torch, config.reduce_dtype) if config.reduce_dtype else None,
+                   reshard_after_forward=config.reshard_after_forward,
                    blocks_attr=config.blocks_attr, not_units=[n for n in config.not_fsdp_units if n in children],
                    forward_methods=config.forward_methods,
                    grad_divide_factor=float(mesh.dp_size) if cp > 1 else None)
