@@ -29,6 +29,15 @@ from rcm_kernels.attention import Attention, SequenceShard
 __all__ = ["UlyssesSequenceShard", "UlyssesAttention", "apply_context_parallel", "broadcast_from_leader"]
 
 
+def _pad_zeros(x: Tensor, dim: int, n: int) -> Tensor:
+    """``x`` with ``n`` zero entries appended along ``dim`` (``x`` itself when ``n == 0``)."""
+    if not n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x, x.new_zeros(shape)], dim)
+
+
 class _AllToAll(torch.autograd.Function):
     """Equal-split ``all_to_all_single`` over dim 0. The exchange is its own inverse, so backward and the
     forward-AD rule apply the same exchange to the gradient / tangent."""
@@ -73,11 +82,8 @@ class _GatherSeq(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         start = dist.get_rank(ctx.group) * ctx.local_len
         keep = max(0, min(ctx.local_len, ctx.seq_len - start))
-        local = grad.narrow(ctx.dim, start, keep)
-        if keep < ctx.local_len:  # this rank's padded tokens get no gradient
-            shape = list(local.shape)
-            shape[ctx.dim] = ctx.local_len - keep
-            local = torch.cat([local, local.new_zeros(shape)], ctx.dim)
+        # this rank's padded tokens get no gradient
+        local = _pad_zeros(grad.narrow(ctx.dim, start, keep), ctx.dim, ctx.local_len - keep)
         return local.contiguous(), None, None, None
 
     @staticmethod
@@ -105,13 +111,8 @@ class UlyssesSequenceShard(SequenceShard):
 
     def shard(self, x: Tensor, dim: int = 1) -> Tensor:
         seq_len = x.shape[dim]
-        pad = self.padded_len(seq_len) - seq_len
-        if pad:
-            shape = list(x.shape)
-            shape[dim] = pad
-            x = torch.cat([x, x.new_zeros(shape)], dim)
         self.seq_len = seq_len
-        return x.chunk(self.size, dim)[self.rank]
+        return _pad_zeros(x, dim, self.padded_len(seq_len) - seq_len).chunk(self.size, dim)[self.rank]
 
     def gather(self, x: Tensor, dim: int = 1) -> Tensor:
         if self.seq_len is None:
@@ -179,9 +180,7 @@ class UlyssesAttention(nn.Module):
         tq, tk, tv = (None if t is None else next(it) for t in (tq, tk, tv))
         out, tout = self.inner(*full[:3], tq, tk, tv, scale=scale, block_mask=block_mask)
         pad = q.shape[1] * c - seq_len
-        outs = [out] if tout is None else [out, tout]
-        if pad:
-            outs = [torch.cat([o, o.new_zeros(o.shape[0], pad, *o.shape[2:])], 1) for o in outs]
+        outs = [_pad_zeros(o, 1, pad) for o in ([out] if tout is None else [out, tout])]
         outs = _exchange(_heads_to_seq, outs, group, c)
         return outs[0], (outs[1] if tout is not None else None)
 
