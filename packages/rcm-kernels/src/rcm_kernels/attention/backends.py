@@ -15,14 +15,13 @@ kernels accept one; flash does not) and a Flex ``BlockMask`` for Flex; ``flash_a
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import dense_mask
+from .reference import dense_mask, softmax_scale
 
 __all__ = ["BACKENDS", "resolve_backend", "sdpa_like_attention"]
 
@@ -101,7 +100,7 @@ def sdpa_like_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None 
                         backend: str | None = None) -> Tensor:
     """Primal attention ``[B, Lq, H, D]`` through the named library backend (module docstring)."""
     name = resolve_backend(backend)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(q.shape[-1], scale)
     if name == "rcm":
         from .jvp import attention
 

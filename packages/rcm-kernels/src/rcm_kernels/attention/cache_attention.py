@@ -20,7 +20,6 @@ key scales and per-token value scales, or plain compute-dtype storage).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from ..kv_cache import CacheLayer
 from ..quant import dequantize, dequantize_keys
+from .reference import softmax_scale
 
 __all__ = ["cache_attention", "cache_attention_torch", "cache_attention_triton", "gather_cache",
            "apply_rope_interleaved"]
@@ -238,7 +238,7 @@ def cache_attention_triton(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | No
     vs = layer.v_scale if quant else layer.k
     cos, sin = (k_rope[0].float().contiguous(), k_rope[1].float().contiguous()) if k_rope else (ks, ks)
     block_m, block_n, warps, stages = blocks or _default_blocks(q, k_rope is not None)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = softmax_scale(d, scale)
     grid = (triton.cdiv(lq, block_m), b * h)
     _cache_attn_fwd[grid](
         q, layer.k, layer.v, ks, vs, layer.frame_slots, ek, ev, cos, sin, o,

@@ -14,13 +14,12 @@ fused kernel or the reference, since the library backends have no fused tangent.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch import Tensor
 
-from .reference import attention_reference, attention_reference_backward
+from .reference import attention_reference, attention_reference_backward, softmax_scale
 
 _IMPLS = ("auto", "triton", "reference")
 
@@ -93,10 +92,6 @@ class _JVPAttention(torch.autograd.Function):
         return out_dot, None, None
 
 
-def _scale(q: Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, block_mask=None,
               impl: str | None = None, backend: str | None = None) -> Tensor:
     """Softmax attention ``[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]``, differentiable both ways.
@@ -112,7 +107,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, bl
     if name != "rcm":
         return sdpa_like_attention(q, k, v, scale=scale, block_mask=block_mask, backend=name)
     impl = _resolve_impl(q, k, v, (), block_mask, impl)
-    return _JVPAttention.apply(q, k, v, None, None, None, _scale(q, scale), block_mask, impl)[0]
+    return _JVPAttention.apply(q, k, v, None, None, None, softmax_scale(q.shape[-1], scale), block_mask, impl)[0]
 
 
 def jvp_attention(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None, tk: Tensor | None = None,
@@ -127,5 +122,5 @@ def jvp_attention(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None, tk:
     if all(t is None for t in tangents):
         return attention(q, k, v, scale=scale, block_mask=block_mask, impl=impl), None
     impl = _resolve_impl(q, k, v, tangents, block_mask, impl)
-    out, tangent, _ = _JVPAttention.apply(q, k, v, tq, tk, tv, _scale(q, scale), block_mask, impl)
+    out, tangent, _ = _JVPAttention.apply(q, k, v, tq, tk, tv, softmax_scale(q.shape[-1], scale), block_mask, impl)
     return out, tangent.detach()

@@ -22,6 +22,11 @@ class AttentionOutput(NamedTuple):
     lse: Tensor  # [B, H, Lq] float32 (natural log-sum-exp of the scaled logits)
 
 
+def softmax_scale(head_dim: int, scale: float | None) -> float:
+    """The logit scale: ``scale``, or ``1/sqrt(head_dim)`` when None (every attention entry point's default)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def dense_mask(mask, lq: int, lk: int, device: torch.device) -> Tensor | None:
     """Turn a mask argument into a boolean tensor broadcastable to ``[B, H, Lq, Lk]`` (True = attend).
 
@@ -56,7 +61,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = Non
     Outputs are in the input dtype; the LSE is float32 (float64 for float64 inputs).
     """
     _check(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(q.shape[-1], scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qh, kh, vh = (x.transpose(1, 2).to(acc) for x in (q, k, v))  # [B, H, L, D]
     s = scale * qh @ kh.transpose(-1, -2)  # [B, H, Lq, Lk]
@@ -90,7 +95,7 @@ def attention_reference_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     All ``[B, L, H, D]`` in the input dtype; ``lse`` is ``[B, H, Lq]``. Plain torch: any device, any transform.
     """
     _check(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(q.shape[-1], scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qh, kh, vh, oh, doh = (x.transpose(1, 2).to(acc) for x in (q, k, v, out, grad_out))  # [B, H, L, D]
     s = scale * qh @ kh.transpose(-1, -2)

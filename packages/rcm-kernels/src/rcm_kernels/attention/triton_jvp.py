@@ -23,7 +23,6 @@ fp16/bf16 calls to SDPA's cuDNN backward (same gradient from the same O and LSE;
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -31,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .reference import softmax_scale
 
 __all__ = ["FwdResult", "attention_bwd", "jvp_attention_fwd", "unsupported_reason"]
 
@@ -547,7 +548,7 @@ def jvp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None,
         raise ValueError(f"triton jvp attention: {reason}")
     tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
     d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = softmax_scale(d, scale)
     cfg = _fwd_cfg(d, any(t is not None for t in (tq, tk, tv)))
     tables = _tables(block_mask, q.shape[1], k.shape[1], cfg.block_m, cfg.block_n, q.device)
     out, tangent, lse = _fwd_op(q, k, v, tq, tk, tv, scale, tables)
@@ -626,7 +627,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     unmasked backward on Hopper; ours is the one that skips masked tiles.
     """
     d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = softmax_scale(d, scale)
     cfg = _bwd_cfg(d)
     lq, lk = q.shape[1], k.shape[1]
     dkdv_tables = _tables(block_mask, lq, lk, cfg.block_m, cfg.block_n, q.device, transposed=True)
