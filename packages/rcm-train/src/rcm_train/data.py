@@ -292,6 +292,9 @@ class ShardWriter:
     def path(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:06d}.tar"
 
+    def _tmp(self, shard: int) -> Path:
+        return self.dir / f"shard_{shard:06d}.tar.tmp"
+
     def _indices(self, shard: int) -> range:
         return range(shard * self.per, min(self.n, (shard + 1) * self.per))
 
@@ -301,7 +304,7 @@ class ShardWriter:
         for shard in range(self.rank, -(-self.n // self.per), self.world):
             if self.path(shard).exists():
                 continue
-            tmp = self.path(shard).with_suffix(".tar.tmp")
+            tmp = self._tmp(shard)
             done = _recover(tmp) if tmp.exists() else []
             self._recovered[shard] = done
             keys = {s["__key__"] for s in done}
@@ -330,7 +333,7 @@ class ShardWriter:
             self._close_open()
 
     def _start(self, shard: int) -> None:
-        tmp = self.path(shard).with_suffix(".tar.tmp")
+        tmp = self._tmp(shard)
         kept = self._recovered.pop(shard, None)
         if kept is None:
             kept = _recover(tmp) if tmp.exists() else []
@@ -353,7 +356,7 @@ class ShardWriter:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        tmp = self.path(shard).with_suffix(".tar.tmp")
+        tmp = self._tmp(shard)
         if count == len(self._indices(shard)):
             os.replace(tmp, self.path(shard))
 
