@@ -11,11 +11,10 @@ from rcm_kernels.quant import dequantize_keys, dequantize_values, quantize_keys,
 B, H, D, T = 2, 2, 16, 3  # tiny geometry: 3 tokens per frame
 
 
-def _cache(**kw):
+def _cache(num_layers=2, **kw):
     args = dict(batch=B, heads=H, head_dim=D, tokens_per_frame=T, window_frames=4, sink_frames=1,
                 max_block_frames=3, kv_dtype="fp32")
-    args.update(kw)
-    return KVCache(kw.pop("num_layers", 2), **{k: v for k, v in args.items() if k != "num_layers"})
+    return KVCache(num_layers, **{**args, **kw})
 
 
 def _rope(frame_pos, d=D):
