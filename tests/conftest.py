@@ -19,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs: its tensors are tiny, and on the shared 2-core CI machine
+    more threads only add contention (OpenMP spin-waiting made such tests 10-100x slower under load).
+    Areas opt in (an autouse fixture requesting it, or ``pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -45,13 +45,7 @@ TOL = dict(atol=1e-10, rtol=1e-10)
 SCHEDULE = [float(rf_to_trig(torch.tensor(s, dtype=F64))) for s in (1.0, 15 / 16, 5 / 6, 5 / 8)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (root conftest)
 
 
 class ToyCausalNet(nn.Module):

@@ -38,13 +38,7 @@ C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens pe
 EXACT = dict(input_dtype=None, timestep_dtype=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (root conftest)
 
 
 def tiny_net(seed: int) -> WanDiT:

@@ -2,16 +2,12 @@
 ``from _fixtures import _one_thread, assets  # noqa: F401``."""
 
 import pytest
-import torch
 from rcm_recipes.tiny_assets import write_tiny_assets
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """The importing module runs on one thread (the root conftest's `one_thread`)."""
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,8 @@ for d in (ROOT / "tools", ROOT / "recipes"):
         sys.path.insert(0, str(d))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core CI box, intra-op threads only add contention (10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every tools test runs on one thread (the root conftest's `one_thread`)."""

@@ -13,18 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops: with 2 shared cores, OpenMP spin-waiting makes them ~100x slower under load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every train test runs on one thread (the root conftest's `one_thread`)."""
 
 
 def subprocess_env() -> dict[str, str]:
