@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
-from rcm_recipes.generation import latent_shape, teacher_generate, velocity_fn, video_size
-from rcm_recipes.loaders import (
+from tqdm import tqdm
+
+from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     DiTSpec,
     DType,
@@ -36,9 +36,9 @@ from rcm_recipes.loaders import (
     require_file,
     resolve_dtype,
 )
+from rcm_pipelines.generation import latent_shape, teacher_generate, velocity_fn, video_size
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_recipes.runtime import launch_rank_world, local_device
-from tqdm import tqdm
-
 from rcm_train.data import ShardWriter
 
 

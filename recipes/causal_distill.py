@@ -35,11 +35,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import model_validator
+
+from rcm_pipelines.components import VAESpec
 from rcm_recipes.causal_run import run
 from rcm_recipes.causal_training import CausalObjectiveConfig
 from rcm_recipes.config import RecipeConfig, parse_config
-from rcm_recipes.loaders import VAESpec
-
 from rcm_train.data import DataConfig
 from rcm_train.parallel import ParallelConfig
 from rcm_train.trainer import OptimizerConfig, ScheduleConfig

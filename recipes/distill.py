@@ -31,10 +31,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import model_validator
+
+from rcm_pipelines.components import MissingFileError, VAESpec
 from rcm_recipes.config import RecipeConfig, parse_config
 from rcm_recipes.distill_run import run
-from rcm_recipes.loaders import MissingFileError, VAESpec
-
 from rcm_train.data import DataConfig
 from rcm_train.objectives import RCMObjectiveConfig
 from rcm_train.parallel import ParallelConfig
@@ -212,7 +212,7 @@ _EXPERIMENTS = {
     "14B": dict(config="t2v-14B", teacher="checkpoints/Wan2.1-T2V-14B.pth", p_g=1.5, warmup=0, freq=10,
                 lr=1e-6, fake_lr=1e-7, shard=32, cp=8, sac="mm_only", frames=21, iters=100_000, save=250,
                 sigma_max=200.0),
-    # a CPU-sized run on the tiny network (tests; rcm_recipes.tiny_assets writes such a teacher)
+    # a CPU-sized run on the tiny network (tests; rcm_pipelines.testing writes such a teacher)
     "tiny": dict(config="tiny", teacher="outputs/tiny_assets/dit_t2v.pth", p_g=0.7, warmup=4, freq=2,
                  lr=1e-4, fake_lr=1e-4, shard=-1, cp=1, sac="none", frames=None, iters=16, save=8,
                  sigma_max=80.0),

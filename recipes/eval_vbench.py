@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import model_validator
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
-from rcm_recipes.loaders import (
+from tqdm import tqdm
+
+from rcm_pipelines.components import (
     CLIPSpec,
     DiTSpec,
     DType,
@@ -36,13 +37,13 @@ from rcm_recipes.loaders import (
     dit_config,
     resolve_dtype,
 )
+from rcm_pipelines.eval.sampling import EvalSampler, SamplerSpec, VideoSpec, encode_texts, write_video_atomic
+from rcm_pipelines.eval.score import ScoreSpec, run_vbench
+from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_table, load_results, write_report
+from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
+from rcm_pipelines.timing import StageTimer
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_recipes.runtime import launch_rank_world, local_device
-from rcm_recipes.timing import StageTimer
-from rcm_recipes.vbench_sampling import EvalSampler, SamplerSpec, VideoSpec, encode_texts, write_video_atomic
-from rcm_recipes.vbench_score import ScoreSpec, run_vbench
-from rcm_recipes.vbench_scores import Scores, aggregate, dimensions, format_table, load_results, write_report
-from rcm_recipes.vbench_suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
-from tqdm import tqdm
 
 
 class EvalVBenchConfig(RecipeConfig):

@@ -19,18 +19,9 @@ from typing import Literal
 
 import torch
 from pydantic import model_validator
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
-from rcm_recipes.generation import (
-    ExpertSwitch,
-    adaptive_size,
-    i2v_condition,
-    latent_shape,
-    rcm_generate,
-    teacher_generate,
-    velocity_fn,
-    video_size,
-)
-from rcm_recipes.loaders import (
+from tqdm import tqdm
+
+from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     CLIPSpec,
     DiTSpec,
@@ -50,9 +41,19 @@ from rcm_recipes.loaders import (
     resolve_device,
     resolve_dtype,
 )
-from rcm_recipes.timing import StageTimer
-from rcm_recipes.video_io import grid_video, load_image, save_video
-from tqdm import tqdm
+from rcm_pipelines.generation import (
+    ExpertSwitch,
+    adaptive_size,
+    i2v_condition,
+    latent_shape,
+    rcm_generate,
+    teacher_generate,
+    velocity_fn,
+    video_size,
+)
+from rcm_pipelines.timing import StageTimer
+from rcm_pipelines.video_io import grid_video, load_image, save_video
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
 
 
 class GenerateConfig(RecipeConfig):

@@ -23,9 +23,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
-from rcm_recipes.loaders import resolve_device
-from rcm_recipes.video_io import load_image
 
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanDiT
@@ -36,6 +33,9 @@ from rcm_nets.wan.causal import (
     make_kv_cache,
     stream_generate,
 )
+from rcm_pipelines.components import resolve_device
+from rcm_pipelines.video_io import load_image
+from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from rcm_losses.causal import FrameBlocks
 from rcm_nets.wan.causal import stream_generate
+from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, load_vae
+from rcm_pipelines.video_io import grid_video
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger
@@ -28,7 +30,6 @@ from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_sc
 from .causal_training import CausalRCMObjective, block_layout, video_kv_cache
 from .config import write_config
 from .distill_run import DeviceData, build_network, expand_shards, first_samples, make_mesh, read_teacher
-from .loaders import DiTSpec, dit_config, load_embedding, load_vae
 from .runtime import (
     DTYPES,
     decode_preview,
@@ -39,7 +40,6 @@ from .runtime import (
     process_group,
     train_device,
 )
-from .video_io import grid_video
 
 __all__ = ["run", "CausalSampleHook", "frame_blocks"]
 

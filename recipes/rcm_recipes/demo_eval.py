@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
+from rcm_pipelines.video import video_grid, write_video
 
 from .config import RecipeConfig
 from .shapes import SHAPES, Prompt, ShapesConfig, TinyTextEncoder, balanced_prompts, render_videos
 from .shapes_metric import evaluate
-from .writers import video_grid, write_video
 
 __all__ = ["EvalConfig", "METRIC_DESCRIPTION", "evaluate_methods", "summarize"]
 

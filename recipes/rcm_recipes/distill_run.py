@@ -24,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from rcm_nets.checkpoint import load_checkpoint, read_state_dict
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.configs import WanConfig
+from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, load_vae, require_file
+from rcm_pipelines.generation import rcm_generate, teacher_generate, velocity_fn
+from rcm_pipelines.video_io import grid_video
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.data import expand_shards as data_shards
@@ -34,8 +37,6 @@ from rcm_train.parallel.mesh import ParallelMesh
 from rcm_train.trainer import TrainConfig, TrainParts, build_optimizer, build_scheduler, train
 
 from .config import write_config
-from .generation import rcm_generate, teacher_generate, velocity_fn
-from .loaders import DiTSpec, dit_config, load_embedding, load_vae, require_file
 from .runtime import (
     DTYPES,
     decode_preview,
@@ -46,7 +47,6 @@ from .runtime import (
     process_group,
     train_device,
 )
-from .video_io import grid_video
 
 __all__ = ["run", "DeviceData", "SampleHook", "build_network", "read_teacher", "first_samples", "make_mesh"]
 

@@ -14,11 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rcm_pipelines.components import resolve_device
 from rcm_train.checkpoint import Checkpointer, export_module, export_part
 from rcm_train.logging import MetricsLogger
 from rcm_train.parallel import init_distributed
-
-from .loaders import resolve_device
 
 __all__ = ["DTYPES", "is_rank0", "print0", "launch_rank_world", "local_device", "train_device", "process_group",
            "decode_preview", "stage_exports", "export_students", "export_finished", "finish_stage"]

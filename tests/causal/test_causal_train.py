@@ -17,13 +17,6 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 import causal_distill  # noqa: E402
-from rcm_recipes.causal_training import (  # noqa: E402
-    CachedBlocks,
-    CausalObjectiveConfig,
-    CausalRCMObjective,
-    block_layout,
-    tf_velocity,
-)
 
 from rcm_kernels.blockmask import teacher_forcing  # noqa: E402
 from rcm_losses import TrigFlowAdapter  # noqa: E402
@@ -31,6 +24,13 @@ from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing
 from rcm_nets.wan import WanDiT  # noqa: E402
 from rcm_nets.wan.causal import make_kv_cache  # noqa: E402
 from rcm_nets.wan.configs import get_config  # noqa: E402
+from rcm_recipes.causal_training import (  # noqa: E402
+    CachedBlocks,
+    CausalObjectiveConfig,
+    CausalRCMObjective,
+    block_layout,
+    tf_velocity,
+)
 from rcm_train.data import ShardWriter  # noqa: E402
 from rcm_train.trainer import ScheduleConfig, StepContext  # noqa: E402
 

@@ -101,7 +101,7 @@ def _run_recipe(tmp_path, *extra):
 def test_stream_recipe_t2v_writes_readable_mp4(tmp_path, capsys):
     """tiny-pixel model, 4 blocks of 2 frames, rolling cache (sink 2 + window 2 frames < 8): the mp4 reads
     back with 8 frames of 16x16; timings and the resolved config are written, the table is printed."""
-    from rcm_recipes.writers import read_video
+    from rcm_pipelines.video import read_video
 
     summary, out = _run_recipe(tmp_path)
     frames = read_video(out / "video.mp4")
@@ -116,7 +116,8 @@ def test_stream_recipe_t2v_writes_readable_mp4(tmp_path, capsys):
 def test_stream_recipe_i2v_first_frame_is_the_image(tmp_path):
     """Causal I2V in pixel space: the first frame of the video is the given image (up to H.264 loss)."""
     import imageio.v3 as iio
-    from rcm_recipes.writers import read_video
+
+    from rcm_pipelines.video import read_video
 
     yy, xx = np.mgrid[0:16, 0:16]
     img = np.stack([xx * 15, yy * 15, np.full_like(xx, 128)], -1).astype(np.uint8)  # smooth: codec-friendly
@@ -130,8 +131,9 @@ def test_stream_recipe_i2v_first_frame_is_the_image(tmp_path):
 def test_stream_recipe_with_vae(tmp_path):
     """Latent model + Wan VAE (a dim-4 VAE checkpoint): blocks [1, 2] latent frames decode to 1 + 8 = 9
     frames of 16x16 (latent 2x2), appended as they come."""
-    from rcm_recipes.writers import read_video
     from safetensors.torch import save_file
+
+    from rcm_pipelines.video import read_video
 
     torch.manual_seed(0)
     save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")

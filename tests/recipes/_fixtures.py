@@ -2,7 +2,8 @@
 ``from _fixtures import _one_thread, assets  # noqa: F401``."""
 
 import pytest
-from rcm_recipes.tiny_assets import write_tiny_assets
+
+from rcm_pipelines.testing import write_tiny_assets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -12,5 +13,5 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """The tiny networks, tokenizer and prompts in the official file formats (``rcm_recipes.tiny_assets``)."""
+    """The tiny networks, tokenizer and prompts in the official file formats (``rcm_pipelines.testing``)."""
     return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))

@@ -5,11 +5,11 @@ import _fixtures
 import build_dataset
 import pytest
 import torch
-from rcm_recipes.config import field_paths
 
 from rcm_losses import flow_euler_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
+from rcm_recipes.config import field_paths
 from rcm_train.data import DataConfig, ShardLoader
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)

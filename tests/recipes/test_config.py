@@ -5,6 +5,7 @@ from typing import Literal
 
 import pytest
 import yaml
+
 from rcm_recipes.config import ConfigError, RecipeConfig, field_paths, resolve_config, write_config
 
 

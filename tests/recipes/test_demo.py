@@ -9,6 +9,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import yaml
+
 from rcm_recipes.config import ConfigError, field_paths, resolve_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

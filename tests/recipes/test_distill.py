@@ -18,14 +18,14 @@ import _fixtures
 import distill
 import pytest
 import torch
-from rcm_recipes.config import ConfigError, field_paths, resolve_config
-from rcm_recipes.loaders import MissingFileError
-from rcm_recipes.tiny_assets import TINY_VAE, write_tiny_assets
-from rcm_recipes.writers import read_video
 from safetensors.torch import save_file
 
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanDiT
+from rcm_pipelines.components import MissingFileError
+from rcm_pipelines.testing import TINY_VAE, write_tiny_assets
+from rcm_pipelines.video import read_video
+from rcm_recipes.config import ConfigError, field_paths, resolve_config
 from rcm_train.checkpoint import load_part
 from rcm_train.data import ShardWriter
 

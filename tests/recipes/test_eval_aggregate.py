@@ -11,7 +11,8 @@ import random
 
 import pytest
 from PIL import Image
-from rcm_recipes.vbench_scores import (
+
+from rcm_pipelines.eval.scores import (
     I2V_CONDITION,
     I2V_QUALITY,
     T2V_QUALITY,

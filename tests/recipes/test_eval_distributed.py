@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from rcm_pipelines.testing import write_tiny_assets
 from rcm_recipes.config import resolve_config
-from rcm_recipes.tiny_assets import write_tiny_assets
 
 PROMPTS = ["a red car drives at night", "a cat runs across the field", "birds flying under blue sky",
            "a dog runs over the green field", "camera pans across city street"]

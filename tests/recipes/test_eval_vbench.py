@@ -14,19 +14,19 @@ import eval_vbench
 import numpy as np
 import pytest
 import torch
-from rcm_recipes.config import ConfigError, resolve_config
-from rcm_recipes.timing import StageTimer
-from rcm_recipes.tiny_assets import TINY_CLIP, TINY_VAE
-from rcm_recipes.vbench_sampling import EvalSampler, SamplerSpec, VideoSpec
-from rcm_recipes.vbench_score import VBenchRunError, VBenchUnavailableError
-from rcm_recipes.vbench_suite import load_suite, rank_slice, sample_seed
-from rcm_recipes.video_io import save_video
-from rcm_recipes.writers import read_video
 
 from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.causal import BlockLayout, make_kv_cache, stream_generate
+from rcm_pipelines.eval.sampling import EvalSampler, SamplerSpec, VideoSpec
+from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
+from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
+from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
+from rcm_pipelines.timing import StageTimer
+from rcm_pipelines.video import read_video
+from rcm_pipelines.video_io import save_video
+from rcm_recipes.config import ConfigError, resolve_config
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
 
@@ -140,7 +140,7 @@ def test_sample_layout_resume_and_seeds(assets, suite_file, tmp_path):
 
 
 def _sampler(assets, spec, mode="t2v", dit="tiny", path=None):
-    from rcm_recipes.loaders import CLIPSpec, DiTSpec, VAESpec
+    from rcm_pipelines.components import CLIPSpec, DiTSpec, VAESpec
 
     return EvalSampler(spec, VideoSpec(size=(32, 32), num_frames=5), mode=mode,
                        dit=DiTSpec(config=dit, path=str(path or assets.t2v)),

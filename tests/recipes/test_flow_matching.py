@@ -1,9 +1,9 @@
 """The teacher's flow-matching objective and the progress logger."""
 
 import torch
+
 from rcm_recipes.flow_matching import FlowMatchingConfig, FlowMatchingObjective, flow_matching_loss
 from rcm_recipes.progress import ProgressLogger
-
 from rcm_train.trainer import ScheduleConfig, StepContext
 
 

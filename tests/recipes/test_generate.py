@@ -12,14 +12,14 @@ import _fixtures
 import generate
 import pytest
 import torch
-from rcm_recipes.config import ConfigError, field_paths, resolve_config
-from rcm_recipes.loaders import MissingFileError
-from rcm_recipes.tiny_assets import TINY_CLIP
-from rcm_recipes.writers import read_video
 
 from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
+from rcm_pipelines.components import MissingFileError
+from rcm_pipelines.testing import TINY_CLIP
+from rcm_pipelines.video import read_video
+from rcm_recipes.config import ConfigError, field_paths, resolve_config
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
 

@@ -1,9 +1,9 @@
 """PositionalDiT: WanDiT on x + a learned position map; its JVP path agrees with torch.func.jvp."""
 
 import torch
-from rcm_recipes.pixel_dit import PositionalDiT
 
 from rcm_nets.wan import WanDiT, get_config
+from rcm_recipes.pixel_dit import PositionalDiT
 
 
 def _net(dtype=torch.float64):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from rcm_recipes.shapes import (
     BACKGROUND,
     COLORS,

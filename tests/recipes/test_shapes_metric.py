@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rcm_recipes.shapes import Prompt, ShapesConfig, balanced_prompts, render_videos
 from rcm_recipes.shapes_metric import FEATURES, evaluate, frechet_distance, read_back, video_features
 

@@ -6,8 +6,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+
+from rcm_pipelines.video import plot_curves, read_video, video_grid, write_json, write_video
 from rcm_recipes.shapes import ShapesConfig, balanced_prompts, render_videos
-from rcm_recipes.writers import plot_curves, read_video, video_grid, write_json, write_video
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 ``numpy<2`` (rcm's environment has newer ones), several dimensions need detectron2, and at first use it
 downloads about a dozen models (CLIP, ViCLIP, UMT, RAFT, AMT, MUSIQ, the LAION aesthetic head, GRiT,
 Tag2Text, DINO, ...) into ``$VBENCH_CACHE_DIR`` (default ``~/.cache/vbench``). So `run_vbench` launches
-`vbench_worker.py` with the interpreter named by ``ScoreSpec.python`` (a separate virtual environment is
+`worker.py` with the interpreter named by ``ScoreSpec.python`` (a separate virtual environment is
 the intended setup), under ``torch.distributed.run`` when ``gpus > 1``, and turns a missing package or a
 failed run (typically: offline, models not cached) into an error that says what to do.
 """
@@ -20,12 +20,12 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from .config import RecipeConfig
+from ..config import PipelineConfig
 
 __all__ = ["ScoreSpec", "VBenchUnavailableError", "VBenchRunError", "INSTALL_HINT", "check_vbench", "run_vbench",
            "worker_command"]
 
-WORKER = Path(__file__).with_name("vbench_worker.py")
+WORKER = Path(__file__).with_name("worker.py")
 
 INSTALL_HINT = """\
 Scoring needs the `vbench` package (an optional extra of rcm, not installed with it). vbench 0.1.5 pins
@@ -48,7 +48,7 @@ class VBenchRunError(RuntimeError):
     """vbench ran and failed (most often: offline and its models are not in the cache)."""
 
 
-class ScoreSpec(RecipeConfig):
+class ScoreSpec(PipelineConfig):
     """How the `vbench` package is run."""
 
     python: str | None = None

@@ -29,18 +29,7 @@ from torch import Tensor
 
 from rcm_nets.wan.causal import DEFAULT_STREAM_TIMES, BlockLayout, make_kv_cache, stream_generate
 
-from .config import RecipeConfig
-from .generation import (
-    ExpertSwitch,
-    adaptive_size,
-    i2v_condition,
-    latent_shape,
-    rcm_generate,
-    teacher_generate,
-    velocity_fn,
-    video_size,
-)
-from .loaders import (
+from ..components import (
     WAN_NEGATIVE_PROMPT,
     CLIPSpec,
     DiTSpec,
@@ -54,13 +43,24 @@ from .loaders import (
     load_embedding,
     load_vae,
 )
-from .timing import StageTimer
-from .video_io import load_image, save_video
+from ..config import PipelineConfig
+from ..generation import (
+    ExpertSwitch,
+    adaptive_size,
+    i2v_condition,
+    latent_shape,
+    rcm_generate,
+    teacher_generate,
+    velocity_fn,
+    video_size,
+)
+from ..timing import StageTimer
+from ..video_io import load_image, save_video
 
 __all__ = ["SamplerSpec", "VideoSpec", "Condition", "EvalSampler", "encode_texts", "write_video_atomic"]
 
 
-class SamplerSpec(RecipeConfig):
+class SamplerSpec(PipelineConfig):
     """Which sampler makes the videos, and its settings."""
 
     kind: Literal["rcm", "euler", "unipc", "causal"] = "rcm"
@@ -123,7 +123,7 @@ class SamplerSpec(RecipeConfig):
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
 
 
-class VideoSpec(RecipeConfig):
+class VideoSpec(PipelineConfig):
     """Size, length and frame rate of the videos."""
 
     resolution: Literal["480p", "720p"] = "480p"

@@ -28,7 +28,7 @@ from rcm_nets.wan import CLIPVisual, Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.clip import visual_state_dict
 from rcm_nets.wan.configs import CONFIG_NAMES, WanConfig, get_config
 
-from .config import RecipeConfig
+from .config import PipelineConfig
 
 __all__ = [
     "MissingFileError",
@@ -65,7 +65,7 @@ class MissingFileError(FileNotFoundError):
     """A local file a recipe needs is absent; the message names the file and the config field to set."""
 
 
-class DiTSpec(RecipeConfig):
+class DiTSpec(PipelineConfig):
     """A Wan DiT: architecture (named config or an official config.json) and its checkpoint."""
 
     config: str = "t2v-1.3B"
@@ -81,7 +81,7 @@ class DiTSpec(RecipeConfig):
     high-noise expert, used while the RF time is >= `boundary`."""
 
 
-class VAESpec(RecipeConfig):
+class VAESpec(PipelineConfig):
     """The Wan2.1 VAE."""
 
     path: str = "checkpoints/Wan2.1_VAE.pth"
@@ -94,7 +94,7 @@ class VAESpec(RecipeConfig):
     """Decode in overlapping spatial tiles (bounded memory for 720p; not bit-exact)."""
 
 
-class TextEncoderSpec(RecipeConfig):
+class TextEncoderSpec(PipelineConfig):
     """umT5-xxl encoder and its tokenizer."""
 
     path: str = "checkpoints/models_t5_umt5-xxl-enc-bf16.pth"
@@ -109,7 +109,7 @@ class TextEncoderSpec(RecipeConfig):
     """Run the encoder on the recipe's device (auto) or on the CPU (slow, saves GPU memory)."""
 
 
-class CLIPSpec(RecipeConfig):
+class CLIPSpec(PipelineConfig):
     """CLIP ViT-H/14 visual tower (Wan2.1 I2V only; Wan2.2 I2V has no image branch)."""
 
     path: str = "checkpoints/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"

@@ -13,7 +13,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from .writers import write_video
+from .video import write_video
 
 __all__ = ["grid_video", "save_video", "load_image"]
 
