@@ -52,9 +52,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # rcm_recipes (not installed)
 
+from rcm_kernels.blockmask import BlockLayout  # noqa: E402
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE  # noqa: E402
-from rcm_nets.wan.causal import DEFAULT_STREAM_TIMES, BlockLayout, make_kv_cache, stream_generate  # noqa: E402
+from rcm_nets.wan.causal import make_kv_cache  # noqa: E402
 from rcm_pipelines.generation import latent_shape, rcm_generate, teacher_generate, velocity_fn  # noqa: E402
+from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate  # noqa: E402
 from rcm_pipelines.testing import TINY_T5, TINY_VAE, train_tiny_tokenizer  # noqa: E402
 
 PROMPT = "A cat walks on the grass, realistic style."

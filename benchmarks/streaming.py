@@ -36,15 +36,11 @@ from datetime import date
 
 import torch
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT, WanVAE
-from rcm_nets.wan.causal import (
-    DEFAULT_STREAM_TIMES,
-    BlockLayout,
-    StreamingDecoder,
-    make_kv_cache,
-    stream_generate,
-    wan_timestep,
-)
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.vae import StreamingDecoder
+from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate, wan_timestep
 
 DEVICE = "cuda"
 _TIMES = {1: DEFAULT_STREAM_TIMES[:1], 2: (DEFAULT_STREAM_TIMES[0], 5 / 6), 3: DEFAULT_STREAM_TIMES[:3],

@@ -24,16 +24,13 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanDiT
-from rcm_nets.wan.causal import (
-    DEFAULT_STREAM_TIMES,
-    BlockLayout,
-    StreamingDecoder,
-    make_kv_cache,
-    stream_generate,
-)
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.components import resolve_device
+from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
 from rcm_pipelines.video_io import load_image
 from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
 

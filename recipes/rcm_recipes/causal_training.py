@@ -31,6 +31,7 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from rcm_kernels import blockmask
+from rcm_kernels.blockmask import BlockLayout
 from rcm_kernels.kv_cache import KVCache
 from rcm_losses import TrigFlowAdapter, dmd_objective, fake_score_objective, flow_euler_sample
 from rcm_losses.causal import (
@@ -52,7 +53,7 @@ from rcm_losses.consistency import tangent_warmup_ratio
 from rcm_losses.parameterization import rf_to_trig
 from rcm_losses.sampling import flow_sigmas
 from rcm_losses.timesteps import LogNormal, UniformShift
-from rcm_nets.wan.causal import BlockLayout, make_kv_cache
+from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.dit import teacher_forcing_positions
 from rcm_train.trainer import Closure, StepContext
 

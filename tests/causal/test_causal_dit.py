@@ -11,8 +11,10 @@ two paths differ only by summation order, ~1e-6 on O(1) outputs, so 2e-5 is the 
 import pytest
 import torch
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT
-from rcm_nets.wan.causal import BlockLayout, make_kv_cache, stream_generate, wan_timestep
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.streaming import stream_generate, wan_timestep
 
 ATOL = RTOL = 2e-5
 B, C, H, W = 1, 16, 4, 4  # latent frame: 2x2 = 4 tokens after the (1, 2, 2) patch

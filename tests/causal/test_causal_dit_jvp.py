@@ -11,8 +11,8 @@ import pytest
 import torch
 from _plain_attention import plain_torch_attention
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT
-from rcm_nets.wan.causal import BlockLayout
 
 F64 = torch.float64
 TOL = 1e-10

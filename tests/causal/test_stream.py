@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT, WanVAE
-from rcm_nets.wan.causal import BlockLayout, StreamingDecoder, make_kv_cache, stream_generate
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.vae import StreamingDecoder
+from rcm_pipelines.streaming import stream_generate
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 if str(RECIPES) not in sys.path:

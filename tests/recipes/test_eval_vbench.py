@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from rcm_kernels.blockmask import BlockLayout
 from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
-from rcm_nets.wan.causal import BlockLayout, make_kv_cache, stream_generate
+from rcm_nets.wan.causal import make_kv_cache
 from rcm_pipelines.eval.sampling import EvalSampler, SamplerSpec, VideoSpec
 from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
 from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
+from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
 from rcm_pipelines.video import read_video

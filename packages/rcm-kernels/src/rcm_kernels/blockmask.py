@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["BlockCausalMask", "TeacherForcingMask", "TileTable", "block_causal", "sliding_window",
+__all__ = ["BlockLayout", "BlockCausalMask", "TeacherForcingMask", "TileTable", "block_causal", "sliding_window",
            "teacher_forcing"]
 
 _ROW_CHUNK = 8192  # rows classified per step when building tile tables (bounds the temporary [rows, tiles])
@@ -54,8 +54,59 @@ class TileTable(NamedTuple):
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """Latent frames grouped in blocks: ``[first_block_frames | frames_per_block | ...]`` (c3-3, c1-4, ...).
+
+    The one frame-block layout of the kernels, networks, training and pipelines (``rcm_losses.FrameBlocks``
+    is its twin for a fixed video length, kept there because rcm-losses depends on torch alone)."""
+
+    frames_per_block: int
+    first_block_frames: int | None = None
+
+    def __post_init__(self):
+        if self.frames_per_block < 1 or (self.first_block_frames is not None and self.first_block_frames < 1):
+            raise ValueError(f"BlockLayout: block sizes must be >= 1, got {self}")
+
+    @property
+    def first(self) -> int:
+        """Latent frames of block 0."""
+        return self.frames_per_block if self.first_block_frames is None else self.first_block_frames
+
+    def block_frames(self, index: int) -> int:
+        """Latent frames of block ``index``."""
+        return self.first if index == 0 else self.frames_per_block
+
+    def block_start(self, index: int) -> int:
+        """First latent frame of block ``index`` (``index`` may be the block count: one past the end)."""
+        return 0 if index <= 0 else self.first + (index - 1) * self.frames_per_block
+
+    def num_blocks(self, frames: int) -> int:
+        """Blocks needed to cover at least ``frames`` latent frames."""
+        if frames <= self.first:
+            return 1
+        return 1 + -(-(frames - self.first) // self.frames_per_block)
+
+    def covers_exactly(self, frames: int) -> bool:
+        """Whether ``frames`` latent frames are a whole number of blocks."""
+        return self.block_start(self.num_blocks(frames)) == frames
+
+    def mask(self, num_blocks: int, tokens_per_frame: int, *, window_blocks: int | None = None,
+             sink_blocks: int = 0, teacher_forcing: bool = False) -> BlockCausalMask | TeacherForcingMask:
+        """The full-sequence mask of this layout: block-causal, sliding window + sink, or teacher forcing over
+        ``[clean ; noisy]``."""
+        kw = dict(first_block_frames=self.first)
+        if teacher_forcing:
+            return TeacherForcingMask(_blocks(num_blocks, self.frames_per_block, tokens_per_frame, self.first))
+        if window_blocks is not None:
+            return sliding_window(num_blocks, self.frames_per_block, tokens_per_frame,
+                                  window_blocks=window_blocks, sink_blocks=sink_blocks, **kw)
+        return block_causal(num_blocks, self.frames_per_block, tokens_per_frame, **kw)
+
+
+@dataclass(frozen=True)
 class _Blocks:
-    """Frame blocks: ``[first | fpb | fpb | ...]`` frames, ``tokens_per_frame`` tokens each."""
+    """A :class:`BlockLayout` of ``num_blocks`` blocks seen at token level (``tokens_per_frame`` tokens a
+    frame), with the position arithmetic vectorized over tensors."""
 
     num_blocks: int
     frames_per_block: int
@@ -69,7 +120,8 @@ class _Blocks:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.start(torch.tensor(self.num_blocks)))
+        return BlockLayout(self.frames_per_block, self.first_block_frames).block_start(self.num_blocks) \
+            * self.tokens_per_frame
 
     def block_of(self, pos: Tensor) -> Tensor:
         """Block index of absolute token positions (int64)."""
@@ -78,7 +130,8 @@ class _Blocks:
                            1 + (f - self.first_block_frames).clamp_min(0) // self.frames_per_block)
 
     def start(self, blk: Tensor) -> Tensor:
-        """First token of block ``blk`` (``blk`` may equal ``num_blocks``: one past the end)."""
+        """First token of block ``blk`` (``blk`` may equal ``num_blocks``: one past the end); tensor form of
+        :meth:`BlockLayout.block_start`."""
         frames = torch.where(blk <= 0, 0, self.first_block_frames + (blk - 1) * self.frames_per_block)
         return frames * self.tokens_per_frame
 

@@ -28,6 +28,7 @@ from rcm_losses.parameterization import (
     shift_rf,
     unshift_rf,
 )
+from rcm_losses.schedules import check_schedule
 
 __all__ = [
     "DEFAULT_MID_T",
@@ -64,10 +65,8 @@ def rcm_sample_times(num_steps: int, *, sigma_max: float | None = 80.0,
         raise ValueError(f"{num_steps} steps need {num_steps - 1} intermediate times, got mid_t={list(mid_t)}")
     _sigma_max_to_rf(sigma_max)  # validates
     t0 = math.pi / 2 if sigma_max is None or math.isinf(sigma_max) else math.atan(sigma_max)
-    times = [t0, *map(float, mid_t[: num_steps - 1]), 0.0]
-    if any(a <= b for a, b in zip(times[:-1], times[1:])):
-        raise ValueError(f"rCM schedule {times} must be strictly decreasing (check sigma_max and mid_t)")
-    return times
+    return check_schedule([t0, *mid_t[: num_steps - 1], 0.0], low=0.0, high=math.pi / 2, include_low=True,
+                          what="rCM schedule (check sigma_max and mid_t)")
 
 
 def rcm_sample(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._vae_blocks import AttentionBlock, Cache, CausalConv3d, Resample, ResidualBlock, RMSNorm
 
-__all__ = ["WanVAE", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
+__all__ = ["WanVAE", "StreamingDecoder", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
 
 # Per-channel statistics of the Wan2.1 latent space (wan/modules/vae.py, configs.json "pipeline").
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -305,3 +305,29 @@ def _shared(starts: list[int], start: int, size: int, *, lo: bool) -> int:
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
+
+class StreamingDecoder:
+    """Decode latent blocks as they arrive, carrying the VAE's causal feature cache from call to call.
+
+    Calling it on consecutive blocks ``[B, 16, n, h, w]`` returns ``[B, 3, f, 8h, 8w]`` float32 in [-1, 1] with
+    ``f = 1 + 4(n − 1)`` for the first block and ``4n`` afterwards; the concatenation equals
+    :meth:`WanVAE.decode` of the whole latent video (the same per-frame chunked decode, the same cache).
+    ``vae=None`` is the pixel-space case (tiny models generating RGB directly): frames are the latents, clamped.
+    """
+
+    def __init__(self, vae: WanVAE | None = None):
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video (empty feature cache)."""
+        self._cache: Cache = {}
+        self.frames_in = 0
+
+    @torch.no_grad()
+    def __call__(self, latent_bcthw: Tensor) -> Tensor:
+        self.frames_in += latent_bcthw.shape[2]
+        if self.vae is None:
+            return latent_bcthw.float().clamp(-1, 1)
+        self.vae._check_latent(latent_bcthw)
+        return self.vae._decode(latent_bcthw, chunked=True, cache=self._cache).clamp(-1.0, 1.0).float()

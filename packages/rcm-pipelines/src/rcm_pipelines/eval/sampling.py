@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rcm_nets.wan.causal import DEFAULT_STREAM_TIMES, BlockLayout, make_kv_cache, stream_generate
+from rcm_kernels.blockmask import BlockLayout
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
 
 from ..components import (
     WAN_NEGATIVE_PROMPT,
