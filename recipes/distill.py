@@ -7,7 +7,7 @@ A run is up to three *stages* (``stage1`` -> ``stage2`` -> ``stage3``; ``iterati
 stage trains the student with its own objective (``RCMObjectiveConfig``: sCM or dCM weight ``loss_scale``,
 DMD weight ``loss_scale_dmd``), student/critic schedule and optional fake score (critic), starting from the
 previous stage's final student (the first from the teacher). Presets (``--preset``) give the methods for
-the reference 1.3B / 14B experiments and a tiny CPU model (RCM_SPEC §6.5):
+the reference 1.3B / 14B experiments and a tiny CPU model (docs/recipes_distill_generate.md):
 
 =========  ===============================================================================================
 rcm        one stage: sCM (JVP) + DMD with a fake score, student every ``student_update_freq`` iterations
@@ -17,10 +17,12 @@ dmd        one stage: DMD only (``loss_scale=0``, fixed backward-simulation time
 staged     dCM -> sCM -> rCM (DMD + sCM), 10% / 20% / 70% of the iterations
 =========  ===============================================================================================
 
-Parallelism comes from the config (``parallel``: FSDP2 shard size, Ulysses context parallel size, per
-network activation checkpointing / mixed precision) through ``rcm_train.parallel``; one CPU process runs
-the same code on a world of one. The teacher loads from an official ``.pth`` / ``.safetensors`` / DCP
-checkpoint (``net.`` prefixes stripped). Outputs under ``output_dir``: ``config.yaml``, per stage
+The config nests the packages' own configs: ``model`` (``rcm_pipelines`` DiT spec: architecture and the
+teacher weights), ``data`` / ``optimizer`` / ``run`` (``rcm_train``: loop, checkpoints, logger), ``parallel``
+(``rcm_train.parallel``: mesh, per-network FSDP2 / activation checkpointing / mixed precision), ``sample``
+(``rcm_pipelines.hooks``). Every stage is one ``rcm_train.stages.run_stage`` call; one CPU process runs the
+same code on a world of one. The teacher loads from an official ``.pth`` / ``.safetensors`` / DCP checkpoint
+(``net.`` prefixes stripped). Outputs under ``output_dir``: ``config.yaml``, per stage
 ``checkpoints/<stage>/`` (DCP, resumed automatically), ``logs/<stage>/metrics.jsonl`` and
 ``logs/<stage>/media/samples_<iteration>.mp4`` (rows: student / EMA at 1, 2, 4 steps, columns: prompts),
 ``<stage>/student.safetensors`` + ``student_ema.safetensors``, and the last stage's copies at the top.
@@ -28,30 +30,36 @@ checkpoint (``net.`` prefixes stripped). Outputs under ``output_dir``: ``config.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import torch.distributed as dist
 from pydantic import model_validator
+from torch import Tensor
 
-from rcm_pipelines.components import MissingFileError, VAESpec
-from rcm_recipes.config import RecipeConfig, parse_config
-from rcm_recipes.distill_run import run
-from rcm_train.data import DataConfig
-from rcm_train.objectives import RCMObjectiveConfig
-from rcm_train.parallel import ParallelConfig
-from rcm_train.trainer import OptimizerConfig, ScheduleConfig
-
-
-class ModelConfig(RecipeConfig):
-    """The network and the teacher weights (student and fake score start as copies of the teacher)."""
-
-    config: str = "t2v-1.3B"
-    """Named WanDiT config (t2v-1.3B, t2v-14B, tiny, ...) or an official config.json path."""
-    overrides: dict[str, Any] = {}
-    """WanConfig fields replacing those of `config`; JSON on the command line."""
-    teacher_path: str = "checkpoints/Wan2.1-T2V-1.3B.pth"
-    """Teacher weights: official .pth / .safetensors, sharded safetensors dir or DCP dir (net. prefix ok)."""
-    teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Storage (= compute) dtype of the frozen teacher. Trained networks are stored float32."""
+from rcm_kernels.devices import parse_dtype, resolve_device
+from rcm_nets.wan import WanDiT
+from rcm_pipelines.components import DiTSpec, MissingFileError, VAESpec, dit_config, load_embedding, read_dit_state_dict
+from rcm_pipelines.hooks import SampleConfig, SampleHook
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
+from rcm_train.logging import LoggerConfig
+from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
+from rcm_train.parallel import MeshConfig, ParallelConfig
+from rcm_train.runtime import is_rank0, print0, process_group
+from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
+from rcm_train.trainer import (
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+    TrainParts,
+    build_optimizer,
+    build_scheduler,
+)
 
 
 class StageConfig(RecipeConfig):
@@ -86,10 +94,8 @@ class StageConfig(RecipeConfig):
 class ParallelismConfig(RecipeConfig):
     """Device mesh and how each network is parallelized (rcm_train.parallel)."""
 
-    fsdp_shard_size: int = -1
-    """Ranks per FSDP shard group (HSDP replicates across groups); -1: all ranks of the world / cp."""
-    cp: int = 1
-    """Ulysses context-parallel size (consecutive ranks share samples; must divide the head count)."""
+    mesh: MeshConfig = MeshConfig()
+    """FSDP shard-group size and Ulysses context-parallel size."""
     student: ParallelConfig = ParallelConfig(sac="block_wise")
     """Student (and its EMA copy)."""
     fake_score: ParallelConfig = ParallelConfig(sac="mm_only")
@@ -98,65 +104,15 @@ class ParallelismConfig(RecipeConfig):
     """Frozen teacher (no gradients: activation checkpointing does nothing)."""
 
 
-class LoopConfig(RecipeConfig):
-    """Training-loop settings shared by the stages."""
-
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    clip_norm: float | None = None
-    """Clip the gradient norm (None: compute and log it only, as the reference)."""
-    seed: int = 0
-    """Seed of every random draw of the steps (reproducible across resumes)."""
-    ema_rate: float | None = 0.1
-    """Power-EMA rate of the student's EMA (None: no EMA updates)."""
-    ema_iteration_shift: int = 0
-    """Added to the effective iteration in the EMA decay."""
-    checkpoint_every: int = 500
-    """Save a DCP checkpoint every this many iterations (and at the end of each stage)."""
-    keep_last: int | None = 3
-    """Keep only this many complete checkpoints per stage (None: all)."""
-    async_save: bool = False
-    """Save checkpoints in the background."""
-    log_every: int = 50
-    """Average and report metrics every this many iterations."""
-    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
-    """Weights & Biases logging (needs the wandb extra)."""
-    wandb_project: str = "rcm"
-    """wandb project."""
-
-
-class SampleConfig(RecipeConfig):
-    """Periodic few-step samples of the student (and its EMA) written as mp4."""
-
-    every: int = 500
-    """Sample every this many iterations (also before the first one); 0 disables sampling."""
-    num_prompts: int = 4
-    """Prompts (the first samples of the data: embeddings, prompts and latent shape) per video."""
-    steps: list[int] = [1, 2, 4]
-    """Student step counts to draw."""
-    ema: bool = True
-    """Also draw the EMA student."""
-    teacher_steps: int = 0
-    """Also draw the teacher with this many UniPC steps and CFG (0: no teacher row)."""
-    sigma_max: float = 80.0
-    """Initial noise level of the few-step sampler (1.3B 80, 14B 200)."""
-    mid_t: list[float] = [1.5, 1.4, 1.0]
-    """Intermediate TrigFlow times of the 2-4 step samplers."""
-    seed: int = 1
-    """Noise seed of the samples (fixed, so videos are comparable over training)."""
-    vae: VAESpec | None = VAESpec()
-    """VAE that decodes the samples; None: show latent channels 0-2 instead."""
-    fps: int = 16
-    """Frame rate of the sample videos."""
-
-
 class DistillConfig(RecipeConfig):
     """rCM distillation (sCM / dCM / DMD / staged) of a Wan2.1 DiT teacher on webdataset latent shards."""
 
     output_dir: str = "outputs/distill/1.3B-rcm"
     """Run directory (config, checkpoints, logs, samples, exported weights); rerunning resumes."""
-    model: ModelConfig = ModelConfig()
-    """Network architecture and teacher weights."""
+    model: DiTSpec = DiTSpec(path="checkpoints/Wan2.1-T2V-1.3B.pth")
+    """Architecture and the teacher weights (student and fake score start as copies of the teacher)."""
+    teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Storage (= compute) dtype of the frozen teacher. Trained networks are stored float32."""
     data: DataConfig = DataConfig(
         shards="datasets/Wan2.1_14B_480p_16:9_Euler-step100_shift-3.0_cfg-5.0_seed-0_250K/shard*.tar",
         num_workers=4, num_frames=20)
@@ -173,16 +129,14 @@ class DistillConfig(RecipeConfig):
     """Student AdamW (betas (0, 0.999), wd 0.01, 100-step warmup)."""
     fake_score_optimizer: OptimizerConfig = OptimizerConfig(lr=4e-7)
     """Fake-score AdamW."""
-    train: LoopConfig = LoopConfig()
-    """Loop settings shared by all stages."""
+    run: StagedRunConfig = StagedRunConfig()
+    """Loop, checkpoint and logging settings shared by all stages."""
     parallel: ParallelismConfig = ParallelismConfig()
     """Mesh and per-network parallelism."""
     sample: SampleConfig = SampleConfig()
     """Periodic samples."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Dtype of the exported student / EMA weights."""
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -192,8 +146,8 @@ class DistillConfig(RecipeConfig):
         names = [s.name for s in active]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must differ (they name checkpoint directories), got {names}")
-        if self.parallel.cp < 1:
-            raise ValueError(f"parallel.cp must be >= 1, got {self.parallel.cp}")
+        if self.model.low_noise_path is not None:
+            raise ValueError("model.low_noise_path: two-expert teachers are not supported by distill.py")
         return self
 
     def stages(self) -> list[StageConfig]:
@@ -205,7 +159,7 @@ class DistillConfig(RecipeConfig):
 Method = Literal["rcm", "scm", "dcm", "dmd", "staged"]
 
 _EXPERIMENTS = {
-    # RCM_SPEC §6.5: wan2pt1_1pt3B_res480p_t2v_rCM / wan2pt1_14B_res480p_t2v_rCM
+    # the reference experiments wan2pt1_1pt3B_res480p_t2v_rCM / wan2pt1_14B_res480p_t2v_rCM
     "1.3B": dict(config="t2v-1.3B", teacher="checkpoints/Wan2.1-T2V-1.3B.pth", p_g=0.7, warmup=1000, freq=5,
                  lr=2e-6, fake_lr=4e-7, shard=4, cp=1, sac="block_wise", frames=20, iters=100_000, save=500,
                  sigma_max=80.0),
@@ -261,16 +215,17 @@ def make_preset(experiment: str, method: Method, *, debug: bool = False) -> Dist
     sample_every = 6 if debug else (8 if tiny else exp["save"])
     return DistillConfig(
         output_dir=f"outputs/distill/{experiment}-{method}" + ("-debug" if debug else ""),
-        model=ModelConfig(config=exp["config"], teacher_path=exp["teacher"],
-                          teacher_dtype="float32" if tiny else "bfloat16"),
+        model=DiTSpec(config=exp["config"], path=exp["teacher"]),
+        teacher_dtype="float32" if tiny else "bfloat16",
         data=data,
         negative_embed_path="outputs/tiny_dataset/negative_embed.pt" if tiny else DistillConfig().negative_embed_path,
         stage1=stages[0], stage2=stages[1], stage3=stages[2],
         optimizer=OptimizerConfig(lr=exp["lr"], warmup_steps=2 if tiny else 100),
         fake_score_optimizer=OptimizerConfig(lr=exp["fake_lr"], warmup_steps=2 if tiny else 100),
-        train=LoopConfig(checkpoint_every=exp["save"], log_every=2 if (debug or tiny) else 50),
+        run=StagedRunConfig(train=TrainConfig(checkpoint_every=exp["save"]),
+                            logger=LoggerConfig(every=2 if (debug or tiny) else 50)),
         parallel=ParallelismConfig(
-            fsdp_shard_size=exp["shard"], cp=exp["cp"],
+            mesh=MeshConfig(fsdp_shard_size=exp["shard"], cp=exp["cp"]),
             student=ParallelConfig(sac=exp["sac"], param_dtype=pdtype),
             fake_score=ParallelConfig(sac="none" if tiny else "mm_only", param_dtype=pdtype),
             teacher=ParallelConfig(param_dtype=None)),
@@ -287,9 +242,82 @@ PRESETS: dict[str, DistillConfig] = {
 PRESETS |= {f"{e}-rcm-debug": make_preset(e, "rcm", debug=True) for e in ("1.3B", "14B")}
 
 
+# ------------------------------------------------------------------------------------------ run
+def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], env: dict[str, Any]) -> Stage:
+    """The driver's view of stage ``sc``: networks built (on demand) from ``init`` (the student's start)."""
+    p, device = cfg.parallel, env["device"]
+
+    def net(sd, par, trainable, precision):
+        factory = partial(WanDiT, env["net_cfg"].model_copy(update={"precision": precision}), dtype=torch.float32)
+        return build_network(factory, sd, mesh=env["mesh"], parallel=par, device=device, trainable=trainable)
+
+    def setup() -> StageSetup:
+        models = {"student": net(init, p.student, True, "student"), "teacher": env["teacher"]}
+        optimizers = {"student": build_optimizer(models["student"], cfg.optimizer)}
+        if sc.fake_score:
+            models["fake_score"] = net(env["teacher_sd"], p.fake_score, True, "teacher")
+            optimizers["fake_score"] = build_optimizer(models["fake_score"], cfg.fake_score_optimizer)
+        opt_cfg = {"student": cfg.optimizer, "fake_score": cfg.fake_score_optimizer}
+        parts = TrainParts(models=models, optimizers=optimizers,
+                           schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()},
+                           ema={"student": net(init, p.student, False, "student")})
+        hook = None
+        if cfg.sample.every:
+            in_dtype = parse_dtype(sc.objective.input_dtype) if sc.objective.input_dtype else torch.float64
+            hook = SampleHook(cfg.sample, env["samples"], device=device, negative=env["negative"],
+                              input_dtype=in_dtype, guidance=sc.objective.guidance)
+        return StageSetup(parts, RCMObjective(sc.objective, negative_embed=env["negative"]), hook)
+
+    return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
+                 critic_models=["fake_score"] if sc.fake_score else [])
+
+
+def _environment(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
+    """Mesh, architecture, teacher (state dict and frozen network), negative embedding, sample prompts."""
+    mesh = cfg.parallel.mesh.build()
+    net_cfg = dit_config(cfg.model)
+    teacher_sd = read_dit_state_dict(net_cfg, cfg.model.path, field="model.path", log=print0)
+    negative = None
+    if cfg.negative_embed_path is not None:
+        negative = load_embedding(cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len).to(device)
+    teacher = build_network(partial(WanDiT, net_cfg, dtype=parse_dtype(cfg.teacher_dtype)), teacher_sd, mesh=mesh,
+                            parallel=cfg.parallel.teacher, device=device, trainable=False)
+    samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
+    return dict(mesh=mesh, device=device, net_cfg=net_cfg, teacher_sd=teacher_sd, teacher=teacher,
+                negative=negative, samples=samples)
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    """Run every stage; returns ``{"stages": {name: StageResult}, "student": path, "student_ema": path}``."""
+    device = resolve_device(cfg.device)
+    with process_group(device):
+        out = Path(cfg.output_dir)
+        if is_rank0():
+            write_config(cfg, out / "config.yaml")
+        cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
+        env = _environment(cfg, device)
+        print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = "
+               f"{env['mesh'].shape}, stages {[(s.name, s.iterations) for s in cfg.stages()]}")
+        results, init = {}, env["teacher_sd"]
+        data = lambda: DeviceData(ShardLoader(cfg.data, rank=env["mesh"].dp_rank, world_size=env["mesh"].dp_size),
+                                  device)
+        for sc in cfg.stages():
+            results[sc.name] = res = run_stage(_stage(cfg, sc, init, env), cfg.run, output_dir=out, data=data,
+                                               sample_every=cfg.sample.every, dp_rank=env["mesh"].dp_rank,
+                                               device=device, run_config=cfg.model_dump(mode="json"))
+            init = load_stage_student(res)
+        final = {k: out / f"{k}.safetensors" for k in ("student", "student_ema")}
+        if is_rank0():
+            for name, path in final.items():
+                shutil.copyfile(res.exports[name], path)
+            print0(f"exported {final['student']} and {final['student_ema']}")
+        if dist.is_initialized():
+            dist.barrier()
+        return {"stages": results, **final}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(DistillConfig, argv, presets=PRESETS, prog="distill.py")
-    return run(cfg)
+    return run(parse_config(DistillConfig, argv, presets=PRESETS, prog="distill.py"))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from rcm_pipelines.generation import (
     video_size,
 )
 from rcm_pipelines.timing import StageTimer
-from rcm_pipelines.video_io import grid_video, load_image, save_video
+from rcm_pipelines.video import grid_video, load_image, save_video
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 
 

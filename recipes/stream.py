@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -31,7 +30,7 @@ from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.components import resolve_device
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
-from rcm_pipelines.video_io import load_image
+from rcm_pipelines.video import VideoWriter, load_image
 from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -188,30 +187,6 @@ def _first_frame(cfg: StreamConfig, vae, device: torch.device) -> torch.Tensor |
         return vae.encode(img[:, :, None].to(device)).float()
 
 
-class _Mp4Appender:
-    """An open imageio/ffmpeg writer: frames are appended (and encoded) as blocks arrive."""
-
-    def __init__(self, path: Path, fps: int):
-        import imageio.v2 as imageio
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                         macro_block_size=16)
-        self.frames = 0
-
-    def append(self, video_bcthw: torch.Tensor) -> None:
-        x = ((video_bcthw[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
-        frames = x.permute(1, 2, 3, 0).cpu().numpy()
-        _, h, w, _ = frames.shape
-        frames = np.pad(frames, ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0)))
-        for f in frames:
-            self.writer.append_data(f)
-        self.frames += len(frames)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 # -------------------------------------------------------------------------------------------------- main
 def run(cfg: StreamConfig) -> dict:
     """Generate, write ``video.mp4`` progressively; returns the timing summary (also in timings.json)."""
@@ -237,7 +212,7 @@ def run(cfg: StreamConfig) -> dict:
     prompt = net.encode_prompt(_text_context(cfg, net, device))
     first = _first_frame(cfg, vae, device)
     decoder = StreamingDecoder(vae)
-    writer = _Mp4Appender(out / "video.mp4", cfg.fps)
+    writer = VideoWriter(out / "video.mp4", fps=cfg.fps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     c = net.config.out_dim
     print(f"stream: {num_frames} latent frames in {layout.num_blocks(num_frames)} blocks of {layout}, "
@@ -256,7 +231,7 @@ def run(cfg: StreamConfig) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_dec = time.perf_counter() - tic
-            writer.append(video)
+            writer.append(video[0])  # [3, T, H, W] in [-1, 1]
             done = time.perf_counter() - t_start
             rows.append(dict(block=blk.index, latent_frames=blk.x0.shape[2], frames=video.shape[2], dit_s=blk.seconds,
                              decode_s=t_dec, latency_s=blk.seconds + t_dec, elapsed_s=done))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from rcm_losses.causal import FrameBlocks
 from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, load_vae
 from rcm_pipelines.streaming import stream_generate
-from rcm_pipelines.video_io import grid_video
+from rcm_pipelines.video import grid_video
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.logging import LoggerConfig, MetricsLogger

@@ -26,7 +26,7 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.configs import WanConfig
 from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, load_vae, require_file
 from rcm_pipelines.generation import rcm_generate, teacher_generate, velocity_fn
-from rcm_pipelines.video_io import grid_video
+from rcm_pipelines.video import grid_video
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.data import ShardLoader
 from rcm_train.data import expand_shards as data_shards

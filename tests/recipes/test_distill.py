@@ -54,9 +54,9 @@ def files(tmp_path_factory):
 
 def _args(files, out, *extra, teacher="teacher.safetensors", shards="data/shard_*.tar"):
     d = files["dir"]
-    return ["--preset=tiny-rcm", f"--model.teacher_path={d / teacher}", f"--data.shards={d / shards}",
+    return ["--preset=tiny-rcm", f"--model.path={d / teacher}", f"--data.shards={d / shards}",
             f"--negative_embed_path={d / 'negative.pt'}", f"--sample.vae.path={files['assets'].vae}",
-            f"--sample.vae.arch={json.dumps(TINY_VAE)}", f"--output_dir={out}", "--train.log_every=1", *extra]
+            f"--sample.vae.arch={json.dumps(TINY_VAE)}", f"--output_dir={out}", "--run.logger.every=1", *extra]
 
 
 def _metrics(path):
@@ -74,8 +74,9 @@ def test_help_lists_every_field(capsys):
         distill.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    groups = {"model", "data", "stage1", "stage2", "stage3", "optimizer", "fake_score_optimizer", "train", "parallel",
-              "sample", "sample.vae", "parallel.student", "parallel.fake_score", "parallel.teacher"}
+    groups = {"model", "data", "stage1", "stage2", "stage3", "optimizer", "fake_score_optimizer", "run", "run.train",
+              "run.train.schedule", "run.checkpoint", "run.logger", "parallel", "parallel.mesh", "sample", "sample.vae",
+              "parallel.student", "parallel.fake_score", "parallel.teacher"}
     groups |= {f"stage{i}.{g}" for i in (1, 2, 3) for g in ("objective", "schedule")}
     for path in field_paths(distill.DistillConfig):
         if path not in groups:
@@ -111,12 +112,13 @@ def test_presets_mirror_the_reference_experiments():
     assert (small.optimizer.lr, small.fake_score_optimizer.lr, big.optimizer.lr, big.fake_score_optimizer.lr) == \
         (2e-6, 4e-7, 1e-6, 1e-7)
     assert small.optimizer.betas == (0.0, 0.999) and small.optimizer.weight_decay == 0.01
-    assert (small.parallel.fsdp_shard_size, small.parallel.cp, big.parallel.fsdp_shard_size, big.parallel.cp) == \
+    assert (small.parallel.mesh.fsdp_shard_size, small.parallel.mesh.cp, big.parallel.mesh.fsdp_shard_size,
+            big.parallel.mesh.cp) == \
         (4, 1, 32, 8)
     assert (small.parallel.student.sac, big.parallel.student.sac) == ("block_wise", "mm_only")
     assert (small.data.num_frames, big.data.num_frames) == (20, 21)
     assert (small.sample.sigma_max, big.sample.sigma_max) == (80.0, 200.0)
-    assert (small.train.checkpoint_every, big.train.checkpoint_every) == (500, 250)
+    assert (small.run.train.checkpoint_every, big.run.train.checkpoint_every) == (500, 250)
     assert s.iterations == b.iterations == 100_000 and s.objective.guidance == 5.0
     assert (s.objective.loss_scale, s.objective.loss_scale_dmd, s.fake_score) == (100.0, 1.0, True)
     assert p["1.3B-scm"].stage1.fake_score is False
@@ -127,13 +129,13 @@ def test_presets_mirror_the_reference_experiments():
     assert [x.name for x in st.stages()] == ["dcm", "scm", "rcm"]
     assert sum(x.iterations for x in st.stages()) == 100_000
     debug = p["1.3B-rcm-debug"]
-    assert (debug.stage1.iterations, debug.train.checkpoint_every, debug.sample.every,
+    assert (debug.stage1.iterations, debug.run.train.checkpoint_every, debug.sample.every,
             debug.stage1.schedule.tangent_warmup) == (25, 10, 6, 8)
 
 
 def test_rcm_end_to_end_and_exact_resume(files, tmp_path):
     sched = ["--stage1.schedule.tangent_warmup=1", "--stage1.schedule.student_update_freq=2",
-             "--train.checkpoint_every=2", "--sample.every=2"]
+             "--run.train.checkpoint_every=2", "--sample.every=2"]
     a = tmp_path / "a"
     res = distill.main(_args(files, a, "--stage1.iterations=4", *sched))
     assert (a / "config.yaml").is_file()
@@ -150,8 +152,8 @@ def test_rcm_end_to_end_and_exact_resume(files, tmp_path):
     b = tmp_path / "b"
     distill.main(_args(files, b, "--stage1.iterations=2", *sched))  # stop at 2 ...
     res_b = distill.main(_args(files, b, "--stage1.iterations=4", *sched))  # ... and resume to 4
-    assert res_b["stages"]["rcm"]["iteration"] == 4
-    ka, kb = res["stages"]["rcm"]["checkpoint"], res_b["stages"]["rcm"]["checkpoint"]
+    assert res_b["stages"]["rcm"].iteration == 4
+    ka, kb = res["stages"]["rcm"].checkpoint, res_b["stages"]["rcm"].checkpoint
     for part in ("student", "student_ema", "fake_score", "student_optim"):
         pa, pb = _part(ka, part), _part(kb, part)
         assert pa.keys() == pb.keys()
@@ -174,7 +176,7 @@ def test_staged_from_dcp_teacher_and_rerun_skips(files, tmp_path, capsys):
     assert closures == {"dcm": ["dcm"], "scm": ["scm"], "rcm": ["critic", "dmd", "scm"]}
     # each stage starts from the previous stage's student: stage 2 moved away from stage 1's final weights,
     # which differ from the teacher
-    s1, s2 = (_part(res["stages"][n]["checkpoint"], "student") for n in ("dcm", "scm"))
+    s1, s2 = (_part(res["stages"][n].checkpoint, "student") for n in ("dcm", "scm"))
     assert any(not torch.equal(s1[k], files["teacher"][k]) for k in s1)
     assert any(not torch.equal(s1[k], s2[k]) for k in s1)
     capsys.readouterr()
@@ -185,7 +187,7 @@ def test_staged_from_dcp_teacher_and_rerun_skips(files, tmp_path, capsys):
 
 
 def test_missing_inputs_are_named(files, tmp_path):
-    with pytest.raises(MissingFileError, match=r"--model\.teacher_path"):
+    with pytest.raises(MissingFileError, match=r"--model\.path"):
         distill.main(_args(files, tmp_path / "x", teacher="nope.pth"))
     with pytest.raises(FileNotFoundError, match=r"data\.shards"):
         distill.main(_args(files, tmp_path / "y", shards="none_*.tar"))
@@ -197,11 +199,11 @@ def test_context_parallel_two_processes_match_one(files, tmp_path):
     by the step generators): every logged loss and gradient norm equals the 1-process run's. Tolerance 1e-5
     relative: the same math, only the float summation order differs (all-to-all, sharded reductions)."""
     common = ["--stage1.iterations=4", "--stage1.schedule.tangent_warmup=1", "--sample.every=0",
-              "--train.checkpoint_every=4"]
+              "--run.train.checkpoint_every=4"]
     distill.main(_args(files, tmp_path / "one", *common))
     script = Path(distill.__file__)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           *_args(files, tmp_path / "cp2", *common, "--parallel.cp=2")]
+           *_args(files, tmp_path / "cp2", *common, "--parallel.mesh.cp=2")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=script.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -26,8 +26,7 @@ from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
 from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
-from rcm_pipelines.video import read_video
-from rcm_pipelines.video_io import save_video
+from rcm_pipelines.video import read_video, save_video
 from rcm_recipes.config import ConfigError, resolve_config
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)

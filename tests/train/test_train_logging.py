@@ -18,7 +18,7 @@ def test_jsonl_console_and_media(tmp_path, capsys):
     assert [r["scm/loss"] for r in lines] == [1.5, 3.5]  # mean over each window of 2 iterations
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("it 4/10 | ") and " it/s | ETA " in out[-1] and "scm/loss=3.5" in out[-1]
-    image = torch.rand(3, 8, 8) * 2 - 1  # [C, H, W] in [-1, 1]
+    image = (torch.rand(3, 8, 8) * 255).to(torch.uint8)  # [C, H, W]
     video = (torch.rand(3, 5, 16, 16) * 255).to(torch.uint8)  # [C, T, H, W]
     paths = log.log_media(4, {"grid": image, "sample": video})
     assert [p.name for p in paths] == ["grid_000000004.png", "sample_000000004.mp4"]
@@ -28,7 +28,9 @@ def test_jsonl_console_and_media(tmp_path, capsys):
 
 def test_media_shape_error(tmp_path):
     with pytest.raises(ValueError, match=r"image \[C, H, W\] or a video \[C, T, H, W\]"):
-        write_media(tmp_path / "x", torch.zeros(4, 8, 8))
+        write_media(tmp_path / "x", torch.zeros(4, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="must be uint8"):
+        write_media(tmp_path / "x", torch.zeros(3, 8, 8))
 
 
 def test_wandb_is_optional(tmp_path):

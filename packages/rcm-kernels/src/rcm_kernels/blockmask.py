@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BlockLayout", "BlockCausalMask", "TeacherForcingMask", "TileTable", "block_causal", "sliding_window",
-           "teacher_forcing"]
+           "teacher_forcing", "teacher_forcing_positions"]
 
 _ROW_CHUNK = 8192  # rows classified per step when building tile tables (bounds the temporary [rows, tiles])
 
@@ -336,3 +336,10 @@ def teacher_forcing(num_blocks: int, frames_per_block: int, tokens_per_frame: in
                     first_block_frames: int | None = None) -> TeacherForcingMask:
     """Teacher-forcing mask over ``[clean ; noisy]``, each half ``num_blocks`` blocks (see the class)."""
     return TeacherForcingMask(_blocks(num_blocks, frames_per_block, tokens_per_frame, first_block_frames))
+
+
+def teacher_forcing_positions(frames: int, device: torch.device | str | None = None) -> Tensor:
+    """RoPE frame positions ``[2·frames]`` of a packed ``[clean ; noisy]`` teacher-forcing sequence: ``0..T-1``
+    twice (the noisy copy of a frame sits at the same temporal position as its clean copy)."""
+    pos = torch.arange(frames, device=device)
+    return torch.cat([pos, pos])

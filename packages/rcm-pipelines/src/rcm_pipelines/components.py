@@ -16,7 +16,7 @@ the device with it (1.3B generation fits a 24 GB GPU: umT5-xxl alone is 11 GB in
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ __all__ = [
     "TextEncoderSpec",
     "CLIPSpec",
     "require_file",
+    "read_dit_state_dict",
     "read_prompts",
     "resolve_device",
     "resolve_dtype",
@@ -184,6 +185,22 @@ def dit_config(spec: DiTSpec) -> WanConfig:
         return WanConfig.from_official(require_file(name, "dit.config", "DiT config.json"), **spec.overrides)
     names = [*CONFIG_NAMES, *_EXTRA_CONFIGS]
     raise ValueError(f"unknown DiT config {name!r}: use one of {names} or an official config.json path")
+
+
+def read_dit_state_dict(config: WanConfig, path: str, *, field: str = "model.teacher_path",
+                        log: Callable[[str], None] | None = print) -> dict[str, Tensor]:
+    """The full state dict of the DiT weights at ``path`` (module keys, the file's dtype, CPU; memory-mapped for
+    ``.pth``), strictly checked against ``config`` (a ``net.`` / ``net_ema.`` prefix is stripped); ``field``
+    names the config field in the error when the file is missing."""
+    sd, fmt = read_state_dict(require_file(path, field, "DiT weights"))
+    dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        net = WanDiT(config, dtype=dtype)
+    report = load_checkpoint(net, sd)
+    if log is not None:
+        prefix = f", stripped prefix {report.prefix!r}" if report.prefix else ""
+        log(f"{field}: {path} ({fmt}, {len(sd)} tensors, {dtype}{prefix})")
+    return net.state_dict()
 
 
 def load_dit(spec: DiTSpec, device: torch.device, dtype: torch.dtype, *, path: str | None = None,

@@ -1,6 +1,8 @@
-"""Output writers of the recipes: labelled video grids (mp4 + gif), loss-curve PNGs, metrics JSON.
+"""Video and image files: the one [-1, 1] -> uint8 conversion, the one mp4 / gif writer (whole videos or frames
+appended as they stream), labelled video grids, conditioning images, loss-curve PNGs and metrics JSON.
 
-Videos come in as float tensors `[N, 3, T, H, W]` in [-1, 1]; frames go out as uint8 `[T, H, W, 3]`.
+Videos are float tensors in [-1, 1] (layouts in the names: ``video_cthw``, ``videos_nbcthw``); frames go out as
+uint8 ``[T, H, W, 3]``.
 """
 
 from __future__ import annotations
@@ -14,19 +16,28 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
 
-__all__ = ["plot_curves", "read_video", "video_grid", "write_json", "write_video"]
+__all__ = ["to_uint8", "write_video", "VideoWriter", "read_video", "save_video", "grid_video", "video_grid",
+           "load_image", "plot_curves", "write_json"]
 
 _PAD = 2  # pixels of border between cells
 _TEXT = (235, 235, 235)
 _BORDER = (48, 48, 48)
 
 
-def _to_uint8(video_ncthw: torch.Tensor) -> np.ndarray:
-    """[-1, 1] floats -> uint8 `[N, T, H, W, 3]`."""
-    x = ((video_ncthw.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 of the same layout (clamped, ``round((x + 1) * 127.5)``); uint8 passes through."""
+    if video.dtype == torch.uint8:
+        return video
+    return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _frames(video_ncthw: torch.Tensor) -> np.ndarray:
+    """[-1, 1] floats ``[N, 3, T, H, W]`` -> uint8 ``[N, T, H, W, 3]``."""
+    return to_uint8(video_ncthw).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 def _text_image(text: str, width: int, height: int, font: ImageFont.ImageFont) -> np.ndarray:
@@ -70,26 +81,62 @@ def video_grid(
     for i, (name, video) in enumerate(rows.items()):
         y0 = header + _PAD + i * (ch + _PAD)
         grid[:, y0 : y0 + ch, :label_width] = _text_image(name, label_width, ch, font)
-        cells = _to_uint8(video).repeat(scale, axis=2).repeat(scale, axis=3)  # [N, T, ch, cw, 3]
+        cells = _frames(video).repeat(scale, axis=2).repeat(scale, axis=3)  # [N, T, ch, cw, 3]
         for j in range(n):
             x0 = label_width + _PAD + j * (cw + _PAD)
             grid[:, y0 : y0 + ch, x0 : x0 + cw] = cells[j]
     return grid
 
 
+class VideoWriter:
+    """An ``.mp4`` written frame by frame as a video streams in (H.264 through imageio-ffmpeg; each frame is
+    padded to a multiple of 16 pixels, which the codec needs). Use as a context manager or call ``close``."""
+
+    def __init__(self, path: str | Path, *, fps: int = 16):
+        import imageio.v2 as imageio  # the v3 API writes whole arrays only
+
+        self.path = Path(path)
+        if self.path.suffix != ".mp4":
+            raise ValueError(f"video path '{self.path}' must end in .mp4")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = imageio.get_writer(self.path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                          quality=8, macro_block_size=16)
+        self.frames = 0
+
+    def append(self, frames_thwc: np.ndarray | Tensor) -> None:
+        """Append uint8 frames ``[T, H, W, 3]``, or a float video ``[3, T, H, W]`` in [-1, 1]."""
+        if isinstance(frames_thwc, Tensor):
+            if frames_thwc.dtype != torch.uint8:
+                frames_thwc = to_uint8(frames_thwc).permute(1, 2, 3, 0)
+            frames_thwc = frames_thwc.cpu().numpy()
+        if frames_thwc.dtype != np.uint8 or frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames_thwc.dtype} {frames_thwc.shape}")
+        _, h, w, _ = frames_thwc.shape
+        padded = np.pad(frames_thwc, ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0)), constant_values=_BORDER[0])
+        for frame in padded:
+            self._writer.append_data(frame)
+        self.frames += len(padded)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_video(frames_thwc: np.ndarray, path: str | Path, *, fps: int = 4) -> Path:
-    """Write uint8 frames `[T, H, W, 3]` as `.mp4` (H.264 through imageio-ffmpeg; the frame is padded to
-    a multiple of 16 pixels, which the codec needs) or `.gif` (looping)."""
+    """Write uint8 frames ``[T, H, W, 3]`` as ``.mp4`` (:class:`VideoWriter`) or ``.gif`` (looping)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if frames_thwc.dtype != np.uint8 or frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames_thwc.dtype} {frames_thwc.shape}")
     if path.suffix == ".mp4":
-        _, h, w, _ = frames_thwc.shape
-        pad = ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0))
-        frames = np.pad(frames_thwc, pad, constant_values=_BORDER[0])
-        iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=16)
+        with VideoWriter(path, fps=fps) as writer:
+            writer.append(frames_thwc)
     elif path.suffix == ".gif":
+        path.parent.mkdir(parents=True, exist_ok=True)
         iio.imwrite(path, frames_thwc, plugin="pillow", duration=1000 / fps, loop=0)
     else:
         raise ValueError(f"video path '{path}' must end in .mp4 or .gif")
@@ -149,3 +196,24 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def grid_video(videos_nbcthw: Tensor) -> Tensor:
+    """Tile ``[N, B, C, T, H, W]`` into one video ``[C, T, N*H, B*W]`` (a row per prompt, a column per sample)."""
+    if videos_nbcthw.dim() != 6:
+        raise ValueError(f"expected videos [N, B, C, T, H, W], got shape {tuple(videos_nbcthw.shape)}")
+    return rearrange(videos_nbcthw, "n b c t h w -> c t (n h) (b w)")
+
+
+def save_video(video_cthw: Tensor, path: str | Path, *, fps: int = 16) -> Path:
+    """Write ``[3, T, H, W]`` in [-1, 1] as an H.264 ``.mp4`` (imageio-ffmpeg) or a ``.gif``."""
+    if video_cthw.dim() != 4 or video_cthw.shape[0] != 3:
+        raise ValueError(f"expected a video [3, T, H, W], got shape {tuple(video_cthw.shape)}")
+    return write_video(to_uint8(video_cthw).permute(1, 2, 3, 0).cpu().numpy(), path, fps=fps)
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An image file as ``[3, H, W]`` float32 in [-1, 1] (RGB; alpha dropped)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0

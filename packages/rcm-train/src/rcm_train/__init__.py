@@ -1,8 +1,9 @@
 """rcm_train: FSDP2 + Ulysses context parallel + activation checkpointing applied from outside, crash-safe
-DCP checkpoints, webdataset data, and the rCM training loop (DESIGN.md, docs/train.md).
+DCP checkpoints, webdataset data, the training loop, the objectives and the staged driver (docs/train.md).
 
-Submodules: ``parallel`` (mesh, parallelize), ``checkpoint``, ``data``, ``trainer``, ``objectives`` (rCM
-closures over ``rcm_losses``), ``logging``. The names below are imported lazily (DCP and DTensor pull in
+Submodules: ``parallel`` (mesh, parallelize), ``checkpoint``, ``data``, ``trainer`` (the loop), ``objectives``
+(rCM, Causal-rCM and flow-matching closures over ``rcm_losses``), ``stages`` (the staged driver), ``runtime``
+(rank / process group / mesh helpers), ``logging``. The names below are imported lazily (DCP and DTensor pull in
 several seconds of torch imports that, e.g., a data-only user does not need).
 """
 
@@ -16,7 +17,10 @@ _EXPORTS = {
     "DataConfig": "data", "ShardLoader": "data", "ShardWriter": "data",
     "OptimizerConfig": "trainer", "TrainConfig": "trainer", "TrainParts": "trainer", "build_optimizer": "trainer",
     "build_scheduler": "trainer", "train": "trainer",
-    "RCMObjective": "objectives", "RCMObjectiveConfig": "objectives",
+    "RCMObjective": "objectives", "RCMObjectiveConfig": "objectives", "CausalRCMObjective": "objectives",
+    "CausalObjectiveConfig": "objectives", "FlowMatchingObjective": "objectives", "FlowMatchingConfig": "objectives",
+    "StagedRunConfig": "stages", "Stage": "stages", "StageSetup": "stages", "run_stage": "stages",
+    "build_network": "stages", "DeviceData": "data", "seeded_generator": "trainer",
     "LoggerConfig": "logging", "MetricsLogger": "logging",
 }
 

@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-__all__ = ["DataConfig", "CorruptDataError", "ShardLoader", "ShardWriter", "decode_sample", "MEMBERS"]
+__all__ = ["DataConfig", "CorruptDataError", "ShardLoader", "ShardWriter", "DeviceData", "decode_sample", "MEMBERS",
+           "expand_shards", "resolve_shards", "first_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -369,3 +370,40 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resolve_shards(config: DataConfig) -> DataConfig:
+    """``config`` with ``shards`` as an explicit sorted file list (every entry expanded); raises naming the
+    patterns when none matches."""
+    files = sorted(set(expand_shards(config.shards)))
+    if not files:
+        raise FileNotFoundError(f"no shard file matches data.shards={config.shards}")
+    return config.model_copy(update={"shards": files})
+
+
+def first_samples(config: DataConfig, n: int) -> dict[str, Any]:
+    """The first ``n`` samples of the data in file order (for periodic samples on fixed prompts):
+    ``embed [n, L, D]``, ``prompt`` (n strings) and ``latent [n, C, T, H, W]`` on CPU."""
+    one = config.model_copy(update=dict(batch_size=1, num_workers=0, shuffle_buffer=1, max_epochs=1))
+    samples = list(itertools.islice(ShardLoader(one, rank=0, world_size=1), n))
+    if not samples:
+        raise ValueError(f"no sample in {config.shards!r}")
+    return {"embed": torch.cat([s["embed"] for s in samples]), "prompt": [s["prompt"][0] for s in samples],
+            "latent": torch.cat([s["latent"] for s in samples])}
+
+
+class DeviceData:
+    """Batches of a :class:`ShardLoader` moved to ``device``; forwards the loader's (DCP Stateful) position."""
+
+    def __init__(self, loader: ShardLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state)

@@ -55,15 +55,10 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _to_uint8(x: Tensor) -> Tensor:
-    if x.dtype == torch.uint8:
-        return x
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
-
-
 def write_media(path: Path, value: Tensor, *, fps: int = 16) -> Path:
-    """Write an image ``[C, H, W]`` (``.png``) or a video ``[C, T, H, W]`` (``.mp4``); floats are read as
-    ``[-1, 1]``, uint8 as is; C is 1 or 3. Returns the path written (suffix chosen from the rank)."""
+    """Write a uint8 image ``[C, H, W]`` (``.png``) or video ``[C, T, H, W]`` (``.mp4``); C is 1 or 3. Returns
+    the path written (suffix chosen from the rank). Float media are refused: the producer converts them (sample
+    hooks use ``rcm_pipelines.video.to_uint8``), so there is one conversion and one rounding."""
     try:
         import imageio.v3 as iio
     except ImportError as e:
@@ -71,7 +66,9 @@ def write_media(path: Path, value: Tensor, *, fps: int = 16) -> Path:
     if value.dim() not in (3, 4) or value.shape[0] not in (1, 3):
         raise ValueError(f"media must be an image [C, H, W] or a video [C, T, H, W] with C in (1, 3), "
                          f"got {tuple(value.shape)}")
-    arr = _to_uint8(value.cpu())
+    if value.dtype != torch.uint8:
+        raise ValueError(f"media must be uint8 (convert [-1, 1] floats first), got {value.dtype}")
+    arr = value.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     if arr.dim() == 3:
         path = path.with_suffix(".png")

@@ -35,7 +35,7 @@ from rcm_losses.ema import ema_beta, ema_update_
 __all__ = [
     "ScheduleConfig", "OptimizerConfig", "TrainConfig", "StepContext", "Objective", "Closure", "TrainParts",
     "TrainState", "is_student_phase", "effective_iteration", "effective_iteration_critic", "build_optimizer",
-    "build_scheduler", "step_generator", "sanitize_grads_", "update_ema_", "train_step", "run_iteration", "train",
+    "build_scheduler", "seeded_generator", "step_generator", "sanitize_grads_", "update_ema_", "train_step", "run_iteration", "train",
 ]
 
 Phase = Literal["student", "critic"]
@@ -188,12 +188,18 @@ class Objective(Protocol):
     def closures(self, models: Mapping[str, nn.Module], batch: Any, ctx: StepContext) -> Mapping[str, Closure]: ...
 
 
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from integer ``keys`` through numpy's ``SeedSequence`` (well-mixed, reproducible):
+    the one way rcm derives a random stream from a seed and stream ids."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def step_generator(seed: int, iteration: int, micro_step: int, dp_rank: int,
                    device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, iteration, micro_step, dp_rank)``: reproducible after resume and equal
-    on all context-parallel ranks that share a data-parallel rank (no broadcast needed)."""
-    state = np.random.SeedSequence([seed, iteration, micro_step, dp_rank]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    """The step's generator, seeded from ``(seed, iteration, micro_step, dp_rank)``: reproducible after resume
+    and equal on all context-parallel ranks that share a data-parallel rank (no broadcast needed)."""
+    return seeded_generator(seed, iteration, micro_step, dp_rank, device=device)
 
 
 @torch.no_grad()

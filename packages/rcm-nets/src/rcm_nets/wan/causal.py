@@ -15,7 +15,7 @@ from rcm_kernels.kv_cache import KVCache, KVDtype, PositionPolicy
 
 from .dit import WanDiT
 
-__all__ = ["make_kv_cache"]
+__all__ = ["make_kv_cache", "video_kv_cache"]
 
 
 def make_kv_cache(net: WanDiT, *, batch: int, height: int, width: int, layout: BlockLayout,
@@ -38,3 +38,12 @@ def make_kv_cache(net: WanDiT, *, batch: int, height: int, width: int, layout: B
                    sink_frames=sink_frames, rolling=rolling, max_block_frames=max_block if rolling else None,
                    kv_dtype=kv_dtype, position_policy=position_policy,
                    keys_pre_rope=position_policy == "reindexed", device=device)
+
+
+def video_kv_cache(net: WanDiT, shape: tuple[int, ...], device: torch.device | str | None, *, layout: BlockLayout,
+                   kv_dtype: KVDtype = "bf16") -> KVCache:
+    """A non-rolling cache of ``net`` holding a whole latent video of ``shape`` ``(B, C, T, H, W)`` in
+    ``layout`` (the window is all ``T`` frames): the self-forcing rollout of training and its sample hook."""
+    b, _, t, h, w = shape
+    return make_kv_cache(net, batch=b, height=h, width=w, layout=layout, window_frames=t, rolling=False,
+                         kv_dtype=kv_dtype, device=device)

@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from rcm_kernels.attention import SequenceShard
+from rcm_kernels.blockmask import teacher_forcing_positions
 from rcm_kernels.kv_cache import CacheBlock, KVCache
 
 from ._blocks import CLIP_DIM, Head, MLPProj, RMSNorm, WanBlock
@@ -41,7 +42,7 @@ from ._ops import Pair, cast, gelu_tanh, island, linear, silu, sinusoid
 from ._rope import rope_angles, rope_cos_sin
 from .configs import WanConfig, get_config
 
-__all__ = ["WanDiT", "PromptKV", "teacher_forcing_positions"]
+__all__ = ["WanDiT", "PromptKV"]
 
 
 def _per_frame(t: Tensor | float, batch: int, frames: int, device) -> Tensor:
@@ -54,13 +55,6 @@ def _per_frame(t: Tensor | float, batch: int, frames: int, device) -> Tensor:
     if t.dim() == 2 and t.shape[0] == batch and t.shape[1] in (1, frames):
         return t.expand(batch, frames)
     raise ValueError(f"time of shape {tuple(t.shape)} does not fit batch {batch} and {frames} frames")
-
-
-def teacher_forcing_positions(frames: int, device: torch.device | str | None = None) -> Tensor:
-    """RoPE frame positions ``[2·frames]`` of a packed ``[clean ; noisy]`` sequence: ``0..T-1`` twice
-    (the noisy copy of a frame sits at the same temporal position as its clean copy)."""
-    pos = torch.arange(frames, device=device)
-    return torch.cat([pos, pos])
 
 
 class WanDiT(nn.Module):

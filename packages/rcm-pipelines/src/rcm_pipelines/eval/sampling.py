@@ -57,7 +57,7 @@ from ..generation import (
     video_size,
 )
 from ..timing import StageTimer
-from ..video_io import load_image, save_video
+from ..video import load_image, save_video
 
 __all__ = ["SamplerSpec", "VideoSpec", "Condition", "EvalSampler", "encode_texts", "write_video_atomic"]
 

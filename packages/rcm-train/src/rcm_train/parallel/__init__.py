@@ -16,7 +16,7 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .checkpointing import SACMode, apply_sac
@@ -34,19 +34,34 @@ __all__ = ["MeshConfig", "ParallelConfig", "parallelize", "ParallelMesh", "build
            "broadcast_from_leader", "UlyssesAttention", "UlyssesSequenceShard"]
 
 class MeshConfig(BaseModel):
-    """Sizes of the device mesh; their product is the world size."""
+    """The device mesh ``(replicate, shard, cp)`` of a run, from two knobs: parameters are sharded over
+    ``fsdp_shard_size`` ranks (context-parallel ranks included) and replicated across such groups (HSDP)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    dp_replicate: int = 1
-    """HSDP replica groups (gradients all-reduced across them); 1 = plain FSDP."""
-    dp_shard: int = -1
-    """FSDP shard group size; -1 = the rest of the world after dp_replicate and cp."""
-    cp: int = 1
-    """Ulysses context-parallel size (consecutive ranks); must divide the attention head count."""
+    fsdp_shard_size: int = -1
+    """Ranks per FSDP shard group (HSDP replicates across groups); -1 (or more than the world): all ranks."""
+    cp: int = Field(1, ge=1)
+    """Ulysses context-parallel size (consecutive ranks share samples); must divide fsdp_shard_size and the
+    attention head count."""
+
+    @field_validator("fsdp_shard_size")
+    @classmethod
+    def _shard(cls, v: int) -> int:
+        if v < 1 and v != -1:
+            raise ValueError(f"fsdp_shard_size must be >= 1 or -1 (all ranks), got {v}")
+        return v
 
     def build(self) -> ParallelMesh:
-        return build_mesh(self.dp_replicate, self.dp_shard, self.cp)
+        """The mesh over the default process group's world (raises when the sizes do not nest)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        shard = world if self.fsdp_shard_size == -1 else min(self.fsdp_shard_size, world)
+        if world % self.cp or shard % self.cp or world % shard:
+            raise ValueError(f"parallel.mesh: world size {world}, fsdp_shard_size {shard} and cp {self.cp} must "
+                             "nest (cp divides fsdp_shard_size, which divides the world size)")
+        return build_mesh(world // shard, shard // self.cp, self.cp)
 
 
 class ParallelConfig(BaseModel):

@@ -1,6 +1,6 @@
 """Causal-rCM training objectives for ``rcm_train``: a causal WanDiT bound to ``rcm_losses.causal``.
 
-One :class:`CausalRCMObjective` covers every stage of the Causal-rCM schedule (CAUSAL_SPEC §4); the stage's
+One :class:`CausalRCMObjective` covers every stage of the Causal-rCM schedule (docs/causal_training.md); the stage's
 :class:`CausalObjectiveConfig` switches the closures on:
 
 ========  =========================================================================================
@@ -22,16 +22,16 @@ self-forcing rollout exactly as inference runs it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from pydantic import model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from rcm_kernels import blockmask
-from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.blockmask import teacher_forcing_positions
+from rcm_kernels.devices import parse_dtype
 from rcm_kernels.kv_cache import KVCache
 from rcm_losses import TrigFlowAdapter, dmd_objective, fake_score_objective, flow_euler_sample
 from rcm_losses.causal import (
@@ -52,12 +52,15 @@ from rcm_losses.causal import (
 from rcm_losses.consistency import tangent_warmup_ratio
 from rcm_losses.parameterization import rf_to_trig
 from rcm_losses.sampling import flow_sigmas
+from rcm_losses.schedules import block_schedules
 from rcm_losses.timesteps import LogNormal, UniformShift
-from rcm_nets.wan.causal import make_kv_cache
-from rcm_nets.wan.dit import teacher_forcing_positions
-from rcm_train.trainer import Closure, StepContext
 
-from .config import RecipeConfig
+from ..trainer import Closure, StepContext, seeded_generator
+
+CacheFactory = Callable[[nn.Module, tuple[int, ...], torch.device], KVCache]
+"""``(net, video shape (B, C, T, H, W), device) -> KVCache``: an empty non-rolling cache of ``net`` holding a
+whole latent video (the recipe binds the block layout and the storage dtype)."""
+
 
 __all__ = [
     "CausalObjectiveConfig",
@@ -65,18 +68,18 @@ __all__ = [
     "CachedBlocks",
     "tf_velocity",
     "df_velocity",
-    "block_layout",
-    "video_kv_cache",
-    "shared_generator",
+    "CacheFactory",
 ]
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_SHARED_STREAM = 0x5E1F  # seed stream of the rank-independent exit-step generator
 SF_SCHEDULE = [1.0, 15 / 16, 5 / 6, 5 / 8]
 """RF times of the self-forcing rollout (Causal-rCM / Self-Forcing's warped [1000, 750, 500, 250])."""
 
 
-class CausalObjectiveConfig(RecipeConfig):
-    """What a causal stage trains and how (defaults: CAUSAL_SPEC §4 values)."""
+class CausalObjectiveConfig(BaseModel):
+    """What a causal stage trains and how (defaults: the Causal-rCM values, docs/causal_training.md)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     flow: Literal["none", "tf", "df"] = "none"
     """Causal-teacher training by flow matching: teacher forcing (tf) or diffusion forcing (df)."""
@@ -150,50 +153,14 @@ class CausalObjectiveConfig(RecipeConfig):
             raise ValueError(
                 f"objective.context_noise must be an RF time in [0, 1), got {self.context_noise}"
             )
-        for s in _schedule_lists(self.sf_schedule):
-            if not s or any(not 0 < v <= 1 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
-                raise ValueError(f"objective.sf_schedule {s} must be strictly decreasing RF times in (0, 1]")
+        nested = isinstance(self.sf_schedule[0], list) if self.sf_schedule else False
+        block_schedules(self.sf_schedule, len(self.sf_schedule) if nested else 1, low=0.0, high=1.0,
+                        what="objective.sf_schedule (RF times)")
         return self
 
     @property
     def trains_teacher(self) -> bool:
         return self.flow != "none"
-
-
-def _schedule_lists(schedule) -> list[list[float]]:
-    return [list(s) for s in schedule] if schedule and isinstance(schedule[0], list) else [list(schedule)]
-
-
-def block_layout(blocks: FrameBlocks) -> BlockLayout:
-    return BlockLayout(blocks.frames_per_block, blocks.first)
-
-
-def video_kv_cache(
-    net: nn.Module, blocks: FrameBlocks, shape: Sequence[int], kv_dtype: str, device: torch.device | str
-) -> KVCache:
-    """A non-rolling KV cache of ``net`` for a whole latent video of ``shape`` ``(B, C, T, H, W)`` in the
-    block layout of ``blocks`` (the window holds all ``T`` frames)."""
-    b, _, t, h, w = shape
-    return make_kv_cache(
-        net,
-        batch=b,
-        height=h,
-        width=w,
-        layout=block_layout(blocks),
-        window_frames=t,
-        rolling=False,
-        kv_dtype=kv_dtype,
-        device=device,
-    )
-
-
-def shared_generator(
-    seed: int, iteration: int, micro_step: int, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """A generator equal on every rank (no rank in the seed): the exit steps decide how many network calls
-    each rank makes, which must match across FSDP / data-parallel ranks."""
-    state = np.random.SeedSequence([seed, iteration, micro_step, 0x5E1F]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 # ------------------------------------------------------------------------------------------ bindings
@@ -278,7 +245,8 @@ class CausalRCMObjective:
     ``batch``: ``{"latent": x0 [B, C, T, H, W], "embed": [B, L, D]}``; ``blocks`` must cover T frames.
     ``given_blocks``: leading blocks given as clean context (causal I2V: 1, the data's first block stands in
     for the image latent). ``negative_embed`` ``[L, D]``: unconditional context of the CFG teachers.
-    ``seed``: the exit steps come from :func:`shared_generator` (identical on all ranks); every other random
+    ``seed``: the exit steps come from a generator seeded without the rank (identical on all ranks: they decide
+    how many network calls each rank makes, which must match across FSDP / data-parallel ranks); every other random
     number from the step generator. ``grad_accum``: the trainer's micro-batches per step (the replay mode runs
     its own backward passes and applies the trainer's ``1 / grad_accum`` itself).
     """
@@ -290,6 +258,7 @@ class CausalRCMObjective:
         *,
         given_blocks: int = 0,
         negative_embed: Tensor | None = None,
+        make_cache: CacheFactory,
         seed: int = 0,
         grad_accum: int = 1,
     ):
@@ -301,14 +270,15 @@ class CausalRCMObjective:
                 "block): set blocks.i2v=false for the ode stage"
             )
         self.cfg, self.blocks, self.seed, self.grad_accum = config, blocks, seed, grad_accum
+        self.make_cache = make_cache
         self.given = sum(blocks.sizes[:given_blocks])
         self.negative_embed = negative_embed
         self.p_g, self.p_d = LogNormal(config.p_g_mean, config.p_g_std), UniformShift(config.p_d_shift)
-        d = lambda name: _DTYPES[name] if name else None
+        d = lambda name: parse_dtype(name) if name else None
         self.dtypes = dict(input_dtype=d(config.input_dtype), timestep_dtype=d(config.timestep_dtype))
         scheds = [
             [float(rf_to_trig(torch.tensor(v, dtype=torch.float64))) for v in s]
-            for s in _schedule_lists(config.sf_schedule)
+            for s in (config.sf_schedule if isinstance(config.sf_schedule[0], list) else [config.sf_schedule])
         ]
         self.schedule = scheds if isinstance(config.sf_schedule[0], list) else scheds[0]
         self.lengths = [len(scheds[min(i, len(scheds) - 1)]) for i in range(blocks.num_blocks)]
@@ -329,13 +299,13 @@ class CausalRCMObjective:
         key = (id(net), b, t, h, w, str(x0.device))
         if key not in self._caches:
             self._caches.clear()  # one cache alive at a time (storage is allocated once per shape)
-            self._caches[key] = video_kv_cache(net, self.blocks, x0.shape, self.cfg.kv_dtype, x0.device)
+            self._caches[key] = self.make_cache(net, tuple(x0.shape), x0.device)
         return self._caches[key]
 
     def exit_steps(self, ctx: StepContext) -> tuple[int, ...]:
         if self.cfg.sf_exit == "cycle":
             return cycled_exit_steps(ctx.effective_iteration, self.lengths)
-        g = shared_generator(self.seed, ctx.iteration, ctx.micro_step)
+        g = seeded_generator(self.seed, ctx.iteration, ctx.micro_step, _SHARED_STREAM)
         return sample_exit_steps(self.lengths, generator=g, same_across_blocks=self.cfg.sf_same_exit)
 
     def rollout(self, net: nn.Module, x0: Tensor, cond: Tensor, ctx: StepContext, *, with_grad: bool):
