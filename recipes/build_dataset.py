@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     DiTSpec,
@@ -38,8 +39,8 @@ from rcm_pipelines.components import (
 )
 from rcm_pipelines.generation import latent_shape, teacher_generate, velocity_fn, video_size
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
-from rcm_recipes.runtime import launch_rank_world, local_device
 from rcm_train.data import ShardWriter
+from rcm_train.runtime import launch_rank_world
 
 
 class BuildDatasetConfig(RecipeConfig):
@@ -115,7 +116,7 @@ def run(cfg: BuildDatasetConfig) -> dict:
     writer = ShardWriter(out, len(prompts), cfg.samples_per_shard, rank=rank, world_size=world)
     todo = writer.pending()
     net_cfg = dit_config(cfg.dit)
-    device = local_device(cfg.device)
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     neg_path = out / "negative_embed.pt"
     print(f"build_dataset: rank {rank}/{world}, {len(prompts)} samples, {len(todo)} to write", flush=True)

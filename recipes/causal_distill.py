@@ -1,10 +1,10 @@
-"""Causal-rCM: distill a bidirectional Wan2.1 teacher into a block-causal streaming student (CAUSAL_SPEC §4).
+"""Causal-rCM: distill a bidirectional Wan2.1 teacher into a block-causal streaming student (docs/causal_training.md).
 
-    uv run recipes/causal_distill.py --preset tiny-causal-rcm --data.shards=... --model.teacher_path=...
+    uv run recipes/causal_distill.py --preset tiny-causal-rcm --data.shards=... --model.path=...
     torchrun --nproc-per-node 8 recipes/causal_distill.py --preset 1.3B-causal-rcm      # N GPUs
 
 A run is up to four *stages* (``stage1`` .. ``stage4``; ``iterations=0`` skips one), each one
-``rcm_train.train`` call with its objective (``rcm_recipes.causal_training.CausalObjectiveConfig``) and the
+``rcm_train.stages.run_stage`` call with its objective (``rcm_train.objectives.CausalObjectiveConfig``) and the
 network it starts from (``init``: the bidirectional ``teacher``, the ``causal_teacher`` or the ``previous``
 student). Presets (``--preset <size>-<schedule>``, sizes 1.3B / 14B / tiny):
 
@@ -32,28 +32,53 @@ student stage.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import torch.distributed as dist
 from pydantic import model_validator
+from torch import Tensor, nn
 
-from rcm_pipelines.components import VAESpec
-from rcm_recipes.causal_run import run
-from rcm_recipes.causal_training import CausalObjectiveConfig
-from rcm_recipes.config import RecipeConfig, parse_config
-from rcm_train.data import DataConfig
-from rcm_train.parallel import ParallelConfig
-from rcm_train.trainer import OptimizerConfig, ScheduleConfig
+from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.devices import parse_dtype, resolve_device
+from rcm_losses.causal import FrameBlocks
+from rcm_nets.wan import WanDiT
+from rcm_nets.wan.causal import video_kv_cache
+from rcm_pipelines.components import (
+    DiTSpec,
+    MissingFileError,
+    dit_config,
+    load_embedding,
+    read_dit_state_dict,
+)
+from rcm_pipelines.hooks import CausalSampleHook, SampleConfig
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
+from rcm_train.logging import LoggerConfig
+from rcm_train.objectives import CausalObjectiveConfig, CausalRCMObjective
+from rcm_train.parallel import MeshConfig, ParallelConfig
+from rcm_train.runtime import is_rank0, print0, process_group
+from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
+from rcm_train.trainer import (
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+    TrainParts,
+    build_optimizer,
+    build_scheduler,
+)
 
 
-class ModelConfig(RecipeConfig):
+class CausalModelConfig(RecipeConfig):
     """Architecture and weights (every trained network starts from one of these)."""
 
-    config: str = "t2v-1.3B"
-    """Named WanDiT config (t2v-1.3B, t2v-14B, tiny, ...) or an official config.json path."""
-    overrides: dict[str, Any] = {}
-    """WanConfig fields replacing those of `config`; JSON on the command line."""
-    teacher_path: str = "checkpoints/Wan2.1-T2V-1.3B.pth"
-    """The bidirectional teacher (DMD real score, ODE trajectories, fake-score init, causal-teacher init)."""
+    teacher: DiTSpec = DiTSpec(path="checkpoints/Wan2.1-T2V-1.3B.pth")
+    """The bidirectional teacher: architecture and weights (DMD real score, ODE trajectories, fake-score init,
+    causal-teacher init)."""
     causal_teacher_path: str | None = None
     """A causal teacher trained before (then a run may skip the flow stage); None: this run's flow stage."""
     teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -87,36 +112,11 @@ class StageConfig(RecipeConfig):
     """Student / critic alternation (DMD stages) and the sCM tangent warmup."""
 
 
-class LoopConfig(RecipeConfig):
-    """Training-loop settings shared by the stages."""
-
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    clip_norm: float | None = None
-    """Clip the gradient norm (None: compute and log it only)."""
-    seed: int = 0
-    """Seed of every random draw (step noise, times, exit steps)."""
-    ema_rate: float | None = 0.1
-    """Power-EMA rate of the trained network's EMA (None: none)."""
-    checkpoint_every: int = 250
-    """Save a DCP checkpoint every this many iterations (and at the end of each stage)."""
-    keep_last: int | None = 3
-    """Complete checkpoints kept per stage (None: all)."""
-    async_save: bool = False
-    """Save checkpoints in the background."""
-    log_every: int = 25
-    """Average and report metrics every this many iterations."""
-    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
-    """Weights & Biases logging (needs the wandb extra)."""
-    wandb_project: str = "rcm"
-    """wandb project."""
-
-
 class ParallelismConfig(RecipeConfig):
     """FSDP mesh and per-network parallelism (no context parallel: the cached block pass refuses it)."""
 
-    fsdp_shard_size: int = -1
-    """Ranks per FSDP shard group (HSDP across groups); -1: the whole world."""
+    mesh: MeshConfig = MeshConfig()
+    """FSDP shard-group size (cp must stay 1)."""
     student: ParallelConfig = ParallelConfig(sac="block_wise", forward_methods=["forward_block"])
     """The trained network and its EMA (forward_block must gather FSDP parameters like forward)."""
     fake_score: ParallelConfig = ParallelConfig(sac="mm_only")
@@ -125,23 +125,7 @@ class ParallelismConfig(RecipeConfig):
     """Frozen teachers."""
 
 
-class SampleConfig(RecipeConfig):
-    """Streaming samples of the trained network and its EMA, written as mp4."""
-
-    every: int = 250
-    """Sample every this many iterations (and before the first and after the last); 0 disables."""
-    num_prompts: int = 2
-    """Prompts (the first samples of the data) per video."""
-    ema: bool = True
-    """Also stream the EMA."""
-    teacher_steps: int = 8
-    """Steps per block when sampling a causal teacher (flow stages; uniform RF times)."""
-    seed: int = 1
-    """Noise seed (fixed: videos comparable over training)."""
-    vae: VAESpec | None = None
-    """VAE decoding the samples; None shows latent channels 0-2."""
-    fps: int = 16
-    """Frame rate of the sample videos."""
+_SAMPLE = SampleConfig(every=250, num_prompts=2, teacher_steps=8, vae=None)
 
 
 # ------------------------------------------------------------------------------------------ presets
@@ -233,7 +217,7 @@ class CausalDistillConfig(RecipeConfig):
 
     output_dir: str = "outputs/causal_distill/1.3B-causal-rcm"
     """Run directory; rerunning resumes."""
-    model: ModelConfig = ModelConfig()
+    model: CausalModelConfig = CausalModelConfig()
     """Architecture and weights."""
     blocks: BlocksConfig = BlocksConfig()
     """Frame blocks (data.num_frames must be a whole number of blocks)."""
@@ -253,16 +237,14 @@ class CausalDistillConfig(RecipeConfig):
     """AdamW of the trained network (Causal-rCM: 2e-6 students, 1e-5 causal teacher; set per run)."""
     fake_score_optimizer: OptimizerConfig = OptimizerConfig(lr=4e-7)
     """Fake-score AdamW."""
-    train: LoopConfig = LoopConfig()
-    """Loop settings."""
+    run: StagedRunConfig = StagedRunConfig(train=TrainConfig(checkpoint_every=250), logger=LoggerConfig(every=25))
+    """Loop, checkpoint and logging settings shared by the stages."""
     parallel: ParallelismConfig = ParallelismConfig()
     """Mesh and per-network parallelism."""
-    sample: SampleConfig = SampleConfig()
-    """Streaming samples."""
+    sample: SampleConfig = _SAMPLE
+    """Streaming samples of the trained network and its EMA."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Dtype of the exported weights."""
 
     @model_validator(mode="after")
     def _check(self) -> CausalDistillConfig:
@@ -274,15 +256,21 @@ class CausalDistillConfig(RecipeConfig):
             raise ValueError(f"stage names must differ (they name checkpoint directories), got {names}")
         for s in active:
             if s.objective.trains_teacher and s.init == "causal_teacher":
-                raise ValueError(
-                    f"stage {s.name!r}: a flow stage trains the causal teacher; init it from "
-                    "'teacher' (or 'previous')"
-                )
+                raise ValueError(f"stage {s.name!r}: a flow stage trains the causal teacher; init it from "
+                                 "'teacher' (or 'previous')")
+        if self.parallel.mesh.cp != 1:
+            raise ValueError("parallel.mesh.cp must be 1: the cached self-forcing pass has no context parallel")
+        if self.data.num_frames is None:
+            raise ValueError("causal training needs data.num_frames (a whole number of blocks)")
         return self
 
     def stages(self) -> list[StageConfig]:
         """The stages to run, in order."""
         return [s for s in (self.stage1, self.stage2, self.stage3, self.stage4) if s.iterations > 0]
+
+    def frame_blocks(self) -> FrameBlocks:
+        """The run's block layout over ``data.num_frames`` latent frames."""
+        return FrameBlocks(self.data.num_frames, self.blocks.frames_per_block, self.blocks.first_block_frames)
 
 
 def make_preset(
@@ -295,7 +283,7 @@ def make_preset(
     pdtype = size["dtype"]
     return CausalDistillConfig(
         output_dir=f"outputs/causal_distill/{size_name}-{schedule}",
-        model=ModelConfig(config=size["config"], teacher_path=size["teacher"], teacher_dtype=pdtype),
+        model=CausalModelConfig(teacher=DiTSpec(config=size["config"], path=size["teacher"]), teacher_dtype=pdtype),
         blocks=BlocksConfig(frames_per_block=size["fpb"], first_block_frames=size.get("first")),
         data=DataConfig(
             shards="outputs/tiny_dataset/shard_*.tar" if tiny else _SHARDS,
@@ -310,7 +298,8 @@ def make_preset(
         stage4=stages[3],
         optimizer=OptimizerConfig(lr=1e-4 if tiny else 2e-6, warmup_steps=2 if tiny else 100),
         fake_score_optimizer=OptimizerConfig(lr=1e-4 if tiny else 4e-7, warmup_steps=2 if tiny else 100),
-        train=LoopConfig(checkpoint_every=size["save"], log_every=1 if tiny else 25),
+        run=StagedRunConfig(train=TrainConfig(checkpoint_every=size["save"]),
+                            logger=LoggerConfig(every=1 if tiny else 25)),
         parallel=ParallelismConfig(
             student=ParallelConfig(
                 sac="none" if tiny else "block_wise", param_dtype=pdtype, forward_methods=["forward_block"]
@@ -318,7 +307,7 @@ def make_preset(
             fake_score=ParallelConfig(sac="none" if tiny else "mm_only", param_dtype=pdtype),
             teacher=ParallelConfig(param_dtype=None),
         ),
-        sample=SampleConfig(every=100 if tiny else 250, teacher_steps=2 if tiny else 8),
+        sample=_SAMPLE.model_copy(update=dict(every=100 if tiny else 250, teacher_steps=2 if tiny else 8)),
         device="cpu" if tiny else "auto",
     )
 
@@ -328,10 +317,143 @@ PRESETS: dict[str, CausalDistillConfig] = {
 }
 
 
+PRESETS: dict[str, CausalDistillConfig] = {
+    f"{s}-{k}": make_preset(s, k) for s in _SIZES for k in ("causal-rcm", "causal-rcm-df", "ode-init")
+}
+
+
+# ------------------------------------------------------------------------------------------ run
+class _Run:
+    """The run's shared pieces: mesh, architecture, teacher weights, frozen networks (built once per state dict)."""
+
+    def __init__(self, cfg: CausalDistillConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.mesh = cfg.parallel.mesh.build()
+        self.net_cfg = dit_config(cfg.model.teacher)
+        self.blocks = cfg.frame_blocks()
+        self.layout = BlockLayout(self.blocks.frames_per_block, self.blocks.first)
+        read = lambda path, field: read_dit_state_dict(self.net_cfg, path, field=field, log=print0)
+        self.teacher_sd = read(cfg.model.teacher.path, "model.teacher.path")
+        self.causal_teacher_sd = read(cfg.model.causal_teacher_path, "model.causal_teacher_path") \
+            if cfg.model.causal_teacher_path else None
+        self.negative = None if cfg.negative_embed_path is None else load_embedding(
+            cfg.negative_embed_path, "negative_embed_path", text_len=self.net_cfg.text_len).to(device)
+        self.samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
+        self._frozen: dict[str, tuple[int, nn.Module]] = {}
+
+    def network(self, sd: Mapping[str, Tensor], par: ParallelConfig, *, trainable: bool, precision: str,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+        factory = partial(WanDiT, self.net_cfg.model_copy(update={"precision": precision}), dtype=dtype)
+        return build_network(factory, sd, mesh=self.mesh, parallel=par, device=self.device, trainable=trainable)
+
+    def frozen(self, name: str, sd: Mapping[str, Tensor]) -> nn.Module:
+        """A frozen teacher, rebuilt only when its weights change (a flow stage makes a new causal teacher)."""
+        if name not in self._frozen or self._frozen[name][0] != id(sd):
+            self._frozen[name] = (id(sd), self.network(sd, self.cfg.parallel.teacher, trainable=False,
+                                                       precision="teacher",
+                                                       dtype=parse_dtype(self.cfg.model.teacher_dtype)))
+        return self._frozen[name][1]
+
+
+def _hook(r: _Run, obj: CausalObjectiveConfig) -> CausalSampleHook | None:
+    cfg = r.cfg
+    if not cfg.sample.every:
+        return None
+    n = cfg.sample.teacher_steps
+    times = [1.0 - k / n for k in range(n)] if obj.trains_teacher else obj.sf_schedule
+    return CausalSampleHook(cfg.sample, r.samples, r.layout, device=r.device, times=times,
+                            context_noise=obj.context_noise, i2v=cfg.blocks.i2v, kv_dtype=obj.kv_dtype)
+
+
+def _stage(r: _Run, sc: StageConfig, init: Mapping[str, Tensor]) -> Stage:
+    cfg, obj, p = r.cfg, sc.objective, r.cfg.parallel
+
+    def setup() -> StageSetup:
+        models = {"student": r.network(init, p.student, trainable=True, precision="student")}
+        optimizers = {"student": build_optimizer(models["student"], cfg.optimizer)}
+        if obj.cm != "none":
+            if r.causal_teacher_sd is None:
+                raise ValueError(f"stage {sc.name}: objective.cm needs a causal teacher (a flow stage before it, "
+                                 "or model.causal_teacher_path)")
+            models["causal_teacher"] = r.frozen("causal_teacher", r.causal_teacher_sd)
+        if obj.ode or obj.dmd:
+            models["teacher"] = r.frozen("teacher", r.teacher_sd)
+        if obj.dmd:
+            models["fake_score"] = r.network(r.teacher_sd, p.fake_score, trainable=True, precision="teacher")
+            optimizers["fake_score"] = build_optimizer(models["fake_score"], cfg.fake_score_optimizer)
+        opt_cfg = {"student": cfg.optimizer, "fake_score": cfg.fake_score_optimizer}
+        parts = TrainParts(models=models, optimizers=optimizers,
+                           schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()},
+                           ema={"student": r.network(init, p.student, trainable=False, precision="student")})
+        objective = CausalRCMObjective(
+            obj, r.blocks, given_blocks=int(cfg.blocks.i2v), negative_embed=r.negative,
+            make_cache=partial(video_kv_cache, layout=r.layout, kv_dtype=obj.kv_dtype),
+            seed=cfg.run.train.seed, grad_accum=cfg.run.train.grad_accum)
+        return StageSetup(parts, objective, _hook(r, obj))
+
+    return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
+                 critic_models=["fake_score"] if obj.dmd else [], describe=f"blocks {r.blocks.sizes}")
+
+
+def _initial(r: _Run, sc: StageConfig, student_sd: Mapping[str, Tensor] | None) -> Mapping[str, Tensor]:
+    init = {"teacher": r.teacher_sd, "causal_teacher": r.causal_teacher_sd, "previous": student_sd}[sc.init]
+    if init is None:
+        raise ValueError(f"stage {sc.name}: init={sc.init!r} but no such network exists yet (a student stage must "
+                         "come before 'previous', a flow stage or model.causal_teacher_path before 'causal_teacher')")
+    return init
+
+
+def _final_exports(cfg: CausalDistillConfig, results: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """The last causal teacher (if a flow stage ran) and the last student (+ EMA), copied to the run's top."""
+    final: dict[str, Path] = {}
+    for sc in reversed(cfg.stages()):
+        key = "causal_teacher" if sc.objective.trains_teacher else "student"
+        if key not in final:
+            final[key] = results[sc.name].exports["student"]
+            if key == "student":
+                final["student_ema"] = results[sc.name].exports["student_ema"]
+    copies = {k: out / f"{k}.safetensors" for k in final}
+    if is_rank0():
+        for k, src in final.items():
+            shutil.copyfile(src, copies[k])
+        print0(f"exported {', '.join(str(p) for p in copies.values())}")
+    return copies
+
+
+def run(cfg: CausalDistillConfig) -> dict[str, Any]:
+    """Run every stage; returns ``{"stages": {name: StageResult}, "student", "student_ema", ...}``."""
+    device = resolve_device(cfg.device)
+    with process_group(device):
+        out = Path(cfg.output_dir)
+        if is_rank0():
+            write_config(cfg, out / "config.yaml")
+        cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
+        r = _Run(cfg, device)
+        print0(f"causal_distill: world {dist.get_world_size()} on {device.type}, blocks {r.blocks.sizes}, stages "
+               f"{[(s.name, s.iterations) for s in cfg.stages()]}")
+        data = lambda: DeviceData(ShardLoader(cfg.data, rank=r.mesh.dp_rank, world_size=r.mesh.dp_size), device)
+        results, student_sd = {}, None
+        for sc in cfg.stages():
+            results[sc.name] = res = run_stage(_stage(r, sc, _initial(r, sc, student_sd)), cfg.run, output_dir=out,
+                                               data=data, sample_every=cfg.sample.every, dp_rank=r.mesh.dp_rank,
+                                               device=device, run_config=cfg.model_dump(mode="json"))
+            sd = load_stage_student(res)
+            if sc.objective.trains_teacher:
+                r.causal_teacher_sd = sd
+            else:
+                student_sd = sd
+        copies = _final_exports(cfg, results, out)
+        if dist.is_initialized():
+            dist.barrier()
+        return {"stages": results, **copies}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(CausalDistillConfig, argv, presets=PRESETS, prog="causal_distill.py")
-    return run(cfg)
+    return run(parse_config(CausalDistillConfig, argv, presets=PRESETS, prog="causal_distill.py"))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
+        raise SystemExit(f"causal_distill.py: error: {err}") from None

@@ -42,11 +42,11 @@ from rcm_nets.wan import WanDiT, get_config
 from rcm_pipelines.video import plot_curves, write_json
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
-from rcm_recipes.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from rcm_recipes.pixel_dit import PositionalDiT
 from rcm_recipes.progress import ProgressLogger
 from rcm_recipes.shapes import ShapesConfig, TinyTextEncoder, shape_batches
 from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
+from rcm_train.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from rcm_train.trainer import (
     OptimizerConfig,
     ScheduleConfig,

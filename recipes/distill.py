@@ -43,7 +43,14 @@ from torch import Tensor
 
 from rcm_kernels.devices import parse_dtype, resolve_device
 from rcm_nets.wan import WanDiT
-from rcm_pipelines.components import DiTSpec, MissingFileError, VAESpec, dit_config, load_embedding, read_dit_state_dict
+from rcm_pipelines.components import (
+    DiTSpec,
+    MissingFileError,
+    VAESpec,
+    dit_config,
+    load_embedding,
+    read_dit_state_dict,
+)
 from rcm_pipelines.hooks import SampleConfig, SampleHook
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards

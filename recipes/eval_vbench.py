@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import model_validator
 from tqdm import tqdm
 
+from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
     CLIPSpec,
     DiTSpec,
@@ -43,7 +44,7 @@ from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_tabl
 from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
 from rcm_pipelines.timing import StageTimer
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
-from rcm_recipes.runtime import launch_rank_world, local_device
+from rcm_train.runtime import launch_rank_world
 
 
 class EvalVBenchConfig(RecipeConfig):
@@ -214,7 +215,7 @@ def sample(cfg: EvalVBenchConfig) -> dict:
           f"{result['skipped']} already done, {len(todo)} to make", flush=True)
     if not todo:
         return result
-    device = local_device(cfg.device)
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     timer = StageTimer(device, verbose=rank == 0)
     texts = list(dict.fromkeys(v.entry.text for v in todo))

@@ -21,6 +21,7 @@ import torch
 from pydantic import model_validator
 from tqdm import tqdm
 
+from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     CLIPSpec,
@@ -38,7 +39,6 @@ from rcm_pipelines.components import (
     load_vae,
     read_prompts,
     require_file,
-    resolve_device,
     resolve_dtype,
 )
 from rcm_pipelines.generation import (

@@ -24,16 +24,14 @@ import torch
 from pydantic import Field, model_validator
 
 from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.devices import parse_dtype, resolve_device
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
-from rcm_pipelines.components import resolve_device
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
 from rcm_pipelines.video import VideoWriter, load_image
 from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ModelConfig(RecipeConfig):
@@ -119,7 +117,7 @@ class StreamConfig(RecipeConfig):
 
 # ------------------------------------------------------------------------------------------------- setup
 def _load_net(cfg: ModelConfig, device: torch.device) -> WanDiT:
-    dtype = _DTYPES[cfg.dtype]
+    dtype = parse_dtype(cfg.dtype)
     if cfg.checkpoint is None:
         torch.manual_seed(cfg.init_seed)
         net = WanDiT.from_config(cfg.name, device=device, dtype=dtype)

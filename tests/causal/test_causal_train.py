@@ -6,6 +6,7 @@ against the DiT's own causal passes."""
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,20 +19,19 @@ if str(RECIPES) not in sys.path:
 
 import causal_distill  # noqa: E402
 
-from rcm_kernels.blockmask import teacher_forcing  # noqa: E402
+from rcm_kernels.blockmask import BlockLayout, teacher_forcing  # noqa: E402
 from rcm_losses import TrigFlowAdapter  # noqa: E402
 from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing_velocity  # noqa: E402
 from rcm_nets.wan import WanDiT  # noqa: E402
-from rcm_nets.wan.causal import make_kv_cache  # noqa: E402
+from rcm_nets.wan.causal import make_kv_cache, video_kv_cache  # noqa: E402
 from rcm_nets.wan.configs import get_config  # noqa: E402
-from rcm_recipes.causal_training import (  # noqa: E402
+from rcm_train.data import ShardWriter  # noqa: E402
+from rcm_train.objectives.causal import (  # noqa: E402
     CachedBlocks,
     CausalObjectiveConfig,
     CausalRCMObjective,
-    block_layout,
     tf_velocity,
 )
-from rcm_train.data import ShardWriter  # noqa: E402
 from rcm_train.trainer import ScheduleConfig, StepContext  # noqa: E402
 
 C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
@@ -61,12 +61,16 @@ def assets(tmp_path_factory):
     return d
 
 
+def _cache_factory(blocks, cfg):
+    return partial(video_kv_cache, layout=BlockLayout(blocks.frames_per_block, blocks.first), kv_dtype=cfg.kv_dtype)
+
+
 def _args(assets, out, preset, *extra):
     return [
         f"--preset={preset}",
         f"--output_dir={out}",
         f"--data.shards={assets / 'data' / 'shard_*.tar'}",
-        f"--model.teacher_path={assets / 'teacher.pth'}",
+        f"--model.teacher.path={assets / 'teacher.pth'}",
         f"--negative_embed_path={assets / 'negative.pt'}",
         *extra,
     ]
@@ -103,7 +107,7 @@ def test_staged_causal_rcm_runs_end_to_end(assets, tmp_path):
     again = causal_distill.main(
         _args(assets, out, "tiny-causal-rcm")
     )  # a rerun resumes: every stage complete
-    assert again["stages"]["sf_dmd"]["iteration"] == 3
+    assert again["stages"]["sf_dmd"].iteration == 3
 
 
 def test_ode_init_i2v_replay_runs(assets, tmp_path):
@@ -175,7 +179,7 @@ def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_step
         batch=1,
         height=H,
         width=W,
-        layout=block_layout(blocks),
+        layout=BlockLayout(blocks.frames_per_block, blocks.first),
         window_frames=T,
         rolling=False,
         kv_dtype="fp32",
@@ -242,7 +246,7 @@ def test_objective_closures_combine_tf_scm_with_sf_dmd_and_run_df():
     cfg = CausalObjectiveConfig(
         cm="scm", dmd=True, input_dtype="float32", kv_dtype="fp32", sf_schedule=[1.0, 0.8]
     )
-    obj = CausalRCMObjective(cfg, blocks, negative_embed=torch.zeros(16, 32))
+    obj = CausalRCMObjective(cfg, blocks, negative_embed=torch.zeros(16, 32), make_cache=_cache_factory(blocks, cfg))
     sched = ScheduleConfig(tangent_warmup=2, student_update_freq=2)
     ctx = lambda phase, it: StepContext(
         phase, it, it, sched, torch.Generator().manual_seed(it), has_critic=True
@@ -257,7 +261,8 @@ def test_objective_closures_combine_tf_scm_with_sf_dmd_and_run_df():
         loss.sum().backward()
         assert torch.isfinite(loss).all(), name
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters()), name
-    df = CausalRCMObjective(CausalObjectiveConfig(flow="df", input_dtype="float32"), blocks)
+    df_cfg = CausalObjectiveConfig(flow="df", input_dtype="float32")
+    df = CausalRCMObjective(df_cfg, blocks, make_cache=_cache_factory(blocks, df_cfg))
     loss, diag = df.closures(models, batch, ctx("student", 0))["flow"]()
     t = diag["t"]
     assert torch.isfinite(loss).all() and torch.equal(t[:, 1], t[:, 2]) and not torch.equal(t[:, 2], t[:, 3])

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from rcm_kernels.devices import parse_dtype
 from rcm_nets.checkpoint import load_checkpoint, read_state_dict
 from rcm_nets.wan import CLIPVisual, Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.clip import visual_state_dict
@@ -39,7 +40,6 @@ __all__ = [
     "require_file",
     "read_dit_state_dict",
     "read_prompts",
-    "resolve_device",
     "resolve_dtype",
     "dit_config",
     "load_dit",
@@ -59,7 +59,6 @@ WAN_NEGATIVE_PROMPT = (
 """Wan's default negative prompt (the string whose umT5 embedding is ``umT5_wan_negative_emb.pt``)."""
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class MissingFileError(FileNotFoundError):
@@ -140,21 +139,11 @@ def read_prompts(path: str | Path, field: str = "prompt_file") -> list[str]:
     return prompts
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (``cuda:1``)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available (use --device=cpu or auto)")
-    return dev
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on CUDA, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    return parse_dtype(dtype)
 
 
 def free_memory() -> None:
@@ -218,7 +207,7 @@ def load_dit(spec: DiTSpec, device: torch.device, dtype: torch.dtype, *, path: s
 def load_vae(spec: VAESpec, device: torch.device, dtype: torch.dtype, *, field: str = "vae.path") -> WanVAE:
     """The VAE of ``spec`` on ``device`` (its own ``dtype`` unless ``auto``, which takes ``dtype``)."""
     file = require_file(spec.path, field, "VAE weights")
-    vdtype = dtype if spec.dtype == "auto" else _DTYPES[spec.dtype]
+    vdtype = dtype if spec.dtype == "auto" else parse_dtype(spec.dtype)
     with torch.device("meta"):
         vae = WanVAE(**spec.arch)
     load_checkpoint(vae, file, device=device, dtype=vdtype)
