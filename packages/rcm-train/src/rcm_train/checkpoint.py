@@ -11,12 +11,20 @@ A save writes into ``iter_X.partial``; when DCP returns (every rank's data and t
 previous complete checkpoint. Parts are arbitrary named DCP ``Stateful`` objects: :class:`ModelState` and
 :class:`OptimizerState` (FSDP-aware via ``torch.distributed.checkpoint.state_dict``), LR schedulers,
 ``TrainState`` (iteration + per-rank RNG), the data loader (per-rank position).
+
+Reliability (``docs/reliability.md``): a checkpoint holds tensors and plain values only and is read without
+unpickling objects (:mod:`rcm_train.safety`); a missing, incomplete or unreadable ``latest`` falls back to the
+newest intact checkpoint with a warning naming the bad one; models with NaN/inf weights are never saved,
+exported or accepted on load; a failed save (full disk included, named ENOSPC) raises
+:class:`~rcm_train.safety.CheckpointError` naming the directory and leaves ``latest`` as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,8 +44,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
-__all__ = ["CheckpointConfig", "Checkpointer", "ModelState", "OptimizerState", "load_part", "save_weights",
-           "export_module", "export_part"]
+from rcm_train.safety import (
+    CheckpointError,
+    NonFiniteError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    check_finite_module,
+    check_finite_state_dict,
+)
+
+__all__ = ["CheckpointConfig", "Checkpointer", "CheckpointError", "ModelState", "OptimizerState", "load_part",
+           "save_weights", "export_module", "export_part"]
 
 LATEST = "latest"
 _PARTIAL = ".partial"
@@ -51,7 +68,7 @@ class CheckpointConfig(BaseModel):
 
     dir: str = "checkpoints"
     """Checkpoint root (iteration directories and the `latest` pointer)."""
-    keep_last: int | None = None
+    keep_last: int | None = Field(None, ge=1)
     """Delete older complete checkpoints beyond this many (None keeps all)."""
     async_save: bool = False
     """Write in a background thread after staging to CPU memory (finished at the next save or wait())."""
@@ -128,19 +145,34 @@ class Checkpointer:
         self._pending: tuple[Any, Path, Path] | None = None
 
     # ------------------------------------------------------------------------------------ queries
+    def complete(self) -> list[Path]:
+        """Complete checkpoint directories (with DCP metadata), newest first."""
+        if not self.root.is_dir():
+            return []
+        done = [p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(_PARTIAL)
+                and (p / ".metadata").is_file()]
+        return sorted(done, key=lambda p: p.name, reverse=True)
+
     def latest(self) -> Path | None:
-        """The directory ``latest`` names, or None before the first complete save."""
+        """The directory ``latest`` names, or None before the first complete save. When the pointer is
+        missing or names a missing / incomplete directory, the newest complete checkpoint (with a warning
+        naming the bad pointer)."""
         pointer = self.root / LATEST
-        if not pointer.exists():
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        if named and (self.root / named / ".metadata").is_file():
+            return self.root / named
+        done = self.complete()
+        if named is None and not done:
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / ".metadata").exists():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete DCP checkpoint")
-        return path
+        why = f"{pointer} names {named}, which is not a complete checkpoint" if named else f"{pointer} is missing"
+        if not done:
+            raise CheckpointError(f"{why}, and no other complete checkpoint exists under {self.root}")
+        warnings.warn(f"{why}: using {done[0]} instead", stacklevel=2)
+        return done[0]
 
     def latest_iteration(self) -> int | None:
         path = self.latest()
-        return None if path is None else int(path.name.removeprefix("iter_"))
+        return None if path is None else _iteration(path)
 
     def path_for(self, iteration: int) -> Path:
         return self.root / f"iter_{iteration:09d}"
@@ -157,18 +189,24 @@ class Checkpointer:
         and are completed by the next :meth:`save` / :meth:`wait`.
         """
         self.wait()
+        for name, part in state.items():  # never write NaN/inf weights (collective check)
+            if isinstance(part, ModelState):
+                check_finite_module(part.model, name, iteration=iteration, process_group=self.group)
         final = self.path_for(iteration)
         partial = final.with_name(final.name + _PARTIAL)
-        if _rank0():
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
-        self._barrier()
-        kwargs = dict(checkpoint_id=partial, process_group=self.group, no_dist=not dist.is_initialized())
-        if self.async_save:
-            self._pending = (dcp.async_save(dict(state), **kwargs), partial, final)
-        else:
-            dcp.save(dict(state), **kwargs)
-            self._finalize(partial, final)
+        try:
+            if _rank0():
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
+            self._barrier()
+            kwargs = dict(checkpoint_id=partial, process_group=self.group, no_dist=not dist.is_initialized())
+            if self.async_save:
+                self._pending = (dcp.async_save(dict(state), **kwargs), partial, final)
+            else:
+                dcp.save(dict(state), **kwargs)
+                self._finalize(partial, final)
+        except (Exception, dcp.CheckpointException) as e:
+            raise _save_error(e, partial) from e
         return final
 
     def wait(self) -> None:
@@ -177,9 +215,28 @@ class Checkpointer:
             return
         pending, partial, final = self._pending
         self._pending = None
-        # a Future, or (newer torch, custom stagers) a response whose upload_completion is the Future
-        getattr(pending, "upload_completion", pending).result()
-        self._finalize(partial, final)
+        try:
+            # a Future, or (newer torch, custom stagers) a response whose upload_completion is the Future
+            getattr(pending, "upload_completion", pending).result()
+            self._finalize(partial, final)
+        except (Exception, dcp.CheckpointException) as e:
+            raise _save_error(e, partial) from e
+
+    def interrupted(self) -> str:
+        """After a Ctrl-C: finish a pending async save (a second Ctrl-C abandons it: its ``.partial`` directory
+        is never read) and say which checkpoint a resume will use."""
+        if self._pending is not None:
+            try:
+                self.wait()
+            except KeyboardInterrupt:
+                self._pending = None
+        try:
+            latest = self.latest()
+        except CheckpointError:
+            latest = None
+        if latest is None:
+            return f"no complete checkpoint under {self.root}: a resume starts from the beginning"
+        return f"a resume will use {latest} (iteration {_iteration(latest)})"
 
     def _finalize(self, partial: Path, final: Path) -> None:
         if _rank0():
@@ -206,20 +263,101 @@ class Checkpointer:
         Parts present in the checkpoint but absent from ``state`` are ignored; a part in ``state`` missing
         from the checkpoint raises.
         """
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
+        if path is not None:
+            path = Path(path)
+            if path.name.endswith(_PARTIAL):
+                raise ValueError(f"{path} is an incomplete save; load a complete iteration directory")
+            self._load(state, path)
+            return path
+        first = self.latest()
+        if first is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root} (no {LATEST} pointer)")
-        if path.name.endswith(_PARTIAL):
-            raise ValueError(f"{path} is an incomplete save; load a complete iteration directory")
-        dcp.load(dict(state), checkpoint_id=path, process_group=self.group, no_dist=not dist.is_initialized())
-        return path
+        candidates = [first] + [p for p in self.complete() if p.name < first.name]
+        for i, candidate in enumerate(candidates):
+            try:
+                self._load(state, candidate)
+                return candidate
+            except (UnsafeCheckpointError, NonFiniteError):
+                raise  # never silently step around a hostile or diverged checkpoint
+            except CheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise
+                warnings.warn(f"{e}; falling back to {candidates[i + 1]}", stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def _load(self, state: Mapping[str, Any], path: Path) -> None:
+        _read(dict(state), path, process_group=self.group)
+        for name, part in state.items():
+            if isinstance(part, ModelState):
+                check_finite_module(part.model, f"{name} loaded from {path}", process_group=self.group)
+
+
+def _iteration(path: Path) -> int:
+    return int(path.name.removeprefix("iter_"))
+
+
+def _read(state: dict[str, Any], path: Path, *, process_group: dist.ProcessGroup | None = None) -> None:
+    """``dcp.load`` through the safe reader and planner; any failure names the checkpoint directory."""
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path),
+                 process_group=process_group, no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:
+        inner = _inner_errors(e)
+        unsafe = [x for x in inner if isinstance(x, UnsafeCheckpointError)]
+        if unsafe:
+            raise unsafe[0] from None
+        detail = "; ".join(f"{type(x).__name__}: {x}" for x in inner[:1]) or f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {detail}") from e
+
+
+def _inner_errors(e: BaseException) -> list[BaseException]:
+    """The original exceptions inside a DCP CheckpointException (or ``[e]``), causes included."""
+    found: list[BaseException] = []
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if isinstance(x, dcp.CheckpointException):
+            todo += [f[0] if isinstance(f, tuple) else f for f in x.failures.values()]
+            continue
+        found.append(x)
+        if x.__cause__ is not None and x.__cause__ not in found:
+            todo.append(x.__cause__)
+    return found
+
+
+def _save_error(e: BaseException, partial: Path) -> BaseException:
+    """A :class:`CheckpointError` naming the directory (and ENOSPC / a read-only target) for a failed save."""
+    if isinstance(e, (CheckpointError, NonFiniteError)):
+        return e
+    inner = _inner_errors(e)
+    first = inner[0] if inner else e
+    os_errors = [x for x in inner if isinstance(x, OSError)]
+    try:
+        free = shutil.disk_usage(partial.parent if partial.parent.exists() else partial.parent.parent).free
+    except OSError:
+        free = None
+    if any(x.errno == errno.ENOSPC for x in os_errors) or (free is not None and free < 1 << 20):
+        return CheckpointError(f"no space left on device (ENOSPC) while writing checkpoint {partial}"
+                               f"{'' if free is None else f' ({free} bytes free)'}; the previous checkpoint "
+                               f"is intact ({type(first).__name__}: {first})")
+    for x in os_errors:
+        if x.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return CheckpointError(f"cannot write checkpoint {partial}: {os.strerror(x.errno)} "
+                                   f"({x.filename or partial.parent})")
+    return CheckpointError(f"saving checkpoint {partial} failed; the previous checkpoint is intact "
+                           f"({type(first).__name__}: {first})")
 
 
 # ------------------------------------------------------------------------------------------ export
 def load_part(checkpoint: str | os.PathLike, part: str) -> dict[str, Tensor]:
     """Read one part's tensors (e.g. ``student_ema``) from a DCP checkpoint directory, in one process without
     a process group; keys are the module's own names (the part prefix removed)."""
-    metadata = FileSystemReader(checkpoint).read_metadata()
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ".metadata").is_file():
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {checkpoint / '.metadata'})")
+    metadata = SafeFileSystemReader(checkpoint).read_metadata()
     prefix = part + "."
     template = {k: torch.empty(md.size, dtype=md.properties.dtype)
                 for k, md in metadata.state_dict_metadata.items()
@@ -227,14 +365,17 @@ def load_part(checkpoint: str | os.PathLike, part: str) -> dict[str, Tensor]:
     if not template:
         parts = sorted({k.split(".", 1)[0] for k in metadata.state_dict_metadata})
         raise KeyError(f"checkpoint {checkpoint} has no part {part!r}; parts: {parts}")
-    dcp.load(template, checkpoint_id=checkpoint, no_dist=True)
-    return {k[len(prefix):]: v for k, v in template.items()}
+    _read(template, checkpoint)
+    out = {k[len(prefix):]: v for k, v in template.items()}
+    check_finite_state_dict(out, f"part {part!r} of checkpoint {checkpoint}")
+    return out
 
 
 def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike, *,
                  dtype: torch.dtype | None = torch.bfloat16) -> None:
     """Write a state dict to ``.safetensors`` or ``.pth``/``.pt`` (floating tensors cast to ``dtype``)."""
     path = Path(path)
+    check_finite_state_dict(state_dict, f"weights to be written to {path}")
     out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
            for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +393,7 @@ def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike, *,
 
 def export_module(module: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = torch.bfloat16) -> None:
     """Gather a (possibly FSDP-sharded) module's full state dict and write it on rank 0 (collective)."""
+    check_finite_module(module, f"export to {path}")
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank0():
         save_weights(sd, path, dtype=dtype)

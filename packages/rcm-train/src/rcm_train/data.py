@@ -10,7 +10,8 @@ covering the epoch. Each reader shuffles samples in a buffer, decodes with ``tor
 and batches; streams are infinite by default (epochs follow each other inside a reader), which makes the
 position a single counter per rank: :class:`ShardLoader` is a DCP Stateful and resumes exactly. A corrupt
 or truncated member raises :class:`CorruptDataError` naming the shard and key; ``on_error="skip"`` counts,
-logs and goes on.
+logs and goes on. Every sample's latent and embedding shapes are checked against the first one's (a shard of
+another resolution raises naming shard and key, or is skipped), so a batch never mixes shapes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -53,21 +54,21 @@ class DataConfig(BaseModel):
 
     shards: str | list[str]
     """Shard files: a glob pattern (e.g. data/shard_*.tar) or an explicit list."""
-    batch_size: int = 1
+    batch_size: int = Field(1, ge=1)
     """Samples per batch per data-parallel rank."""
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank (each reads its own shards)."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = Field(1000, ge=1)
     """Sample shuffle buffer per reader (1 disables sample shuffling; shards are always permuted)."""
     seed: int = 0
     """Seed of the shard permutation and of the shuffle buffers."""
-    max_epochs: int | None = None
+    max_epochs: int | None = Field(None, ge=1)
     """Stop after this many epochs (None: infinite stream, as training wants)."""
-    num_frames: int | None = None
+    num_frames: int | None = Field(None, ge=1)
     """Keep only the first this-many latent frames (e.g. 20 for the 1.3B recipe)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Corrupt or truncated data: raise CorruptDataError, or skip it (counted and logged)."""
-    prefetch_factor: int = 2
+    prefetch_factor: int = Field(2, ge=1)
     """Batches prefetched per worker."""
     pin_memory: bool = False
     """Pin batches in page-locked memory (for CUDA training)."""
@@ -143,6 +144,16 @@ class _Readers(IterableDataset):
     def __init__(self, shards: list[str], config: DataConfig, rank: int, world_size: int, consumed: int):
         self.shards, self.cfg, self.rank, self.world, self.consumed = shards, config, rank, world_size, consumed
         self.skipped = 0
+        self._shapes: tuple[tuple[int, ...], tuple[int, ...], str] | None = None  # latent, embed, where
+
+    def _check_shapes(self, sample: dict[str, Any], url: str) -> None:
+        shapes = (tuple(sample["latent"].shape), tuple(sample["embed"].shape))
+        if self._shapes is None:
+            self._shapes = (*shapes, f"shard {url}: sample {sample['key']}")
+        elif shapes != self._shapes[:2]:
+            raise CorruptDataError(f"shard {url}: sample {sample['key']} has latent {shapes[0]} / embed {shapes[1]}, "
+                                   f"but {self._shapes[2]} has latent {self._shapes[0]} / embed {self._shapes[1]} "
+                                   "(shards of different configurations?)")
 
     def _samples(self, reader: int, readers: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
@@ -157,9 +168,12 @@ class _Readers(IterableDataset):
                 raw = wds.shuffle(cfg.shuffle_buffer, min(100, cfg.shuffle_buffer), rng=rng)(raw)
             for s in raw:
                 try:
-                    yield decode_sample(s, cfg.num_frames)
+                    sample = decode_sample(s, cfg.num_frames)
+                    self._check_shapes(sample, s.get("__url__"))
                 except CorruptDataError as e:
                     self._skip(e)
+                    continue
+                yield sample
 
     def _guarded(self, url: str) -> Iterator[dict[str, Any]]:
         try:
@@ -226,8 +240,16 @@ class ShardLoader:
         dataset = _Readers(self.shards, cfg, self.rank, self.world, self.batches)
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None)
+        first: tuple[torch.Size, torch.Size, list[str]] | None = None
         for batch in loader:
             self._skipped[batch.pop("_worker")] = batch.pop("_skipped")
+            shapes = (batch["latent"].shape[1:], batch["embed"].shape[1:])
+            if first is None:
+                first = (*shapes, batch["key"])
+            elif shapes != first[:2]:  # readers (workers) each checked their own samples; compare across them
+                raise CorruptDataError(f"samples {batch['key']} have latent {tuple(shapes[0])} / embed "
+                                       f"{tuple(shapes[1])}, but samples {first[2]} have {tuple(first[0])} / "
+                                       f"{tuple(first[1])} (shards of different configurations in {cfg.shards!r}?)")
             self.batches += 1
             yield batch
 
@@ -289,6 +311,13 @@ class ShardWriter:
         self.n, self.per, self.rank, self.world = num_samples, samples_per_shard, rank, world_size
         self._open: tuple[int, Any, wds.TarWriter, int] | None = None  # shard id, file, writer, samples in it
         self._recovered: dict[int, list[dict[str, Any]]] = {}
+        self._ref: tuple[tuple[int, ...], tuple[int, ...], str] | None = None  # shapes of an existing sample
+
+    def _remember(self, sample: Mapping[str, Any], where: str) -> None:
+        if self._ref is None:
+            latent = _load_tensor(sample["latent.pt"], f"{where}.latent.pt")
+            embed = _load_tensor(sample["embed.pt"], f"{where}.embed.pt")
+            self._ref = (tuple(latent.shape), tuple(embed.shape), where)
 
     def path(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:06d}.tar"
@@ -304,10 +333,16 @@ class ShardWriter:
         todo: list[int] = []
         for shard in range(self.rank, -(-self.n // self.per), self.world):
             if self.path(shard).exists():
+                if self._ref is None:  # the shapes a finished shard was written with
+                    first = next(_shard_samples(str(self.path(shard))), None)
+                    if first is not None and all(m in first for m in MEMBERS):
+                        self._remember(first, f"shard {self.path(shard)}: {first['__key__']}")
                 continue
             tmp = self._tmp(shard)
             done = _recover(tmp) if tmp.exists() else []
             self._recovered[shard] = done
+            if done:
+                self._remember(done[0], f"shard {tmp}: {done[0]['__key__']}")
             keys = {s["__key__"] for s in done}
             missing = [i for i in self._indices(shard) if f"{i:09d}" not in keys]
             if not missing:  # crashed after the last sample, before the rename
@@ -325,6 +360,13 @@ class ShardWriter:
             self._close_open()
             self._start(shard)
         _, f, writer, count = self._open
+        shapes = (tuple(latent.shape), tuple(embed.shape))
+        if self._ref is None:
+            self._ref = (*shapes, f"shard {self.path(shard)}: {index:09d}")
+        elif shapes != self._ref[:2]:
+            raise ValueError(f"sample {index} has latent {shapes[0]} / embed {shapes[1]}, but {self._ref[2]} has "
+                             f"{self._ref[0]} / {self._ref[1]}: resuming a build with another configuration? "
+                             f"(use a new output directory)")
         writer.write({"__key__": f"{index:09d}", "latent.pt": _tensor_bytes(latent),
                       "embed.pt": _tensor_bytes(embed), "prompt.txt": prompt.encode("utf-8")})
         f.flush()

@@ -2,13 +2,17 @@
 images / videos written as files.
 
 All ranks call :meth:`MetricsLogger.log` (metrics are averaged over the logging window and, when a process
-group is up, over ranks); only rank 0 prints and writes.
+group is up, over ranks); only rank 0 prints and writes. After a resume, :meth:`MetricsLogger.start` drops the
+``metrics.jsonl`` records past the restored iteration, so the file holds each iteration once. The console line
+shows the samples the losses masked for a NaN in the window (``nan_masked=K/N``) and warns above
+``nan_warn_fraction``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 __all__ = ["LoggerConfig", "MetricsLogger", "format_duration", "write_media"]
@@ -29,7 +33,7 @@ class LoggerConfig(BaseModel):
 
     dir: str = "outputs/logs"
     """Directory of metrics.jsonl and media/."""
-    every: int = 10
+    every: int = Field(10, ge=1)
     """Print / write averaged metrics every this many iterations."""
     console: bool = True
     """Print a progress line (rank 0)."""
@@ -41,8 +45,10 @@ class LoggerConfig(BaseModel):
     """wandb project name."""
     wandb_name: str | None = None
     """wandb run name (None: wandb picks one)."""
-    video_fps: int = 16
+    video_fps: int = Field(16, ge=1)
     """Frame rate of logged videos."""
+    nan_warn_fraction: float = Field(0.05, ge=0, le=1)
+    """Warn on the console when more than this fraction of a window's samples were masked for a NaN."""
 
 
 def format_duration(seconds: float) -> str:
@@ -80,6 +86,27 @@ def write_media(path: Path, value: Tensor, *, fps: int = 16) -> Path:
     return path
 
 
+def _truncate_jsonl(path: Path, iteration: int) -> None:
+    """Keep the records of ``path`` with ``iteration <= iteration`` (a torn last line is dropped too); atomic."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["iteration"]) <= iteration
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if not dropped:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Averages metrics over ``every`` iterations and reports them (console, JSONL, wandb)."""
 
@@ -88,6 +115,7 @@ class MetricsLogger:
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.dir = Path(config.dir)
         self._sums: dict[str, float] = {}
+        self._totals: dict[str, float] = {}  # nan_masked / nan_checked, summed (not averaged) over the window
         self._count = 0
         self._start_it = 0
         self._max_iter = 0
@@ -111,7 +139,12 @@ class MetricsLogger:
                           dir=str(self.dir), config=dict(run_config or {}))
 
     def start(self, iteration: int, max_iter: int) -> None:
-        """Mark the starting iteration (after a resume) for it/s and ETA."""
+        """Mark the starting iteration (after a resume) for it/s and ETA; drop the JSONL records past it (the
+        iterations a crash lost are run again and logged once)."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            _truncate_jsonl(self.dir / "metrics.jsonl", iteration)
+            self._jsonl = open(self.dir / "metrics.jsonl", "a")
         self._start_it = self._it_last = iteration
         self._max_iter = max_iter
         self._t0 = self._t_last = time.perf_counter()
@@ -120,6 +153,8 @@ class MetricsLogger:
         """Add one iteration's metrics; every ``every`` iterations report their window mean (returned)."""
         for k, v in metrics.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
+            if k in ("nan_masked", "nan_checked"):
+                self._totals[k] = self._totals.get(k, 0.0) + float(v)
         self._count += 1
         if iteration % self.cfg.every != 0:
             return None
@@ -131,15 +166,17 @@ class MetricsLogger:
             dist.all_reduce(t)
             values = (t / dist.get_world_size()).tolist()
         mean = dict(zip(keys, values))
+        totals, self._totals = self._totals, {}
         self._sums, self._count = {}, 0
         now = time.perf_counter()
         it_s = (iteration - self._it_last) / max(now - self._t_last, 1e-9)
         self._t_last, self._it_last = now, iteration
         if self.rank0:
-            self._report(iteration, mean, it_s, now)
+            self._report(iteration, mean, it_s, now, totals)
         return mean
 
-    def _report(self, iteration: int, mean: Mapping[str, float], it_s: float, now: float) -> None:
+    def _report(self, iteration: int, mean: Mapping[str, float], it_s: float, now: float,
+                totals: Mapping[str, float] | None = None) -> None:
         elapsed = now - self._t0
         done = iteration - self._start_it
         eta = (self._max_iter - iteration) * elapsed / done if done > 0 else math.inf
@@ -150,8 +187,15 @@ class MetricsLogger:
             self._wandb.log({**mean, "it_per_s": it_s}, step=iteration)
         if self.cfg.console:
             shown = " ".join(f"{k}={v:.4g}" for k, v in mean.items() if k.endswith("loss") or k.startswith("lr/"))
+            masked, checked = (totals or {}).get("nan_masked", 0.0), (totals or {}).get("nan_checked", 0.0)
+            if checked:
+                shown += f" nan_masked={masked:.0f}/{checked:.0f}"
             print(f"it {iteration}/{self._max_iter} | {it_s:.2f} it/s | ETA {format_duration(eta)} | {shown}",
                   flush=True)
+            if checked and masked / checked > self.cfg.nan_warn_fraction:
+                print(f"warning: {masked:.0f} of {checked:.0f} samples had a NaN and were masked to 0 in "
+                      f"iterations {iteration - self.cfg.every + 1}-{iteration} (threshold "
+                      f"{self.cfg.nan_warn_fraction:.0%}): the run may be diverging", flush=True)
 
     def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:
         """Write each image/video to ``media/<name>_<iteration>.png|mp4`` (rank 0; also to wandb)."""

@@ -5,7 +5,9 @@
 * :func:`train_step` is a function of ``(models, batches, optimizers, objective, ctx)``: the objective
   returns named closures, each closure runs its forward and the trainer its own backward (so the
   activations of two closures are never alive together), gradients accumulate over closures and
-  micro-batches, then ``nan_to_num`` + optional clipping and one optimizer step.
+  micro-batches, then the losses and gradient norms are checked (``on_nonfinite``: stop with
+  :class:`~rcm_train.safety.NonFiniteError`, or skip the update, at most ``max_skips`` times), optional
+  clipping and one optimizer step.
 * Optimizers are torch ``AdamW`` (fused on CUDA, foreach elsewhere) over float32 parameters: keep stored
   parameters float32 and compute in bf16 through FSDP2's ``MixedPrecisionPolicy`` (``parallelize``), so the
   stored parameters are the master weights and nothing has to be copied by hand.
@@ -15,8 +17,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import pickle
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,17 +27,21 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from rcm_losses.ema import ema_beta, ema_update_
+from rcm_train.safety import NonFiniteError, check_finite_module
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ScheduleConfig", "OptimizerConfig", "TrainConfig", "StepContext", "Objective", "Closure", "TrainParts",
-    "TrainState", "is_student_phase", "effective_iteration", "effective_iteration_critic", "build_optimizer",
+    "TrainState", "NonFiniteError", "TrainingInterrupted", "is_student_phase", "effective_iteration", "effective_iteration_critic", "build_optimizer",
     "build_scheduler", "seeded_generator", "step_generator", "sanitize_grads_", "update_ema_", "train_step", "run_iteration", "train",
+    "check_parameters",
 ]
 
 Phase = Literal["student", "critic"]
@@ -49,9 +55,9 @@ class ScheduleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    tangent_warmup: int = 0
+    tangent_warmup: int = Field(0, ge=0)
     """Iterations of pure student (sCM) training before critic phases start (also the sCM tangent ramp)."""
-    student_update_freq: int = 5
+    student_update_freq: int = Field(5, ge=1)
     """After the warmup, one student iteration every this many iterations; the others are critic ones."""
 
 
@@ -60,20 +66,27 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    lr: float = 2e-6
+    lr: float = Field(2e-6, gt=0, allow_inf_nan=False)
     """Peak learning rate (1.3B student 2e-6, fake score 4e-7)."""
     betas: tuple[float, float] = (0.0, 0.999)
     """Adam betas; beta1 = 0 (no momentum) as in the reference."""
-    weight_decay: float = 0.01
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     """Decoupled weight decay, applied to every parameter (norms and biases included, as the reference)."""
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
     """Adam epsilon."""
-    warmup_steps: int = 100
+    warmup_steps: int = Field(100, ge=0)
     """Steps of this optimizer over which the LR multiplier rises linearly from warmup_start to 1."""
-    warmup_start: float = 1e-6
+    warmup_start: float = Field(1e-6, ge=0, le=1)
     """LR multiplier at step 0."""
     implementation: Literal["auto", "fused", "foreach"] = "auto"
     """torch AdamW kernel: auto = fused when every parameter is on CUDA, foreach otherwise."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {v}")
+        return v
 
 
 class TrainConfig(BaseModel):
@@ -81,15 +94,15 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    max_iter: int = 100_000
+    max_iter: int = Field(100_000, ge=0)
     """Total (raw) iterations, student and critic together."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step (each closure's loss is divided by this)."""
-    clip_norm: float | None = None
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Clip the gradient norm to this (None: only compute it for logging, as the reference default)."""
     seed: int = 0
     """Seed of the per-step noise generators (and of global RNGs, offset by rank)."""
-    ema_rate: float | None = 0.1
+    ema_rate: float | None = Field(0.1, ge=0, lt=1)
     """Power-EMA rate (EDM2 sigma_rel) of the EMA copies; None disables EMA updates."""
     ema_iteration_shift: int = 0
     """Added to the effective iteration before computing the EMA decay."""
@@ -99,10 +112,17 @@ class TrainConfig(BaseModel):
     """Networks stepped in student iterations (their optimizers, schedulers and EMAs)."""
     critic_models: list[str] = ["fake_score"]
     """Networks stepped in critic iterations; without them every iteration is a student one."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = Field(1000, ge=0)
     """Save a checkpoint every this many iterations (and at the end); 0 disables periodic saves."""
-    sample_every: int = 0
+    sample_every: int = Field(0, ge=0)
     """Call the sampling hook every this many iterations; 0 disables it."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: stop (raise NonFiniteError naming iteration, network and quantity;
+    the last finite checkpoint stays latest) or skip the update (no optimizer, scheduler or EMA step)."""
+    max_skips: int = Field(10, ge=0)
+    """With on_nonfinite=skip: stop once this many updates of this process have been skipped."""
+    param_check_every: int = Field(100, ge=0)
+    """Check the trained networks' parameters for NaN/inf every this many iterations (0: only before saves)."""
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -225,6 +245,16 @@ def update_ema_(ema: nn.Module, model: nn.Module, beta: float) -> None:
         eb.copy_(mb)
 
 
+@torch.no_grad()
+def _total_grad_norm(params: Sequence[Tensor]) -> Tensor:
+    """The total 2-norm of the gradients (NaN/inf when any gradient is), reduced over ranks for DTensors."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def _set_grad_sync(models: Iterable[nn.Module], enabled: bool) -> None:
     for m in models:
         if hasattr(m, "set_requires_gradient_sync"):  # FSDP2 module: skip reduce-scatter until the last micro-batch
@@ -237,9 +267,14 @@ def train_step(models: Mapping[str, nn.Module], batches: Sequence[Any], optimize
     """One optimizer step of the networks in ``optimizers`` (keyed like ``models``) over ``batches``.
 
     For each micro-batch ``i`` the objective's closures run in order, each followed by
-    ``(loss.sum() / len(batches)).backward()``. Then every optimizer's gradients are sanitized (and
-    clipped) and it steps. ``make_generator(i)`` gives micro-batch ``i`` its generator (default: the
-    context's for all). Returns ``{closure/loss, closure/<diag>, grad_norm/<name>}`` as floats.
+    ``(loss.sum() / len(batches)).backward()``. Then the total gradient norm of every optimizer is computed
+    and, in one host sync, the losses and norms are checked: a NaN/inf raises :class:`NonFiniteError`
+    (naming the iteration, the network or closure and the quantity) before any optimizer steps (gradients are
+    dropped). Otherwise the gradients are clipped (``clip_norm``) and every optimizer steps.
+    ``make_generator(i)`` gives micro-batch ``i`` its generator (default: the context's for all). Returns
+    ``{closure/loss, closure/<diag>, grad_norm/<name>, nan_masked, nan_checked}`` as floats, where
+    ``nan_masked`` counts the samples the losses masked to 0 for a NaN (their ``nan`` diagnostic) out of
+    ``nan_checked``.
     """
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
@@ -254,17 +289,33 @@ def train_step(models: Mapping[str, nn.Module], batches: Sequence[Any], optimize
             loss, diag = closure()
             (loss.sum() / n).backward()
             for k, v in {"loss": loss, **diag}.items():
+                if k == "nan":
+                    sums["nan_masked"] = sums.get("nan_masked", 0.0) + v.detach().double().sum()
+                    sums["nan_checked"] = sums.get("nan_checked", 0.0) + torch.tensor(float(v.numel()))
                 v = v.detach().double().mean() / n
                 sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + v
-    for name, opt in optimizers.items():
-        params = [p for group in opt.param_groups for p in group["params"]]
-        sums[f"grad_norm/{name}"] = sanitize_grads_(params, clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    params = {name: [p for group in opt.param_groups for p in group["params"]] for name, opt in optimizers.items()}
+    for name in optimizers:
+        sums[f"grad_norm/{name}"] = _total_grad_norm(params[name])
     if not sums:
         return {}
     dev = next(iter(sums.values())).device
-    return dict(zip(sums, torch.stack([v.detach().double().to(dev) for v in sums.values()]).tolist()))
+    metrics = dict(zip(sums, torch.stack([v.detach().double().to(dev).reshape(()) for v in sums.values()]).tolist()))
+    checked = [k for k in metrics if k.endswith("/loss") or k.startswith("grad_norm/")]
+    bad = next((k for k in checked if not math.isfinite(metrics[k])), None)
+    if bad is not None:
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        network = bad.removeprefix("grad_norm/") if bad.startswith("grad_norm/") else None
+        quantity = "the gradient norm" if network else f"the loss {bad!r}"
+        raise NonFiniteError(f"{quantity} ({metrics[bad]})", network=network or ",".join(optimizers),
+                             iteration=ctx.iteration)
+    for name, opt in optimizers.items():
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params[name] if p.grad is not None], clip_norm, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -299,28 +350,70 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _python_rng_bytes() -> Tensor:
+    """``random.getstate()`` as uint8: 625 uint32 words (MT state + position), then the cached gauss as
+    float64 (NaN for none)."""
+    version, words, gauss = random.getstate()
+    assert version == 3, version
+    raw = np.array(words, np.uint32).tobytes() + np.array([np.nan if gauss is None else gauss]).tobytes()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
+def _set_python_rng(t: Tensor) -> None:
+    raw = t.numpy().tobytes()
+    words = tuple(int(w) for w in np.frombuffer(raw[:625 * 4], np.uint32))
+    gauss = float(np.frombuffer(raw[625 * 4:], np.float64)[0])
+    random.setstate((3, words, None if math.isnan(gauss) else gauss))
+
+
+def _numpy_rng_bytes() -> Tensor:
+    """``np.random.get_state()`` (MT19937) as uint8: 624 uint32 words, then pos, has_gauss (int64) and the
+    cached gaussian (float64)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    assert name == "MT19937", name
+    raw = np.asarray(keys, np.uint32).tobytes() + np.array([pos, has_gauss], np.int64).tobytes() \
+        + np.array([cached], np.float64).tobytes()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
+def _set_numpy_rng(t: Tensor) -> None:
+    raw = t.numpy().tobytes()
+    keys = np.frombuffer(raw[:624 * 4], np.uint32).copy()
+    pos, has_gauss = (int(x) for x in np.frombuffer(raw[624 * 4:624 * 4 + 16], np.int64))
+    cached = float(np.frombuffer(raw[624 * 4 + 16:], np.float64)[0])
+    np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
+
+
 @dataclass
 class TrainState:
     """Iteration counter and this rank's global RNG states (python, numpy, torch CPU/CUDA); a DCP Stateful.
 
-    RNG states are stored under a per-rank key, so each rank resumes its own stream.
+    RNG states are stored as uint8 tensors (never pickled objects) under a per-rank key, so each rank resumes
+    its own stream; CUDA states ``[devices, S]`` (``[0]`` without CUDA).
     """
 
     iteration: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return {"iteration": self.iteration, f"rng_rank{_rank()}": pickle.dumps(rng)}
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng = {"python": _python_rng_bytes(), "numpy": _numpy_rng_bytes(), "torch": torch.get_rng_state(),
+               "cuda": torch.stack(cuda) if cuda else torch.zeros(0, dtype=torch.uint8)}
+        return {"iteration": self.iteration, f"rng_rank{_rank()}": rng}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.iteration = int(state["iteration"])
-        rng = pickle.loads(state[f"rng_rank{_rank()}"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        rng = state[f"rng_rank{_rank()}"]
+        if not isinstance(rng, Mapping) or not all(isinstance(v, Tensor) for v in rng.values()):
+            raise TypeError("trainer RNG state must be uint8 tensors (a checkpoint from an older rcm_train?)")
+        _set_python_rng(rng["python"])
+        _set_numpy_rng(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng["cuda"].numel() and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`; the message says which checkpoint a resume will use."""
 
 
 def run_iteration(parts: TrainParts, objective: Objective, batches: Sequence[Any], iteration: int,
@@ -363,6 +456,11 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
     the data position). ``checkpointer`` (:class:`rcm_train.checkpoint.Checkpointer`): resumes from its
     latest checkpoint if there is one, saves every ``checkpoint_every`` iterations and at the end.
     ``logger`` (:class:`rcm_train.logging.MetricsLogger`) receives metrics and sampled media.
+
+    A NaN/inf loss, gradient norm or parameter raises :class:`NonFiniteError` (``on_nonfinite="stop"``; no
+    checkpoint is written after it, so ``latest`` stays the last finite one) or skips that update
+    (``"skip"``, at most ``max_skips``). Ctrl-C finishes or abandons a pending save and raises
+    :class:`TrainingInterrupted` naming the checkpoint a resume will use.
     """
     state = state or TrainState()
     ckpt_state = {**parts.checkpoint_state(), "trainer": state}
@@ -373,24 +471,52 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
     it_data: Iterator[Any] = iter(data)
     if logger is not None:
         logger.start(state.iteration, config.max_iter)
-    while state.iteration < config.max_iter:
-        it = state.iteration
-        if sample_hook is not None and config.sample_every and it % config.sample_every == 0:
-            media = sample_hook(it, {**parts.models, **{f"{k}_ema": v for k, v in parts.ema.items()}})
-            if logger is not None and media:
-                logger.log_media(it, media)
-        batches = [next(it_data) for _ in range(config.grad_accum)]
-        metrics = run_iteration(parts, objective, batches, it, config, dp_rank=dp_rank, device=device)
-        state.iteration = it + 1
+    skips = 0
+    try:
+        while state.iteration < config.max_iter:
+            it = state.iteration
+            if sample_hook is not None and config.sample_every and it % config.sample_every == 0:
+                media = sample_hook(it, {**parts.models, **{f"{k}_ema": v for k, v in parts.ema.items()}})
+                if logger is not None and media:
+                    logger.log_media(it, media)
+            batches = [next(it_data) for _ in range(config.grad_accum)]
+            try:
+                metrics = run_iteration(parts, objective, batches, it, config, dp_rank=dp_rank, device=device)
+            except NonFiniteError as e:
+                if config.on_nonfinite == "stop":
+                    raise
+                skips += 1
+                if skips > config.max_skips:
+                    raise NonFiniteError(f"{e.quantity}, after {config.max_skips} skipped updates (max_skips)",
+                                         network=e.network, iteration=e.iteration) from e
+                log.warning("skipping the update of iteration %d (%d/%d skips): %s", it, skips, config.max_skips, e)
+                metrics = {"skipped_update": 1.0}
+            state.iteration = it + 1
+            if config.param_check_every and state.iteration % config.param_check_every == 0:
+                check_parameters(parts, state.iteration)
+            if logger is not None:
+                logger.log(state.iteration, metrics)
+            if checkpointer is not None and config.checkpoint_every and state.iteration % config.checkpoint_every == 0:
+                checkpointer.save(state.iteration, ckpt_state)
+        if checkpointer is not None:
+            checkpointer.wait()  # an async save of the last iteration counts as done once finished
+            if checkpointer.latest_iteration() != state.iteration:
+                checkpointer.save(state.iteration, ckpt_state)
+                checkpointer.wait()
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        where = checkpointer.interrupted() if checkpointer is not None else "no checkpointer: nothing saved"
+        raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {where}") from None
+    finally:
         if logger is not None:
-            logger.log(state.iteration, metrics)
-        if checkpointer is not None and config.checkpoint_every and state.iteration % config.checkpoint_every == 0:
-            checkpointer.save(state.iteration, ckpt_state)
-    if checkpointer is not None:
-        checkpointer.wait()  # an async save of the last iteration counts as done once finished
-        if checkpointer.latest_iteration() != state.iteration:
-            checkpointer.save(state.iteration, ckpt_state)
-            checkpointer.wait()
-    if logger is not None:
-        logger.close()
+            logger.close()
     return state
+
+
+def check_parameters(parts: TrainParts, iteration: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` if a trained network or an EMA holds a NaN/inf parameter (collective)."""
+    for name in parts.optimizers:
+        check_finite_module(parts.models[name], name, iteration=iteration)
+    for name, ema in parts.ema.items():
+        check_finite_module(ema, f"{name}_ema", iteration=iteration)
