@@ -30,19 +30,7 @@ from datetime import date
 import torch
 
 from rcm_nets.wan import WanDiT, get_config
-
-
-def flops(cfg, tokens: int, text_rows: int) -> dict[str, float]:
-    """Forward / JVP / backward FLOPs of one call (multiply-add = 2 FLOPs)."""
-    c, f, n = cfg.dim, cfg.ffn_dim, cfg.num_layers
-    p = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
-    lin_x = 2 * tokens * (6 * c * c + 2 * c * f)  # per block, on the video tokens
-    lin_ctx = 2 * text_rows * 2 * c * c  # per block, cross k,v on the context
-    attn = 4 * tokens * tokens * c + 4 * tokens * text_rows * c  # per block
-    outer = 2 * tokens * (cfg.in_dim * p * c + c * p * cfg.out_dim) + 2 * text_rows * (cfg.text_dim * c + c * c)
-    fwd = n * (lin_x + lin_ctx + attn) + outer
-    jvp = n * (2 * lin_x + lin_ctx + 3 * attn) + 2 * outer
-    return {"forward": fwd, "forward_jvp": jvp, "fwd+bwd": 3 * fwd}
+from rcm_nets.wan.flops import dit_flops as flops
 
 
 def _measure(fn, warmup: int, iters: int) -> tuple[float | None, float | str]:

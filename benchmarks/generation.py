@@ -40,7 +40,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,8 +48,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # rcm_recipes (not installed)
 
 from rcm_kernels.blockmask import BlockLayout  # noqa: E402
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE  # noqa: E402

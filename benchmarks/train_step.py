@@ -38,15 +38,12 @@ import statistics
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dit_forward import flops as dit_flops  # noqa: E402  (one FLOP formula for every benchmark)
-
 from rcm_nets.wan import WanDiT, get_config  # noqa: E402
+from rcm_nets.wan.flops import dit_flops  # noqa: E402
 from rcm_train.objectives import RCMObjective, RCMObjectiveConfig  # noqa: E402
 from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize  # noqa: E402
 from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step  # noqa: E402

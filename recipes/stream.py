@@ -31,7 +31,7 @@ from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
 from rcm_pipelines.video import VideoWriter, load_image
-from rcm_recipes.config import RecipeConfig, parse_config, write_config  # recipes/ is on sys.path
+from rcm_recipes.config import RecipeConfig, parse_config, write_config
 
 
 class ModelConfig(RecipeConfig):

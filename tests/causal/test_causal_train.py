@@ -5,19 +5,13 @@ against the DiT's own causal passes."""
 
 import json
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
+import causal_distill  # noqa: E402
 import pytest
 import torch
 from torch import nn
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
-
-import causal_distill  # noqa: E402
 
 from rcm_kernels.blockmask import BlockLayout, teacher_forcing  # noqa: E402
 from rcm_losses import TrigFlowAdapter  # noqa: E402

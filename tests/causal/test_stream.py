@@ -2,8 +2,6 @@
 
 import gc
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,6 @@ from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.streaming import stream_generate
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
 
 
 def test_streaming_decoder_equals_whole_decode():

@@ -6,15 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import demo
 import imageio.v3 as iio
 import pytest
 import yaml
 
 from rcm_recipes.config import ConfigError, field_paths, resolve_config
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-sys.path.insert(0, str(RECIPES))
-import demo  # noqa: E402
 
 
 def test_help_lists_every_field(capsys):
@@ -47,7 +44,7 @@ def test_ci_demo_end_to_end(tmp_path):
     the student's samples better than before it (the full demo's stronger claims need full training)."""
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(RECIPES / "demo.py"), "--preset", "ci", f"--out_dir={out}",
+    proc = subprocess.run([sys.executable, str(Path(demo.__file__)), "--preset", "ci", f"--out_dir={out}",
                            "--progress=false"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["config.yaml", "grid.mp4", "grid.gif", "loss_curves.png", "metrics.json",

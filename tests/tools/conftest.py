@@ -1,14 +1,6 @@
-"""Tool tests import the scripts of `tools/` (and `rcm_recipes` from `recipes/`): neither is installed."""
+"""Checkpoint tools (``rcm_pipelines.tools``) tests."""
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-for d in (ROOT / "tools", ROOT / "recipes"):
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")

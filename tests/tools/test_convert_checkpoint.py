@@ -1,17 +1,17 @@
-"""tools/convert_checkpoint.py: .pth <-> DCP <-> .safetensors round trips keep every bit.
+"""rcm-convert: .pth <-> DCP <-> .safetensors round trips keep every bit.
 
 The state dict mixes dtypes (fp32, bf16, fp16, int64, bool) and special values (NaN with a payload, ±inf,
 -0.0, subnormals), whose bits a careless conversion (a cast, a NaN canonicalisation) would change; the
 check compares raw bytes, not values.
 """
 
-import ckpt_io
-import convert_checkpoint
 import pytest
 import torch
 
 from rcm_nets.checkpoint import CheckpointError
 from rcm_nets.wan import WanDiT
+from rcm_pipelines.tools import ckpt_io
+from rcm_pipelines.tools import convert as convert_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,11 @@ def test_round_trip_is_bit_exact(tmp_path, state_dict, chain):
 
 def test_cli_prefix_and_dtype(tmp_path, state_dict, capsys):
     src = ckpt_io.write(state_dict, tmp_path / "a.pth")
-    assert convert_checkpoint.main([str(src), str(tmp_path / "b"), "--to", "dcp", "--add-prefix", "net."]) == 0
+    assert convert_checkpoint.main([str(src), str(tmp_path / "b"), "--to", "dcp", "--add_prefix", "net."]) == 0
     assert "verified bit-exact" in capsys.readouterr().out
     b, fmt = ckpt_io.read(tmp_path / "b")
     assert fmt == "dcp" and set(b) == {f"net.{k}" for k in state_dict}
-    convert_checkpoint.main([str(tmp_path / "b"), str(tmp_path / "c.safetensors"), "--strip-prefix", "net.",
+    convert_checkpoint.main([str(tmp_path / "b"), str(tmp_path / "c.safetensors"), "--strip_prefix", "net.",
                              "--dtype", "bfloat16"])
     c, _ = ckpt_io.read(tmp_path / "c.safetensors")
     for k, v in state_dict.items():

@@ -1,14 +1,13 @@
-"""tools/export_ema.py: the EMA part of an rcm_train DCP checkpoint, exported with official keys."""
+"""rcm-export-ema: the EMA part of an rcm_train DCP checkpoint, exported with official keys."""
 
 import warnings
 
-import ckpt_io
-import export_ema
 import pytest
 import torch
 
 from rcm_nets.checkpoint import CheckpointError, load_checkpoint
 from rcm_nets.wan import WanDiT
+from rcm_pipelines.tools import ckpt_io, export_ema
 from rcm_train.checkpoint import Checkpointer, ModelState
 
 
@@ -54,7 +53,7 @@ def test_default_is_bf16_and_other_parts(tmp_path, checkpoint):
 
 def test_errors(tmp_path, checkpoint):
     root, _, _ = checkpoint
-    with pytest.raises(KeyError, match=r"no part 'fake_score'.*student_ema"):
+    with pytest.raises(CheckpointError, match=r"no part 'fake_score'.*student_ema"):
         export_ema.export(root, tmp_path / "x.pth", part="fake_score")
     with pytest.raises(FileNotFoundError, match="neither a DCP checkpoint"):
         export_ema.export(tmp_path, tmp_path / "x.pth")

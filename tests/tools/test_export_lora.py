@@ -1,4 +1,4 @@
-"""tools/export_lora.py: LoRA of (student - teacher) in the ComfyUI / diffusers Wan layout.
+"""rcm-export-lora: LoRA of (student - teacher) in the ComfyUI / diffusers Wan layout.
 
 The reference for the reconstruction is independent of the tool: the LoRA file is merged back the way
 ComfyUI applies it (``W + alpha / rank * up @ down``, ``+ diff``, ``+ diff_b``) in float64 and compared with
@@ -7,13 +7,12 @@ the student; the optimal error of each rank comes from float64 singular values c
 
 import math
 
-import ckpt_io
-import export_lora
 import pytest
 import torch
 from safetensors import safe_open
 
 from rcm_nets.wan import WanDiT
+from rcm_pipelines.tools import ckpt_io, export_lora
 
 PREFIX = "diffusion_model."
 
@@ -115,7 +114,7 @@ def test_cli_writes_file_with_metadata(tmp_path, pair, capsys):
     t = ckpt_io.write(teacher, tmp_path / "teacher.safetensors")
     out = tmp_path / "lora.safetensors"
     assert export_lora.main(["--student", str(s), "--teacher", str(t), "--out", str(out), "--rank", "8",
-                             "--report-ranks", "2,64", "--dtype", "float32", "--device", "cpu"]) == 0
+                             "--report_ranks", "2,64", "--dtype", "float32", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "relative reconstruction error" in text and "rank    64" in text
     with safe_open(str(out), "pt") as f:

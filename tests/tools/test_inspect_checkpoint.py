@@ -1,12 +1,11 @@
-"""tools/inspect_checkpoint.py: counts, dtypes and a strict comparison against named layouts."""
+"""rcm-inspect: counts, dtypes and a strict comparison against named layouts."""
 
 import json
 
-import ckpt_io
-import inspect_checkpoint
 import torch
 
 from rcm_nets.wan import CLIPVisual, WanDiT, WanVAE
+from rcm_pipelines.tools import ckpt_io, inspect_checkpoint
 
 
 def _tiny_sd(prefix=""):

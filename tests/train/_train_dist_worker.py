@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_tiny import tiny_dit  # noqa: E402
+from _train_tiny import tiny_dit  # noqa: E402  (the script's folder is sys.path[0])
 
 from rcm_kernels.attention import jvp_attention  # noqa: E402
 from rcm_train.parallel import (  # noqa: E402

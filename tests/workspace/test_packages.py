@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["rcm_kernels", "rcm_nets", "rcm_losses", "rcm_train"]
+PACKAGES = ["rcm_kernels", "rcm_nets", "rcm_losses", "rcm_train", "rcm_pipelines"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "load_checkpoint", "check_state_dict"]
+__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "read_dcp_part", "load_checkpoint", "check_state_dict"]
 
 _PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _MAX_LISTED = 20
@@ -126,7 +126,20 @@ def _read_safetensors_dir(path: Path) -> dict[str, Tensor]:
     return sd
 
 
-def _read_dcp(path: Path) -> dict[str, Tensor]:
+def read_dcp_part(path: str | Path, part: str) -> dict[str, Tensor]:
+    """The tensors of one part (e.g. ``student_ema``) of a DCP training checkpoint, with the ``part.`` prefix
+    removed; only that part is read. (``rcm_train.checkpoint.load_part`` is the trainer's twin: rcm-train
+    does not depend on rcm-nets.)"""
+    sd = _read_dcp(Path(path), prefix=part + ".")
+    if not sd:
+        import torch.distributed.checkpoint as dcp
+
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        raise CheckpointError(f"checkpoint {path} has no part {part!r}; parts: {sorted({k.split('.', 1)[0] for k in keys})}")
+    return {k[len(part) + 1:]: v for k, v in sd.items()}
+
+
+def _read_dcp(path: Path, prefix: str = "") -> dict[str, Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -134,7 +147,10 @@ def _read_dcp(path: Path) -> dict[str, Tensor]:
         reader = dcp.FileSystemReader(str(path))
         meta = reader.read_metadata()
         sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
-              for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+              for k, m in meta.state_dict_metadata.items()
+              if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)}
+        if not sd:
+            return sd
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group, loading without one" is the intent here
             dcp.load(sd, storage_reader=reader, no_dist=True)

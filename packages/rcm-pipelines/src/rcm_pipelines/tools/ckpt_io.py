@@ -13,18 +13,19 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from rcm_kernels.devices import DTypeName, parse_dtype
 from rcm_nets.checkpoint import read_state_dict
 
 __all__ = ["Format", "DTYPES", "WRAPPER_PREFIXES", "read", "write", "format_of", "cast", "strip_prefix",
            "detect_prefix", "named_module", "MODULE_NAMES", "bitwise_equal"]
 
 Format = Literal["pth", "safetensors", "dcp"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: parse_dtype(name) for name in get_args(DTypeName)}
 WRAPPER_PREFIXES = ("net.", "net_ema.", "model.", "module.", "diffusion_model.")
 """Prefixes that training wrappers put in front of a module's keys."""
 

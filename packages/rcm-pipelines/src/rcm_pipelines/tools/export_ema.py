@@ -1,7 +1,7 @@
 """Export the EMA student (or any part) of a training checkpoint as official-key weights.
 
-    python tools/export_ema.py outputs/distill/1.3B-rcm/checkpoints/rcm rCM_1.3B.safetensors
-    python tools/export_ema.py .../iter_000010000 student.pth --part student --dtype float32 --config t2v-1.3B
+    rcm-export-ema outputs/distill/1.3B-rcm/checkpoints/rcm rCM_1.3B.safetensors
+    rcm-export-ema .../iter_000010000 student.pth --part student --dtype float32 --config t2v-1.3B
 
 ``CHECKPOINT`` is a DCP checkpoint directory written by ``rcm_train`` (an ``iter_*`` directory, or a root with a
 ``latest`` pointer, which is followed). Its parts are named ``student``, ``student_ema``, ``fake_score``, ...
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-import ckpt_io
+from . import ckpt_io
 
 __all__ = ["resolve_checkpoint", "export", "main"]
 
@@ -41,13 +40,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def export(checkpoint: str | Path, out: str | Path, *, part: str = "student_ema", dtype: str | None = "bfloat16",
            config: str | None = None) -> dict:
     """Write ``part`` of ``checkpoint`` to ``out``; returns ``{"checkpoint", "tensors", "params"}``."""
-    from rcm_nets.checkpoint import check_state_dict
-    from rcm_train.checkpoint import load_part
+    from rcm_nets.checkpoint import check_state_dict, read_dcp_part
 
     ckpt = resolve_checkpoint(checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single-process DCP read
-        sd = load_part(ckpt, part)
+    sd = read_dcp_part(ckpt, part)
     if config is not None:
         module = ckpt_io.named_module(config)
         check_state_dict({k: v.shape for k, v in module.state_dict().items()}, sd, source=f"{ckpt} part {part!r}")
@@ -57,7 +53,7 @@ def export(checkpoint: str | Path, out: str | Path, *, part: str = "student_ema"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="export_ema.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="rcm-export-ema", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="DCP iteration directory or checkpoint root with a 'latest' pointer")
     ap.add_argument("out", help="output weights: .safetensors, .pth/.pt, or .dcp")

@@ -1,7 +1,7 @@
 """Inspect a checkpoint: format, keys, shapes, dtypes, parameter count; optionally check it against a layout.
 
-    python tools/inspect_checkpoint.py Wan2.1-T2V-1.3B.pth --config t2v-1.3B
-    python tools/inspect_checkpoint.py run/checkpoints/rcm/iter_000001000 --keys --limit 50
+    rcm-inspect Wan2.1-T2V-1.3B.pth --config t2v-1.3B
+    rcm-inspect run/checkpoints/rcm/iter_000001000 --keys --limit 50
 
 Without ``--config``: a summary per top-level module (``blocks``, ``head``, ...) of tensor and parameter
 counts, and the totals per dtype. With ``--config NAME`` (a WanDiT config, ``i2v-A14B``, ``vae``,
@@ -18,7 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import ckpt_io
+from . import ckpt_io
 
 __all__ = ["inspect", "compare", "main"]
 
@@ -91,7 +91,7 @@ def _print(info: dict, check: dict | None, show_keys: bool, limit: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="rcm-inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="checkpoint file or directory (.pth/.safetensors/sharded safetensors/DCP)")
     ap.add_argument("--config", choices=ckpt_io.MODULE_NAMES, help="check keys and shapes against this layout")

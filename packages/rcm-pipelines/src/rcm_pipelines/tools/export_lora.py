@@ -1,7 +1,7 @@
 """Export a distilled student as a LoRA delta against its teacher, in the Wan LoRA layout of ComfyUI / diffusers.
 
-    python tools/export_lora.py --student rCM_1.3B.safetensors --teacher Wan2.1-T2V-1.3B.pth \\
-        --rank 64 --out rcm_1.3B_lora_r64.safetensors --report-ranks 16,32,64,128,256
+    rcm-export-lora --student rCM_1.3B.safetensors --teacher Wan2.1-T2V-1.3B.pth \\
+        --rank 64 --out rcm_1.3B_lora_r64.safetensors --report_ranks 16,32,64,128,256
 
 Layout (keys prefixed ``diffusion_model.``, the official Wan module names; what ComfyUI's LoRA loader and
 diffusers' ``WanPipeline.load_lora_weights`` read):
@@ -12,13 +12,13 @@ diffusers' ``WanPipeline.load_lora_weights`` read):
   and ``<m>.alpha = r`` (scale ``alpha / r = 1``: ``W = W_teacher + up @ down``);
 * every other tensor that changed, exactly: ``<m>.diff_b`` for biases, ``<m>.diff`` for other weights
   (norms, modulation tables, the Conv3d patch embedding) and ``<key>.diff`` for parameters that are not
-  ``.weight`` / ``.bias`` (``blocks.N.modulation``). ``--no-diffs`` leaves them out (diffusers ignores
+  ``.weight`` / ``.bias`` (``blocks.N.modulation``). ``--no_diffs`` leaves them out (diffusers ignores
   non-bias ``.diff`` keys anyway; ComfyUI applies them).
 
 The reconstruction error is reported as a relative Frobenius norm: over the low-rank layers
 (``||dW - up @ down|| / ||dW||`` with ``up`` / ``down`` as stored, so the storage rounding counts) and over
-the whole network delta (``.diff`` tensors count as exact; with ``--no-diffs`` as missing);
-``--report-ranks`` lists the optimal error of other ranks from the same SVDs (discarded singular values).
+the whole network delta (``.diff`` tensors count as exact; with ``--no_diffs`` as missing);
+``--report_ranks`` lists the optimal error of other ranks from the same SVDs (discarded singular values).
 The numbers go into the file's safetensors metadata too.
 """
 
@@ -31,9 +31,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ckpt_io
 import torch
 from torch import Tensor
+
+from . import ckpt_io
 
 __all__ = ["LoraResult", "lora_from_delta", "export_lora", "main", "LORA_PREFIX"]
 
@@ -49,7 +50,7 @@ class LoraResult:
     lowrank_error: float
     """||dW - up@down|| / ||dW|| over all low-rank layers together (Frobenius), with up / down as stored."""
     total_error: float
-    """The same over every tensor of the network delta (diffs exact, or dropped with --no-diffs)."""
+    """The same over every tensor of the network delta (diffs exact, or dropped with --no_diffs)."""
     worst_layer: tuple[str, float]
     """Low-rank layer with the largest relative error, and that error."""
     errors_by_rank: dict[int, float] = field(default_factory=dict)
@@ -155,17 +156,17 @@ def export_lora(student: str | Path, teacher: str | Path, out: str | Path, rank:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="export_lora.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="rcm-export-lora", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", required=True, help="distilled student weights (any checkpoint format)")
     ap.add_argument("--teacher", required=True, help="the teacher it was distilled from")
     ap.add_argument("--out", required=True, help="output LoRA (.safetensors recommended)")
     ap.add_argument("--rank", type=int, required=True, help="LoRA rank of every Linear layer")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(ckpt_io.DTYPES), help="storage dtype")
-    ap.add_argument("--no-diffs", action="store_true", help="leave out the exact deltas of non-Linear tensors")
-    ap.add_argument("--report-ranks", default="", help="comma-separated ranks to report the error for")
+    ap.add_argument("--no_diffs", action="store_true", help="leave out the exact deltas of non-Linear tensors")
+    ap.add_argument("--report_ranks", default="", help="comma-separated ranks to report the error for")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the SVDs run")
-    ap.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"], help="SVD precision")
+    ap.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"], help="SVD precision")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     report = [int(r) for r in args.report_ranks.split(",") if r.strip()]

@@ -1,8 +1,8 @@
 """Convert a checkpoint between ``.pth``, ``.safetensors`` and DCP, bit-exactly unless a dtype is asked for.
 
-    python tools/convert_checkpoint.py Wan2.1-T2V-1.3B.pth Wan2.1-T2V-1.3B.safetensors
-    python tools/convert_checkpoint.py Wan2.1-T2V-1.3B.pth Wan2.1-T2V-1.3B.dcp --add-prefix net.   # reference DCP
-    python tools/convert_checkpoint.py run/checkpoints/rcm/iter_000001000 student.pth --strip-prefix student.
+    rcm-convert Wan2.1-T2V-1.3B.pth Wan2.1-T2V-1.3B.safetensors
+    rcm-convert Wan2.1-T2V-1.3B.pth Wan2.1-T2V-1.3B.dcp --add_prefix net.   # reference DCP
+    rcm-convert run/checkpoints/rcm/iter_000001000 student.pth --strip_prefix student.
 
 The source may be any format ``rcm_nets.checkpoint.read_state_dict`` reads (``.pth``/``.pt``, ``.safetensors``,
 a sharded safetensors directory, a DCP directory); nested ``.pth`` dicts are flattened with dots, as DCP
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import ckpt_io
+from . import ckpt_io
 
 __all__ = ["convert", "main"]
 
@@ -46,15 +46,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="rcm-convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="source checkpoint (.pth/.pt/.safetensors file, safetensors dir, DCP dir)")
     ap.add_argument("dst", help="destination (.pth/.pt, .safetensors, or a .dcp / suffix-less DCP directory)")
     ap.add_argument("--to", choices=["pth", "safetensors", "dcp"], help="destination format (default: suffix)")
     ap.add_argument("--dtype", choices=sorted(ckpt_io.DTYPES), help="cast floating tensors (default: keep bits)")
-    ap.add_argument("--strip-prefix", help="remove this prefix from every key (e.g. net.)")
-    ap.add_argument("--add-prefix", default="", help="prepend this to every key (e.g. net. for the reference DCP)")
-    ap.add_argument("--no-verify", action="store_true", help="do not read the result back to compare bits")
+    ap.add_argument("--strip_prefix", help="remove this prefix from every key (e.g. net.)")
+    ap.add_argument("--add_prefix", default="", help="prepend this to every key (e.g. net. for the reference DCP)")
+    ap.add_argument("--no_verify", action="store_true", help="do not read the result back to compare bits")
     args = ap.parse_args(argv)
     info = convert(args.src, args.dst, to=args.to, dtype=args.dtype, strip_prefix=args.strip_prefix,
                    add_prefix=args.add_prefix, verify=not args.no_verify)
