@@ -7,6 +7,7 @@ attribute docstring per field) and calls `parse_config(Cls, presets=...)` in its
       <- ``--config file.yaml|json`` (nested mappings merge; other values replace)
       <- ``--a.b=value`` / ``--a.b value`` overrides (same merge rule)
 
+A flag given twice keeps its later value (``--mid_t=[1.5] --mid_t=[1.4,1.0]`` gives ``[1.4, 1.0]``).
 `--help` lists every field with its docstring (pydantic-settings' CLI builds the argparse parser from the
 models). Unknown names and wrong types raise `ConfigError` naming the dotted field and, for unknown names,
 the closest valid one (difflib).
@@ -16,6 +17,10 @@ argparse's bare "unrecognized arguments" and a bad value into a raw `ValidationE
 of presets or of merging a file given on the same command line. So we let it build the parser and
 the help text and turn the flags into a nested dict, and do the merge, the suggestions and the error
 wording here; all type checking is pydantic's `model_validate`.
+
+`run_main(main)` is the one error handler of the entry points: known errors (configuration, missing files,
+non-finite training values, checkpoint and data errors, OS errors naming a file) print one line and exit
+non-zero without a traceback (``--debug`` or ``RCM_DEBUG=1`` shows it); Ctrl-C prints one line (exit 130).
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +47,7 @@ __all__ = [
     "load_config_file",
     "parse_config",
     "resolve_config",
+    "run_main",
     "write_config",
 ]
 
@@ -140,12 +147,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config: no such file '{path}'")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ConfigError(f"--config: '{path}' must end in .yaml, .yml or .json")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config: '{path}' must end in .yaml, .yml or .json")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config: '{path}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config: '{path}' is not valid JSON at line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -188,6 +203,27 @@ def _build_parser(cls: type[C], presets: Mapping[str, C], prog: str | None) -> t
     return parser, source
 
 
+def last_flag_wins(argv: Sequence[str]) -> list[str]:
+    """``argv`` with only the last occurrence of each ``--name`` (``--name=value`` or ``--name value``), so a
+    repeated flag replaces instead of appending (argparse appends list fields)."""
+    groups: list[tuple[str | None, list[str]]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0]
+            group = [arg]
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--") and name != "help":
+                group.append(argv[i + 1])
+                i += 1
+            groups.append((name, group))
+        else:
+            groups.append((None, [arg]))
+        i += 1
+    last = {name: k for k, (name, _) in enumerate(groups) if name is not None}
+    return [a for k, (name, group) in enumerate(groups) if name is None or last[name] == k for a in group]
+
+
 def resolve_config(
     cls: type[C],
     argv: Sequence[str] | None = None,
@@ -201,7 +237,7 @@ def resolve_config(
     """
     presets = dict(presets or {})
     parser, source = _build_parser(cls, presets, prog)
-    parsed, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    parsed, unknown = parser.parse_known_args(last_flag_wins(list(sys.argv[1:] if argv is None else argv)))
     if unknown:
         flag = unknown[0]
         if flag.startswith("--"):
@@ -245,3 +281,54 @@ def parse_config(
     except ConfigError as err:
         print(f"{prog or Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the problem and the file / field (no traceback needed)."""
+    known: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError, PermissionError,
+                                        IsADirectoryError, NotADirectoryError]
+    try:
+        from rcm_train.data import CorruptDataError
+        from rcm_train.safety import CheckpointError, NonFiniteError
+
+        known += [CorruptDataError, CheckpointError, NonFiniteError]
+    except ImportError:  # recipes without the training package
+        pass
+    return tuple(known)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text.replace("\n", " | ") if not isinstance(err, ConfigError) else text
+
+
+def run_main(main: Callable[[], Any], *, prog: str | None = None, argv: list[str] | None = None) -> Any:
+    """Run an entry point's ``main()`` under the shared error handler (see the module docstring).
+
+    ``--debug`` is removed from ``sys.argv`` (or ``argv``) before ``main`` runs; with it, or with
+    ``RCM_DEBUG=1``, errors propagate with their traceback. Exit status: 2 for configuration errors, 1 for
+    other known errors, 130 for Ctrl-C.
+    """
+    args = sys.argv if argv is None else argv
+    debug = "--debug" in args[1:] or os.environ.get("RCM_DEBUG", "") not in ("", "0")
+    args[1:] = [a for a in args[1:] if a != "--debug"]
+    name = prog or (Path(args[0]).name if args else "rcm")
+    try:
+        return main()
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"{name}: {str(err).strip() or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except _known_errors() as err:
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+    except OSError as err:
+        if debug or err.filename is None:
+            raise
+        print(f"{name}: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
