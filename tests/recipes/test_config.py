@@ -138,3 +138,71 @@ def test_bad_file_is_named(tmp_path):
     f.write_text("seed = 1\n")
     with pytest.raises(ConfigError, match=r"must end in \.yaml, \.yml or \.json"):
         resolve_config(Job, ["--config", str(f)])
+
+
+def test_repeated_flag_later_value_replaces():
+    """Before: argparse appended list flags ([1.5, 1.4, 1.0]); the docs promise the later value replaces."""
+    assert resolve_config(Job, ["--sizes=[5]", "--sizes=[7,8]"]).sizes == [7, 8]
+    assert resolve_config(Job, ["--sizes", "[5]", "--seed=1", "--sizes", "[9]", "--seed", "2"]).seed == 2
+    assert resolve_config(Job, ["--sizes", "[5]", "--sizes", "[9]"]).sizes == [9]
+    assert resolve_config(Job, ["--net.dim=8", "--net.dim=16"]).net.dim == 16
+
+
+@pytest.mark.parametrize("name, text, where", [("c.yaml", "net: {dim: 3\nseed: [", "not valid YAML at line"),
+                                                ("c.json", '{"seed": 1,}', "not valid JSON at line 1")])
+def test_file_syntax_errors_name_the_file(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"'{path}' is {where}"):
+        resolve_config(Job, ["--config", str(path)])
+
+
+def _run(main, argv, monkeypatch, env=None):
+    from rcm_recipes.config import run_main
+
+    monkeypatch.setattr("sys.argv", ["prog.py", *argv])
+    monkeypatch.delenv("RCM_DEBUG", raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    return run_main(main)
+
+
+def test_run_main_prints_one_line_for_known_errors(monkeypatch, capsys, tmp_path):
+    import errno
+    import sys
+
+    from rcm_train.safety import CheckpointError, NonFiniteError
+
+    cases = [
+        (lambda: resolve_config(Job), ["--seed=x"], 2, "prog.py: error: invalid configuration"),
+        (lambda: open(tmp_path / "missing.txt"), [], 1, f"No such file or directory: '{tmp_path / 'missing.txt'}'"),
+        (lambda: (_ for _ in ()).throw(NonFiniteError("the gradient norm (nan)", network="student", iteration=2)),
+         [], 1, "non-finite value in the gradient norm (nan) (iteration 2, network 'student')"),
+        (lambda: (_ for _ in ()).throw(CheckpointError("checkpoint /x/iter_1 is unreadable")), [], 1,
+         "checkpoint /x/iter_1 is unreadable"),
+        (lambda: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system", "/ro/out")), [], 1,
+         "Read-only file system: '/ro/out'"),
+    ]
+    for main, argv, code, text in cases:
+        with pytest.raises(SystemExit) as exit_:
+            _run(main, argv, monkeypatch)
+        err = capsys.readouterr().err
+        assert exit_.value.code == code and text in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    # Ctrl-C: one line, exit 130
+    with pytest.raises(SystemExit) as exit_:
+        _run(lambda: (_ for _ in ()).throw(KeyboardInterrupt("interrupted at iteration 3; a resume will use x")),
+             [], monkeypatch)
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == \
+        "prog.py: interrupted at iteration 3; a resume will use x"
+    # --debug (removed from argv before main sees it) and RCM_DEBUG=1 let the exception through
+    seen = []
+    with pytest.raises(CheckpointError):
+        _run(lambda: seen.append(list(sys.argv)) or (_ for _ in ()).throw(CheckpointError("x")), ["--debug"],
+             monkeypatch)
+    assert seen == [["prog.py"]]
+    with pytest.raises(FileNotFoundError):
+        _run(lambda: open(tmp_path / "missing.txt"), [], monkeypatch, env={"RCM_DEBUG": "1"})
+    # unknown errors keep their traceback
+    with pytest.raises(ZeroDivisionError):
+        _run(lambda: 1 / 0, [], monkeypatch)
