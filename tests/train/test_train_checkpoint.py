@@ -131,3 +131,121 @@ def test_export_official_keys(tmp_path):
         save_weights({}, tmp_path / "w.bin")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         Checkpointer(tmp_path / "empty").load({"x": ModelState(net)})
+
+
+# ------------------------------------------------------------------------------------------ reliability
+class _Payload:
+    """Unpickling it would run a shell command creating ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """Before: TrainState.load_state_dict called pickle.loads on the RNG state and DCP's default planner
+    torch.load-ed byte items with weights_only=False: both executed the payload."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from rcm_train.safety import UnsafeCheckpointError
+    from rcm_train.trainer import TrainState
+
+    marker = tmp_path / "pwned"
+    good = TrainState(iteration=1).state_dict()
+    ck = Checkpointer(tmp_path / "ckpt")
+    ck.save(1, {"trainer": TrainState(iteration=1)})
+    # 1. a byte item (the iteration) holding a pickled object
+    dcp.save({"trainer": {**good, "iteration": _Payload(marker)}}, checkpoint_id=tmp_path / "ckpt" / "iter_000000002",
+             no_dist=True)
+    (tmp_path / "ckpt" / "latest").write_text("iter_000000002")
+    with pytest.raises(UnsafeCheckpointError, match=r"iter_000000002: item 'trainer.iteration' is not a plain value"):
+        ck.load({"trainer": TrainState()})
+    # 2. the metadata file itself
+    meta = tmp_path / "ckpt" / "iter_000000002" / ".metadata"
+    meta.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"metadata .*iter_000000002/.metadata holds a pickled object"):
+        ck.load({"trainer": TrainState()})
+    with pytest.raises(UnsafeCheckpointError):
+        load_part(tmp_path / "ckpt" / "iter_000000002", "trainer")
+    assert not marker.exists()
+    assert pickle.loads(pickle.dumps(_Payload(marker))) == 0 and marker.exists()  # the payload is live
+
+
+def test_corrupt_or_missing_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    """Before: a truncated __0_0.distcp gave a bare EOFError naming no file; a latest naming a deleted
+    directory had no fallback."""
+    import shutil
+
+    from rcm_train.safety import CheckpointError
+
+    m, state = _small_state()
+    ck = Checkpointer(tmp_path)
+    ck.save(1, state)
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        m[0].weight.add_(1)
+    ck.save(2, state)
+    ck.save(3, state)
+    data = tmp_path / "iter_000000003" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:100])  # truncated
+    shutil.rmtree(tmp_path / "iter_000000002")
+    with pytest.warns(UserWarning, match=r"iter_000000003 is unreadable \(truncated or corrupt\?\).*falling back "
+                                         r"to .*iter_000000001"):
+        assert ck.load(state) == tmp_path / "iter_000000001"
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(CheckpointError, match=r"checkpoint .*iter_000000003 is unreadable"):
+        ck.load(state, tmp_path / "iter_000000003")
+    (tmp_path / "latest").write_text("iter_000000009")  # names a deleted directory
+    shutil.rmtree(tmp_path / "iter_000000003")
+    with pytest.warns(UserWarning, match=r"latest names iter_000000009, which is not a complete checkpoint: using "
+                                         r".*iter_000000001"):
+        assert ck.latest_iteration() == 1
+    (tmp_path / "latest").unlink()
+    with pytest.warns(UserWarning, match="latest is missing"):
+        assert ck.latest() == tmp_path / "iter_000000001"
+    shutil.rmtree(tmp_path / "iter_000000001")
+    assert ck.latest() is None
+
+
+def test_full_disk_is_named_and_latest_is_kept(tmp_path, monkeypatch):
+    """Before: a full disk during a save said 'unexpected pos 704 vs 598'."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from rcm_train.safety import CheckpointError
+
+    m, state = _small_state()
+    ck = Checkpointer(tmp_path)
+    ck.save(1, state)
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError, match=r"no space left on device \(ENOSPC\) while writing checkpoint "
+                                              r".*iter_000000002.partial"):
+        ck.save(2, state)
+    assert ck.latest_iteration() == 1
+
+
+def test_non_finite_weights_in_a_loaded_checkpoint_are_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from rcm_train.safety import NonFiniteError
+
+    m, state = _small_state()
+    sd = {f"net.{k}": v.clone() for k, v in m.state_dict().items()}
+    sd["net.1.bias"][0] = float("nan")
+    dcp.save(sd, checkpoint_id=tmp_path / "iter_000000001", no_dist=True)
+    (tmp_path / "latest").write_text("iter_000000001")
+    with pytest.raises(NonFiniteError, match=r"parameter '1.bias' \(network 'net loaded from .*iter_000000001'\)"):
+        Checkpointer(tmp_path).load(state)
+    with pytest.raises(NonFiniteError, match=r"weight '1.bias' \(part 'net' of checkpoint"):
+        load_part(tmp_path / "iter_000000001", "net")

@@ -183,3 +183,30 @@ def test_loader_config_errors(tmp_path, shards):
         next(iter(ShardLoader(_cfg(shards, num_workers=0), rank=0, world_size=9)))
     with pytest.raises(Exception, match="extra_forbidden|Extra inputs"):
         DataConfig(shards="x", batchsize=2)
+
+
+def test_shards_of_other_shapes_are_named_not_stacked_or_mixed(tmp_path):
+    """Before: a build resumed with another --size gave one shard of mixed latent shapes and training died in
+    torch.stack naming no shard; a whole shard of other shapes trained silently."""
+    with ShardWriter(tmp_path, 4, 2) as w:
+        for i in (0, 1, 2):
+            w.write(i, *_sample(i))
+    small = torch.zeros(2, 3, 1, 1)  # [C, T, H, W] of another resolution
+    with ShardWriter(tmp_path, 4, 2) as w:  # the build resumed with another configuration
+        assert w.pending() == [3]
+        with pytest.raises(ValueError, match=r"sample 3 has latent \(2, 3, 1, 1\) .* but shard .*shard_000000.tar: "
+                                             r"000000000 has \(2, 3, 2, 2\).*another configuration"):
+            w.write(3, small, _sample(3)[1], "p")
+        w.write(3, *_sample(3))
+    # a shard written with other shapes: the reader names the shard and key
+    with ShardWriter(tmp_path / "other", 2, 2) as w:
+        for i in w.pending():
+            w.write(i, small, _sample(i)[1], "p")
+    (tmp_path / "other" / "shard_000000.tar").rename(tmp_path / "shard_000009.tar")
+    cfg = DataConfig(shards=str(tmp_path / "shard_*.tar"), num_workers=0, batch_size=1, shuffle_buffer=1,
+                     max_epochs=1)
+    with pytest.raises(CorruptDataError, match=r"shard .*shard_0000(00|01|09).tar: sample 00000000\d has latent "
+                                               r"\(2, 3, (1, 1|2, 2)\).*but shard .*different configurations"):
+        list(ShardLoader(cfg))
+    skipped = ShardLoader(cfg.model_copy(update={"on_error": "skip"}))
+    assert len(list(skipped)) == 4 and skipped.skipped == 2

@@ -48,3 +48,22 @@ def test_wandb_is_optional(tmp_path):
 
 def test_format_duration():
     assert [format_duration(s) for s in (5, 65, 3725, float("inf"))] == ["5s", "1m05s", "1h02m05s", "?"]
+
+
+def test_metrics_hold_each_iteration_once_after_a_resume(tmp_path):
+    """Before: the iterations between the last checkpoint and a crash were appended a second time."""
+    log = MetricsLogger(LoggerConfig(dir=str(tmp_path), every=1, console=False))
+    log.start(0, 10)
+    for it in range(1, 6):
+        log.log(it, {"loss": float(it)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lo')  # torn by a kill -9
+    log = MetricsLogger(LoggerConfig(dir=str(tmp_path), every=1, console=False))
+    log.start(3, 10)  # resumed from the checkpoint of iteration 3
+    for it in range(4, 7):
+        log.log(it, {"loss": 10.0 * it})
+    log.close()
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in lines] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]

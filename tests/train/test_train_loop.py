@@ -23,12 +23,13 @@ from rcm_train.trainer import (
     run_iteration,
     sanitize_grads_,
     step_generator,
+    train,
     train_step,
 )
 
 
 def test_schedule_matches_reference_example():
-    """RCM_SPEC §6.1, 1.3B (W=1000, f=5): 0-999 student; 1000 student (eff 1000); 1001-1004 critic with
+    """docs/train.md, training loop, 1.3B (W=1000, f=5): 0-999 student; 1000 student (eff 1000); 1001-1004 critic with
     eff_fake 0..3 (simulation steps n = 1..4); 1005 student (eff 1001, n = 2)."""
     s = ScheduleConfig(tangent_warmup=1000, student_update_freq=5)
     phases = [is_student_phase(i, s, True) for i in range(995, 1011)]
@@ -180,3 +181,129 @@ def test_train_state_restores_rng():
     s2 = TrainState()
     s2.load_state_dict(sd)
     assert s2.iteration == 7 and torch.equal(torch.rand(3), a)
+
+
+# ------------------------------------------------------------------------------------------ non-finite policy
+class _Blowup:
+    """Fits ``w`` to the batch; from iteration ``bad`` on the loss (and so the gradient) is NaN."""
+
+    def __init__(self, bad: int):
+        self.bad = bad
+
+    def closures(self, models, batch, ctx):
+        s = models["student"]
+        scale = float("nan") if ctx.iteration >= self.bad else 1.0
+        return {"fit": lambda: (scale * ((s.w - batch) ** 2).sum().reshape(1),
+                                {"nan": torch.tensor([ctx.iteration == 1, False])})}
+
+
+def _parts():
+    parts = TrainParts(models={"student": _W()}, optimizers={}, ema={"student": _W()})
+    parts.optimizers["student"] = build_optimizer(parts.models["student"], OptimizerConfig(lr=0.1, warmup_steps=0))
+    return parts
+
+
+def test_nonfinite_stops_naming_iteration_network_and_quantity_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """Before: NaN gradients were zeroed (nan_to_num) and the run went on to save non-finite weights."""
+    from rcm_train.checkpoint import Checkpointer, load_part
+    from rcm_train.safety import NonFiniteError
+
+    parts, ck = _parts(), Checkpointer(tmp_path / "ckpt")
+    cfg = TrainConfig(max_iter=6, checkpoint_every=2, critic_models=[], ema_rate=0.1)
+    with pytest.raises(NonFiniteError, match=r"non-finite value in the loss 'fit/loss' \(nan\) \(iteration 3, "
+                                             r"network 'student'\)") as err:
+        train(parts, _Blowup(3), iter(lambda: torch.ones(3), None), cfg, checkpointer=ck)
+    assert err.value.iteration == 3 and err.value.network == "student"
+    assert ck.latest_iteration() == 2 and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "iter_000000002", "latest"]
+    assert torch.isfinite(parts.models["student"].w).all()  # the NaN step never reached the optimizer
+    assert torch.isfinite(load_part(ck.latest(), "student")["w"]).all()
+
+
+def test_nonfinite_skip_is_bounded():
+    from rcm_train.safety import NonFiniteError
+
+    parts = _parts()
+    cfg = TrainConfig(max_iter=6, checkpoint_every=0, critic_models=[], on_nonfinite="skip", max_skips=2)
+    before = parts.models["student"].w.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"after 2 skipped updates \(max_skips\) \(iteration 5"):
+        train(parts, _Blowup(3), iter(lambda: torch.ones(3), None), cfg)
+    assert not torch.equal(parts.models["student"].w, before) and torch.isfinite(parts.models["student"].w).all()
+    # skips within the bound: the run finishes with the finite weights of iteration 3
+    parts = _parts()
+    state = train(parts, _Blowup(3), iter(lambda: torch.ones(3), None), cfg.model_copy(update={"max_iter": 5}))
+    assert state.iteration == 5 and torch.isfinite(parts.models["student"].w).all()
+
+
+def test_nonfinite_parameters_and_nan_masked_count(tmp_path, capsys):
+    from rcm_train.checkpoint import Checkpointer, ModelState, save_weights
+    from rcm_train.logging import LoggerConfig, MetricsLogger
+    from rcm_train.safety import NonFiniteError, check_finite_state_dict
+    from rcm_train.trainer import check_parameters
+
+    parts = _parts()
+    logger = MetricsLogger(LoggerConfig(dir=str(tmp_path), every=2, nan_warn_fraction=0.2))
+    train(parts, _Blowup(99), iter(lambda: torch.ones(3), None),
+          TrainConfig(max_iter=2, checkpoint_every=0, critic_models=[]), logger=logger)
+    out = capsys.readouterr().out
+    assert "nan_masked=1/4" in out and "warning: 1 of 4 samples had a NaN" in out  # 25% > 20%
+    with torch.no_grad():
+        parts.ema["student"].w[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"parameter 'w' \(iteration 7, network 'student_ema'\)"):
+        check_parameters(parts, 7)
+    ck = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteError, match="student_ema"):
+        ck.save(1, {"student_ema": ModelState(parts.ema["student"])})
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(NonFiniteError, match=r"weight 'w' \(weights to be written to .*w.safetensors\)"):
+        save_weights(parts.ema["student"].state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(NonFiniteError, match=r"weight 'b' \(teacher.pth\)"):
+        check_finite_state_dict({"a": torch.ones(2), "b": torch.tensor([float("nan")])}, "teacher.pth")
+
+
+def test_train_state_rng_is_tensors_only():
+    """Before: the RNG state was a pickle.dumps blob (and resume called pickle.loads on it)."""
+    import random
+
+    import numpy as np
+
+    from rcm_train.safety import is_plain
+
+    random.seed(3)
+    random.gauss(0, 1)  # a cached gaussian is part of the state
+    np.random.seed(4)
+    np.random.randn()
+    sd = TrainState(iteration=2).state_dict()
+    assert is_plain(sd) and not any(isinstance(v, bytes) for v in sd.values())
+    assert all(isinstance(v, torch.Tensor) for v in sd["rng_rank0"].values())
+    expect = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn())
+    random.seed(0)
+    np.random.seed(0)
+    TrainState().load_state_dict(sd)
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn()) == expect
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (TrainConfig, "grad_accum", 0), (TrainConfig, "checkpoint_every", -1), (TrainConfig, "ema_rate", 1.0),
+    (TrainConfig, "max_skips", -1), (TrainConfig, "clip_norm", 0.0), (OptimizerConfig, "lr", 0.0),
+    (OptimizerConfig, "lr", float("nan")), (OptimizerConfig, "betas", (0.9, 1.0)),
+    (OptimizerConfig, "warmup_steps", -1), (ScheduleConfig, "student_update_freq", 0)])
+def test_config_ranges(cls, field, value):
+    """Before: grad_accum=0 trained nothing and exported the teacher; checkpoint_every=-1 saved every step."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        cls(**{field: value})
+
+
+def test_config_ranges_of_data_checkpoint_logger():
+    from pydantic import ValidationError
+
+    from rcm_train.checkpoint import CheckpointConfig
+    from rcm_train.data import DataConfig
+    from rcm_train.logging import LoggerConfig
+
+    for make in (lambda: DataConfig(shards="x", batch_size=0), lambda: DataConfig(shards="x", num_workers=-1),
+                 lambda: CheckpointConfig(keep_last=0), lambda: LoggerConfig(every=0)):
+        with pytest.raises(ValidationError):
+            make()

@@ -300,11 +300,14 @@ def _read(state: dict[str, Any], path: Path, *, process_group: dist.ProcessGroup
     """``dcp.load`` through the safe reader and planner; any failure names the checkpoint directory."""
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
+    SafeFileSystemReader(path).read_metadata()  # raises UnsafeCheckpointError itself (DCP would reword it)
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path),
                  process_group=process_group, no_dist=not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as e:
         inner = _inner_errors(e)
+        if any(isinstance(x, KeyboardInterrupt) for x in inner):
+            raise KeyboardInterrupt() from None
         unsafe = [x for x in inner if isinstance(x, UnsafeCheckpointError)]
         if unsafe:
             raise unsafe[0] from None
@@ -332,6 +335,8 @@ def _save_error(e: BaseException, partial: Path) -> BaseException:
     if isinstance(e, (CheckpointError, NonFiniteError)):
         return e
     inner = _inner_errors(e)
+    if any(isinstance(x, KeyboardInterrupt) for x in inner):
+        return KeyboardInterrupt()  # Ctrl-C inside DCP (which wraps it): the save is abandoned, latest unchanged
     first = inner[0] if inner else e
     os_errors = [x for x in inner if isinstance(x, OSError)]
     try:
