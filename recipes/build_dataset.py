@@ -1,4 +1,4 @@
-"""Teacher-sample the prompts of a text file into webdataset shards for distillation (RCM_SPEC §10.1).
+"""Teacher-sample the prompts of a text file into webdataset shards for distillation (docs/train.md, data).
 
     uv run recipes/build_dataset.py --prompt_file=prompts.txt --output_dir=datasets/mine
     torchrun --nproc-per-node 8 recipes/build_dataset.py --config build.yaml     # shards split over ranks

@@ -1,6 +1,6 @@
 """rCM distillation of a Wan2.1 teacher: rCM (sCM + DMD), pure sCM, dCM, pure DMD, or a staged schedule.
 
-    uv run recipes/distill.py --preset tiny-rcm --model.teacher_path=... --data.shards=...   # 1 CPU process
+    uv run recipes/distill.py --preset tiny-rcm --model.path=... --data.shards=...   # 1 CPU process
     torchrun --nproc-per-node 8 recipes/distill.py --preset 1.3B-rcm                           # N GPUs
 
 A run is up to three *stages* (``stage1`` -> ``stage2`` -> ``stage3``; ``iterations=0`` skips one). Each

@@ -138,7 +138,7 @@ class GenerateConfig(RecipeConfig):
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         return self
 
-    # defaults that depend on the sampler / mode (RCM_SPEC §11, §13)
+    # defaults that depend on the sampler / mode (docs/losses.md, sampling)
     def steps(self) -> int:
         return self.num_steps if self.num_steps is not None else (4 if self.sampler == "rcm" else 50)
 
@@ -173,7 +173,7 @@ PRESETS: dict[str, GenerateConfig] = {
         config="i2v-A14B", path="checkpoints/Wan2.2-I2V-A14B-high.pth",
         low_noise_path="checkpoints/Wan2.2-I2V-A14B-low.pth")),
 }
-"""Named starting points (RCM_SPEC §11, §12.3 file names); paths are relative to the working directory."""
+"""Named starting points (docs/losses.md, sampling); paths are relative to the working directory."""
 
 
 # ------------------------------------------------------------------------------------------ steps

@@ -11,7 +11,7 @@ two paths differ only by summation order, ~1e-6 on O(1) outputs, so 2e-5 is the 
 import pytest
 import torch
 
-from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.blockmask import BlockLayout, teacher_forcing_positions
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_pipelines.streaming import stream_generate, wan_timestep
@@ -71,9 +71,12 @@ def _teacher_forcing_check(net, blocks, ctx, layout, atol=ATOL, rtol=RTOL):
                 noisy.append(b.x0), times.append(_per_frame_time(0.0, n, dev))
             else:
                 noisy.append(b.steps[k][0]), times.append(_per_frame_time(b.steps[k][1], n, dev))
+        t_noisy = torch.cat(times, 1)
+        packed_t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)  # clean context at time 0
+        pos = teacher_forcing_positions(clean.shape[2], dev)
         with torch.no_grad():
-            out = net.forward_teacher_forcing(clean, torch.cat(noisy, 2), torch.cat(times, 1), ctx,
-                                              block_mask=mask)
+            out = net(torch.cat([clean, torch.cat(noisy, 2)], 2), packed_t, ctx, block_mask=mask, frame_pos=pos)
+        out = out[:, :, clean.shape[2]:]
         for b in blocks:
             if b.prefill:
                 continue

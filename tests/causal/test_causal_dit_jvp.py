@@ -2,7 +2,7 @@
 
 Independent reference: ``torch.func.jvp`` of the plain masked forward with every attention routed to plain
 torch math (``attention_reference`` with the same mask's dense twin), so forward-mode autograd differentiates
-ordinary ops, while ``forward_jvp`` / ``forward_teacher_forcing(tangents=...)`` propagate tangents through
+ordinary ops, while ``forward_jvp`` (also over a packed teacher-forcing sequence) propagates tangents through
 the hand-written rules and the JVP attention with the mask. float64: both are exact up to rounding, 1e-10
 catches a wrong formula, a mask dropped from the tangent path or a nonzero context tangent.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from _plain_attention import plain_torch_attention
 
-from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.blockmask import BlockLayout, teacher_forcing_positions
 from rcm_nets.wan import WanDiT
 
 F64 = torch.float64
@@ -49,16 +49,27 @@ def test_forward_jvp_block_causal_per_frame_times(net):
     assert (t_bidir - tout).abs().max() > 1e-3  # the mask changes the tangent: the check is not vacuous
 
 
+def _packed(net, xc, xn, tn, ctx, mask, tangents=None):
+    """The teacher-forcing pass over ``[clean ; noisy]`` (clean at time 0, both halves at RoPE positions
+    ``0..T-1``); returns the noisy half (and its tangent, zero tangent on the clean half)."""
+    x, t = torch.cat([xc, xn], dim=2), torch.cat([torch.zeros_like(tn), tn], dim=1)
+    pos, half = teacher_forcing_positions(xn.shape[2]), xn.shape[2]
+    if tangents is None:
+        return net(x, t, ctx, block_mask=mask, frame_pos=pos)[:, :, half:]
+    tx, tt = torch.cat([torch.zeros_like(tangents[0]), tangents[0]], 2), torch.cat([torch.zeros_like(tn), tangents[1]], 1)
+    out, tout = net.forward_jvp(x, t, ctx, tx, tt, block_mask=mask, frame_pos=pos)
+    return out[:, :, half:], tout[:, :, half:]
+
+
 def test_teacher_forcing_jvp(net):
     """Packed [clean ; noisy] with the teacher-forcing mask; tangents only on the noisy half."""
     layout = BlockLayout(2)
     mask = layout.mask(2, HW, teacher_forcing=True)
     xn, tx, tn, tt, ctx = _inputs(4)
     xc = torch.randn_like(xn)
-    out, tout = net.forward_teacher_forcing(xc, xn, tn, ctx, block_mask=mask, tangents=(tx, tt))
+    out, tout = _packed(net, xc, xn, tn, ctx, mask, tangents=(tx, tt))
     with plain_torch_attention(net):
-        ref, tref = torch.func.jvp(lambda a, b: net.forward_teacher_forcing(xc, a, b, ctx, block_mask=mask),
-                                   (xn, tn), (tx, tt))
+        ref, tref = torch.func.jvp(lambda a, b: _packed(net, xc, a, b, ctx, mask), (xn, tn), (tx, tt))
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
     torch.testing.assert_close(tout, tref, atol=TOL, rtol=TOL)
     # block 0 of the noisy half sees no clean frame: it equals a plain pass over noisy block 0 alone
@@ -66,15 +77,6 @@ def test_teacher_forcing_jvp(net):
         alone = net(xn[:, :, :2], tn[:, :2], ctx)
     torch.testing.assert_close(out[:, :, :2], alone, atol=TOL, rtol=TOL)
     # block 1 sees clean block 0: changing it changes block 1 only
-    out2 = net.forward_teacher_forcing(xc + 1, xn, tn, ctx, block_mask=mask)
+    out2 = _packed(net, xc + 1, xn, tn, ctx, mask)
     torch.testing.assert_close(out2[:, :, :2], out[:, :, :2], atol=TOL, rtol=TOL)
     assert (out2[:, :, 2:] - out[:, :, 2:]).abs().max() > 1e-3
-
-
-def test_teacher_forcing_bad_input(net):
-    layout = BlockLayout(2)
-    xn, _, tn, _, ctx = _inputs(4)
-    with pytest.raises(ValueError, match="same shape"):
-        net.forward_teacher_forcing(xn[:, :, :2], xn, tn, ctx, block_mask=layout.mask(2, HW, teacher_forcing=True))
-    with pytest.raises(ValueError, match="does not fit"):
-        net.forward_teacher_forcing(xn, xn, tn[:, :3], ctx, block_mask=layout.mask(2, HW, teacher_forcing=True))

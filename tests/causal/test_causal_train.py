@@ -149,7 +149,8 @@ def test_bad_configs_name_the_field(assets, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bindings
 def test_tf_binding_equals_the_dit_teacher_forcing_pass():
-    """The recipe's packed velocity (forward, TF mask, repeated positions) = forward_teacher_forcing."""
+    """The objective's packed velocity through the rcm_losses adapter = the DiT's forward over the packed
+    sequence built by hand (clean context at time 0, repeated RoPE positions, the teacher-forcing mask)."""
     net, blocks = tiny_net(1).double(), FrameBlocks(T, 2, 1)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(1, C, T, H, W, generator=g, dtype=torch.float64)
@@ -158,7 +159,9 @@ def test_tf_binding_equals_the_dit_teacher_forcing_pass():
     ts = blocks.expand(torch.tensor([[300.0, 800.0, 100.0]], dtype=torch.float64))
     ours = teacher_forcing_velocity(tf_velocity(net, blocks, x0)[0], x0, **EXACT)(x_s, ts, ctx)
     mask = teacher_forcing(blocks.num_blocks, 2, (H // 2) * (W // 2), first_block_frames=1)
-    ref = net.forward_teacher_forcing(x0, x_s, ts, ctx, block_mask=mask)
+    packed_t = torch.cat([torch.zeros_like(ts), ts], dim=1)
+    ref = net(torch.cat([x0, x_s], dim=2), packed_t, ctx, block_mask=mask, frame_pos=torch.cat([torch.arange(T)] * 2))
+    ref = ref[:, :, T:]
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 

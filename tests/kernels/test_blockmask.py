@@ -38,7 +38,7 @@ def test_block_causal_matches_definition(pattern):
 
 
 def test_block_causal_density_formula():
-    # N equal blocks: (N + 1) / (2N) of the pairs (CAUSAL_SPEC §1.2: 0.571 for c3-3, 0.524 for c1-1)
+    # N equal blocks: (N + 1) / (2N) of the pairs (docs/kernels.md, block masks: 0.571 for c3-3, 0.524 for c1-1)
     for nb, fpb in ((7, 3), (21, 1)):
         m = block_causal(nb, fpb, TPF)
         assert m.density(m.num_tokens, m.num_tokens) == pytest.approx((nb + 1) / (2 * nb))

@@ -1,4 +1,4 @@
-"""sCM and dCM objectives against closed-form Gaussian cases (RCM_SPEC §2, §3), float64."""
+"""sCM and dCM objectives against closed-form Gaussian cases (docs/losses.md, consistency), float64."""
 
 import pytest
 import torch
@@ -84,7 +84,7 @@ def test_warmup_ratio_terms():
     t_F = scm_student_tangent(student.jvp, x_t, t, None, F_T)
     F = student(x_t, t, None).F
     cos, sin = torch.cos(bt(t, x_t)), torch.sin(bt(t, x_t))
-    # r = 0: first coefficient cos t, no x_t term, t_F unscaled (§2.8)
+    # r = 0: first coefficient cos t, no x_t term, t_F unscaled
     torch.testing.assert_close(scm_g(F, F_T, t_F, x_t, t, 0.0), -cos * (F - F_T) - t_F, rtol=1e-13, atol=1e-13)
     # r = 1: first coefficient cos^2 t (sqrt(1 - sin^2) = cos for t in [0, pi/2])
     torch.testing.assert_close(scm_g(F, F_T, t_F, x_t, t, 1.0),

@@ -1,4 +1,4 @@
-"""DMD generator objective and the fake-score critic (RCM_SPEC §4.2, §5), float64."""
+"""DMD generator objective and the fake-score critic (docs/losses.md, dmd), float64."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""EDM2 power EMA (RCM_SPEC §6.4): gamma from the rate and the beta table."""
+"""EDM2 power EMA (docs/losses.md, ema): gamma from the rate and the beta table."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from rcm_losses.ema import ema_beta, ema_gamma, ema_update_
 
 def test_gamma_is_the_root_for_rate_0_1():
     g = ema_gamma(0.1)
-    assert g == pytest.approx(6.9372, abs=1e-4)  # RCM_SPEC §6.4
+    assert g == pytest.approx(6.9372, abs=1e-4)  # docs/losses.md, ema
     assert g**3 + 7 * g**2 + (16 - 100) * g + (12 - 100) == pytest.approx(0.0, abs=1e-9)
     # EDM2's relative standard deviation of the power profile with this exponent is the rate
     assert ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 == pytest.approx(0.1, rel=1e-12)
@@ -20,7 +20,7 @@ def test_gamma_for_other_rates(rate):
     assert g > 0 and ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 == pytest.approx(rate, rel=1e-10)
 
 
-# RCM_SPEC §6.4: beta(1)=0.004, beta(10)=0.469, beta(100)=0.924, beta(1000)=0.9921, beta(10^4)=0.99921
+# docs/losses.md, ema: beta(1)=0.004, beta(10)=0.469, beta(100)=0.924, beta(1000)=0.9921, beta(10^4)=0.99921
 @pytest.mark.parametrize("k, beta, digits", [(1, 0.004, 3), (10, 0.469, 3), (100, 0.924, 3),
                                              (1000, 0.9921, 4), (10_000, 0.99921, 5)])
 def test_beta_table(k, beta, digits):

@@ -1,4 +1,4 @@
-"""Time conversions, the RF -> TrigFlow adapter and its JVP (RCM_SPEC §1, §2.5)."""
+"""Time conversions, the RF -> TrigFlow adapter and its JVP (docs/losses.md, parameterization)."""
 
 import math
 
@@ -37,7 +37,7 @@ def test_endpoints():
     assert (c.c_in.item(), c.c_noise.item(), c.c_skip.item(), c.c_out.item()) == (1.0, 1000.0, 1.0, -1.0)
 
 
-# RCM_SPEC §1.1 "handy values": t -> sigma, RF s, 1000 s, to the digits printed there
+# docs/losses.md, parameterization "handy values": t -> sigma, RF s, 1000 s, to the digits printed there
 HANDY = [(1.5, 14.10, 0.9338, 933.8), (1.4, 5.80, 0.8529, 852.9), (1.3, 3.60, 0.7827, 782.7),
          (1.0, 1.557, 0.6090, 609.0), (0.6, 0.684, 0.4062, None)]
 HANDY_SIGMA = [(80, 1.55830, 0.98765), (120, 1.56246, 0.99174), (200, 1.56580, 0.99502), (1600, None, 0.99938)]
@@ -63,7 +63,7 @@ def test_handy_values_from_sigma(sigma, t, s):
 
 def test_bf16_timestep_rounding():
     ts = torch.tensor([933.78, 987.65, 999.3], dtype=F64)
-    assert P.round_timestep(ts, torch.bfloat16).tolist() == [932.0, 988.0, 1000.0]  # RCM_SPEC §1.2 [verified]
+    assert P.round_timestep(ts, torch.bfloat16).tolist() == [932.0, 988.0, 1000.0]  # docs/losses.md, parameterization [verified]
     assert torch.equal(P.round_timestep(ts, None), ts)
 
 
@@ -121,7 +121,7 @@ def test_adapter_network_inputs():
 
 @pytest.mark.parametrize("rounding", [False, True])
 def test_trigflow_jvp_matches_autodiff(rounding):
-    """Explicit composition (§2.5) with a forward_jvp net == torch.func.jvp through the adapter."""
+    """Explicit composition with a forward_jvp net == torch.func.jvp through the adapter."""
     g = standard_case()
     student = lambda x, ts, c: g.rf_student(x, ts, c, delta=0.3)
     dt = torch.bfloat16 if rounding else None

@@ -1,4 +1,4 @@
-"""Backward simulation (RCM_SPEC §4.1): reproducibility, time grid, fresh noise, gradient only at the end."""
+"""Backward simulation (docs/losses.md, rollout): reproducibility, time grid, fresh noise, gradient only at the end."""
 
 import math
 

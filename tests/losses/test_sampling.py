@@ -1,4 +1,4 @@
-"""Samplers (RCM_SPEC §11): rCM few-step sampling with the exact consistency function, teacher Euler and
+"""Samplers (docs/losses.md, sampling): rCM few-step sampling with the exact consistency function, teacher Euler and
 UniPC with the exact Gaussian velocity (closed-form flow map), convergence orders, CFG, golden UniPC values."""
 
 import math

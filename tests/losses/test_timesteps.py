@@ -1,4 +1,4 @@
-"""Training-time samplers (RCM_SPEC §1.3, §3): distributions, dtypes, generator discipline."""
+"""Training-time samplers (docs/losses.md, timesteps): distributions, dtypes, generator discipline."""
 
 import math
 
@@ -23,7 +23,7 @@ def test_lognormal_distribution():
     # standard errors: mean 1.6/sqrt(N) = 0.011, std ~ 1.6/sqrt(2N) = 0.008; 5 sigma bounds
     assert log_sigma.mean().item() == pytest.approx(0.7, abs=0.06)
     assert log_sigma.std().item() == pytest.approx(1.6, abs=0.04)
-    # RCM_SPEC §1.3 median of p_G(0.7): sigma ~ 2.01, t ~ 1.11
+    # docs/losses.md, timesteps median of p_G(0.7): sigma ~ 2.01, t ~ 1.11
     assert t.median().item() == pytest.approx(math.atan(math.exp(0.7)), abs=0.02)
 
 
@@ -35,7 +35,7 @@ def test_uniform_shift_distribution():
     assert u.min() >= 0 and u.max() < 1
     assert u.mean().item() == pytest.approx(0.5, abs=0.012)
     assert torch.quantile(u, 0.25).item() == pytest.approx(0.25, abs=0.015)
-    assert trig_to_rf(t).median().item() == pytest.approx(0.833, abs=0.005)  # §1.3: s_median = 0.833
+    assert trig_to_rf(t).median().item() == pytest.approx(0.833, abs=0.005)  # s_median = 0.833
     # shift <= 0 is the identity: plain uniform RF time
     s = trig_to_rf(UniformShift(0.0)(N, generator=gen()))
     assert s.mean().item() == pytest.approx(0.5, abs=0.012)

@@ -4,7 +4,7 @@ Independent reference: ``torch.func.jvp`` differentiates the plain forward by fo
 attention through its own forward-AD rule), while ``forward_jvp`` propagates tangents through hand-written
 derivative formulas. In float64 both are exact up to rounding (~1e-15 relative), so 1e-10 (the issue's bound)
 catches any wrong formula. Weights are random everywhere, the head included (Wan's zero-initialized head
-would make every tangent 0 and the test vacuous, RCM_SPEC §14.15).
+would make every tangent 0 and the test vacuous, docs/nets.md).
 """
 
 import pytest

@@ -48,7 +48,7 @@ def test_t5_matches_official_golden(name):
 
 
 def test_relative_buckets_closed_form():
-    """WAN21.md §3.2: r = 0 → 0, r = −1..−7 → 1..7, r = +1..+7 → 17..23; log offsets by |r| band
+    """docs/nets_encoders.md, umT5: r = 0 → 0, r = −1..−7 → 1..7, r = +1..+7 → 17..23; log offsets by |r| band
     (8–11 → 8, …, 64–90 → 14, ≥ 91 → 15), identical on both sides."""
     b = relative_position_buckets(1, 400)[0]  # query 0, keys 0..399: r = key
     bl = relative_position_buckets(400, 1)[:, 0]  # keys before the query: r = −query

@@ -1,7 +1,7 @@
 """recipes/distill.py on one CPU process (a world of one: the FSDP2 + DCP code path of N GPUs) with the tiny
 network: teachers written as net.-prefixed .safetensors and DCP, shards written with rcm_train's writer.
 
-What is checked: the presets mirror RCM_SPEC §6.5; each method runs the closures it should (read back from
+What is checked: the presets mirror docs/recipes_distill_generate.md, distill.py; each method runs the closures it should (read back from
 metrics.jsonl); samples are written as mp4 with the documented grid; the exported student loads strictly;
 a run stopped and resumed ends bit-identical to an uninterrupted one (models, EMA, optimizer state, RNG and
 data position all restored); finished stages are skipped on a rerun.

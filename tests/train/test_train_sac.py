@@ -36,7 +36,7 @@ def test_sac_gradients_equal_no_checkpointing(mode, every, recomputed):
 
 
 def test_mm_only_saves_matmuls():
-    """The mm_only policy (RCM_SPEC §9.3): save matmul outputs (and ops named by the caller), recompute the rest."""
+    """The mm_only policy (docs/train.md, parallelism): save matmul outputs (and ops named by the caller), recompute the rest."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     from rcm_train.parallel.checkpointing import _mm_only_policy

@@ -2,7 +2,7 @@
 
 Layout legend: B batch, F frames, T tokens per frame, L tokens, H heads, D head dim.
 
-Granularity (KIVI-style, CAUSAL_SPEC §3.5):
+Granularity (KIVI-style, docs/kv_cache.md):
 * keys: one scale per (batch, frame, head, channel), the absolute max over the frame's T tokens. Key
   channels differ in magnitude by up to ~10x (RoPE pairs, a few outlier channels); a per-channel scale keeps
   small channels from being rounded to zero. The group is one frame because frames are the unit that the

@@ -1,4 +1,4 @@
-"""rcm_losses: rCM objectives, rollouts and samplers as pure torch functions (RCM_SPEC §1–6, §11).
+"""rcm_losses: rCM objectives, rollouts and samplers as pure torch functions (docs/losses.md, parameterization).
 
 A *denoiser* is a callable ``(x_t, t, cond) -> TrigFlowPrediction(x0, F)`` with TrigFlow time ``t [B]``;
 :class:`TrigFlowAdapter` makes one from a rectified-flow velocity network (``WanDiT``). Objectives return a

@@ -1,4 +1,4 @@
-"""Consistency-model student objectives: sCM (continuous time, JVP based; RCM_SPEC §2) and dCM (§3).
+"""Consistency-model student objectives: sCM (continuous time, JVP based; docs/losses.md, consistency) and dCM.
 
 The sCM step, as a training loop runs it (each stage is also a public function)::
 
@@ -51,14 +51,14 @@ def _nan_per_sample(x: Tensor) -> Tensor:
 
 
 def tangent_warmup_ratio(iteration: int, warmup: int) -> float:
-    """``r = 1`` if ``warmup == 0`` else ``min(1, iteration / warmup)`` (raw trainer iteration; §2.7)."""
+    """``r = 1`` if ``warmup == 0`` else ``min(1, iteration / warmup)`` (raw trainer iteration)."""
     if warmup < 0 or iteration < 0:
         raise ValueError(f"iteration and tangent warmup must be >= 0, got {iteration} and {warmup}")
     return 1.0 if warmup == 0 else min(1.0, iteration / warmup)
 
 
 def scm_tangent(F_teacher: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """The scaled JVP tangent ``(cos t sin t F_T, cos t sin t)`` for ``(x_t, t)`` (§2.4), float64.
+    """The scaled JVP tangent ``(cos t sin t F_T, cos t sin t)`` for ``(x_t, t)``, float64.
 
     ``F_teacher`` ``[B, ...]``, ``t`` ``[B]``; returns ``tx`` shaped like ``F_teacher`` and ``tt`` like ``t``.
     """
@@ -78,7 +78,7 @@ def scm_student_tangent(
     fd_size: float = 1e-4,
     student: Denoiser | None = None,
 ) -> Tensor:
-    """``t_F ~= cos t sin t dF_theta/dt`` along the teacher ODE (§2.5); call it under ``torch.no_grad()``.
+    """``t_F ~= cos t sin t dF_theta/dt`` along the teacher ODE; call it under ``torch.no_grad()``.
 
     * ``fd_type=0`` (default): ``student_jvp(x_t, t, cond, *scm_tangent(F_T, t))[1]``.
     * ``fd_type=1`` (semi-continuous): JVP with zero time tangent, plus
@@ -110,7 +110,7 @@ def scm_student_tangent(
 
 
 def scm_g(F_sg: Tensor, F_teacher: Tensor, t_F: Tensor, x_t: Tensor, t: Tensor, r: float = 1.0) -> Tensor:
-    """The raw sCM direction ``g`` (float64, before NaN masking and normalization; §2.8)::
+    """The raw sCM direction ``g`` (float64, before NaN masking and normalization)::
 
         g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - (r cos t sin t x_t + t_F)
 
@@ -136,7 +136,7 @@ def scm_loss(
     loss_scale: float = 100.0,
     norm_eps: float = 0.1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """sCM student loss per sample (§2.8–2.11), float64.
+    """sCM student loss per sample, float64.
 
     ``F_student`` ``[B, ...]`` carries the gradient; ``F_teacher`` (CFG teacher velocity), ``t_F``
     (:func:`scm_student_tangent`), ``x_t`` and ``t`` ``[B]`` are constants. Steps: ``g`` from :func:`scm_g`
@@ -175,7 +175,7 @@ def scm_objective(
     fd_type: int = 0,
     fd_size: float = 1e-4,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One sCM student objective (§2): teacher CFG velocity and student tangent without grad, then the
+    """One sCM student objective: teacher CFG velocity and student tangent without grad, then the
     student forward with grad, then :func:`scm_loss`. ``x0``, ``eps`` ``[B, ...]``, ``t`` ``[B]``
     (from ``LogNormal``). ``student_jvp=None`` uses ``student.jvp`` (a :class:`TrigFlowAdapter`) if present,
     else the ``torch.func.jvp`` fallback. Returns ``(loss [B], diag)``; ``loss.sum()`` is what the reference
@@ -204,7 +204,7 @@ def dcm_objective(
     guidance: float = 5.0,
     loss_scale: float = 100.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Discrete-time CM objective (§3). ``times`` ``[K+1, B]`` from :func:`rcm_losses.timesteps.dcm_times`,
+    """Discrete-time CM objective. ``times`` ``[K+1, B]`` from :func:`rcm_losses.timesteps.dcm_times`,
     or per-frame ``[K+1, B, T]`` for ``[B, C, T, H, W]`` samples (causal students, frame-wise step sizes).
 
     Prediction with grad ``x0_hat = student(x_{t_0}, t_0).x0``; no grad: ``K`` TrigFlow-Euler teacher steps

@@ -1,4 +1,4 @@
-"""Distribution-matching objectives: the DMD generator loss (RCM_SPEC §4.2) and the fake-score critic (§5).
+"""Distribution-matching objectives: the DMD generator loss (docs/losses.md, dmd) and the fake-score critic.
 
 Generator step, as a training loop runs it::
 
@@ -29,7 +29,7 @@ def dmd_loss(
     loss_scale: float = 1.0,
     min_norm: float = 1e-5,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DMD generator loss per sample (§4.2.5–7), float64.
+    """DMD generator loss per sample, float64.
 
     ``generated`` ``G [B, ...]`` carries the gradient; ``x0_fake`` (fake score, no CFG) and ``x0_real``
     (teacher with CFG) are constants. ``w_n = mean |G - x0_real|`` per sample, clipped below at
@@ -65,7 +65,7 @@ def dmd_objective(
     guidance: float = 5.0,
     loss_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DMD generator objective (§4.2): re-noise ``G`` at ``t`` ``[B]`` (``x_D = cos t G + sin t eps``,
+    """DMD generator objective: re-noise ``G`` at ``t`` ``[B]`` (``x_D = cos t G + sin t eps``,
     differentiable through ``G``), denoise without grad with the fake score (conditional only) and the
     CFG teacher ("real score"), then :func:`dmd_loss`. Returns ``(loss [B], diag)`` (+ ``t``).
     """
@@ -80,7 +80,7 @@ def dmd_objective(
 
 
 def fake_score_loss(generated: Tensor, x0_fake: Tensor, t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Critic loss per sample ``sum((G - x0_fake)^2) / sin^2 t`` (§5.4), float64, no extra scale.
+    """Critic loss per sample ``sum((G - x0_fake)^2) / sin^2 t``, float64, no extra scale.
 
     ``x0_fake`` carries the gradient (fake-score parameters); ``generated`` is a constant. At fixed
     ``x_t`` this equals unit-weighted TrigFlow velocity matching ``sum((F_hat - F*)^2)``.
@@ -94,7 +94,7 @@ def fake_score_loss(generated: Tensor, x0_fake: Tensor, t: Tensor) -> tuple[Tens
 def fake_score_objective(
     generated: Tensor, t: Tensor, eps: Tensor, fake_score: Denoiser, cond: Any
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Critic objective (§5): ``x_D = cos t sg(G) + sin t eps``, ``x0_fake = fake_score(x_D, t, cond).x0``
+    """Critic objective: ``x_D = cos t sg(G) + sin t eps``, ``x0_fake = fake_score(x_D, t, cond).x0``
     with grad, then :func:`fake_score_loss`. ``G`` comes from a no-grad backward simulation."""
     G = generated.detach()
     x0_fake = fake_score(add_noise(G, eps, t.to(torch.float64)), t, cond).x0

@@ -1,4 +1,4 @@
-"""EDM2 power-function EMA of the student weights (RCM_SPEC §6.4; Karras et al. 2024, "Analyzing and
+"""EDM2 power-function EMA of the student weights (docs/losses.md, ema; Karras et al. 2024, "Analyzing and
 Improving the Training Dynamics of Diffusion Models", §3.1 / App. C).
 
 The EMA with profile exponent ``gamma`` has relative standard deviation

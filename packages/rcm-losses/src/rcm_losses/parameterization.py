@@ -1,4 +1,4 @@
-"""Time coordinates and the TrigFlow view of a rectified-flow velocity network (RCM_SPEC §1).
+"""Time coordinates and the TrigFlow view of a rectified-flow velocity network (docs/losses.md, parameterization).
 
 Three equivalent descriptions of the same forward process (sigma_data = 1):
 
@@ -8,8 +8,8 @@ Three equivalent descriptions of the same forward process (sigma_data = 1):
 * TrigFlow time ``t`` in ``[0, pi/2]``: ``x_t = cos t x0 + sin t eps``, with ``x_s = x_t / (cos t + sin t)``.
 
 Conversions are one-liners. The adapter :class:`TrigFlowAdapter` turns an RF velocity network into a
-TrigFlow *denoiser*: a callable ``(x_t, t, cond) -> TrigFlowPrediction(x0, F)`` (RCM_SPEC §1.2), and gives
-the forward-mode derivative ``(F, dF)`` that the sCM objective needs (§2.5).
+TrigFlow *denoiser*: a callable ``(x_t, t, cond) -> TrigFlowPrediction(x0, F)`` (docs/losses.md, parameterization), and gives
+the forward-mode derivative ``(F, dF)`` that the sCM objective needs.
 
 Shapes: ``x_t`` is ``[B, ...]`` (video latents ``[B, C, T, H, W]``); ``t`` is ``[B]`` (one time per sample),
 ``[B, 1]`` (same) or ``[B, T]`` (one time per latent frame, only with 5-D ``x_t``; used by causal models).
@@ -70,7 +70,7 @@ class TrigFlowPrediction(NamedTuple):
 
 
 class TrigFlowScalings(NamedTuple):
-    """Coefficients of the RF -> TrigFlow wrapping (RCM_SPEC §1.2); each has the shape of ``t``.
+    """Coefficients of the RF -> TrigFlow wrapping (docs/losses.md, parameterization); each has the shape of ``t``.
 
     ``x_in = c_in x_t`` is the RF sample, ``c_noise = 1000 s`` the Wan timestep, and
     ``x0 = c_skip x_t + c_out v`` the RF reconstruction ``x_s - s v``.
@@ -93,7 +93,7 @@ VelocityJVP = Callable[[Tensor, Tensor, Any, Tensor, Tensor], tuple[Tensor, Tens
 
 
 # ---------------------------------------------------------------------------------------------------------
-# conversions (RCM_SPEC §1.1). All are elementwise and keep the input dtype.
+# conversions (docs/losses.md, parameterization). All are elementwise and keep the input dtype.
 
 
 def sigma_to_rf(sigma: Tensor) -> Tensor:
@@ -157,7 +157,7 @@ def cfg_denoise(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Any, uncond: A
     """Classifier-free guidance ``u + w (c - u)`` applied to both ``x0`` and ``F`` (both are affine in the
     network output with the same coefficients, so this equals guiding the raw velocity).
 
-    As in the reference (RCM_SPEC §2.3, §4.2), the unconditional call is skipped when ``uncond is None``
+    As in the reference (docs/losses.md, consistency), the unconditional call is skipped when ``uncond is None``
     or ``guidance <= 1`` and the conditional prediction is returned unchanged.
     """
     pc = denoiser(x_t, t, cond)
@@ -193,7 +193,7 @@ def round_timestep(timestep: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the RF -> TrigFlow wrapper (RCM_SPEC §1.2, §2.5)
+# the RF -> TrigFlow wrapper (docs/losses.md, parameterization)
 
 
 def trigflow_scalings(t: Tensor) -> TrigFlowScalings:
@@ -229,7 +229,7 @@ def trigflow_denoise(
     input_dtype: torch.dtype | None = torch.bfloat16,
     timestep_dtype: torch.dtype | None = torch.bfloat16,
 ) -> TrigFlowPrediction:
-    """Evaluate an RF velocity network as a TrigFlow denoiser (RCM_SPEC §1.2).
+    """Evaluate an RF velocity network as a TrigFlow denoiser (docs/losses.md, parameterization).
 
     Calls ``velocity((c_in x_t).to(input_dtype), round_timestep(1000 s, timestep_dtype), cond)`` with
     ``s = sin t / (sin t + cos t)``; the timestep is ``[B]`` float64 (``[B, T]`` for per-frame times).
@@ -262,7 +262,7 @@ def trigflow_jvp(
     """TrigFlow velocity ``F(x_t, t)`` and its JVP along ``(tx, tt)``, built from an RF network's JVP.
 
     ``velocity_jvp`` follows the ``WanDiT.forward_jvp(x, t, ctx, tx, tt) -> (out, tangent_out)`` contract
-    (timestep on Wan's 0..1000 scale). The composition is RCM_SPEC §2.5: scalings and their tangents in
+    (timestep on Wan's 0..1000 scale). The composition is docs/losses.md, consistency: scalings and their tangents in
     float64 (:func:`trigflow_scalings_jvp`); network input ``c_in x_t`` with tangent
     ``c_in tx + dc_in x_t`` and timestep ``c_noise`` with tangent ``dc_noise``, all cast/rounded to
     ``input_dtype`` / ``timestep_dtype`` (the reference feeds bf16 primals and tangents); then the output

@@ -1,4 +1,4 @@
-"""Few-step backward simulation of the student (RCM_SPEC §4.1), as used by the DMD and critic steps.
+"""Few-step backward simulation of the student (docs/losses.md, rollout), as used by the DMD and critic steps.
 
 Built from two pieces so that other rollouts reuse them:
 
@@ -8,7 +8,7 @@ Built from two pieces so that other rollouts reuse them:
   only through the last denoiser call.
 
 :func:`backward_simulation` composes them for the bidirectional student. A causal self-forcing rollout
-(CAUSAL_SPEC §4.3) is a loop over frame blocks around the same two pieces: for block ``i``, bind the
+(docs/causal_training.md) is a loop over frame blocks around the same two pieces: for block ``i``, bind the
 student to the KV cache / block offset in a denoiser closure, run :func:`denoise_chain` on that block's
 noise slice (passing the pre-drawn per-step noise slices via ``noises=``, as the reference draws noise
 once for the whole video), then refresh the cache under ``no_grad``. Nothing here assumes one block.
@@ -45,7 +45,7 @@ class Rollout(NamedTuple):
 
 
 def simulation_steps(effective_iteration: int, max_steps: int = 4) -> int:
-    """Number of simulation steps ``n = effective_iteration % max_steps + 1`` (cycles 1..max; §4.1)."""
+    """Number of simulation steps ``n = effective_iteration % max_steps + 1`` (cycles 1..max)."""
     if max_steps < 1 or effective_iteration < 0:
         raise ValueError(f"need max_steps >= 1 and effective_iteration >= 0, got {max_steps}, {effective_iteration}")
     return effective_iteration % max_steps + 1
@@ -60,7 +60,7 @@ def rollout_times(
     fixed: Sequence[float] | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Time grid ``[n_steps + 1, batch]`` float64 of a backward simulation (§4.1.2).
+    """Time grid ``[n_steps + 1, batch]`` float64 of a backward simulation.
 
     ``t_0 = pi/2`` exactly; for ``i = 0..n-2``: ``t_{i+1} = min(time_sampler(batch), t_i)`` (running minimum
     of fresh draws, so non-increasing per sample) or ``t_{i+1} = fixed[i]``; finally ``t_n = 0``. Give
@@ -99,7 +99,7 @@ def denoise_chain(
     out_dtype: torch.dtype = torch.float32,
 ) -> Rollout:
     """Run ``n = len(times) - 1`` steps: ``x0_hat = denoiser(x, t_i, cond).x0``, then (except after the last
-    step) re-noise ``x = cos t_{i+1} x0_hat + sin t_{i+1} eps_i`` with fresh noise ``eps_i`` (§4.1.3).
+    step) re-noise ``x = cos t_{i+1} x0_hat + sin t_{i+1} eps_i`` with fresh noise ``eps_i``.
 
     ``x_init`` ``[B, ...]`` is the sample at ``times[0]``; ``times`` ``[n + 1, B]``. Noise ``eps_i`` comes from
     ``noises[i]`` if given (``n - 1`` tensors like ``x_init``), else is drawn (float32) from ``generator``.
@@ -141,7 +141,7 @@ def backward_simulation(
     fixed: Sequence[float] | None = None,
     with_grad: bool = True,
 ) -> Rollout:
-    """Student few-step generation from pure noise (§4.1); a pure function of the denoiser and ``generator``.
+    """Student few-step generation from pure noise; a pure function of the denoiser and ``generator``.
 
     Draws, in this order from ``generator``: ``x = eps_0 [shape]`` (float32; the sample at ``t = pi/2``), the
     ``n_steps - 1`` random times (if ``time_sampler``), then one fresh noise per re-noise. Use

@@ -1,4 +1,4 @@
-"""Samplers: the rCM few-step sampler (RCM_SPEC §11.1) and the teacher flow samplers Euler and UniPC (§11.3).
+"""Samplers: the rCM few-step sampler (docs/losses.md, sampling) and the teacher flow samplers Euler and UniPC.
 
 All samplers take the initial noise as an argument, compute in float64 and return the final ``x0``
 (float64, shape of the noise). ``callback``, if given, is called after every step with a dict
@@ -80,7 +80,7 @@ def rcm_sample(
     mid_t: Sequence[float] = DEFAULT_MID_T,
     callback: Callback | None = None,
 ) -> Tensor:
-    """rCM few-step sampling (§11.1, no CFG: guidance is distilled). Runs under ``torch.no_grad()``.
+    """rCM few-step sampling (no CFG: guidance is distilled). Runs under ``torch.no_grad()``.
 
     Starts at ``t_0 = atan(sigma_max)`` from ``x = sin t_0 noise`` (the TrigFlow form of the reference's RF
     start ``x_s = s_0 noise``); each step ``x0 = denoiser(x, t_i, cond).x0`` then, unless ``t_{i+1} = 0``,
@@ -110,7 +110,7 @@ def rcm_sample(
 
 
 def flow_sigmas(num_steps: int, *, shift: float = 5.0, sigma_max: float | None = 5000.0) -> Tensor:
-    """RF times ``[num_steps + 1]`` (float64, decreasing, last = 0) of the teacher samplers (§11.3).
+    """RF times ``[num_steps + 1]`` (float64, decreasing, last = 0) of the teacher samplers.
 
     ``s_max = sigma_max / (sigma_max + 1)`` (``None`` -> 1), unshifted ``u_max = unshift(s_max; shift)``,
     ``u = linspace(u_max, 0, N + 1)[:-1]``, ``s_i = shift(u_i; shift)``, then a final 0.
@@ -151,7 +151,7 @@ def flow_euler_sample(
     timestep_dtype: torch.dtype | None = torch.bfloat16,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Flow Euler sampler (§11.3): ``x <- x + v (s_{i+1} - s_i)`` on :func:`flow_sigmas`, from
+    """Flow Euler sampler: ``x <- x + v (s_{i+1} - s_i)`` on :func:`flow_sigmas`, from
     ``x = s_0 noise``. Velocity with CFG (``guidance``, ``uncond``); the network sees ``x`` cast to
     ``input_dtype`` and the timestep ``1000 s`` rounded through ``timestep_dtype`` (``None``: no cast /
     no rounding). Runs under ``torch.no_grad()``; returns float64 ``[B, ...]``.
@@ -206,7 +206,7 @@ def flow_unipc_sample(
     timestep_dtype: torch.dtype | None = torch.bfloat16,
     callback: Callback | None = None,
 ) -> Tensor:
-    """UniPC multistep flow sampler (§11.3): data prediction ``x0 = x - s v``, solver order 2 with the
+    """UniPC multistep flow sampler: data prediction ``x0 = x - s v``, solver order 2 with the
     "bh2" ``B(h) = expm1(-h)``, predictor coefficient 0.5 at order 2, UniC corrector from the second step
     (re-using the model output of the new point, no extra evaluation) and lower-order final steps; in
     the RF schedule ``alpha = 1 - s``, ``sigma = s``, ``lambda = log(alpha / sigma)``.

@@ -1,4 +1,4 @@
-"""Training-time samplers (RCM_SPEC §1.3, §3, §4.1). Every draw takes a ``torch.Generator``.
+"""Training-time samplers (docs/losses.md, timesteps). Every draw takes a ``torch.Generator``.
 
 Samplers are frozen dataclasses with ``sampler(batch, *, generator) -> t [batch]``: TrigFlow times in
 float64 on the generator's device. Random numbers are drawn in float32 and then cast to float64 (as the
@@ -93,7 +93,7 @@ def fixed_times(values: Sequence[float], batch: int, *, device: torch.device | s
 
 def sample_dcm_u(batch: int, *, generator: torch.Generator, total_steps: int = 48,
                  skip_steps: int = 1) -> Tensor:
-    """dCM grid offset ``u ~ U[0, 1 - K/N)`` per sample (float32 draw, returned float64; RCM_SPEC §3.1)."""
+    """dCM grid offset ``u ~ U[0, 1 - K/N)`` per sample (float32 draw, returned float64; docs/losses.md, consistency)."""
     _check_batch(batch)
     if not 1 <= skip_steps < total_steps:
         raise ValueError(f"dCM needs 1 <= skip_steps < total_steps, got {skip_steps} and {total_steps}")
@@ -104,7 +104,7 @@ def sample_dcm_u(batch: int, *, generator: torch.Generator, total_steps: int = 4
 def dcm_times(u: Tensor, *, total_steps: int = 48, skip_steps: int = 1, shift: float = 5.0) -> Tensor:
     """dCM times ``t_k = rf_to_trig(shift(1 - (u + k/N); a))`` for ``k = 0..K`` as ``[K+1, B]`` float64.
 
-    ``t_0 > t_1 > ... > t_K`` (RCM_SPEC §3.2).
+    ``t_0 > t_1 > ... > t_K`` (docs/losses.md, consistency).
     """
     if not 1 <= skip_steps < total_steps:
         raise ValueError(f"dCM needs 1 <= skip_steps < total_steps, got {skip_steps} and {total_steps}")

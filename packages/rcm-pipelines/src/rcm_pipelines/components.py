@@ -156,7 +156,7 @@ def free_memory() -> None:
 # ------------------------------------------------------------------------------------------ DiT
 _EXTRA_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # Wan2.2 I2V A14B: the 14B T2V network with 36 input channels ([x; y]) and no CLIP branch, so a "t2v"
-    # WanDiT whose input the pipeline concatenates (RCM_SPEC §11.4).
+    # WanDiT whose input the pipeline concatenates (docs/recipes_distill_generate.md, generate.py).
     "i2v-A14B": ("t2v-14B", {"in_dim": 36}),
     "tiny-i2v-A14B": ("tiny", {"in_dim": 36}),
 }
@@ -176,7 +176,7 @@ def dit_config(spec: DiTSpec) -> WanConfig:
     raise ValueError(f"unknown DiT config {name!r}: use one of {names} or an official config.json path")
 
 
-def read_dit_state_dict(config: WanConfig, path: str, *, field: str = "model.teacher_path",
+def read_dit_state_dict(config: WanConfig, path: str, *, field: str = "model.path",
                         log: Callable[[str], None] | None = print) -> dict[str, Tensor]:
     """The full state dict of the DiT weights at ``path`` (module keys, the file's dtype, CPU; memory-mapped for
     ``.pth``), strictly checked against ``config`` (a ``net.`` / ``net_ema.`` prefix is stripped); ``field``

@@ -138,11 +138,11 @@ def rcm_generate(velocity: Velocity, noise: Tensor, context: Tensor, *, generato
                  num_steps: int = 4, sigma_max: float = 80.0, mid_t: Sequence[float] = (1.5, 1.4, 1.0),
                  input_dtype: torch.dtype = torch.bfloat16, ode: bool = False,
                  callback: Callable[[dict], None] | None = None) -> Tensor:
-    """Few-step rCM sampling (RCM_SPEC §11.1): TrigFlow schedule ``[atan(sigma_max), *mid_t, 0]``, no CFG.
+    """Few-step rCM sampling (docs/losses.md, sampling): TrigFlow schedule ``[atan(sigma_max), *mid_t, 0]``, no CFG.
 
     Stochastic (default): denoise, then re-noise with fresh noise from ``generator``
     (`rcm_losses.rcm_sample`). ``ode``: deterministic RF Euler ``x <- x - (s - s_next) v`` on the same times
-    (§11.4 ``--ode``). ``noise`` ``[B, C, T, H, W]``; returns the clean latent, float64.
+. ``noise`` ``[B, C, T, H, W]``; returns the clean latent, float64.
     """
     if ode:
         return _rcm_ode(velocity, noise, context, num_steps, sigma_max, mid_t, input_dtype, callback)
@@ -170,7 +170,7 @@ def teacher_generate(velocity: Velocity, noise: Tensor, context: Tensor, uncond:
                      sampler: Literal["euler", "unipc"] = "unipc", num_steps: int = 50, guidance: float = 5.0,
                      shift: float = 5.0, sigma_max: float = 5000.0, input_dtype: torch.dtype = torch.bfloat16,
                      callback: Callable[[dict], None] | None = None) -> Tensor:
-    """Teacher flow sampling with CFG against ``uncond`` (RCM_SPEC §11.2–11.3); returns float64 latents.
+    """Teacher flow sampling with CFG against ``uncond`` (docs/losses.md, sampling); returns float64 latents.
 
     ``2 * num_steps`` network calls when ``uncond`` is given and ``guidance > 1``, else ``num_steps``.
     """
@@ -183,7 +183,7 @@ def teacher_generate(velocity: Velocity, noise: Tensor, context: Tensor, uncond:
 def i2v_condition(vae: WanVAE, image_chw: Tensor, num_frames: int, width: int, height: int) -> Tensor:
     """I2V ``y [1, 4 + 16, T, H/8, W/8]``: mask channels (1 on latent frame 0) then the VAE latent of the
     video ``[image, 0, ..., 0]``; the image (``[3, h, w]`` in [-1, 1]) is resized to ``height x width``
-    with antialiasing first (RCM_SPEC §11.4)."""
+    with antialiasing first (docs/recipes_distill_generate.md, generate.py)."""
     if image_chw.dim() != 3 or image_chw.shape[0] != 3:
         raise ValueError(f"image must be [3, H, W], got shape {tuple(image_chw.shape)}")
     p = next(vae.parameters())

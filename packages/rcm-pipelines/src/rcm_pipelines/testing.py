@@ -132,7 +132,7 @@ def _write(d: Path, seed: int) -> TinyAssets:
 
 
 def _main() -> None:
-    """``python recipes/rcm_recipes/tiny_assets.py [DIR]``: write the assets and print a tiny end-to-end run."""
+    """``python -m rcm_pipelines.testing [DIR]``: write the assets and print a tiny end-to-end run."""
     import shlex
     import sys
 
@@ -143,7 +143,7 @@ def _main() -> None:
           f"uv run recipes/build_dataset.py --dit.config=tiny --dit.path={a.t2v} --prompt_file={a.prompts} "
           f"--repeat=4 --samples_per_shard=4 --num_steps=8 --output_dir=outputs/tiny_dataset {size} "
           f"{' '.join(shlex.quote(f) for f in a.component_flags()[2:])}\n"
-          f"uv run recipes/distill.py --preset=tiny-rcm --model.teacher_path={a.t2v} "
+          f"uv run recipes/distill.py --preset=tiny-rcm --model.path={a.t2v} "
           f"--sample.vae.path={a.vae}\n"
           f"uv run recipes/generate.py --dit.config=tiny --dit.path=outputs/distill/tiny-rcm/student_ema.safetensors "
           f"--output=outputs/tiny_generate/video.mp4 {size} {flags}")

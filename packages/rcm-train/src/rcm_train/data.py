@@ -1,4 +1,4 @@
-"""Webdataset shards of latents, text embeddings and prompts (RCM_SPEC §10): writer and loader.
+"""Webdataset shards of latents, text embeddings and prompts (docs/train.md, data): writer and loader.
 
 Each sample is three tar members sharing a 9-digit key: ``{key}.latent.pt`` (``torch.save`` of the
 normalized VAE latent ``[C, T, H, W]``), ``{key}.embed.pt`` (umT5 embedding ``[L, D]``), ``{key}.prompt.txt``

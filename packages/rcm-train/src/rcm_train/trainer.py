@@ -1,6 +1,6 @@
-"""The distillation loop of RCM_SPEC §6 as small functions.
+"""The distillation loop of docs/train.md, training loop as small functions.
 
-* Phase schedule (§6.1): raw iteration ``it`` decides student vs critic; the *effective* counters count the
+* Phase schedule: raw iteration ``it`` decides student vs critic; the *effective* counters count the
   updates each phase has had and drive the EMA decay and the simulation-step cycle.
 * :func:`train_step` is a function of ``(models, batches, optimizers, objective, ctx)``: the objective
   returns named closures, each closure runs its forward and the trainer its own backward (so the
@@ -51,7 +51,7 @@ Closure = Callable[[], tuple[Tensor, Mapping[str, Tensor]]]
 
 # ------------------------------------------------------------------------------------------ configs
 class ScheduleConfig(BaseModel):
-    """Student / critic alternation (RCM_SPEC §6.1)."""
+    """Student / critic alternation (docs/train.md, training loop)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -62,7 +62,7 @@ class ScheduleConfig(BaseModel):
 
 
 class OptimizerConfig(BaseModel):
-    """AdamW and its linear LR warmup (one per trained network; RCM_SPEC §6.2–6.3)."""
+    """AdamW and its linear LR warmup (one per trained network; docs/train.md, training loop)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 

@@ -3,7 +3,7 @@
 Layout legend: B batch, L sequence (Lq, Lk), H heads, D head dim. Inputs are ``[B, L, H, D]`` with any strides
 (no copies on the way in); outputs are ``[B, L, H, D]`` contiguous, the LSE ``[B, H, Lq]`` float32.
 
-Forward (FlashAttention-2 with a tangent, RCM_SPEC §8), per program = BLOCK_M query rows of one (b, h):
+Forward (FlashAttention-2 with a tangent, docs/kernels.md), per program = BLOCK_M query rows of one (b, h):
 for each key tile, in base 2, ``P̃ = 2^(s·log2e·q kᵀ − m)``; with tangents ``Ṡ = s (q̇ kᵀ + q k̇ᵀ)``,
 ``H̃ = P̃ ⊙ Ṡ``; accumulators ``Õ += P̃ V``, ``T̃ += P̃ V̇ + H̃ V``, ``r̃ += rowsum H̃``, ``l += rowsum P̃``, all
 rescaled by ``2^(m_old − m_new)``. Epilogue ``O = Õ/l``, ``Ȯ = T̃/l − (r̃/l) O``, ``LSE = (m + log2 l) ln 2``.

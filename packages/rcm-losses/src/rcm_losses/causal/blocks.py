@@ -78,7 +78,7 @@ def sample_block_times(
 ) -> Tensor:
     """Per-frame TrigFlow times ``[B, T]`` float64, constant inside each block.
 
-    ``random`` (diffusion forcing, CAUSAL_SPEC §4.1): an independent draw per block (``sampler(B * N)``,
+    ``random`` (diffusion forcing, docs/causal_training.md): an independent draw per block (``sampler(B * N)``,
     sample-major); ``same``: one draw per sample shared by all blocks (``sampler(B)``).
     """
     n = blocks.num_blocks
@@ -101,7 +101,7 @@ def sample_block_dcm_times(
     shift: float = 5.0,
     strategy: Literal["random", "same"] = "random",
 ) -> Tensor:
-    """dCM grids per block (RCM_SPEC §3 with one offset ``u`` per block, or per sample for ``same``):
+    """dCM grids per block (docs/losses.md, consistency with one offset ``u`` per block, or per sample for ``same``):
     ``[K + 1, B, T]`` float64, strictly decreasing along K, constant inside each block."""
     n = blocks.num_blocks
     count = batch * n if strategy == "random" else batch

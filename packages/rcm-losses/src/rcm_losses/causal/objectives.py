@@ -51,7 +51,7 @@ def tf_scm_objective(
     input_dtype: torch.dtype | None = torch.bfloat16,
     timestep_dtype: torch.dtype | None = torch.bfloat16,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Teacher-forcing sCM (CAUSAL_SPEC §4.2 ``tf_scm``): :func:`rcm_losses.scm_objective` on the generated
+    """Teacher-forcing sCM (docs/causal_training.md ``tf_scm``): :func:`rcm_losses.scm_objective` on the generated
     frames, with per-block times ``t`` ``[B, T]`` (or ``[B]``), the causal teacher (CFG) on the clean context
     and the student on its (clean or noisy) context. The JVP tangent of the context is zero in ``x`` and
     ``t``; since noisy block i sees only context blocks < i and itself, the joint JVP gives every block its
@@ -96,7 +96,7 @@ def causal_dcm_objective(
     guidance: float = 3.0,
     loss_scale: float = 100.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """dCM (RCM_SPEC §3) with per-frame times ``times`` ``[K + 1, B, T]`` (or ``[K + 1, B]``):
+    """dCM (docs/losses.md, consistency) with per-frame times ``times`` ``[K + 1, B, T]`` (or ``[K + 1, B]``):
     :func:`rcm_losses.consistency.dcm_objective` with Causal-rCM's default ``guidance = 3``.
 
     With grad ``x0_hat = student(x_{t_0}, t_0).x0``; no grad: ``K`` CFG teacher Euler steps
@@ -123,7 +123,7 @@ def tf_dcm_objective(
     input_dtype: torch.dtype | None = torch.bfloat16,
     timestep_dtype: torch.dtype | None = torch.bfloat16,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Teacher-forcing dCM (CAUSAL_SPEC §4.2 ``tf_dcm``): :func:`causal_dcm_objective` on the generated frames
+    """Teacher-forcing dCM (docs/causal_training.md ``tf_dcm``): :func:`causal_dcm_objective` on the generated frames
     with per-block grids ``times`` ``[K + 1, B, T]`` (:func:`sample_block_dcm_times`); the causal teacher runs
     on the clean context, the student on its (clean or noisy) context. ``x0``, ``eps`` as in
     :func:`tf_scm_objective`."""
@@ -159,7 +159,7 @@ def flow_matching_objective(
     input_dtype: torch.dtype | None = torch.bfloat16,
     timestep_dtype: torch.dtype | None = torch.bfloat16,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Flow matching of a (causal) velocity network with per-frame times (CAUSAL_SPEC §4.1 ``tf`` / ``df``).
+    """Flow matching of a (causal) velocity network with per-frame times (docs/causal_training.md ``tf`` / ``df``).
 
     ``t`` TrigFlow ``[B, T]`` (or ``[B]``) -> RF ``s``; ``x_s = (1 - s) x0 + s eps`` enters
     ``velocity(x_s, round(1000 s), cond)``; target ``eps - x0``. Per sample
@@ -198,7 +198,7 @@ def ode_regression_objective(
     loss_scale: float = 1.0,
     include_clean: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """ODE-pair initialization (CAUSAL_SPEC §4.5): regress the causal student's ``x0`` onto the endpoint of a
+    """ODE-pair initialization (docs/causal_training.md): regress the causal student's ``x0`` onto the endpoint of a
     teacher ODE trajectory, each block at its own random trajectory state.
 
     ``trajectory`` ``[K + 1, B, C, T, H, W]``: TrigFlow samples at ``times`` ``[K + 1, B]`` (decreasing,

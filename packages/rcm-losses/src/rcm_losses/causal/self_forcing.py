@@ -62,7 +62,7 @@ def _schedules(schedule: Sequence[float] | Sequence[Sequence[float]], num_blocks
 def sample_exit_steps(
     lengths: Sequence[int], *, generator: torch.Generator, same_across_blocks: bool = True
 ) -> tuple[int, ...]:
-    """Random exit steps (gradient truncation, CAUSAL_SPEC §4.5): block i exits at step ``e_i < lengths[i]``.
+    """Random exit steps (gradient truncation, docs/causal_training.md): block i exits at step ``e_i < lengths[i]``.
 
     ``same_across_blocks``: one uniform draw ``e`` in ``[0, max(lengths))``, capped per block at
     ``lengths[i] - 1``; else one uniform draw per block. Every rank of a sharded run must use the same exit
@@ -79,7 +79,7 @@ def sample_exit_steps(
 def cycled_exit_steps(
     effective_iteration: int, lengths: Sequence[int], max_steps: int | None = None
 ) -> tuple[int, ...]:
-    """rcm's deterministic exit (CAUSAL_SPEC §4.3): ``n = it % max_steps + 1`` steps, capped per block at its
+    """rcm's deterministic exit (docs/causal_training.md): ``n = it % max_steps + 1`` steps, capped per block at its
     schedule length; returns exit indices ``min(n, len_i) - 1``."""
     max_steps = max(lengths) if max_steps is None else max_steps
     if effective_iteration < 0 or max_steps < 1:
@@ -108,7 +108,7 @@ def self_forcing_rollout(
     with_grad: bool = True,
     out_dtype: torch.dtype = torch.float32,
 ) -> SelfForcingRollout:
-    """Block-by-block student rollout with the cache, exactly as at inference (CAUSAL_SPEC §4.3, §5).
+    """Block-by-block student rollout with the cache, exactly as at inference (docs/causal_training.md).
 
     ``shape`` = ``[B, C, T, H, W]``. Noise is drawn from ``generator`` for the whole video, in this order: the
     start noise ``eps_0`` (block i starts from ``sin t_0 eps_0``: pure noise at ``t_0 = pi/2``, the TrigFlow
@@ -206,7 +206,7 @@ def replay_backward(
     reset: Callable[[], None],
     check_atol: float | None = None,
 ) -> None:
-    """Replayed backprop of a no-grad rollout (CAUSAL_SPEC §4.4): accumulate into the parameters the gradient
+    """Replayed backprop of a no-grad rollout (docs/causal_training.md): accumulate into the parameters the gradient
     of a loss whose derivative w.r.t. the video is ``grad_video`` ``[B, C, T, H, W]``, one block at a time.
 
     ``reset()`` the cache once, then for block i: recompute the exit step ``denoise_block(exit_input_i,

@@ -128,7 +128,7 @@ def teacher_forcing_velocity(
 ) -> TeacherForcingVelocity:
     """A :class:`TeacherForcingVelocity` whose context is ``x0`` ``[B, C, T, H, W]`` (clean at
     ``context_time = 0``) or ``x0`` re-noised to TrigFlow ``context_time`` (scalar or ``[B, T]``) with
-    ``context_eps`` (Causal-rCM's noisy context, CAUSAL_SPEC §3.2: the context the cache holds when the last
+    ``context_eps`` (Causal-rCM's noisy context, docs/causal.md, streaming: the context the cache holds when the last
     denoising step is committed). The context enters the network as the RF sample
     ``(1 - s_c) x0 + s_c eps`` at timestep ``1000 s_c`` (rounded through ``timestep_dtype`` like every
     timestep) cast to ``input_dtype``; it carries no gradient.

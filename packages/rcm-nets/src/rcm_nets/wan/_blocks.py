@@ -126,7 +126,7 @@ class WanCrossAttention(_QKVO):
 
 
 class WanBlock(nn.Module):
-    """One transformer block (WAN21.md §1.4); ``forward`` is factored so a KV cache can be threaded in."""
+    """One transformer block (docs/nets.md); ``forward`` is factored so a KV cache can be threaded in."""
 
     def __init__(self, cfg: WanConfig, **factory):
         super().__init__()
@@ -158,7 +158,7 @@ class WanBlock(nn.Module):
         # cross-attention: affine LN, no modulation, no gate
         c, tc = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
         z, tz = self.cross_attn(c, tc, ctx, img)
-        if precision == "student":  # rCM student: cross residual + FFN + residual in fp32 (RCM_SPEC §7.2)
+        if precision == "student":  # rCM student: cross residual + FFN + residual in fp32 (docs/nets.md, precision)
             h, th = x.to(isl) + z.to(isl), add(cast(tx, isl), cast(tz, isl))
             f, tf = modulate(*layer_norm(h, th, self.eps), *mod[3], *mod[4])
             u, tu = gated(*self._ffn(f, tf, isl), *mod[5], isl)

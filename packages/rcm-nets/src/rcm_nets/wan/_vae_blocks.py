@@ -1,10 +1,10 @@
-"""Building blocks of the Wan2.1 causal 3D VAE (WAN21.md §2.2-2.3), with the streaming feature cache.
+"""Building blocks of the Wan2.1 causal 3D VAE (docs/nets_encoders.md, VAE), with the streaming feature cache.
 
 Layout legend: ``b`` batch, ``c`` channels, ``t`` frames, ``h``/``w`` rows/columns; video tensors are
 ``[b, c, t, h, w]``.
 
 Every block takes ``cache``: ``None`` runs the whole sequence at once (the "equivalent full-sequence view" of
-WAN21.md §2.3); a dict (initially empty, one per encode/decode call) runs chunk by chunk: each causal conv
+docs/nets_encoders.md, VAE); a dict (initially empty, one per encode/decode call) runs chunk by chunk: each causal conv
 keeps the last frames of its input under its own module key and prepends them to the next chunk instead of
 zero padding, and the temporal resamplers keep their first-frame state there. Both views give the same
 result; the chunked one bounds the activation memory to one chunk.
@@ -108,7 +108,7 @@ class Resample(nn.Module):
     """Spatial (and temporal) down/up-sampling: ``mode`` in upsample2d/3d, downsample2d/3d.
 
     Spatial step (per frame, ``resample.1``): up = nearest ×2 then 3×3 conv ``C → C/2``; down = pad right and
-    bottom by 1 then 3×3 conv stride 2. Temporal step (``time_conv``, first-frame rules of WAN21.md §2.3):
+    bottom by 1 then 3×3 conv stride 2. Temporal step (``time_conv``, first-frame rules of docs/nets_encoders.md, VAE):
     downsample3d (after the spatial step) gives ``[s0] ++ conv_valid_stride2(s)``; upsample3d (before it)
     gives ``[w0] ++ interleave(conv_causal(w1..))`` where frame 0 is not part of the later frames' context.
     """

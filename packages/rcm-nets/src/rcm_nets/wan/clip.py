@@ -1,4 +1,4 @@
-"""CLIP ViT-H/14 visual tower of ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (WAN21.md §4).
+"""CLIP ViT-H/14 visual tower of ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (docs/nets_encoders.md, CLIP).
 
 Wan2.1 I2V conditions on the output of all blocks but the last (no post-norm, no head):
 ``clip_fea [B, 257, 1280]`` for a 224×224 image. Layout legend: ``b`` batch, ``l`` tokens (CLS first, then

@@ -2,7 +2,7 @@
 
 Field names follow the official ``WanModel`` constructor, so an official ``config.json`` (or a golden
 fixture's ``constructor_kwargs``) builds the same network: ``WanConfig.from_official(d)``. ``precision`` is
-ours: it picks the numerics of the rCM teacher or student (RCM_SPEC §7.2) and changes no parameter.
+ours: it picks the numerics of the rCM teacher or student (docs/nets.md, precision) and changes no parameter.
 
 Named configs (``get_config(name, **overrides)``):
 
@@ -66,7 +66,7 @@ class WanConfig(BaseModel):
     """Epsilon of the LayerNorms and RMSNorms."""
     precision: Literal["teacher", "student"] = "teacher"
     """'teacher': FFN and residual adds in the parameter dtype (bf16 teacher / fake score); 'student': the
-    rCM student's extra fp32 FFN and residual adds (RCM_SPEC §7.2). Identical for float32 parameters."""
+    rCM student's extra fp32 FFN and residual adds (docs/nets.md, precision). Identical for float32 parameters."""
 
     @model_validator(mode="after")
     def _check(self) -> WanConfig:

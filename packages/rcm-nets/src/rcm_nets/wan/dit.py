@@ -2,7 +2,7 @@
 
 State-dict keys and shapes are the official ones (``patch_embedding.weight [C, in_dim, 1, 2, 2]`` included:
 the Conv3d weight is used as the Linear it is, through a flattened view), so official checkpoints load with
-``strict=True``; there are no buffers. Numbers follow WAN21.md §1 and the fp32 islands of RCM_SPEC §7.
+``strict=True``; there are no buffers. Numbers follow docs/nets.md and the fp32 islands of docs/nets.md, precision
 
 Legend: x_bcthw latent video, B batch, T latent frames, L tokens = T·H·W / prod(patch), C = dim.
 
@@ -12,12 +12,13 @@ block), every attention goes through a ``rcm_kernels.attention.Attention`` modul
 ``seq_shard`` (a ``SequenceShard``: ``shard`` right after patch embedding on the tokens, their tangents, the
 RoPE angles and the per-token time index; ``gather`` of the head output and its tangent before unpatchify).
 
-Causal (block-autoregressive) mode, CAUSAL_SPEC §2 (docs/causal.md):
+Causal (block-autoregressive) mode (docs/causal.md):
 
 * masked full-sequence pass (training): :meth:`WanDiT.forward` / :meth:`WanDiT.forward_jvp` with per-frame
   times ``t [B, T]``, a ``block_mask`` from ``rcm_kernels.blockmask`` and optional explicit RoPE frame
-  positions ``frame_pos``; :meth:`WanDiT.forward_teacher_forcing` packs ``[clean ; noisy]`` with the
-  teacher-forcing mask, both halves at the same RoPE positions, and returns the noisy half;
+  positions ``frame_pos`` (teacher forcing: the packed ``[clean ; noisy]`` sequence with
+  ``rcm_kernels.blockmask.teacher_forcing`` and ``teacher_forcing_positions``; the packing itself is
+  ``rcm_losses.causal.TeacherForcingVelocity``);
 * block-by-block pass (inference, self forcing): :meth:`WanDiT.forward_block` runs one block of frames
   against a ``rcm_kernels.kv_cache.KVCache`` (RoPE positions from the cache's pending block), optionally
   writing the block's k/v; text k/v come from :meth:`WanDiT.encode_prompt` (computed once per prompt).
@@ -33,7 +34,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from rcm_kernels.attention import SequenceShard
-from rcm_kernels.blockmask import teacher_forcing_positions
 from rcm_kernels.kv_cache import CacheBlock, KVCache
 
 from ._blocks import CLIP_DIM, Head, MLPProj, RMSNorm, WanBlock
@@ -175,46 +175,6 @@ class WanDiT(nn.Module):
         """
         return self(x, t, context, clip_fea=clip_fea, y=y, block_mask=block_mask, frame_offset=frame_offset,
                     frame_pos=frame_pos, tangents=(tx, tt))
-
-    def forward_teacher_forcing(self, x_clean: Tensor, x_noisy: Tensor, t_noisy: Tensor,
-                                context: Tensor | PromptKV, *, block_mask, t_clean: Tensor | float = 0.0,
-                                tangents: tuple[Tensor | None, Tensor | None] | None = None,
-                                clip_fea: Tensor | None = None, y: Tensor | None = None):
-        """Teacher-forcing pass: ``[x_clean ; x_noisy]`` packed along T, velocity of the noisy half.
-
-        Args:
-            x_clean: ``[B, C, T, H, W]`` context latents (clean, or noised to ``t_clean``).
-            x_noisy: ``[B, C, T, H, W]`` noisy latents; block i attends to clean blocks ``< i`` and itself.
-            t_noisy: ``[B]`` or ``[B, T/pt]`` Wan-scale times of the noisy frames (per block in causal use).
-            t_clean: Wan-scale time of the context frames: a number, ``[B]`` or ``[B, T/pt]`` (0 = clean).
-            block_mask: ``rcm_kernels.blockmask.teacher_forcing(num_blocks, frames_per_block,
-                tokens_per_frame)`` (it covers both halves, ``2·L`` tokens).
-            tangents: ``(tx_noisy, tt_noisy)`` for the JVP mode (causal sCM); the context half has zero
-                tangent in x and t.
-            y: i2v only, ``[B, in_dim − C, T, H, W]``, used for both halves.
-
-        Both halves take the RoPE temporal positions ``0..T/pt-1`` (:func:`teacher_forcing_positions`).
-        Returns ``[B, C, T, H, W]`` (and its tangent in JVP mode), the noisy half only.
-        """
-        if x_clean.shape != x_noisy.shape:
-            raise ValueError(f"x_clean {tuple(x_clean.shape)} and x_noisy {tuple(x_noisy.shape)} must have "
-                             "the same shape")
-        b, frames = x_noisy.shape[0], x_noisy.shape[2] // self.config.patch_size[0]
-        tn, tc = _per_frame(t_noisy, b, frames, x_noisy.device), _per_frame(t_clean, b, frames, x_noisy.device)
-        x = torch.cat([x_clean, x_noisy], dim=2)
-        t = torch.cat([tc.to(tn.dtype), tn], dim=1)
-        yy = None if y is None else torch.cat([y, y], dim=2)
-        pos = teacher_forcing_positions(frames, x.device)
-        half = x_noisy.shape[2]
-        if tangents is None:
-            out = self(x, t, context, clip_fea=clip_fea, y=yy, block_mask=block_mask, frame_pos=pos)
-            return out[:, :, half:]
-        tx, tt = tangents
-        tx = None if tx is None else torch.cat([torch.zeros_like(tx), tx], dim=2)
-        tt = None if tt is None else torch.cat([torch.zeros_like(tn), _per_frame(tt, b, frames, x.device)], dim=1)
-        out, tout = self(x, t, context, clip_fea=clip_fea, y=yy, block_mask=block_mask, frame_pos=pos,
-                         tangents=(tx, tt))
-        return out[:, :, half:], tout[:, :, half:]
 
     @torch.no_grad()
     def encode_prompt(self, context: Tensor, *, clip_fea: Tensor | None = None) -> PromptKV:

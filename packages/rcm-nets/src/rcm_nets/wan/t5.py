@@ -1,4 +1,4 @@
-"""umT5-xxl text encoder as Wan2.1 uses it (``models_t5_umt5-xxl-enc-bf16.pth``), WAN21.md §3.
+"""umT5-xxl text encoder as Wan2.1 uses it (``models_t5_umt5-xxl-enc-bf16.pth``), docs/nets_encoders.md, umT5
 
 Layout legend: ``b`` batch, ``l`` tokens, ``n`` heads, ``d`` head dim. T5 v1.1 encoder: unscaled token
 embedding, pre-RMSNorm blocks (attention with a per-layer bidirectional relative-position bias and **no**

@@ -2,7 +2,7 @@
 
 The reference tokenizes with ``google/umt5-xxl`` after cleaning each prompt (ftfy ``fix_text``, HTML-unescape
 twice, strip, collapse whitespace), appends ``</s>`` (id 1), pads with id 0 to ``max_length`` (512) and
-truncates (WAN21.md §3.3). Nothing is downloaded: ``path`` must be a local tokenizer directory or a
+truncates (docs/nets_encoders.md, umT5). Nothing is downloaded: ``path`` must be a local tokenizer directory or a
 sentencepiece ``.model`` file.
 Needs the ``tokenizer`` extra (``pip install 'rcm-nets[tokenizer]'``).
 """

@@ -3,7 +3,7 @@
 Layout legend: video ``[B, 3, T, H, W]`` in [-1, 1]; latent ``[B, z_dim, T_lat, H/8, W/8]``, normalized per
 channel with the Wan2.1 constants. ``T = 1 + 4k`` frames give ``T_lat = 1 + k`` latent frames and back.
 
-What the official code computes is described in WAN21.md §2; the state-dict keys are the official ones
+What the official code computes is described in docs/nets_encoders.md, VAE; the state-dict keys are the official ones
 (``encoder.*``, ``conv1.*``, ``conv2.*``, ``decoder.*``), and the latent statistics are non-persistent buffers
 so that strict loading of the released file works unchanged.
 """
@@ -241,7 +241,7 @@ class WanVAE(nn.Module):
 
     def encode_image_condition(self, image: Tensor, num_frames: int,
                                size: tuple[int, int] | None = None) -> Tensor:
-        """Wan2.1 I2V conditioning ``y [B, 4 + 16, T_lat, H/8, W/8]`` from a first-frame image (WAN21.md §1.8).
+        """Wan2.1 I2V conditioning ``y [B, 4 + 16, T_lat, H/8, W/8]`` from a first-frame image (docs/nets.md).
 
         ``image [B, 3, H, W]`` in [-1, 1] (resized bicubically to ``size = (H, W)`` first when given). The
         latent part encodes the video ``[image, 0, …, 0]`` of ``num_frames = 1 + 4k`` frames; the 4 mask

@@ -6,7 +6,7 @@ Samplers (`SamplerSpec.kind`):
 * ``euler`` / ``unipc``: the bidirectional teacher, N flow steps with classifier-free guidance
   (`generation.teacher_generate`);
 * ``causal``: a causal (streaming) student, block by block with a KV cache holding the whole video
-  (`rcm_nets.wan.causal.stream_generate`); I2V gives the image's latent as the first block.
+  (`rcm_pipelines.streaming.stream_generate`); I2V gives the image's latent as the first block.
 
 Every video is made alone (batch 1) from a CPU generator seeded with its own seed, so its pixels do not
 depend on the batch, the rank or the order of work: the bidirectional samplers draw exactly what

@@ -336,8 +336,8 @@ class CausalRCMObjective:
         ctx: StepContext,
         noise,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Self-forcing DMD (CAUSAL_SPEC §4.3); with ``replay`` the rollout runs without grad and each block's
-        exit step is recomputed and backpropagated here, one block at a time (§4.4)."""
+        """Self-forcing DMD (docs/causal_training.md); with ``replay`` the rollout runs without grad and each block's
+        exit step is recomputed and backpropagated here, one block at a time."""
         cfg, g, b = self.cfg, ctx.generator, x0.shape[0]
         out, binding = self.rollout(models["student"], x0, cond, ctx, with_grad=not cfg.replay)
         G = out.x0.detach().requires_grad_() if cfg.replay else out.x0

@@ -1,4 +1,4 @@
-"""The rCM objective as trainer closures over ``rcm_losses`` (RCM_SPEC §2–6).
+"""The rCM objective as trainer closures over ``rcm_losses`` (docs/losses.md, consistency).
 
 Networks come in ``models`` by name: ``student`` (with ``forward_jvp`` for sCM; without one the JVP falls
 back to ``torch.func.jvp``), ``teacher``, and optionally ``fake_score``. Each is a rectified-flow velocity
@@ -35,7 +35,7 @@ from rcm_train.trainer import Closure, StepContext
 __all__ = ["RCMObjectiveConfig", "RCMObjective"]
 
 class RCMObjectiveConfig(BaseModel):
-    """rCM student (sCM/dCM + DMD) and critic objectives (defaults: the 1.3B recipe, RCM_SPEC §6.5, §13)."""
+    """rCM student (sCM/dCM + DMD) and critic objectives (defaults: the 1.3B recipe, docs/recipes_distill_generate.md, distill.py)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 

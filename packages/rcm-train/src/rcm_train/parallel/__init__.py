@@ -88,7 +88,7 @@ class ParallelConfig(BaseModel):
     """Name of the model's ModuleList of transformer blocks."""
     not_fsdp_units: list[str] = ["patch_embedding", "time_embedding", "time_projection", "text_embedding"]
     """Top-level submodules that must not be separate FSDP units and stay in the root unit: those the network
-    runs inside torch.func.jvp (unit hooks must not fire there, RCM_SPEC §7.2) and those whose parameters it
+    runs inside torch.func.jvp (unit hooks must not fire there, docs/nets.md, precision) and those whose parameters it
     reads without calling the module (no hook would gather them). Names absent from the model are ignored;
     the defaults fit WanDiT."""
     forward_methods: list[str] = []

@@ -1,4 +1,4 @@
-"""Selective activation checkpointing (RCM_SPEC §9.3) on the elements of ``model.blocks``.
+"""Selective activation checkpointing (docs/train.md, parallelism) on the elements of ``model.blocks``.
 
 Modes: ``none``; ``block_wise`` (keep only each block's input, recompute the whole block in backward);
 ``mm_only`` (keep the outputs of matmuls and fused attention kernels, recompute everything else: norms,

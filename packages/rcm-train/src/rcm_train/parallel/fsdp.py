@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard``) per block, then per remaining top-level submodule, then the root.
 
 Some top-level submodules must not be separate FSDP units: those the network calls inside
-``torch.func.jvp`` (patch and time embeddings of the reference sCM student, RCM_SPEC §7.2: their unit
+``torch.func.jvp`` (patch and time embeddings of the reference sCM student, docs/nets.md, precision: their unit
 hooks would fire inside the functional transform) and those whose parameters the network reads without
 calling the module (no hook would gather them). They are listed by name and stay in the root unit, whose
 parameters are gathered before the root forward.
