@@ -97,7 +97,7 @@ def _bench_sdpa_dense(q, lk: int, add) -> None:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return o.transpose(1, 2)
 
-    add("bf16", "sdpa_dense", sdpa)
+    add("bfloat16", "sdpa_dense", sdpa)
 
 
 def main() -> None:
@@ -126,7 +126,7 @@ def main() -> None:
 
     _bench_sdpa_dense(q, lk, add)
     for rope in (False, True) if args.rope else (False,):
-        for kv in ("bf16", "int8", "fp8"):
+        for kv in ("bfloat16", "int8", "fp8"):
             _bench_cache(kv, rope, q, ek, ev, args.sweep, add)
             torch.cuda.empty_cache()
     meta = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(),

@@ -141,7 +141,7 @@ def _causal(c: dict, steps: int, shape, ctx, clock: _Clock, fpb: int) -> tuple[t
     if len(times) != steps:
         raise SystemExit(f"causal supports 1-{len(DEFAULT_STREAM_TIMES)} steps, got {steps}")
     cache = make_kv_cache(net, batch=1, height=h, width=w, layout=layout, window_frames=t, rolling=False,
-                          kv_dtype="fp32" if c["dtype"] == torch.float32 else "bf16", device=c["device"])
+                          kv_dtype="float32" if c["dtype"] == torch.float32 else "bfloat16", device=c["device"])
     calls: list[tuple[bool, float]] = []
     inner = net.forward_block
 

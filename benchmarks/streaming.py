@@ -20,7 +20,7 @@ Its attention is quadratic in the length, so by default it runs at 1x and 4x onl
 
     python benchmarks/streaming.py                       # full table (several minutes on one H100)
     python benchmarks/streaming.py --quick               # 1x and 4x, bf16 + int8, bidirectional 1x only
-    python benchmarks/streaming.py --steps 2 --kv-dtypes bf16 --factors 1        # the 2-step goal
+    python benchmarks/streaming.py --steps 2 --kv-dtypes bfloat16 --factors 1        # the 2-step goal
     python benchmarks/streaming.py --steps 1 --frames-per-block 1 --factors 1    # frame-wise latency
     [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--json streaming.json]
 """
@@ -170,7 +170,7 @@ def main() -> None:
                     help="clean: extra t=0 pass per block writes the cache; last_step: the last step writes")
     ap.add_argument("--trained-frames", type=int, default=21, help="trained length in latent frames")
     ap.add_argument("--factors", type=float, nargs="+", default=[1, 4, 10], help="lengths x trained length")
-    ap.add_argument("--kv-dtypes", nargs="+", default=["bf16", "int8", "fp8"])
+    ap.add_argument("--kv-dtypes", nargs="+", default=["bfloat16", "int8", "fp8"])
     ap.add_argument("--bidir-factors", type=float, nargs="*", default=[1, 4],
                     help="lengths for the bidirectional sampler (quadratic attention: 10x takes very long)")
     ap.add_argument("--no-vae", action="store_true", help="DiT only (no VAE decode)")
@@ -180,7 +180,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("streaming.py needs a CUDA device")
     if args.quick:
-        args.factors, args.kv_dtypes, args.bidir_factors = [1, 4], ["bf16", "int8"], [1]
+        args.factors, args.kv_dtypes, args.bidir_factors = [1, 4], ["bfloat16", "int8"], [1]
     layout = BlockLayout(args.frames_per_block, args.first_block_frames)
     if args.trained_frames - layout.first - layout.frames_per_block < layout.frames_per_block:
         raise SystemExit("--trained-frames leaves no room for a window of one block after the sink and the block")

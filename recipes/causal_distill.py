@@ -149,7 +149,7 @@ _SIZES = {
 
 def _objective(size: dict, **kw) -> CausalObjectiveConfig:
     if size["dtype"] == "float32":
-        kw.update(input_dtype="float32", kv_dtype="fp32")
+        kw.update(input_dtype="float32", kv_dtype="float32")
     if size["config"] == "tiny":
         kw.update(dcm_total_steps=8, ode_steps=4, sf_schedule=[1.0, 5 / 6])
     return CausalObjectiveConfig(**kw)

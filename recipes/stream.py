@@ -87,7 +87,7 @@ class StreamConfig(RecipeConfig):
     """Latent frames kept forever at the start of the cache (default: the first block)."""
     window_frames: int | None = None
     """Most recent latent frames kept in the cache (default: trained_frames - sink - one block)."""
-    kv_dtype: Literal["bf16", "fp16", "fp32", "int8", "fp8"] = "bf16"
+    kv_dtype: Literal["bfloat16", "float16", "float32", "int8", "fp8"] = "bfloat16"
     """KV cache storage (int8/fp8: quantized on write, read tile by tile)."""
     position_policy: Literal["absolute", "reindexed"] = "absolute"
     """RoPE positions of cached frames after eviction (docs/kv_cache.md)."""

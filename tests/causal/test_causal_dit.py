@@ -41,7 +41,7 @@ def _ctx():
 
 
 def _generate(net, layout, num_frames, *, times=(0.9, 0.5), window=None, sink=0, rolling=False,
-              initial_latent=None, kv_dtype="fp32", policy="absolute", ctx=None):
+              initial_latent=None, kv_dtype="float32", policy="absolute", ctx=None):
     dev = next(net.parameters()).device
     ctx = _ctx().to(dev) if ctx is None else ctx
     cache = make_kv_cache(net, batch=B, height=H, width=W, layout=layout, window_frames=window or num_frames,
@@ -179,7 +179,7 @@ def test_quantized_cache_close_to_fp32(net):
     because errors compound over blocks and layers)."""
     layout = BlockLayout(2)
     ref, ctx, _ = _generate(net, layout, 6, times=(0.8,))
-    for kv, bound in (("bf16", 0.02), ("int8", 0.05), ("fp8", 0.2)):
+    for kv, bound in (("bfloat16", 0.02), ("int8", 0.05), ("fp8", 0.2)):
         q, _, _ = _generate(net, layout, 6, times=(0.8,), kv_dtype=kv, ctx=ctx)
         x, y = torch.cat([b.x0 for b in q], 2), torch.cat([b.x0 for b in ref], 2)
         rel = float((x - y).norm() / y.norm())
@@ -200,7 +200,7 @@ def test_prompt_kv_computed_once(net, monkeypatch):
     outs = []
     for context in (prompt, ctx):
         cache = make_kv_cache(net, batch=B, height=H, width=W, layout=layout, window_frames=4, rolling=False,
-                              kv_dtype="fp32")
+                              kv_dtype="float32")
         with torch.no_grad():
             outs.append(net.forward_block(x, t, context, cache=cache, block=cache.begin_block(2)))
         assert len(calls) == (0 if context is prompt else len(net.blocks))
@@ -211,7 +211,7 @@ def test_cached_pass_has_grad_and_bad_calls_raise(net):
     """The self-forcing exit step: gradient reaches parameters and x through a cached pass; misuse raises."""
     layout = BlockLayout(2)
     cache = make_kv_cache(net, batch=B, height=H, width=W, layout=layout, window_frames=6, rolling=False,
-                          kv_dtype="fp32")
+                          kv_dtype="float32")
     ctx = _ctx()
     blk = cache.begin_block(2)
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_cached_pass_has_grad_and_bad_calls_raise(net):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8", "fp8"])
 def test_stream_equals_teacher_forcing_pass_cuda_bf16(kv_dtype):
     """On CUDA in bf16: the Triton cache-attention kernel (reading bf16 / int8 / fp8 codes) against the masked
     full pass (fused JVP-attention kernel with the teacher-forcing mask). bf16 activations and quantized
@@ -243,5 +243,5 @@ def test_stream_equals_teacher_forcing_pass_cuda_bf16(kv_dtype):
     net = _net().to(device="cuda", dtype=torch.bfloat16)
     layout = BlockLayout(2, 1)
     blocks, ctx, _ = _generate(net, layout, layout.block_start(3), kv_dtype=kv_dtype)
-    tol = {"bf16": 3e-2, "int8": 5e-2, "fp8": 1.5e-1}[kv_dtype]
+    tol = {"bfloat16": 3e-2, "int8": 5e-2, "fp8": 1.5e-1}[kv_dtype]
     _teacher_forcing_check(net, blocks, ctx.to(torch.bfloat16), layout, atol=tol, rtol=tol)

@@ -179,7 +179,7 @@ def test_cached_rollout_matches_the_teacher_forcing_pass_and_grad_hits_exit_step
         layout=BlockLayout(blocks.frames_per_block, blocks.first),
         window_frames=T,
         rolling=False,
-        kv_dtype="fp32",
+        kv_dtype="float32",
     )
     binding = CachedBlocks(net, cache, ctx, blocks, input_dtype=torch.float32, timestep_dtype=None)
     calls, got_grad = {}, []
@@ -241,7 +241,7 @@ def test_objective_closures_combine_tf_scm_with_sf_dmd_and_run_df():
     g = torch.Generator().manual_seed(0)
     batch = {"latent": torch.randn(1, C, T, H, W, generator=g), "embed": torch.randn(1, 6, 32, generator=g)}
     cfg = CausalObjectiveConfig(
-        cm="scm", dmd=True, input_dtype="float32", kv_dtype="fp32", sf_schedule=[1.0, 0.8]
+        cm="scm", dmd=True, input_dtype="float32", kv_dtype="float32", sf_schedule=[1.0, 0.8]
     )
     obj = CausalRCMObjective(cfg, blocks, negative_embed=torch.zeros(16, 32), make_cache=_cache_factory(blocks, cfg))
     sched = ScheduleConfig(tangent_warmup=2, student_update_freq=2)

@@ -48,7 +48,7 @@ def _reference(q, layer, ek, ev, rope=None, scale=None, dtype=torch.float64):
 @pytest.mark.parametrize("extra", [True, False])
 @pytest.mark.parametrize("rope", [False, True])
 def test_torch_path_matches_float64_reference(extra, rope):
-    c = _filled("fp32", pre_rope=rope)
+    c = _filled("float32", pre_rope=rope)
     lay = c.layer(0)
     assert lay.frame_slots.tolist() == [0, 6, 7, 1, 2]  # slot 1 + (a - 1) % 7: wrapped ring
     q = torch.randn(2, 7, 2, 16)
@@ -72,8 +72,8 @@ def test_empty_cache_attends_to_extra_only():
 # (q dtype, storage, atol vs the float64 reference of the same dequantized data). fp32: accumulation order
 # only. fp16: q, k and p·s_v are rounded to fp16 (2^-11 relative) before the dots, outputs are O(1): 2e-3.
 KERNEL_CASES = [
-    (torch.float32, "fp32", 1e-5), (torch.float32, "int8", 1e-5), (torch.float32, "fp8", 1e-5),
-    (torch.float16, "fp16", 2e-3), (torch.float16, "int8", 2e-3),
+    (torch.float32, "float32", 1e-5), (torch.float32, "int8", 1e-5), (torch.float32, "fp8", 1e-5),
+    (torch.float16, "float16", 2e-3), (torch.float16, "int8", 2e-3),
 ]
 
 
@@ -127,10 +127,10 @@ def _quant_error_bound(q, k, kd, v, vd, scale):
 # Relative error ‖o' - o‖ / ‖o‖ of attention over the stored cache vs exact float64 attention on this Gaussian
 # data (D=64), measured over 3 seeds: bf16 storage 0.24-0.25%, int8 0.74-0.80%, fp8 (e4m3) 3.4-3.8%.
 # Limits leave ~1.5x margin.
-REL_LIMIT = {"bf16": 0.004, "int8": 0.012, "fp8": 0.055}
+REL_LIMIT = {"bfloat16": 0.004, "int8": 0.012, "fp8": 0.055}
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8", "fp8"])
 def test_quantized_cache_attention_error_bound(kv_dtype):
     b, h, d, t = 1, 2, 64, 32
     c = KVCache(1, batch=b, heads=h, head_dim=d, tokens_per_frame=t, window_frames=6, max_block_frames=3,
@@ -164,7 +164,7 @@ def test_gradients_flow_to_queries_and_current_block_through_the_torch_path():
 
 
 def test_errors_name_the_problem():
-    c = _filled("fp32", d=16, t=4)
+    c = _filled("float32", d=16, t=4)
     q = torch.randn(2, 3, 2, 16)
     with pytest.raises(ValueError, match="does not match q"):
         cache_attention(torch.randn(2, 3, 3, 16), c.layer(0))
@@ -172,7 +172,7 @@ def test_errors_name_the_problem():
         cache_attention(q, c.layer(0), extra_k=q)
     with pytest.raises(ValueError, match="post-RoPE"):
         cache_attention(q, c.layer(0), k_rope=_rope(c.layer(0).num_tokens, 16))
-    pre = _filled("fp32", d=16, t=4, pre_rope=True)
+    pre = _filled("float32", d=16, t=4, pre_rope=True)
     with pytest.raises(ValueError, match="pass k_rope"):
         cache_attention(q, pre.layer(0))
     with pytest.raises(ValueError, match=r"\[F·T, D/2\]"):
@@ -191,7 +191,7 @@ def _wan_cache(kv_dtype, *, pre_rope=False, blocks=6):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8", "fp8"])
 @pytest.mark.parametrize("rope", [False, True])
 def test_gpu_kernel_matches_reference_bf16(kv_dtype, rope):
     c = _wan_cache(kv_dtype, pre_rope=rope)

@@ -13,7 +13,7 @@ B, H, D, T = 2, 2, 16, 3  # tiny geometry: 3 tokens per frame
 
 def _cache(num_layers=2, **kw):
     args = dict(batch=B, heads=H, head_dim=D, tokens_per_frame=T, window_frames=4, sink_frames=1,
-                max_block_frames=3, kv_dtype="fp32")
+                max_block_frames=3, kv_dtype="float32")
     return KVCache(num_layers, **{**args, **kw})
 
 
@@ -66,7 +66,7 @@ def test_reindexed_positions_follow_the_kept_window():
     assert c.frame_positions().tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
 @pytest.mark.parametrize("policy", ["absolute", "reindexed"])
 def test_rolling_cache_equals_fresh_cache_of_kept_frames(kv_dtype, policy):
     # Attention over the rolling cache must equal attention over a cache built from scratch with exactly the
@@ -97,7 +97,7 @@ def test_rolling_cache_equals_fresh_cache_of_kept_frames(kv_dtype, policy):
         # Independent float64 reference over the kept frames (dequantized through rcm_kernels.quant).
         k = torch.stack([_frames(stream, layer, 0)[a] for a in kept], 1).double()  # [B, F, T, H, D]
         v = torch.cat([_frames(stream, layer, 1)[a] for a in kept], 1).double()
-        if kv_dtype != "fp32":
+        if kv_dtype != "float32":
             k = dequantize_keys(*quantize_keys(k, kv_dtype), torch.float64)
             v = dequantize_values(*quantize_values(v, kv_dtype), torch.float64)
         k = k.flatten(1, 2)
@@ -166,7 +166,7 @@ def test_quantized_bytes_vs_bf16_at_wan_geometry(fmt, limit):
     # for bf16 -> 0.5 + 1/128 + 1/1560 = 0.508x.
     geo = dict(batch=1, heads=1, head_dim=128, tokens_per_frame=1560, window_frames=9, sink_frames=3,
                max_block_frames=3, device="meta")
-    bf16 = KVCache(2, kv_dtype="bf16", **geo).nbytes()
+    bf16 = KVCache(2, kv_dtype="bfloat16", **geo).nbytes()
     ratio = KVCache(2, kv_dtype=fmt, **geo).nbytes() / bf16
     assert ratio <= limit, ratio
     assert abs(ratio - (0.5 + 1 / 128 + 1 / 1560)) < 1e-9

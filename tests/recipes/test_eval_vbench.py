@@ -162,11 +162,11 @@ def test_teacher_and_causal_latents_match_direct_sampling(assets):
                             input_dtype=torch.float32)
     torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)  # same float32 ops; rounding only
     # causal: 2 blocks of 1 latent frame, 2 steps each, fp32 cache of the whole video
-    s = _sampler(assets, SamplerSpec(kind="causal", causal_times=[0.9, 0.5], frames_per_block=1, kv_dtype="fp32"))
+    s = _sampler(assets, SamplerSpec(kind="causal", causal_times=[0.9, 0.5], frames_per_block=1, kv_dtype="float32"))
     got = s.latent(ctx, None, s.condition(None), seed=9)
     layout = BlockLayout(1)
     cache = make_kv_cache(net, batch=1, height=4, width=4, layout=layout, window_frames=2, rolling=False,
-                          kv_dtype="fp32")
+                          kv_dtype="float32")
     blocks = stream_generate(net, ctx, cache, num_frames=2, layout=layout, latent_shape=(1, 16, 4, 4),
                              generator=torch.Generator().manual_seed(9), times=[0.9, 0.5])
     torch.testing.assert_close(got, torch.cat([b.x0 for b in blocks], dim=2), rtol=1e-5, atol=1e-5)
@@ -192,7 +192,7 @@ def test_i2v_plumbing(assets, tmp_path):
     assert [p.name for p in res["sample"]["written"]] == ["a cat yawns-0.mp4"]
     res = eval_vbench.main([*base, f"--output_dir={tmp_path / 'causal'}", "--dit.config=tiny",
                             f"--dit.path={assets.t2v}", "--sampler.kind=causal", "--sampler.causal_times=[0.9]",
-                            "--sampler.frames_per_block=1", "--sampler.kv_dtype=fp32"])
+                            "--sampler.frames_per_block=1", "--sampler.kv_dtype=float32"])
     assert sorted(p.name for p in res["sample"]["written"]) == sorted(f"{e['prompt_en']}-0.mp4" for e in suite)
     assert read_video(res["sample"]["written"][0]).shape == (5, 32, 32, 3)
     with pytest.raises(ConfigError, match="needs image_dir"):

@@ -48,13 +48,14 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from .devices import parse_dtype
 from .quant import quantize_keys, quantize_values, storage_dtype
 
 __all__ = ["KVCache", "CacheLayer", "CacheBlock", "CrossAttentionCache", "KVDtype", "PositionPolicy"]
 
-KVDtype = Literal["bf16", "fp16", "fp32", "int8", "fp8"]
+KVDtype = Literal["bfloat16", "float16", "float32", "int8", "fp8"]
 PositionPolicy = Literal["absolute", "reindexed"]
-_NATIVE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_NATIVE = {name: parse_dtype(name) for name in ("bfloat16", "float16", "float32")}
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class KVCache:
 
     def __init__(self, num_layers: int, *, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
                  window_frames: int, sink_frames: int = 0, rolling: bool = True,
-                 max_block_frames: int | None = None, kv_dtype: KVDtype = "bf16",
+                 max_block_frames: int | None = None, kv_dtype: KVDtype = "bfloat16",
                  position_policy: PositionPolicy = "absolute", keys_pre_rope: bool = False,
                  device: torch.device | str | None = None):
         for name, val in dict(num_layers=num_layers, batch=batch, heads=heads, head_dim=head_dim,

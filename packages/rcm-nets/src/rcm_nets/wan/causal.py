@@ -19,7 +19,7 @@ __all__ = ["make_kv_cache", "video_kv_cache"]
 
 
 def make_kv_cache(net: WanDiT, *, batch: int, height: int, width: int, layout: BlockLayout,
-                  window_frames: int, sink_frames: int = 0, rolling: bool = True, kv_dtype: KVDtype = "bf16",
+                  window_frames: int, sink_frames: int = 0, rolling: bool = True, kv_dtype: KVDtype = "bfloat16",
                   position_policy: PositionPolicy = "absolute", device: torch.device | str | None = None) -> KVCache:
     """A ``KVCache`` with the net's geometry for latents of ``height x width``.
 
@@ -41,7 +41,7 @@ def make_kv_cache(net: WanDiT, *, batch: int, height: int, width: int, layout: B
 
 
 def video_kv_cache(net: WanDiT, shape: tuple[int, ...], device: torch.device | str | None, *, layout: BlockLayout,
-                   kv_dtype: KVDtype = "bf16") -> KVCache:
+                   kv_dtype: KVDtype = "bfloat16") -> KVCache:
     """A non-rolling cache of ``net`` holding a whole latent video of ``shape`` ``(B, C, T, H, W)`` in
     ``layout`` (the window is all ``T`` frames): the self-forcing rollout of training and its sample hook."""
     b, _, t, h, w = shape

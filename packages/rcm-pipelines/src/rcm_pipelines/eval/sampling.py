@@ -92,7 +92,7 @@ class SamplerSpec(PipelineConfig):
     """causal: latent frames of the first block (default frames_per_block; I2V forces 1: the image)."""
     context_noise: float = 0.0
     """causal: RF time of the cache-writing re-run of each block (0 = clean context)."""
-    kv_dtype: Literal["bf16", "fp16", "fp32", "int8", "fp8"] = "bf16"
+    kv_dtype: Literal["bfloat16", "float16", "float32", "int8", "fp8"] = "bfloat16"
     """causal: KV cache storage."""
     timestep_bf16: bool = False
     """causal: round the network time 1000 t through bf16 (as rcm's causal sampler does)."""

@@ -123,7 +123,7 @@ class CausalObjectiveConfig(BaseModel):
     """One exit step for all blocks (capped by each block's schedule); False draws one per block."""
     replay: bool = False
     """Replayed backprop of the rollout: recompute one block at a time (memory of one block)."""
-    kv_dtype: Literal["bf16", "fp32"] = "bf16"
+    kv_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Storage of the self-forcing KV cache (the networks' compute dtype)."""
     ode_steps: int = 48
     """Euler steps of the teacher ODE trajectories (Self-Forcing: 48)."""
