@@ -21,6 +21,7 @@ exported or accepted on load; a failed save (full disk included, named ENOSPC) r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -200,11 +201,12 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
             self._barrier()
             kwargs = dict(checkpoint_id=partial, process_group=self.group, no_dist=not dist.is_initialized())
-            if self.async_save:
-                self._pending = (dcp.async_save(dict(state), **kwargs), partial, final)
-            else:
-                dcp.save(dict(state), **kwargs)
-                self._finalize(partial, final)
+            with _single_process_is_intended():
+                if self.async_save:
+                    self._pending = (dcp.async_save(dict(state), **kwargs), partial, final)
+                else:
+                    dcp.save(dict(state), **kwargs)
+                    self._finalize(partial, final)
         except (Exception, dcp.CheckpointException) as e:
             raise _save_error(e, partial) from e
         return final
@@ -292,6 +294,15 @@ class Checkpointer:
                 check_finite_module(part.model, f"{name} loaded from {path}", process_group=self.group)
 
 
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """Silence DCP's "torch.distributed is disabled ... assuming the intent is to save/load in a single
+    process" warning: without a process group, one process is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _iteration(path: Path) -> int:
     return int(path.name.removeprefix("iter_"))
 
@@ -302,15 +313,17 @@ def _read(state: dict[str, Any], path: Path, *, process_group: dist.ProcessGroup
         raise CheckpointError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
     SafeFileSystemReader(path).read_metadata()  # raises UnsafeCheckpointError itself (DCP would reword it)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path),
-                 process_group=process_group, no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path),
+                     process_group=process_group, no_dist=not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as e:
         inner = _inner_errors(e)
         if any(isinstance(x, KeyboardInterrupt) for x in inner):
             raise KeyboardInterrupt() from None
-        unsafe = [x for x in inner if isinstance(x, UnsafeCheckpointError)]
-        if unsafe:
-            raise unsafe[0] from None
+        named = [x for x in inner if isinstance(x, UnsafeCheckpointError)] or \
+            [x for x in inner if isinstance(x, CheckpointError)]
+        if named:
+            raise named[0] from None
         detail = "; ".join(f"{type(x).__name__}: {x}" for x in inner[:1]) or f"{type(e).__name__}: {e}"
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {detail}") from e
 

@@ -162,9 +162,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         try:
             obj = torch.load(value, weights_only=True, map_location="cpu")
-        except Exception as e:
+        except pickle.UnpicklingError as e:  # what weights_only raises for anything but plain data
             raise UnsafeCheckpointError(f"checkpoint {self.checkpoint}: item {fqn!r} is not a plain value "
                                         f"(a pickled object?): refused ({type(e).__name__}: {e})") from None
+        except Exception as e:  # truncated / corrupt bytes
+            raise CheckpointError(f"checkpoint {self.checkpoint} is unreadable (truncated or corrupt?): item "
+                                  f"{fqn!r} ({type(e).__name__}: {e})") from None
         if not is_plain(obj):
             raise UnsafeCheckpointError(f"checkpoint {self.checkpoint}: item {fqn!r} is a "
                                         f"{type(obj).__name__}, not a plain value: refused")
