@@ -2,7 +2,8 @@
 
 `ProgressLogger` has the logger interface `rcm_train.train` calls (`start`, `log`, `log_media`, `close`):
 it advances a tqdm bar every iteration, shows the latest losses in the bar, and keeps every scalar it
-receives as a curve (`curves`), which `writers.plot_curves` draws.
+receives as a curve (`curves`), which `writers.plot_curves` draws. The bar also counts the samples the losses
+masked to 0 for a NaN (`nan_masked` of `rcm_train.train_step`) and the updates skipped for a non-finite value.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class ProgressLogger:
         self.desc, self.total, self.keep = desc, total, keep
         self.curves: dict[str, tuple[list[int], list[float]]] = {}
         self._bar: tqdm | None = None
+        self.nan_masked = 0
+        """Samples masked for a NaN so far (shown in the bar once non-zero)."""
+        self.skipped_updates = 0
+        """Updates skipped by ``on_nonfinite="skip"`` so far."""
         self._disable = disable
 
     def start(self, iteration: int, max_iter: int) -> None:
@@ -42,9 +47,16 @@ class ProgressLogger:
                 steps, values = self.curves.setdefault(name, ([], []))
                 steps.append(iteration)
                 values.append(value)
+        self.nan_masked += int(metrics.get("nan_masked", 0))
+        self.skipped_updates += int(metrics.get("skipped_update", 0))
         if self._bar is not None:
             self._bar.update(iteration - self._bar.n)
-            self._bar.set_postfix({k.removesuffix("/loss"): f"{v:.3g}" for k, v in kept.items()}, refresh=False)
+            postfix = {k.removesuffix("/loss"): f"{v:.3g}" for k, v in kept.items()}
+            if self.nan_masked:
+                postfix["nan_masked"] = str(self.nan_masked)
+            if self.skipped_updates:
+                postfix["skipped"] = str(self.skipped_updates)
+            self._bar.set_postfix(postfix, refresh=False)
         return kept
 
     def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:
