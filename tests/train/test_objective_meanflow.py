@@ -96,3 +96,30 @@ def test_one_step_on_a_tiny_meanflow_dit(jvp):
     assert out["grad_norm/student"] > 0
     assert len(calls) == (1 if jvp == "exact" else 0)
     assert student.interval_embedding[2].weight.abs().max() > 0, "the zero-initialised Linear moved"
+
+
+def test_adapter_over_meanflow_dit_fd_matches_exact_jvp_in_float64():
+    """The binding's adapter drives forward_jvp with the right scales: the forward difference converges to
+    the exact JVP at first order. (Wan's time sinusoid reaches 1 rad per timestep, i.e. 1000 rad per unit of RF
+    time, so d²u/dt² is large and h must be tiny here; docs/meanflow.md, finite difference.)"""
+    from rcm_losses.meanflow import meanflow_tangent
+    from rcm_nets.wan.meanflow import MeanFlowWanDiT
+    from rcm_train.objectives.meanflow import meanflow_adapter
+
+    torch.manual_seed(4)
+    net = MeanFlowWanDiT.from_config("tiny", num_layers=1, dtype=F64)
+    net.init_weights()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    u = meanflow_adapter(net, None)
+    z, v = torch.randn(2, 16, 1, 4, 4, dtype=F64), torch.randn(2, 16, 1, 4, 4, dtype=F64)
+    t, r, ctx = torch.tensor([0.8, 0.5], dtype=F64), torch.tensor([0.3, 0.1], dtype=F64), torch.randn(2, 3, 32, dtype=F64)
+    with torch.no_grad():
+        _, exact = meanflow_tangent(u.jvp, z, r, t, ctx, v)
+        err = {}
+        for h in (1e-6, 1e-7):
+            _, fd = meanflow_tangent(None, z, r, t, ctx, v, mode="fd", fd_eps=h, student=u)
+            err[h] = ((fd - exact).norm() / exact.norm()).item()
+    assert exact.abs().max() > 1e-2
+    assert 8 < err[1e-6] / err[1e-7] < 12 and err[1e-7] < 1e-4, err
