@@ -307,15 +307,17 @@ def _iteration(path: Path) -> int:
     return int(path.name.removeprefix("iter_"))
 
 
-def _read(state: dict[str, Any], path: Path, *, process_group: dist.ProcessGroup | None = None) -> None:
-    """``dcp.load`` through the safe reader and planner; any failure names the checkpoint directory."""
+def _read(state: dict[str, Any], path: Path, *, process_group: dist.ProcessGroup | None = None,
+          single_process: bool = False) -> None:
+    """``dcp.load`` through the safe reader and planner (collective unless ``single_process``); any failure
+    names the checkpoint directory."""
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
     SafeFileSystemReader(path).read_metadata()  # raises UnsafeCheckpointError itself (DCP would reword it)
     try:
         with _single_process_is_intended():
             dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path),
-                     process_group=process_group, no_dist=not dist.is_initialized())
+                     process_group=process_group, no_dist=single_process or not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as e:
         inner = _inner_errors(e)
         if any(isinstance(x, KeyboardInterrupt) for x in inner):
@@ -383,7 +385,7 @@ def load_part(checkpoint: str | os.PathLike, part: str) -> dict[str, Tensor]:
     if not template:
         parts = sorted({k.split(".", 1)[0] for k in metadata.state_dict_metadata})
         raise KeyError(f"checkpoint {checkpoint} has no part {part!r}; parts: {parts}")
-    _read(template, checkpoint)
+    _read(template, checkpoint, single_process=True)
     out = {k[len(prefix):]: v for k, v in template.items()}
     check_finite_state_dict(out, f"part {part!r} of checkpoint {checkpoint}")
     return out
