@@ -4,9 +4,9 @@ Time convention (the paper's, which is Wan's rectified flow): RF time ``t ∈ [0
 ``z_t = (1 − t) x + t ε``, instantaneous velocity ``v = ε − x``. The network is an *average velocity*
 ``u(z, r, t)`` over ``[r, t]`` (``r ≤ t``): ``z_r = z_t − (t − r) u(z_t, r, t)``, and ``u(z, t, t) = v(z, t)``.
 
-The MeanFlow identity (paper eq. 6) ``u = v − (t − r) du/dt`` with the total derivative along the flow
-``du/dt = v ∂_z u + ∂_t u`` (eq. 8), i.e. the JVP of ``u`` along the tangent ``(v, 0, 1)`` in ``(z, r, t)``,
-gives the stop-gradient regression target (eqs. 9-10)::
+The MeanFlow identity (paper sec. 4.1) ``u = v − (t − r) du/dt`` with the total derivative along the flow
+``du/dt = v ∂_z u + ∂_t u``, i.e. the JVP of ``u`` along the tangent ``(v, 0, 1)`` in ``(z, r, t)``,
+gives the stop-gradient regression target (sec. 4.1, Algorithm 1)::
 
     (r, t) = LogitNormalPair()(B, generator=g)                     # [B] float64 each, r <= t
     z_t = rf_add_noise(x, eps, t)
@@ -70,7 +70,7 @@ def _nan(x: Tensor) -> Tensor:
 
 
 def rf_add_noise(x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-    """``z_t = (1 − t) x + t ε`` (paper eq. 1); promotes to ``t``'s dtype (float64 times give float64)."""
+    """``z_t = (1 − t) x + t ε`` (paper sec. 3); promotes to ``t``'s dtype (float64 times give float64)."""
     tb = expand_time(t, x)
     return (1 - tb) * x + tb * eps
 
@@ -176,7 +176,7 @@ def meanflow_tangent(
     """``(u, du/dt)`` along the flow, float64; call it under ``torch.no_grad()``.
 
     * ``mode="exact"``: ``student_jvp(z_t, r, t, cond, v, 0, 1)`` (forward-mode JVP, tangent ``(v, 0, 1)``
-      in ``(z, r, t)``; paper eq. 8 and its Algorithm 1).
+      in ``(z, r, t)``; paper sec. 4.1 and its Algorithm 1).
     * ``mode="fd"``: forward difference along the same direction,
       ``du/dt ≈ (u(z_t + h v, r, t + h) − u(z_t, r, t)) / h`` with ``h = fd_eps`` (error ``O(h)``; two
       forwards). ``u_now`` (the student's ``u(z_t, r, t)``, e.g. the detached grad forward) saves one of them.
@@ -201,7 +201,7 @@ def meanflow_tangent(
 
 
 def meanflow_target(v: Tensor, du_dt: Tensor, r: Tensor, t: Tensor) -> Tensor:
-    """``u_tgt = v − (t − r) du/dt`` (paper eq. 10), float64, shaped like ``v``; a constant (detached)."""
+    """``u_tgt = v − (t − r) du/dt`` (paper sec. 4.1), float64, shaped like ``v``; a constant (detached)."""
     d = expand_time((t.to(torch.float64) - r.to(torch.float64)), v)
     return (v.to(torch.float64) - d * du_dt.to(torch.float64)).detach()
 
@@ -246,7 +246,7 @@ def meanflow_loss(
 
 # ------------------------------------------------------------------------------------------ velocities
 def guided_velocity(v: Tensor, u_cond: Tensor, u_uncond: Tensor, *, omega: float, kappa: float = 0.0) -> Tensor:
-    """Guidance in training (paper sec. 4.2, eq. 13; ``kappa``: its appendix variant)::
+    """Guidance in training (paper sec. 4.2; ``kappa``: the variant of its appendix)::
 
         ṽ = ω v + κ u(z_t, t, t | c) + (1 − ω − κ) u(z_t, t, t | ∅)
 

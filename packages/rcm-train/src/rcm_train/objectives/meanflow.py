@@ -53,7 +53,7 @@ class MeanFlowObjectiveConfig(BaseModel):
     guidance: float = 5.0
     """Teacher CFG scale (distillation; needs a negative embedding, else no CFG)."""
     omega: float = 1.0
-    """Guidance in training without a teacher (paper eq. 13): ω; 1 = no guidance."""
+    """Guidance in training without a teacher (paper sec. 4.2): ω; 1 = no guidance."""
     kappa: float = 0.0
     """Guidance in training: κ (paper appendix); needs omega/kappa != (1, 0) to take effect."""
     input_dtype: Literal["bfloat16", "float32", "float64"] | None = "bfloat16"
