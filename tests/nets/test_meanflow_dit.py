@@ -10,7 +10,7 @@ import torch
 from _plain_attention import plain_torch_attention
 
 from rcm_nets.wan import WanDiT
-from rcm_nets.wan.meanflow import MeanFlowWanDiT
+from rcm_nets.wan.meanflow import MeanFlowWanDiT, meanflow_student_state_dict
 
 F64 = torch.float64
 
@@ -91,3 +91,18 @@ def test_load_teacher_strict_and_equal_at_start():
         student.load_teacher(sd)
     with pytest.raises(RuntimeError, match="already present"):
         student.load_teacher(student.state_dict())
+
+
+def test_student_state_dict_loads_strictly():
+    torch.manual_seed(5)
+    teacher = _randomize(WanDiT.from_config("tiny", dtype=F64, num_layers=1))
+    sd = meanflow_student_state_dict(teacher.state_dict(), generator=torch.Generator().manual_seed(0))
+    assert set(sd) - set(teacher.state_dict()) == set(MeanFlowWanDiT.new_keys())
+    student = MeanFlowWanDiT.from_config("tiny", dtype=F64, num_layers=1)
+    student.load_state_dict(sd, strict=True)
+    assert sd["interval_embedding.0.weight"].std() > 0.01 and sd["interval_embedding.2.weight"].abs().max() == 0
+    x, t, r, ctx = _inputs(student)
+    with torch.no_grad():
+        assert torch.equal(student(x, t, ctx, r=r), teacher(x, t, ctx))
+    with pytest.raises(ValueError, match="interval keys"):
+        meanflow_student_state_dict(sd)

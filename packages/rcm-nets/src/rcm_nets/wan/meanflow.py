@@ -13,6 +13,8 @@ JVP: :meth:`forward_jvp` takes tangents of ``x``, ``t`` and ``r``; the interval'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -20,9 +22,27 @@ from ._ops import cast, island, linear, silu, sinusoid
 from .configs import WanConfig
 from .dit import PromptKV, WanDiT
 
-__all__ = ["MeanFlowWanDiT"]
+__all__ = ["MeanFlowWanDiT", "meanflow_student_state_dict"]
 
 _INTERVAL = "interval_embedding."
+
+
+def meanflow_student_state_dict(teacher: Mapping[str, Tensor], *, generator: torch.Generator | None = None
+                                ) -> dict[str, Tensor]:
+    """A ``WanDiT`` state dict extended with the initial interval embedding (N(0, 0.02) first Linear, zero last
+    Linear and biases), ready for a strict load into :class:`MeanFlowWanDiT` (e.g. through a loader that only
+    loads strictly, such as FSDP's full-state-dict load). Shapes and dtype follow ``time_embedding.0.weight``;
+    raises if ``teacher`` already has interval keys or lacks the time embedding."""
+    clash = sorted(k for k in teacher if k.startswith(_INTERVAL))
+    if clash or "time_embedding.0.weight" not in teacher:
+        raise ValueError(f"not a WanDiT teacher state dict: interval keys {clash}, time_embedding.0.weight "
+                         f"{'present' if 'time_embedding.0.weight' in teacher else 'missing'}")
+    w = teacher["time_embedding.0.weight"]
+    c, freq = w.shape
+    first = torch.empty(c, freq, dtype=torch.float32, device=w.device).normal_(std=0.02, generator=generator)
+    new = {"0.weight": first.to(w.dtype), "0.bias": w.new_zeros(c), "2.weight": w.new_zeros(c, c),
+           "2.bias": w.new_zeros(c)}
+    return {**teacher, **{_INTERVAL + k: v for k, v in new.items()}}
 
 
 class MeanFlowWanDiT(WanDiT):
