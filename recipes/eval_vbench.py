@@ -38,10 +38,11 @@ from rcm_pipelines.components import (
     dit_config,
     resolve_dtype,
 )
-from rcm_pipelines.eval.sampling import EvalSampler, SamplerSpec, VideoSpec, encode_texts, write_video_atomic
+from rcm_pipelines.eval.sampling import write_video_atomic
 from rcm_pipelines.eval.score import ScoreSpec, run_vbench
 from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_table, load_results, write_report
 from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
+from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
 from rcm_recipes.config import RecipeConfig, parse_config, write_config
 from rcm_train.runtime import launch_rank_world
@@ -222,7 +223,7 @@ def sample(cfg: EvalVBenchConfig) -> dict:
     emb, neg = encode_texts(cfg.text_encoder, texts, text_len=dit_config(cfg.dit).text_len, device=device,
                             sampler=cfg.sampler, timer=timer)
     row = {t: i for i, t in enumerate(texts)}
-    sampler = EvalSampler(cfg.sampler, cfg.video, mode=cfg.suite, dit=cfg.dit, vae=cfg.vae, clip=cfg.clip,
+    sampler = VideoPipeline(cfg.sampler, cfg.video, mode=cfg.suite, dit=cfg.dit, vae=cfg.vae, clip=cfg.clip,
                           device=device, dtype=dtype, timer=timer)
     eta = _Eta(rank, len(todo))
     cond, cond_of = None, None
@@ -232,7 +233,7 @@ def sample(cfg: EvalVBenchConfig) -> dict:
                 cond, cond_of = sampler.condition(v.entry.image), v.entry.index
             i = row[v.entry.text]
             latent = sampler.latent(emb[i : i + 1], neg, cond, v.seed)
-            write_video_atomic(sampler.decode(latent), v.path, p["tmp"], fps=cfg.video.fps)
+            write_video_atomic(sampler.decode(latent)[0], v.path, p["tmp"], fps=cfg.video.fps)
             result["written"].append(v.path)
             bar.update()
             eta.step()

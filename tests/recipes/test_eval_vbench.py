@@ -20,9 +20,9 @@ from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
-from rcm_pipelines.eval.sampling import EvalSampler, SamplerSpec, VideoSpec
 from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
 from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
+from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec
 from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
@@ -143,7 +143,7 @@ def test_sample_layout_resume_and_seeds(assets, suite_file, tmp_path):
 def _sampler(assets, spec, mode="t2v", dit="tiny", path=None):
     from rcm_pipelines.components import CLIPSpec, DiTSpec, VAESpec
 
-    return EvalSampler(spec, VideoSpec(size=(32, 32), num_frames=5), mode=mode,
+    return VideoPipeline(spec, VideoSpec(size=(32, 32), num_frames=5), mode=mode,
                        dit=DiTSpec(config=dit, path=str(path or assets.t2v)),
                        vae=VAESpec(path=str(assets.vae), arch=TINY_VAE),
                        clip=CLIPSpec(path=str(assets.clip), arch=TINY_CLIP), device=torch.device("cpu"),

@@ -25,7 +25,7 @@ _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest f
 
 
 def _args(assets, out, *extra, size="[32,32]"):
-    return [*assets.component_flags(), f"--size={size}", "--num_frames=5", "--device=cpu", f"--output={out}", *extra]
+    return [*assets.component_flags(), f"--video.size={size}", "--video.num_frames=5", "--device=cpu", f"--output={out}", *extra]
 
 
 def _embed(assets, prompts, text_len):
@@ -49,24 +49,24 @@ def test_help_lists_every_field(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for path in field_paths(generate.GenerateConfig):
-        if path not in ("dit", "vae", "text_encoder", "clip"):  # groups: their fields are listed
+        if path not in ("dit", "vae", "text_encoder", "clip", "sampler", "video"):  # groups: their fields are listed
             assert f"--{path} " in text or f"--{path}\n" in text, path
     assert "rcm-i2v-A14B-720p" in text  # presets
 
 
 def test_bad_fields_are_named(capsys):
     with pytest.raises(SystemExit) as e:
-        generate.main(["--num_stpes=3"])
+        generate.main(["--num_sampels=3"])
     assert e.value.code == 2
-    assert "unknown field 'num_stpes'" in capsys.readouterr().err
+    assert "unknown field 'num_sampels'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"did you mean 'dit\.low_noise_path'"):
         resolve_config(generate.GenerateConfig, ["--dit.low_noise=x"])
-    with pytest.raises(ConfigError, match="rcm num_steps must be 1..4"):
-        resolve_config(generate.GenerateConfig, ["--num_steps=5"])
+    with pytest.raises(ConfigError, match=r"sampler\.num_steps for rcm must be 1\.\.4"):
+        resolve_config(generate.GenerateConfig, ["--sampler.num_steps=5"])
     with pytest.raises(ConfigError, match="needs image_path"):
         resolve_config(generate.GenerateConfig, ["--mode=i2v"])
-    with pytest.raises(ConfigError, match=r"field 'sampler'.*'rcm', 'euler' or 'unipc'"):
-        resolve_config(generate.GenerateConfig, ["--sampler=ddim"])
+    with pytest.raises(ConfigError, match=r"field 'sampler\.kind'.*'rcm', 'euler', 'unipc' or 'causal'"):
+        resolve_config(generate.GenerateConfig, ["--sampler.kind=ddim"])
 
 
 def test_missing_files_name_the_field(assets, tmp_path):
@@ -81,7 +81,7 @@ def test_missing_files_name_the_field(assets, tmp_path):
 def test_t2v_rcm_matches_direct_sampling(assets, tmp_path, capsys):
     out = tmp_path / "t2v.mp4"
     res = generate.main(_args(assets, out, "--dit.config=tiny", f"--dit.path={assets.t2v}", "--num_samples=2",
-                              "--num_steps=3", "--seed=7", "--prompt=a cat runs across the green field",
+                              "--sampler.num_steps=3", "--seed=7", "--prompt=a cat runs across the green field",
                               "--save_latents=true"))
     assert res["videos"] == [out]
     frames = read_video(out)
@@ -103,8 +103,8 @@ def test_t2v_rcm_matches_direct_sampling(assets, tmp_path, capsys):
 
 def test_teacher_unipc_cfg_with_prompt_file(assets, tmp_path):
     res = generate.main(_args(assets, tmp_path / "teacher.mp4", "--dit.config=tiny", f"--dit.path={assets.t2v}",
-                              "--sampler=unipc", "--num_steps=3", f"--prompt_file={assets.prompts}",
-                              "--negative_prompt=blurry static", "--guidance=4", "--save_latents=true"))
+                              "--sampler.kind=unipc", "--sampler.num_steps=3", f"--prompt_file={assets.prompts}",
+                              "--sampler.negative_prompt=blurry static", "--sampler.guidance=4", "--save_latents=true"))
     assert [p.name for p in res["videos"]] == ["teacher_000.mp4", "teacher_001.mp4", "teacher_002.mp4"]
     prompts = [ln for ln in assets.prompts.read_text().splitlines() if ln.strip()]
     emb = _embed(assets, [*prompts, "blurry static"], 16)
@@ -125,7 +125,7 @@ def test_i2v_two_experts_switch_at_the_boundary(assets, tmp_path):
     res = generate.main(base)
     assert res["expert_calls"] == {"high": 2, "low": 2}
     assert read_video(res["videos"][0]).shape == (5, 32, 32, 3)
-    res = generate.main([*base, "--boundary=0.8", "--ode=true", "--offload_experts=false"])
+    res = generate.main([*base, "--sampler.boundary=0.8", "--sampler.ode=true", "--sampler.offload_experts=false"])
     assert res["expert_calls"] == {"high": 3, "low": 1}
 
 
@@ -134,7 +134,7 @@ def test_i2v_wan21_clip_adaptive_resolution(assets, tmp_path):
     res = generate.main(_args(assets, tmp_path / "i2v21.mp4", "--mode=i2v", "--dit.config=tiny-i2v",
                               f"--dit.path={assets.i2v}", f"--clip.path={assets.clip}",
                               f"--clip.arch={json.dumps(TINY_CLIP)}", f"--image_path={assets.image}",
-                              "--adaptive_resolution=true", size="[32,48]"))
+                              "--video.adaptive_resolution=true", size="[32,48]"))
     assert read_video(res["videos"][0]).shape == (5, 32, 48, 3)
     assert "CLIP image encoder" in res["timing"]
     with pytest.raises(MissingFileError, match=r"--clip\.path"):
