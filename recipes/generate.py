@@ -145,7 +145,7 @@ def run(cfg: GenerateConfig) -> dict:
                          device=device, dtype=dtype, timer=timer)
     image = None if cfg.image_path is None else Path(cfg.image_path)
     paths, latents = [], []
-    for i, prompt in enumerate(prompts):
+    for i in range(len(prompts)):
         cond = pipe.condition(image)
         with tqdm(total=cfg.sampler.steps(), desc=f"{cfg.sampler.kind} {i + 1}/{len(prompts)}", leave=False,
                   disable=None) as bar:
