@@ -15,6 +15,12 @@ from rcm_nets.wan.meanflow import MeanFlowWanDiT, meanflow_student_state_dict
 F64 = torch.float64
 
 
+def _initialized(net):
+    """``from_config`` leaves parameters uninitialized (``torch.empty``): give them the seeded init first."""
+    net.init_weights()
+    return net
+
+
 def _randomize(net):
     with torch.no_grad():
         for p in net.parameters():
@@ -68,7 +74,7 @@ def test_r_changes_the_output_and_default_is_r_eq_t(net):
 
 def test_load_teacher_strict_and_equal_at_start():
     torch.manual_seed(3)
-    teacher = _randomize(WanDiT.from_config("tiny", dtype=F64, num_layers=2))
+    teacher = _randomize(_initialized(WanDiT.from_config("tiny", dtype=F64, num_layers=2)))
     student = MeanFlowWanDiT.from_config("tiny", dtype=F64, num_layers=2)
     new = student.load_teacher(teacher.state_dict())
     assert new == sorted(MeanFlowWanDiT.new_keys())
@@ -95,7 +101,7 @@ def test_load_teacher_strict_and_equal_at_start():
 
 def test_student_state_dict_loads_strictly():
     torch.manual_seed(5)
-    teacher = _randomize(WanDiT.from_config("tiny", dtype=F64, num_layers=1))
+    teacher = _randomize(_initialized(WanDiT.from_config("tiny", dtype=F64, num_layers=1)))
     sd = meanflow_student_state_dict(teacher.state_dict(), generator=torch.Generator().manual_seed(0))
     assert set(sd) - set(teacher.state_dict()) == set(MeanFlowWanDiT.new_keys())
     student = MeanFlowWanDiT.from_config("tiny", dtype=F64, num_layers=1)

@@ -17,6 +17,13 @@ from rcm_losses.causal import (
 from rcm_losses.consistency import dcm_objective, scm_loss, scm_objective, tangent_warmup_ratio
 from rcm_losses.dmd import dmd_loss, dmd_objective, fake_score_objective
 from rcm_losses.ema import ema_beta, ema_update_
+from rcm_losses.meanflow import (
+    LogitNormalPair,
+    MeanFlowAdapter,
+    meanflow_loss,
+    meanflow_objective,
+    meanflow_sample,
+)
 from rcm_losses.parameterization import (
     TrigFlowAdapter,
     TrigFlowPrediction,
@@ -56,4 +63,9 @@ __all__ = [
     "tf_dcm_objective",
     "self_forcing_rollout",
     "replayed_video",
+    "meanflow_objective",
+    "meanflow_loss",
+    "meanflow_sample",
+    "LogitNormalPair",
+    "MeanFlowAdapter",
 ]

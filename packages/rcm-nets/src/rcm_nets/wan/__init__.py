@@ -13,6 +13,8 @@ _EXPORTS = {
     "UMT5Encoder": ".t5",
     "Tokenizer": ".tokenizer",
     "CLIPVisual": ".clip",
+    "MeanFlowWanDiT": ".meanflow",
+    "meanflow_student_state_dict": ".meanflow",
 }
 
 __all__ = list(_EXPORTS)

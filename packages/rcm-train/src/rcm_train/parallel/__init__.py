@@ -86,7 +86,8 @@ class ParallelConfig(BaseModel):
     """Swap the attention / sequence seams for Ulysses versions when the mesh has cp > 1."""
     blocks_attr: str = "blocks"
     """Name of the model's ModuleList of transformer blocks."""
-    not_fsdp_units: list[str] = ["patch_embedding", "time_embedding", "time_projection", "text_embedding"]
+    not_fsdp_units: list[str] = ["patch_embedding", "time_embedding", "time_projection", "text_embedding",
+                                 "interval_embedding"]
     """Top-level submodules that must not be separate FSDP units and stay in the root unit: those the network
     runs inside torch.func.jvp (unit hooks must not fire there, docs/nets.md, precision) and those whose parameters it
     reads without calling the module (no hook would gather them). Names absent from the model are ignored;
