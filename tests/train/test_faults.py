@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
 
 from rcm_train.checkpoint import Checkpointer, load_part
 from rcm_train.safety import CheckpointError, NonFiniteError
 
 MAX_ITER = 6
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of worker processes (one thread each; tests/train/conftest.py has the same helper, but
+    `conftest` is ambiguous when tests/train runs together with other test directories)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 WORKER = r'''
 """python worker.py RUN_DIR MAX_ITER [--kill=POINT:ITER] [--nan-at=IT]: train the tiny model, checkpoint every

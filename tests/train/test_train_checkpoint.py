@@ -2,6 +2,7 @@
 weights with the module's own key names, pruning and bad-input errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from _train_resume import PARTS, run, tiny_teacher, write_data
-from conftest import subprocess_env
 
 from rcm_train.checkpoint import Checkpointer, ModelState, export_part, load_part, save_weights
 
 HERE = Path(__file__).parent
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of worker processes (one thread each; tests/train/conftest.py has the same helper, but
+    `conftest` is ambiguous when tests/train runs together with other test directories)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _losses(run_dir: Path) -> dict[int, dict[str, float]]:

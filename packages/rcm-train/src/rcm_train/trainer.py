@@ -389,15 +389,15 @@ class TrainState:
     """Iteration counter and this rank's global RNG states (python, numpy, torch CPU/CUDA); a DCP Stateful.
 
     RNG states are stored as uint8 tensors (never pickled objects) under a per-rank key, so each rank resumes
-    its own stream; CUDA states ``[devices, S]`` (``[0]`` without CUDA).
+    its own stream; CUDA: the current device's state (each rank draws on its own device; ``[0]`` without CUDA).
     """
 
     iteration: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
         rng = {"python": _python_rng_bytes(), "numpy": _numpy_rng_bytes(), "torch": torch.get_rng_state(),
-               "cuda": torch.stack(cuda) if cuda else torch.zeros(0, dtype=torch.uint8)}
+               "cuda": cuda}
         return {"iteration": self.iteration, f"rng_rank{_rank()}": rng}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -409,7 +409,7 @@ class TrainState:
         _set_numpy_rng(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"].numel() and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 class TrainingInterrupted(KeyboardInterrupt):
