@@ -28,7 +28,6 @@ from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     DiTSpec,
     DType,
-    MissingFileError,
     TextEncoder,
     TextEncoderSpec,
     dit_config,
@@ -38,7 +37,7 @@ from rcm_pipelines.components import (
     resolve_dtype,
 )
 from rcm_pipelines.generation import latent_shape, teacher_generate, velocity_fn, video_size
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_train.data import ShardWriter
 from rcm_train.runtime import launch_rank_world
 
@@ -148,7 +147,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
-        raise SystemExit(f"build_dataset.py: error: {err}") from None
+    run_main(main)

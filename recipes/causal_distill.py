@@ -50,18 +50,18 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import video_kv_cache
 from rcm_pipelines.components import (
     DiTSpec,
-    MissingFileError,
     dit_config,
     load_embedding,
     read_dit_state_dict,
 )
 from rcm_pipelines.hooks import CausalSampleHook, SampleConfig
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.logging import LoggerConfig
 from rcm_train.objectives import CausalObjectiveConfig, CausalRCMObjective
 from rcm_train.parallel import MeshConfig, ParallelConfig
 from rcm_train.runtime import is_rank0, print0, process_group
+from rcm_train.safety import check_finite_state_dict
 from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
 from rcm_train.trainer import (
     OptimizerConfig,
@@ -332,7 +332,7 @@ class _Run:
         self.net_cfg = dit_config(cfg.model.teacher)
         self.blocks = cfg.frame_blocks()
         self.layout = BlockLayout(self.blocks.frames_per_block, self.blocks.first)
-        read = lambda path, field: read_dit_state_dict(self.net_cfg, path, field=field, log=print0)
+        read = lambda path, field: self._read(path, field)
         self.teacher_sd = read(cfg.model.teacher.path, "model.teacher.path")
         self.causal_teacher_sd = read(cfg.model.causal_teacher_path, "model.causal_teacher_path") \
             if cfg.model.causal_teacher_path else None
@@ -340,6 +340,11 @@ class _Run:
             cfg.negative_embed_path, "negative_embed_path", text_len=self.net_cfg.text_len).to(device)
         self.samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
         self._frozen: dict[str, tuple[int, nn.Module]] = {}
+
+    def _read(self, path: str, field: str) -> dict[str, Tensor]:
+        sd = read_dit_state_dict(self.net_cfg, path, field=field, log=print0)
+        check_finite_state_dict(sd, path)  # a NaN in a teacher file stops here, named
+        return sd
 
     def network(self, sd: Mapping[str, Tensor], par: ParallelConfig, *, trainable: bool, precision: str,
                 dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -453,7 +458,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
-        raise SystemExit(f"causal_distill.py: error: {err}") from None
+    run_main(main)

@@ -40,7 +40,7 @@ from torch import nn
 
 from rcm_nets.wan import WanDiT, get_config
 from rcm_pipelines.video import plot_curves, write_json
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
 from rcm_recipes.pixel_dit import PositionalDiT
 from rcm_recipes.progress import ProgressLogger
@@ -277,4 +277,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -42,22 +42,22 @@ from pydantic import model_validator
 from torch import Tensor
 
 from rcm_kernels.devices import parse_dtype, resolve_device
-from rcm_nets.wan import WanDiT
+from rcm_nets.wan import MeanFlowWanDiT, WanDiT, meanflow_student_state_dict
 from rcm_pipelines.components import (
     DiTSpec,
-    MissingFileError,
     VAESpec,
     dit_config,
     load_embedding,
     read_dit_state_dict,
 )
-from rcm_pipelines.hooks import SampleConfig, SampleHook
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_pipelines.hooks import MeanFlowSampleHook, SampleConfig, SampleHook
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.logging import LoggerConfig
-from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
+from rcm_train.objectives import MeanFlowObjective, MeanFlowObjectiveConfig, RCMObjective, RCMObjectiveConfig
 from rcm_train.parallel import MeshConfig, ParallelConfig
 from rcm_train.runtime import is_rank0, print0, process_group
+from rcm_train.safety import check_finite_state_dict
 from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
 from rcm_train.trainer import (
     OptimizerConfig,
@@ -76,10 +76,15 @@ class StageConfig(RecipeConfig):
     """Stage name: checkpoint / log sub-directory."""
     iterations: int = 0
     """Raw iterations (student and critic together) of this stage; 0 skips it."""
+    method: Literal["rcm", "meanflow"] = "rcm"
+    """rcm: the rCM objective family (sCM / dCM + DMD) on a WanDiT student; meanflow: MeanFlow average-velocity
+    distillation of a MeanFlowWanDiT student (docs/meanflow.md; fake_score must be false)."""
     fake_score: bool = True
     """Train a fake score (critic) and add the DMD loss (rCM, DMD); False: consistency loss only."""
     objective: RCMObjectiveConfig = RCMObjectiveConfig()
     """The rCM objective of this stage (cm_type, loss weights, time distributions, ...)."""
+    meanflow: MeanFlowObjectiveConfig = MeanFlowObjectiveConfig()
+    """The MeanFlow objective of a method=meanflow stage (time pairs, exact or finite-difference JVP, ...)."""
     schedule: ScheduleConfig = ScheduleConfig()
     """Student / critic alternation (tangent_warmup, student_update_freq)."""
 
@@ -88,6 +93,10 @@ class StageConfig(RecipeConfig):
         if self.iterations < 0:
             raise ValueError(f"stage {self.name!r}: iterations must be >= 0")
         o = self.objective
+        if self.method == "meanflow":
+            if self.fake_score:
+                raise ValueError(f"stage {self.name!r}: method=meanflow has no critic: set fake_score=false")
+            return self
         if o.loss_scale == 0 and not self.fake_score:
             raise ValueError(f"stage {self.name!r} trains nothing: loss_scale=0 and fake_score=false")
         if o.loss_scale == 0 and self.schedule.tangent_warmup != 0:
@@ -163,7 +172,7 @@ class DistillConfig(RecipeConfig):
 
 
 # ------------------------------------------------------------------------------------------ presets
-Method = Literal["rcm", "scm", "dcm", "dmd", "staged"]
+Method = Literal["rcm", "scm", "dcm", "dmd", "staged", "meanflow"]
 
 _EXPERIMENTS = {
     # the reference experiments wan2pt1_1pt3B_res480p_t2v_rCM / wan2pt1_14B_res480p_t2v_rCM
@@ -192,6 +201,10 @@ def _objective(exp: dict, method: str) -> RCMObjectiveConfig:
 
 
 def _stage(exp: dict, method: str, iterations: int, *, warmup: int | None = None) -> StageConfig:
+    if method == "meanflow":
+        mf = MeanFlowObjectiveConfig(input_dtype="float32") if exp["config"] == "tiny" else MeanFlowObjectiveConfig()
+        return StageConfig(name="meanflow", iterations=iterations, method="meanflow", fake_score=False, meanflow=mf,
+                           schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=exp["freq"]))
     warmup = exp["warmup"] if warmup is None else warmup
     return StageConfig(name=method, iterations=iterations, fake_score=method in ("rcm", "dmd"),
                        objective=_objective(exp, method),
@@ -244,22 +257,25 @@ def make_preset(experiment: str, method: Method, *, debug: bool = False) -> Dist
 
 
 PRESETS: dict[str, DistillConfig] = {
-    f"{e}-{m}": make_preset(e, m) for e in _EXPERIMENTS for m in ("rcm", "scm", "dcm", "dmd", "staged")
+    f"{e}-{m}": make_preset(e, m) for e in _EXPERIMENTS for m in ("rcm", "scm", "dcm", "dmd", "staged", "meanflow")
 }
 PRESETS |= {f"{e}-rcm-debug": make_preset(e, "rcm", debug=True) for e in ("1.3B", "14B")}
 
 
 # ------------------------------------------------------------------------------------------ run
-def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], env: dict[str, Any]) -> Stage:
+def _run_stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], env: dict[str, Any]) -> Stage:
     """The driver's view of stage ``sc``: networks built (on demand) from ``init`` (the student's start)."""
-    p, device = cfg.parallel, env["device"]
+    p, device, meanflow = cfg.parallel, env["device"], sc.method == "meanflow"
+    if meanflow and not any(k.startswith("interval_embedding.") for k in init):
+        init = meanflow_student_state_dict(init, generator=torch.Generator().manual_seed(cfg.run.train.seed))
 
-    def net(sd, par, trainable, precision):
-        factory = partial(WanDiT, env["net_cfg"].model_copy(update={"precision": precision}), dtype=torch.float32)
+    def net(sd, par, trainable, precision, cls=WanDiT):
+        factory = partial(cls, env["net_cfg"].model_copy(update={"precision": precision}), dtype=torch.float32)
         return build_network(factory, sd, mesh=env["mesh"], parallel=par, device=device, trainable=trainable)
 
     def setup() -> StageSetup:
-        models = {"student": net(init, p.student, True, "student"), "teacher": env["teacher"]}
+        student_cls = MeanFlowWanDiT if meanflow else WanDiT
+        models = {"student": net(init, p.student, True, "student", student_cls), "teacher": env["teacher"]}
         optimizers = {"student": build_optimizer(models["student"], cfg.optimizer)}
         if sc.fake_score:
             models["fake_score"] = net(env["teacher_sd"], p.fake_score, True, "teacher")
@@ -267,13 +283,18 @@ def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], env:
         opt_cfg = {"student": cfg.optimizer, "fake_score": cfg.fake_score_optimizer}
         parts = TrainParts(models=models, optimizers=optimizers,
                            schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()},
-                           ema={"student": net(init, p.student, False, "student")})
+                           ema={"student": net(init, p.student, False, "student", student_cls)})
+        if meanflow:
+            objective = MeanFlowObjective(sc.meanflow, negative_embed=env["negative"])
+            in_name, guidance, hook_cls = sc.meanflow.input_dtype, sc.meanflow.guidance, MeanFlowSampleHook
+        else:
+            objective = RCMObjective(sc.objective, negative_embed=env["negative"])
+            in_name, guidance, hook_cls = sc.objective.input_dtype, sc.objective.guidance, SampleHook
         hook = None
         if cfg.sample.every:
-            in_dtype = parse_dtype(sc.objective.input_dtype) if sc.objective.input_dtype else torch.float64
-            hook = SampleHook(cfg.sample, env["samples"], device=device, negative=env["negative"],
-                              input_dtype=in_dtype, guidance=sc.objective.guidance)
-        return StageSetup(parts, RCMObjective(sc.objective, negative_embed=env["negative"]), hook)
+            hook = hook_cls(cfg.sample, env["samples"], device=device, negative=env["negative"],
+                            input_dtype=parse_dtype(in_name) if in_name else torch.float64, guidance=guidance)
+        return StageSetup(parts, objective, hook)
 
     return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
                  critic_models=["fake_score"] if sc.fake_score else [])
@@ -284,6 +305,7 @@ def _environment(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     mesh = cfg.parallel.mesh.build()
     net_cfg = dit_config(cfg.model)
     teacher_sd = read_dit_state_dict(net_cfg, cfg.model.path, field="model.path", log=print0)
+    check_finite_state_dict(teacher_sd, cfg.model.path)  # a NaN in the teacher file stops here, named
     negative = None
     if cfg.negative_embed_path is not None:
         negative = load_embedding(cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len).to(device)
@@ -309,7 +331,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         data = lambda: DeviceData(ShardLoader(cfg.data, rank=env["mesh"].dp_rank, world_size=env["mesh"].dp_size),
                                   device)
         for sc in cfg.stages():
-            results[sc.name] = res = run_stage(_stage(cfg, sc, init, env), cfg.run, output_dir=out, data=data,
+            results[sc.name] = res = run_stage(_run_stage(cfg, sc, init, env), cfg.run, output_dir=out, data=data,
                                                sample_every=cfg.sample.every, dp_rank=env["mesh"].dp_rank,
                                                device=device, run_config=cfg.model_dump(mode="json"))
             init = load_stage_student(res)
@@ -328,7 +350,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
-        raise SystemExit(f"distill.py: error: {err}") from None
+    run_main(main)

@@ -44,7 +44,7 @@ from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_tabl
 from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_train.runtime import launch_rank_world
 
 
@@ -326,4 +326,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

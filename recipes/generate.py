@@ -27,7 +27,6 @@ from rcm_pipelines.components import (
     CLIPSpec,
     DiTSpec,
     DType,
-    MissingFileError,
     TextEncoderSpec,
     VAESpec,
     dit_config,
@@ -38,7 +37,7 @@ from rcm_pipelines.components import (
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
 from rcm_pipelines.video import grid_video, save_video
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 
 
 class GenerateConfig(RecipeConfig):
@@ -168,7 +167,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MissingFileError as err:  # a file the config names is absent: say which field to set, no traceback
-        raise SystemExit(f"generate.py: error: {err}") from None
+    run_main(main)

@@ -31,7 +31,7 @@ from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate
 from rcm_pipelines.video import VideoWriter, load_image
-from rcm_recipes.config import RecipeConfig, parse_config, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 
 
 class ModelConfig(RecipeConfig):
@@ -264,4 +264,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

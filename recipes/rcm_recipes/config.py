@@ -294,6 +294,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         known += [CorruptDataError, CheckpointError, NonFiniteError]
     except ImportError:  # recipes without the training package
         pass
+    try:
+        from rcm_nets.checkpoint import CheckpointError as WeightsError
+        from rcm_pipelines.components import MissingFileError
+
+        known += [MissingFileError, WeightsError]
+    except ImportError:  # recipes without the inference packages
+        pass
     return tuple(known)
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from rcm_nets.checkpoint import load_checkpoint
-from rcm_nets.wan import WanDiT
+from rcm_nets.wan import MeanFlowWanDiT, WanDiT
 from rcm_pipelines.components import MissingFileError
 from rcm_pipelines.testing import TINY_VAE, write_tiny_assets
 from rcm_pipelines.video import read_video
@@ -77,7 +77,7 @@ def test_help_lists_every_field(capsys):
     groups = {"model", "data", "stage1", "stage2", "stage3", "optimizer", "fake_score_optimizer", "run", "run.train",
               "run.train.schedule", "run.checkpoint", "run.logger", "parallel", "parallel.mesh", "sample", "sample.vae",
               "parallel.student", "parallel.fake_score", "parallel.teacher"}
-    groups |= {f"stage{i}.{g}" for i in (1, 2, 3) for g in ("objective", "schedule")}
+    groups |= {f"stage{i}.{g}" for i in (1, 2, 3) for g in ("objective", "schedule", "meanflow")}
     for path in field_paths(distill.DistillConfig):
         if path not in groups:
             assert f"--{path} " in text or f"--{path}\n" in text, path
@@ -184,6 +184,24 @@ def test_staged_from_dcp_teacher_and_rerun_skips(files, tmp_path, capsys):
     text = capsys.readouterr().out
     assert all(f"stage {n}: complete" in text for n in ("dcm", "scm", "rcm"))
     assert again["student"] == res["student"]
+
+
+def test_meanflow_preset_end_to_end(files, tmp_path):
+    """tiny-meanflow: a MeanFlowWanDiT student starts from the teacher (interval embedding added, zero output),
+    trains with the MeanFlow objective (exact JVP), samples with the MeanFlow sampler and exports; the export
+    holds exactly the teacher's keys plus the interval embedding's, and the student moved."""
+    out = tmp_path / "mf"
+    args = ["--preset=tiny-meanflow", *_args(files, out, "--stage1.iterations=3", "--run.train.checkpoint_every=3",
+                                             "--sample.every=3", "--sample.steps=[1,2]")[1:]]
+    res = distill.main(args)
+    keys = set().union(*[m.keys() for m in _metrics(out / "logs" / "meanflow" / "metrics.jsonl")])
+    assert "meanflow/loss" in keys and "critic/loss" not in keys
+    assert read_video(out / "logs" / "meanflow" / "media" / "samples_000000003.mp4").shape[1] == 4 * 32
+    student = MeanFlowWanDiT.from_config("tiny")
+    load_checkpoint(student, res["student"])  # strict
+    sd = student.state_dict()
+    assert set(sd) - set(files["teacher"]) == set(MeanFlowWanDiT.new_keys())
+    assert any(not torch.equal(sd[k], files["teacher"][k].bfloat16().float()) for k in files["teacher"])
 
 
 def test_missing_inputs_are_named(files, tmp_path):

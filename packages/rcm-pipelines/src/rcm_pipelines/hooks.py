@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from rcm_kernels.blockmask import BlockLayout
+from rcm_losses.meanflow import MeanFlowAdapter, meanflow_sample
 from rcm_nets.wan.causal import video_kv_cache
 
 from .components import VAESpec, load_vae
@@ -26,7 +27,7 @@ from .generation import rcm_generate, teacher_generate, velocity_fn
 from .streaming import stream_generate
 from .video import grid_video, to_uint8
 
-__all__ = ["SampleConfig", "SampleHook", "CausalSampleHook", "decode_preview"]
+__all__ = ["SampleConfig", "SampleHook", "MeanFlowSampleHook", "CausalSampleHook", "decode_preview"]
 
 
 class SampleConfig(PipelineConfig):
@@ -109,6 +110,23 @@ class SampleHook:
                                          sampler="unipc", num_steps=cfg.teacher_steps, guidance=self.guidance,
                                          sigma_max=cfg.sigma_max, input_dtype=self.input_dtype))
             labels.append(f"teacher {cfg.teacher_steps} step")
+        return _grid(self.vae, rows, labels, iteration)
+
+
+class MeanFlowSampleHook(SampleHook):
+    """MeanFlow students (a network taking ``r=``): rows student (and EMA) at each of ``cfg.steps`` uniform
+    MeanFlow steps ``z_r = z_t − (t − r) u(z_t, r, t)`` from pure noise (``t = 1``)."""
+
+    def __call__(self, iteration: int, models: Mapping[str, nn.Module]) -> dict[str, Tensor] | None:
+        labels, rows = [], []
+        for name in ["student"] + (["student_ema"] if self.cfg.ema and "student_ema" in models else []):
+            net = models[name]
+            u = MeanFlowAdapter(lambda x, t, r, c, net=net: net(x, t, c, r=r), input_dtype=self.input_dtype)
+            for steps in self.cfg.steps:
+                with torch.no_grad():
+                    rows.append(meanflow_sample(u, self.noise, self.context,
+                                                times=[1 - k / steps for k in range(steps + 1)]).float())
+                labels.append(f"{name} {steps} step")
         return _grid(self.vae, rows, labels, iteration)
 
 
