@@ -38,7 +38,7 @@ from pydantic import model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from rcm_nets.wan import WanDiT, get_config
+from rcm_nets.wan import MeanFlowWanDiT, WanDiT, get_config, meanflow_student_state_dict
 from rcm_pipelines.video import plot_curves, write_json
 from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
@@ -47,6 +47,7 @@ from rcm_recipes.progress import ProgressLogger
 from rcm_recipes.shapes import ShapesConfig, TinyTextEncoder, shape_batches
 from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
 from rcm_train.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
+from rcm_train.objectives.meanflow import MeanFlowObjective, MeanFlowObjectiveConfig
 from rcm_train.trainer import (
     OptimizerConfig,
     ScheduleConfig,
@@ -131,6 +132,25 @@ class DistillConfig(RecipeConfig):
     """The rCM objective (sCM + DMD); the networks run in float32 with exact timesteps on CPU."""
 
 
+class MeanFlowConfig(RecipeConfig):
+    """MeanFlow distillation of the teacher into a 1-2 step student (optional: --meanflow.enabled=true)."""
+
+    enabled: bool = False
+    """Also train and evaluate a MeanFlow student (adds about a quarter to the demo's time on 2 cores)."""
+    iterations: int = 200
+    """Iterations (every one is a student iteration: there is no critic)."""
+    batch_size: int = 16
+    """Videos per iteration."""
+    optimizer: OptimizerConfig = OptimizerConfig(lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=20)
+    """Student AdamW."""
+    clip_norm: float | None = 1.0
+    """Gradient-norm clip."""
+    ema_rate: float | None = 0.05
+    """Power-EMA rate of the student used for sampling (None: sample the raw student)."""
+    objective: MeanFlowObjectiveConfig = MeanFlowObjectiveConfig(guidance=3.0, input_dtype="float32")
+    """The MeanFlow objective (exact JVP; the teacher's CFG velocity as v)."""
+
+
 class DemoConfig(RecipeConfig):
     """The CPU demo: teacher -> rCM distillation -> few-step samples, metrics and videos."""
 
@@ -156,6 +176,8 @@ class DemoConfig(RecipeConfig):
     """Teacher training."""
     distill: DistillConfig = DistillConfig()
     """Distillation."""
+    meanflow: MeanFlowConfig = MeanFlowConfig()
+    """Optional MeanFlow student (a second JVP-based objective), evaluated beside the rCM student."""
     eval: EvalConfig = EvalConfig()
     """Sampling, metrics and the grid video."""
 
@@ -239,6 +261,28 @@ def distill(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tu
     return (parts.ema["student"] if dc.ema_rate is not None else student.eval()), logger.curves
 
 
+def distill_meanflow(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
+    """MeanFlow distillation: a MeanFlowWanDiT student starting as the teacher (zero interval embedding)."""
+    mc = cfg.meanflow
+    dit = MeanFlowWanDiT(teacher.dit.config)
+    gen = torch.Generator().manual_seed(_seed(cfg.seed, "meanflow-init"))
+    dit.load_state_dict(meanflow_student_state_dict(teacher.dit.state_dict(), generator=gen))
+    student = PositionalDiT(dit, cfg.data.frames, cfg.data.size, cfg.data.size, scale=0.0)
+    student.position.data.copy_(teacher.position.data)
+    student.requires_grad_(True).train()
+    opt = build_optimizer(student, mc.optimizer)
+    parts = TrainParts(models={"student": student, "teacher": teacher}, optimizers={"student": opt},
+                       schedulers={"student": build_scheduler(opt, mc.optimizer)},
+                       ema={"student": _frozen_copy(student)} if mc.ema_rate is not None else {})
+    objective = MeanFlowObjective(mc.objective, negative_embed=torch.zeros(cfg.text.length, cfg.text.dim))
+    data = shape_batches(cfg.data, encoder, mc.batch_size, torch.Generator().manual_seed(_seed(cfg.seed, "mf-data")))
+    logger = ProgressLogger("MeanFlow distillation", mc.iterations, disable=not cfg.progress)
+    loop = TrainConfig(max_iter=mc.iterations, seed=_seed(cfg.seed, "meanflow"), clip_norm=mc.clip_norm,
+                       ema_rate=mc.ema_rate, student_models=["student"], critic_models=[], checkpoint_every=0)
+    train(parts, objective, data, loop, logger=logger)
+    return (parts.ema["student"] if mc.ema_rate is not None else student.eval()), logger.curves
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DemoConfig, argv, presets=PRESETS, prog="demo.py")
     out = Path(cfg.out_dir)
@@ -256,9 +300,15 @@ def main(argv: list[str] | None = None) -> dict:
     student, distill_curves = distill(cfg, teacher, encoder)
     times["distillation"] = time.perf_counter() - t1
     save_file(student.state_dict(), out / "student.safetensors")
+    meanflow, mf_curves = None, {}
+    if cfg.meanflow.enabled:
+        t_mf = time.perf_counter()
+        meanflow, mf_curves = distill_meanflow(cfg, teacher, encoder)
+        times["meanflow_distillation"] = time.perf_counter() - t_mf
+        save_file(meanflow.state_dict(), out / "meanflow_student.safetensors")
     t2 = time.perf_counter()
     metrics = evaluate_methods(cfg.eval, cfg.data, encoder, teacher, student, guidance=cfg.distill.objective.guidance,
-                               seed=_seed(cfg.seed, "eval"), out_dir=out, progress=cfg.progress)
+                               seed=_seed(cfg.seed, "eval"), out_dir=out, progress=cfg.progress, meanflow=meanflow)
     times["evaluation"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
     plot_curves(
@@ -267,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
          # moves); the raw tangent norm |g| is what falls as the student becomes self-consistent.
          "student: sCM tangent norm |g|": {"|g|": distill_curves.get("scm/g_norm", ([], []))},
          "student: DMD loss": {"dmd": distill_curves.get("dmd/loss", ([], []))},
-         "critic: fake-score loss": {"loss": distill_curves.get("critic/loss", ([], []))}},
+         "critic: fake-score loss": {"loss": distill_curves.get("critic/loss", ([], []))},
+         **({"MeanFlow student loss": {"loss": mf_curves["meanflow/loss"]}} if "meanflow/loss" in mf_curves else {})},
         out / "loss_curves.png",
     )
     report = {**metrics, "wall_time_s": {k: round(v, 1) for k, v in times.items()}}

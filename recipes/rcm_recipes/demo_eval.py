@@ -19,7 +19,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
+from rcm_losses import MeanFlowAdapter, TrigFlowAdapter, flow_euler_sample, meanflow_sample, rcm_sample
 from rcm_pipelines.video import video_grid, write_video
 
 from .config import RecipeConfig
@@ -59,6 +59,8 @@ class EvalConfig(RecipeConfig):
     """Starting noise level of the rCM sampler (TrigFlow t0 = atan(sigma_max))."""
     mid_t: list[float] = [1.5, 1.4, 1.0]
     """Intermediate TrigFlow times of the rCM sampler (the first steps - 1 are used)."""
+    meanflow_steps: list[int] = [1, 2]
+    """Step counts of the MeanFlow student (with --meanflow=true)."""
     grid_columns: int = 8
     """Prompts shown in the grid video."""
     grid_scale: int = 5
@@ -84,7 +86,8 @@ def _plural(n: int) -> str:
 
 @torch.no_grad()
 def sample_methods(cfg: EvalConfig, teacher: nn.Module, student: nn.Module, context: Tensor, noise: Tensor, *,
-                   guidance: float, seed: int, progress: bool = True) -> dict[str, tuple[Tensor, int]]:
+                   guidance: float, seed: int, progress: bool = True,
+                   meanflow: nn.Module | None = None) -> dict[str, tuple[Tensor, int]]:
     """``{method: (videos [N, 3, T, H, W] float32 in [-1, 1], network evaluations per sample)}``."""
     uncond = torch.zeros_like(context)
     cfg_calls = 2 if guidance > 1 else 1  # CFG: a conditional and an unconditional call per step
@@ -100,19 +103,27 @@ def sample_methods(cfg: EvalConfig, teacher: nn.Module, student: nn.Module, cont
             plan.append((f"{name}_{n}", lambda cb, den=den, n=n: rcm_sample(
                 den, noise, context, generator=torch.Generator().manual_seed(seed + n), num_steps=n,
                 sigma_max=cfg.student_sigma_max, mid_t=cfg.mid_t, callback=cb), n, 1))
+    if meanflow is not None:  # MeanFlow student: z_r = z_t - (t - r) u(z_t, r, t) on a uniform RF grid from t = 1
+        u = MeanFlowAdapter(lambda x, t, r, c: meanflow(x, t, c, r=r), input_dtype=torch.float32)
+        for n in cfg.meanflow_steps:
+            plan.append((f"meanflow_{n}", lambda cb, n=n: meanflow_sample(
+                u, noise, context, times=[1 - k / n for k in range(n + 1)]), n, 1))
     out: dict[str, tuple[Tensor, int]] = {}
     with tqdm(total=sum(n * c for *_, n, c in plan), desc="sampling", unit="eval", disable=not progress,
               dynamic_ncols=True, mininterval=1.0) as bar:
         for name, run, n, calls in plan:
             bar.set_postfix_str(name, refresh=False)
-            video = run(lambda info, calls=calls: bar.update(calls))
+            with torch.no_grad():
+                video = run(lambda info, calls=calls: bar.update(calls))
+            if name.startswith("meanflow"):
+                bar.update(n * calls)
             out[name] = (video.float().clamp(-1, 1), n * calls)
     return out
 
 
 def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncoder, teacher: nn.Module,
                      student: nn.Module, *, guidance: float, seed: int, out_dir: str | Path,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, meanflow: nn.Module | None = None) -> dict[str, Any]:
     """Sample, score and write ``grid.mp4`` / ``grid.gif`` into `out_dir`; returns the metrics report."""
     prompts = balanced_prompts(cfg.num_samples)
     context = encoder([p.text for p in prompts])
@@ -120,7 +131,8 @@ def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncod
     noise = torch.randn((cfg.num_samples, 3, data.frames, data.size, data.size), generator=g)
     heldout = render_videos(prompts, data, torch.Generator().manual_seed(seed + 1))
     reference = render_videos(prompts, data, torch.Generator().manual_seed(seed + 2))
-    samples = sample_methods(cfg, teacher, student, context, noise, guidance=guidance, seed=seed, progress=progress)
+    samples = sample_methods(cfg, teacher, student, context, noise, guidance=guidance, seed=seed, progress=progress,
+                             meanflow=meanflow)
     methods: dict[str, dict[str, Any]] = {"data_heldout": {"steps": 0, "network_evaluations": 0,
                                                            **evaluate(heldout, prompts, reference)}}
     for name, (video, nfe) in samples.items():
@@ -131,6 +143,8 @@ def evaluate_methods(cfg: EvalConfig, data: ShapesConfig, encoder: TinyTextEncod
     rows.update({f"teacher\n{_plural(n)}": samples[f"teacher_{n}"][0][cols]
                  for n in (cfg.teacher_steps, cfg.teacher_few_steps)})
     rows.update({f"student\n{_plural(n)}": samples[f"student_{n}"][0][cols] for n in cfg.student_steps})
+    rows.update({f"MeanFlow\n{_plural(n)}": samples[f"meanflow_{n}"][0][cols] for n in cfg.meanflow_steps
+                 if f"meanflow_{n}" in samples})
     grid = video_grid(rows, column_labels=[f"{prompts[i].color}\n{prompts[i].shape} {prompts[i].direction}"
                                            for i in cols], scale=cfg.grid_scale)
     for suffix in (".mp4", ".gif"):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rcm_nets.wan import WanDiT
-
 __all__ = ["PositionalDiT"]
 
 
@@ -26,7 +24,7 @@ class PositionalDiT(nn.Module):
     Same call signatures as `WanDiT.forward` / `WanDiT.forward_jvp` for t2v (``x [B, C, T, H, W]``).
     """
 
-    def __init__(self, dit: WanDiT, frames: int, height: int, width: int, *, scale: float = 0.5):
+    def __init__(self, dit: nn.Module, frames: int, height: int, width: int, *, scale: float = 0.5):
         super().__init__()
         self.dit = dit
         c = dit.config.in_dim
@@ -37,9 +35,10 @@ class PositionalDiT(nn.Module):
         position[2 % c] += ramps[2][:, None, None]
         self.position = nn.Parameter(position)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        return self.dit(x + self.position.to(x.dtype), t, context)
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, **kw) -> Tensor:
+        """``kw`` goes to the wrapped network (e.g. ``r=`` of a MeanFlow DiT)."""
+        return self.dit(x + self.position.to(x.dtype), t, context, **kw)
 
     def forward_jvp(self, x: Tensor, t: Tensor, context: Tensor, tx: Tensor | None,
-                    tt: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self.dit.forward_jvp(x + self.position.to(x.dtype), t, context, tx, tt)
+                    tt: Tensor | None, **kw) -> tuple[Tensor, Tensor]:
+        return self.dit.forward_jvp(x + self.position.to(x.dtype), t, context, tx, tt, **kw)

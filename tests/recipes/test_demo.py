@@ -1,6 +1,7 @@
 """The CPU demo recipe: its CLI, and a reduced end-to-end run (the `ci` preset) checking every output."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,17 +46,20 @@ def test_ci_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(Path(demo.__file__)), "--preset", "ci", f"--out_dir={out}",
-                           "--progress=false"], capture_output=True, text=True, env=env, timeout=600)
+                           "--progress=false", "--meanflow.enabled=true", "--meanflow.iterations=20"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["config.yaml", "grid.mp4", "grid.gif", "loss_curves.png", "metrics.json",
-                 "teacher.safetensors", "student.safetensors"]:
+                 "teacher.safetensors", "student.safetensors", "meanflow_student.safetensors"]:
         assert (out / name).is_file(), name
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["out_dir"] == str(out) and resolved["teacher"]["iterations"] == 400  # the ci preset
     report = json.loads((out / "metrics.json").read_text())
     methods = report["methods"]
-    for name in ["data_heldout", "teacher_20", "teacher_4", "student_1", "student_2", "student_4"]:
+    for name in ["data_heldout", "teacher_20", "teacher_4", "student_1", "student_2", "student_4", "meanflow_1",
+                 "meanflow_2"]:
         assert name in methods, name
+    assert methods["meanflow_1"]["network_evaluations"] == 1 and math.isfinite(methods["meanflow_1"]["frechet_distance"])
     assert methods["data_heldout"]["prompt_accuracy"] == 1.0
     fd = lambda name: methods[name]["frechet_distance"]
     # Distillation made the one- and two-step samplers better than the teacher's weights in the same
