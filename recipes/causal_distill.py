@@ -55,7 +55,7 @@ from rcm_pipelines.components import (
     read_dit_state_dict,
 )
 from rcm_pipelines.hooks import CausalSampleHook, SampleConfig
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.logging import LoggerConfig
 from rcm_train.objectives import CausalObjectiveConfig, CausalRCMObjective
@@ -128,86 +128,16 @@ class ParallelismConfig(RecipeConfig):
 _SAMPLE = SampleConfig(every=250, num_prompts=2, teacher_steps=8, vae=None)
 
 
-# ------------------------------------------------------------------------------------------ presets
-_WAN = dict(frames=21, fpb=3, iters=(4000, 2000, 2000, 600), save=250, dtype="bfloat16")
-_SIZES = {
-    "1.3B": dict(_WAN, config="t2v-1.3B", teacher="checkpoints/Wan2.1-T2V-1.3B.pth"),
-    "14B": dict(_WAN, config="t2v-14B", teacher="checkpoints/Wan2.1-T2V-14B.pth"),
-    # CPU-sized: the tiny network, 5 latent frames as c1-2 blocks, a few iterations per stage
-    "tiny": dict(
-        config="tiny",
-        teacher="outputs/tiny_assets/dit_t2v.pth",
-        frames=5,
-        fpb=2,
-        first=1,
-        iters=(2, 1, 1, 3),
-        save=100,
-        dtype="float32",
-    ),
-}
-
-
-def _objective(size: dict, **kw) -> CausalObjectiveConfig:
-    if size["dtype"] == "float32":
-        kw.update(input_dtype="float32", kv_dtype="float32")
-    if size["config"] == "tiny":
-        kw.update(dcm_total_steps=8, ode_steps=4, sf_schedule=[1.0, 5 / 6])
-    return CausalObjectiveConfig(**kw)
-
-
-def _stages(size_name: str, schedule: str) -> list[StageConfig]:
-    """The four stage slots of ``<size>-<schedule>`` (unused slots have 0 iterations)."""
-    size = _SIZES[size_name]
-    tiny = size_name == "tiny"
-    n_teacher, n_dcm, n_scm, n_dmd = size["iters"]
-    dmd = StageConfig(
-        name="sf_dmd",
-        iterations=n_dmd,
-        init="previous",
-        objective=_objective(size, dmd=True),
-        schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=2 if tiny else 6),
-    )
-    if schedule == "ode-init":
-        stages = [
-            StageConfig(
-                name="ode",
-                iterations=n_dcm,
-                init="teacher",
-                objective=_objective(size, ode=True),
-                schedule=ScheduleConfig(),
-            ),
-            dmd,
-        ]
-    else:
-        flow = "df" if schedule == "causal-rcm-df" else "tf"
-        stages = [
-            StageConfig(
-                name=f"teacher_{flow}",
-                iterations=n_teacher,
-                init="teacher",
-                objective=_objective(size, flow=flow),
-                schedule=ScheduleConfig(),
-            ),
-            StageConfig(
-                name="tf_dcm",
-                iterations=n_dcm,
-                init="causal_teacher",
-                objective=_objective(size, cm="dcm"),
-                schedule=ScheduleConfig(),
-            ),
-            StageConfig(
-                name="tf_scm",
-                iterations=n_scm,
-                init="previous",
-                objective=_objective(size, cm="scm"),
-                schedule=ScheduleConfig(tangent_warmup=2 if tiny else 1000),
-            ),
-            dmd,
-        ]
-    return stages + [StageConfig(name=f"stage{i + 1}") for i in range(len(stages), 4)]
-
-
-_DEFAULT = _stages("1.3B", "causal-rcm")
+_DEFAULT = [  # the 1.3B staged Causal-rCM schedule (configs/causal_distill/1.3B-causal-rcm.yaml)
+    StageConfig(name="teacher_tf", iterations=4000, init="teacher", objective=CausalObjectiveConfig(flow="tf"),
+                schedule=ScheduleConfig()),
+    StageConfig(name="tf_dcm", iterations=2000, init="causal_teacher", objective=CausalObjectiveConfig(cm="dcm"),
+                schedule=ScheduleConfig()),
+    StageConfig(name="tf_scm", iterations=2000, init="previous", objective=CausalObjectiveConfig(cm="scm"),
+                schedule=ScheduleConfig(tangent_warmup=1000)),
+    StageConfig(name="sf_dmd", iterations=600, init="previous", objective=CausalObjectiveConfig(dmd=True),
+                schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=6)),
+]
 _SHARDS = "datasets/Wan2.1_14B_480p_16:9_Euler-step100_shift-3.0_cfg-5.0_seed-0_250K/shard*.tar"
 _NEGATIVE = "checkpoints/umT5_wan_negative_emb.pt"
 
@@ -273,53 +203,8 @@ class CausalDistillConfig(RecipeConfig):
         return FrameBlocks(self.data.num_frames, self.blocks.frames_per_block, self.blocks.first_block_frames)
 
 
-def make_preset(
-    size_name: str, schedule: Literal["causal-rcm", "causal-rcm-df", "ode-init"]
-) -> CausalDistillConfig:
-    """The preset ``<size>-<schedule>`` (module docstring)."""
-    size = _SIZES[size_name]
-    tiny = size_name == "tiny"
-    stages = _stages(size_name, schedule)
-    pdtype = size["dtype"]
-    return CausalDistillConfig(
-        output_dir=f"outputs/causal_distill/{size_name}-{schedule}",
-        model=CausalModelConfig(teacher=DiTSpec(config=size["config"], path=size["teacher"]), teacher_dtype=pdtype),
-        blocks=BlocksConfig(frames_per_block=size["fpb"], first_block_frames=size.get("first")),
-        data=DataConfig(
-            shards="outputs/tiny_dataset/shard_*.tar" if tiny else _SHARDS,
-            num_workers=0 if tiny else 4,
-            shuffle_buffer=16 if tiny else 1000,
-            num_frames=size["frames"],
-        ),
-        negative_embed_path="outputs/tiny_dataset/negative_embed.pt" if tiny else _NEGATIVE,
-        stage1=stages[0],
-        stage2=stages[1],
-        stage3=stages[2],
-        stage4=stages[3],
-        optimizer=OptimizerConfig(lr=1e-4 if tiny else 2e-6, warmup_steps=2 if tiny else 100),
-        fake_score_optimizer=OptimizerConfig(lr=1e-4 if tiny else 4e-7, warmup_steps=2 if tiny else 100),
-        run=StagedRunConfig(train=TrainConfig(checkpoint_every=size["save"]),
-                            logger=LoggerConfig(every=1 if tiny else 25)),
-        parallel=ParallelismConfig(
-            student=ParallelConfig(
-                sac="none" if tiny else "block_wise", param_dtype=pdtype, forward_methods=["forward_block"]
-            ),
-            fake_score=ParallelConfig(sac="none" if tiny else "mm_only", param_dtype=pdtype),
-            teacher=ParallelConfig(param_dtype=None),
-        ),
-        sample=_SAMPLE.model_copy(update=dict(every=100 if tiny else 250, teacher_steps=2 if tiny else 8)),
-        device="cpu" if tiny else "auto",
-    )
-
-
-PRESETS: dict[str, CausalDistillConfig] = {
-    f"{s}-{k}": make_preset(s, k) for s in _SIZES for k in ("causal-rcm", "causal-rcm-df", "ode-init")
-}
-
-
-PRESETS: dict[str, CausalDistillConfig] = {
-    f"{s}-{k}": make_preset(s, k) for s in _SIZES for k in ("causal-rcm", "causal-rcm-df", "ode-init")
-}
+PRESETS: dict[str, CausalDistillConfig] = load_presets(CausalDistillConfig, "causal_distill")
+"""``configs/causal_distill/<size>-<schedule>.yaml`` (module docstring)."""
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -45,15 +45,13 @@ from rcm_kernels.devices import parse_dtype, resolve_device
 from rcm_nets.wan import MeanFlowWanDiT, WanDiT, meanflow_student_state_dict
 from rcm_pipelines.components import (
     DiTSpec,
-    VAESpec,
     dit_config,
     load_embedding,
     read_dit_state_dict,
 )
 from rcm_pipelines.hooks import MeanFlowSampleHook, SampleConfig, SampleHook
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
-from rcm_train.logging import LoggerConfig
 from rcm_train.objectives import MeanFlowObjective, MeanFlowObjectiveConfig, RCMObjective, RCMObjectiveConfig
 from rcm_train.parallel import MeshConfig, ParallelConfig
 from rcm_train.runtime import is_rank0, print0, process_group
@@ -62,7 +60,6 @@ from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, 
 from rcm_train.trainer import (
     OptimizerConfig,
     ScheduleConfig,
-    TrainConfig,
     TrainParts,
     build_optimizer,
     build_scheduler,
@@ -172,94 +169,9 @@ class DistillConfig(RecipeConfig):
 
 
 # ------------------------------------------------------------------------------------------ presets
-Method = Literal["rcm", "scm", "dcm", "dmd", "staged", "meanflow"]
-
-_EXPERIMENTS = {
-    # the reference experiments wan2pt1_1pt3B_res480p_t2v_rCM / wan2pt1_14B_res480p_t2v_rCM
-    "1.3B": dict(config="t2v-1.3B", teacher="checkpoints/Wan2.1-T2V-1.3B.pth", p_g=0.7, warmup=1000, freq=5,
-                 lr=2e-6, fake_lr=4e-7, shard=4, cp=1, sac="block_wise", frames=20, iters=100_000, save=500,
-                 sigma_max=80.0),
-    "14B": dict(config="t2v-14B", teacher="checkpoints/Wan2.1-T2V-14B.pth", p_g=1.5, warmup=0, freq=10,
-                lr=1e-6, fake_lr=1e-7, shard=32, cp=8, sac="mm_only", frames=21, iters=100_000, save=250,
-                sigma_max=200.0),
-    # a CPU-sized run on the tiny network (tests; rcm_pipelines.testing writes such a teacher)
-    "tiny": dict(config="tiny", teacher="outputs/tiny_assets/dit_t2v.pth", p_g=0.7, warmup=4, freq=2,
-                 lr=1e-4, fake_lr=1e-4, shard=-1, cp=1, sac="none", frames=None, iters=16, save=8,
-                 sigma_max=80.0),
-}
-
-
-def _objective(exp: dict, method: str) -> RCMObjectiveConfig:
-    kw = dict(p_g_mean=exp["p_g"])
-    if exp["config"] == "tiny":
-        kw["input_dtype"] = "float32"
-    if method == "dcm":
-        kw["cm_type"] = "dcm"
-    if method == "dmd":
-        kw.update(loss_scale=0.0, dmd_fix_timesteps=True)
-    return RCMObjectiveConfig(**kw)
-
-
-def _stage(exp: dict, method: str, iterations: int, *, warmup: int | None = None) -> StageConfig:
-    if method == "meanflow":
-        mf = MeanFlowObjectiveConfig(input_dtype="float32") if exp["config"] == "tiny" else MeanFlowObjectiveConfig()
-        return StageConfig(name="meanflow", iterations=iterations, method="meanflow", fake_score=False, meanflow=mf,
-                           schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=exp["freq"]))
-    warmup = exp["warmup"] if warmup is None else warmup
-    return StageConfig(name=method, iterations=iterations, fake_score=method in ("rcm", "dmd"),
-                       objective=_objective(exp, method),
-                       schedule=ScheduleConfig(tangent_warmup=0 if method in ("dmd", "dcm") else warmup,
-                                               student_update_freq=exp["freq"]))
-
-
-def make_preset(experiment: str, method: Method, *, debug: bool = False) -> DistillConfig:
-    """The preset ``<experiment>-<method>``: experiment in {1.3B, 14B, tiny}, method as in the module doc.
-
-    ``debug`` mirrors the reference ``..._debug`` variants: 25 iterations, log every 2, save every 10,
-    sample every 6, tangent warmup 8.
-    """
-    exp = dict(_EXPERIMENTS[experiment])
-    if debug:
-        exp.update(iters=25, save=10, warmup=8)
-    n = exp["iters"]
-    if method == "staged":
-        stages = [_stage(exp, "dcm", n // 10), _stage(exp, "scm", n // 5), _stage(exp, "rcm", n - n // 10 - n // 5,
-                                                                               warmup=0)]
-    else:
-        stages = [_stage(exp, method, n)]
-    stages += [StageConfig(name=f"stage{i + 1}") for i in range(len(stages), 3)]
-    tiny = experiment == "tiny"
-    pdtype = "float32" if tiny else "bfloat16"
-    data = DataConfig(shards="outputs/tiny_dataset/shard_*.tar" if tiny else DistillConfig().data.shards,
-                      num_workers=0 if tiny else 4, shuffle_buffer=16 if tiny else 1000, num_frames=exp["frames"])
-    sample_every = 6 if debug else (8 if tiny else exp["save"])
-    return DistillConfig(
-        output_dir=f"outputs/distill/{experiment}-{method}" + ("-debug" if debug else ""),
-        model=DiTSpec(config=exp["config"], path=exp["teacher"]),
-        teacher_dtype="float32" if tiny else "bfloat16",
-        data=data,
-        negative_embed_path="outputs/tiny_dataset/negative_embed.pt" if tiny else DistillConfig().negative_embed_path,
-        stage1=stages[0], stage2=stages[1], stage3=stages[2],
-        optimizer=OptimizerConfig(lr=exp["lr"], warmup_steps=2 if tiny else 100),
-        fake_score_optimizer=OptimizerConfig(lr=exp["fake_lr"], warmup_steps=2 if tiny else 100),
-        run=StagedRunConfig(train=TrainConfig(checkpoint_every=exp["save"]),
-                            logger=LoggerConfig(every=2 if (debug or tiny) else 50)),
-        parallel=ParallelismConfig(
-            mesh=MeshConfig(fsdp_shard_size=exp["shard"], cp=exp["cp"]),
-            student=ParallelConfig(sac=exp["sac"], param_dtype=pdtype),
-            fake_score=ParallelConfig(sac="none" if tiny else "mm_only", param_dtype=pdtype),
-            teacher=ParallelConfig(param_dtype=None)),
-        sample=SampleConfig(every=sample_every, num_prompts=2 if tiny else 4, sigma_max=exp["sigma_max"],
-                            vae=VAESpec(path="outputs/tiny_assets/Wan2.1_VAE.pth", arch={"dim": 4}) if tiny
-                            else VAESpec()),
-        device="cpu" if tiny else "auto",
-    )
-
-
-PRESETS: dict[str, DistillConfig] = {
-    f"{e}-{m}": make_preset(e, m) for e in _EXPERIMENTS for m in ("rcm", "scm", "dcm", "dmd", "staged", "meanflow")
-}
-PRESETS |= {f"{e}-rcm-debug": make_preset(e, "rcm", debug=True) for e in ("1.3B", "14B")}
+PRESETS: dict[str, DistillConfig] = load_presets(DistillConfig, "distill")
+"""``configs/distill/<name>.yaml``: <experiment>-<method> for the 1.3B / 14B reference experiments and the tiny
+CPU model (docs/recipes_distill_generate.md)."""
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -49,6 +49,8 @@ __all__ = [
     "resolve_config",
     "run_main",
     "write_config",
+    "load_presets",
+    "preset_diff",
 ]
 
 C = TypeVar("C", bound=BaseModel)
@@ -339,3 +341,35 @@ def run_main(main: Callable[[], Any], *, prog: str | None = None, argv: list[str
             raise
         print(f"{name}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+"""The repository's preset folder: ``configs/<recipe>/<preset>.yaml``."""
+
+
+def preset_diff(base: Mapping[str, Any], full: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``full`` that differ from ``base`` (nested mappings compared key by key; anything else
+    whole): what a preset file holds, so that it reads as the recipe's defaults plus this."""
+    out: dict[str, Any] = {}
+    for key, value in full.items():
+        ref = base.get(key)
+        if isinstance(value, Mapping) and isinstance(ref, Mapping):
+            sub = preset_diff(ref, value)
+            if sub:
+                out[key] = sub
+        elif value != ref:
+            out[key] = value
+    return out
+
+
+def load_presets(cls: type[C], recipe: str, folder: str | Path | None = None) -> dict[str, C]:
+    """Every ``<folder>/<recipe>/*.yaml`` as a preset named after the file: the file's entries merged onto the
+    recipe's defaults (same rule as ``--config``), validated. Errors name the file."""
+    base = cls().model_dump(mode="json")
+    presets: dict[str, C] = {}
+    for path in sorted((Path(folder) if folder else CONFIGS).joinpath(recipe).glob("*.yaml")):
+        try:
+            presets[path.stem] = cls.model_validate(_merge(cls, base, load_config_file(path)))
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(cls, err, str(path))) from None
+    return presets

@@ -133,6 +133,15 @@ def test_presets_mirror_the_reference_experiments():
             debug.stage1.schedule.tangent_warmup) == (25, 10, 6, 8)
 
 
+def test_presets_are_yaml_files_that_config_reads():
+    """Every preset is configs/distill/<name>.yaml; the same file given to --config resolves to the preset."""
+    root = Path(distill.__file__).resolve().parents[1] / "configs" / "distill"
+    assert sorted(p.stem for p in root.glob("*.yaml")) == sorted(distill.PRESETS)
+    for name in ("tiny-rcm", "1.3B-meanflow", "14B-staged"):
+        via_file = resolve_config(distill.DistillConfig, [f"--config={root / name}.yaml"])
+        assert via_file == distill.PRESETS[name]
+
+
 def test_rcm_end_to_end_and_exact_resume(files, tmp_path):
     sched = ["--stage1.schedule.tangent_warmup=1", "--stage1.schedule.student_update_freq=2",
              "--run.train.checkpoint_every=2", "--sample.every=2"]
