@@ -42,11 +42,11 @@ from datetime import date
 import torch
 import torch.distributed as dist
 
-from rcm_nets.wan import WanDiT, get_config  # noqa: E402
-from rcm_nets.wan.flops import dit_flops  # noqa: E402
-from rcm_train.objectives import RCMObjective, RCMObjectiveConfig  # noqa: E402
-from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize  # noqa: E402
-from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step  # noqa: E402
+from rcm_nets.wan import WanDiT, get_config
+from rcm_nets.wan.flops import dit_flops
+from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
+from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize
+from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 DEVICE = "cuda"

@@ -32,7 +32,6 @@ student stage.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -62,7 +61,16 @@ from rcm_train.objectives import CausalObjectiveConfig, CausalRCMObjective
 from rcm_train.parallel import MeshConfig, ParallelConfig
 from rcm_train.runtime import is_rank0, print0, process_group
 from rcm_train.safety import check_finite_state_dict
-from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
+from rcm_train.stages import (
+    Stage,
+    StagedRunConfig,
+    StageResult,
+    StageSetup,
+    build_network,
+    load_stage_student,
+    publish,
+    run_stage,
+)
 from rcm_train.trainer import (
     OptimizerConfig,
     ScheduleConfig,
@@ -293,21 +301,16 @@ def _initial(r: _Run, sc: StageConfig, student_sd: Mapping[str, Tensor] | None) 
     return init
 
 
-def _final_exports(cfg: CausalDistillConfig, results: Mapping[str, Any], out: Path) -> dict[str, Path]:
-    """The last causal teacher (if a flow stage ran) and the last student (+ EMA), copied to the run's top."""
+def _finals(cfg: CausalDistillConfig, results: Mapping[str, StageResult]) -> dict[str, Path]:
+    """The last causal teacher (if a flow stage ran) and the last student (+ EMA): what the run publishes."""
     final: dict[str, Path] = {}
     for sc in reversed(cfg.stages()):
-        key = "causal_teacher" if sc.objective.trains_teacher else "student"
-        if key not in final:
-            final[key] = results[sc.name].exports["student"]
-            if key == "student":
-                final["student_ema"] = results[sc.name].exports["student_ema"]
-    copies = {k: out / f"{k}.safetensors" for k in final}
-    if is_rank0():
-        for k, src in final.items():
-            shutil.copyfile(src, copies[k])
-        print0(f"exported {', '.join(str(p) for p in copies.values())}")
-    return copies
+        exports = results[sc.name].exports
+        if sc.objective.trains_teacher:
+            final.setdefault("causal_teacher", exports["student"])
+        elif "student" not in final:
+            final.update(student=exports["student"], student_ema=exports["student_ema"])
+    return final
 
 
 def run(cfg: CausalDistillConfig) -> dict[str, Any]:
@@ -332,10 +335,7 @@ def run(cfg: CausalDistillConfig) -> dict[str, Any]:
                 r.causal_teacher_sd = sd
             else:
                 student_sd = sd
-        copies = _final_exports(cfg, results, out)
-        if dist.is_initialized():
-            dist.barrier()
-        return {"stages": results, **copies}
+        return {"stages": results, **publish(_finals(cfg, results), out)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,8 +30,8 @@ same code on a world of one. The teacher loads from an official ``.pth`` / ``.sa
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -39,10 +39,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from pydantic import model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from rcm_kernels.devices import parse_dtype, resolve_device
-from rcm_nets.wan import MeanFlowWanDiT, WanDiT, meanflow_student_state_dict
+from rcm_nets.wan import MeanFlowWanDiT, WanConfig, WanDiT, meanflow_student_state_dict
 from rcm_pipelines.components import (
     DiTSpec,
     dit_config,
@@ -54,9 +54,18 @@ from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_mai
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.objectives import MeanFlowObjective, MeanFlowObjectiveConfig, RCMObjective, RCMObjectiveConfig
 from rcm_train.parallel import MeshConfig, ParallelConfig
+from rcm_train.parallel.mesh import ParallelMesh
 from rcm_train.runtime import is_rank0, print0, process_group
 from rcm_train.safety import check_finite_state_dict
-from rcm_train.stages import Stage, StagedRunConfig, StageSetup, build_network, load_stage_student, run_stage
+from rcm_train.stages import (
+    Stage,
+    StagedRunConfig,
+    StageSetup,
+    build_network,
+    load_stage_student,
+    publish,
+    run_stage,
+)
 from rcm_train.trainer import (
     OptimizerConfig,
     ScheduleConfig,
@@ -175,57 +184,74 @@ CPU model (docs/recipes_distill_generate.md)."""
 
 
 # ------------------------------------------------------------------------------------------ run
-def _run_stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], env: dict[str, Any]) -> Stage:
-    """The driver's view of stage ``sc``: networks built (on demand) from ``init`` (the student's start)."""
-    p, device, meanflow = cfg.parallel, env["device"], sc.method == "meanflow"
-    if meanflow and not any(k.startswith("interval_embedding.") for k in init):
-        init = meanflow_student_state_dict(init, generator=torch.Generator().manual_seed(cfg.run.train.seed))
+@dataclass
+class _Shared:
+    """What every stage of a run shares: mesh, device, architecture, teacher (weights and frozen network),
+    negative embedding, sample prompts."""
 
-    def net(sd, par, trainable, precision, cls=WanDiT):
-        factory = partial(cls, env["net_cfg"].model_copy(update={"precision": precision}), dtype=torch.float32)
-        return build_network(factory, sd, mesh=env["mesh"], parallel=par, device=device, trainable=trainable)
+    mesh: ParallelMesh
+    device: torch.device
+    net_cfg: WanConfig
+    teacher_sd: dict[str, Tensor]
+    teacher: nn.Module
+    negative: Tensor | None
+    samples: dict[str, Any] | None
+
+    @classmethod
+    def load(cls, cfg: DistillConfig, device: torch.device) -> _Shared:
+        mesh, net_cfg = cfg.parallel.mesh.build(), dit_config(cfg.model)
+        teacher_sd = read_dit_state_dict(net_cfg, cfg.model.path, field="model.path", log=print0)
+        check_finite_state_dict(teacher_sd, cfg.model.path)  # a NaN in the teacher file stops here, named
+        negative = None if cfg.negative_embed_path is None else load_embedding(
+            cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len).to(device)
+        teacher = build_network(partial(WanDiT, net_cfg, dtype=parse_dtype(cfg.teacher_dtype)), teacher_sd,
+                                mesh=mesh, parallel=cfg.parallel.teacher, device=device, trainable=False)
+        samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
+        return cls(mesh, device, net_cfg, teacher_sd, teacher, negative, samples)
+
+    def network(self, sd: Mapping[str, Tensor], par: ParallelConfig, *, trainable: bool, precision: str,
+                cls: type[nn.Module] = WanDiT) -> nn.Module:
+        """A float32 ``cls`` network of the run's architecture, parallelized and loaded from ``sd``."""
+        factory = partial(cls, self.net_cfg.model_copy(update={"precision": precision}), dtype=torch.float32)
+        return build_network(factory, sd, mesh=self.mesh, parallel=par, device=self.device, trainable=trainable)
+
+
+def _objective_and_hook(cfg: DistillConfig, sc: StageConfig, r: _Shared) -> tuple[Any, SampleHook | None]:
+    """The stage's objective (rCM or MeanFlow) and its periodic sample hook (None when sampling is off)."""
+    if sc.method == "meanflow":
+        objective = MeanFlowObjective(sc.meanflow, negative_embed=r.negative)
+        in_name, guidance, hook_cls = sc.meanflow.input_dtype, sc.meanflow.guidance, MeanFlowSampleHook
+    else:
+        objective = RCMObjective(sc.objective, negative_embed=r.negative)
+        in_name, guidance, hook_cls = sc.objective.input_dtype, sc.objective.guidance, SampleHook
+    if not cfg.sample.every:
+        return objective, None
+    return objective, hook_cls(cfg.sample, r.samples, device=r.device, negative=r.negative, guidance=guidance,
+                               input_dtype=parse_dtype(in_name) if in_name else torch.float64)
+
+
+def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], r: _Shared) -> Stage:
+    """The driver's view of stage ``sc``: networks built (on demand) from ``init`` (the student's start)."""
+    p, student_cls = cfg.parallel, WanDiT
+    if sc.method == "meanflow":
+        student_cls = MeanFlowWanDiT
+        if not any(k.startswith("interval_embedding.") for k in init):
+            init = meanflow_student_state_dict(init, generator=torch.Generator().manual_seed(cfg.run.train.seed))
 
     def setup() -> StageSetup:
-        student_cls = MeanFlowWanDiT if meanflow else WanDiT
-        models = {"student": net(init, p.student, True, "student", student_cls), "teacher": env["teacher"]}
+        student = partial(r.network, init, p.student, precision="student", cls=student_cls)
+        models = {"student": student(trainable=True), "teacher": r.teacher}
         optimizers = {"student": build_optimizer(models["student"], cfg.optimizer)}
         if sc.fake_score:
-            models["fake_score"] = net(env["teacher_sd"], p.fake_score, True, "teacher")
+            models["fake_score"] = r.network(r.teacher_sd, p.fake_score, trainable=True, precision="teacher")
             optimizers["fake_score"] = build_optimizer(models["fake_score"], cfg.fake_score_optimizer)
         opt_cfg = {"student": cfg.optimizer, "fake_score": cfg.fake_score_optimizer}
-        parts = TrainParts(models=models, optimizers=optimizers,
-                           schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()},
-                           ema={"student": net(init, p.student, False, "student", student_cls)})
-        if meanflow:
-            objective = MeanFlowObjective(sc.meanflow, negative_embed=env["negative"])
-            in_name, guidance, hook_cls = sc.meanflow.input_dtype, sc.meanflow.guidance, MeanFlowSampleHook
-        else:
-            objective = RCMObjective(sc.objective, negative_embed=env["negative"])
-            in_name, guidance, hook_cls = sc.objective.input_dtype, sc.objective.guidance, SampleHook
-        hook = None
-        if cfg.sample.every:
-            hook = hook_cls(cfg.sample, env["samples"], device=device, negative=env["negative"],
-                            input_dtype=parse_dtype(in_name) if in_name else torch.float64, guidance=guidance)
-        return StageSetup(parts, objective, hook)
+        parts = TrainParts(models=models, optimizers=optimizers, ema={"student": student(trainable=False)},
+                           schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()})
+        return StageSetup(parts, *_objective_and_hook(cfg, sc, r))
 
     return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
                  critic_models=["fake_score"] if sc.fake_score else [])
-
-
-def _environment(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
-    """Mesh, architecture, teacher (state dict and frozen network), negative embedding, sample prompts."""
-    mesh = cfg.parallel.mesh.build()
-    net_cfg = dit_config(cfg.model)
-    teacher_sd = read_dit_state_dict(net_cfg, cfg.model.path, field="model.path", log=print0)
-    check_finite_state_dict(teacher_sd, cfg.model.path)  # a NaN in the teacher file stops here, named
-    negative = None
-    if cfg.negative_embed_path is not None:
-        negative = load_embedding(cfg.negative_embed_path, "negative_embed_path", text_len=net_cfg.text_len).to(device)
-    teacher = build_network(partial(WanDiT, net_cfg, dtype=parse_dtype(cfg.teacher_dtype)), teacher_sd, mesh=mesh,
-                            parallel=cfg.parallel.teacher, device=device, trainable=False)
-    samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
-    return dict(mesh=mesh, device=device, net_cfg=net_cfg, teacher_sd=teacher_sd, teacher=teacher,
-                negative=negative, samples=samples)
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
@@ -236,25 +262,17 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         if is_rank0():
             write_config(cfg, out / "config.yaml")
         cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
-        env = _environment(cfg, device)
+        r = _Shared.load(cfg, device)
         print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = "
-               f"{env['mesh'].shape}, stages {[(s.name, s.iterations) for s in cfg.stages()]}")
-        results, init = {}, env["teacher_sd"]
-        data = lambda: DeviceData(ShardLoader(cfg.data, rank=env["mesh"].dp_rank, world_size=env["mesh"].dp_size),
-                                  device)
+               f"{r.mesh.shape}, stages {[(s.name, s.iterations) for s in cfg.stages()]}")
+        data = lambda: DeviceData(ShardLoader(cfg.data, rank=r.mesh.dp_rank, world_size=r.mesh.dp_size), device)
+        results, init = {}, r.teacher_sd
         for sc in cfg.stages():
-            results[sc.name] = res = run_stage(_run_stage(cfg, sc, init, env), cfg.run, output_dir=out, data=data,
-                                               sample_every=cfg.sample.every, dp_rank=env["mesh"].dp_rank,
+            results[sc.name] = res = run_stage(_stage(cfg, sc, init, r), cfg.run, output_dir=out, data=data,
+                                               sample_every=cfg.sample.every, dp_rank=r.mesh.dp_rank,
                                                device=device, run_config=cfg.model_dump(mode="json"))
             init = load_stage_student(res)
-        final = {k: out / f"{k}.safetensors" for k in ("student", "student_ema")}
-        if is_rank0():
-            for name, path in final.items():
-                shutil.copyfile(res.exports[name], path)
-            print0(f"exported {final['student']} and {final['student_ema']}")
-        if dist.is_initialized():
-            dist.barrier()
-        return {"stages": results, **final}
+        return {"stages": results, **publish(res.exports, out)}
 
 
 def main(argv: list[str] | None = None) -> dict:

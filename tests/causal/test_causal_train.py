@@ -8,25 +8,26 @@ import math
 from functools import partial
 from pathlib import Path
 
-import causal_distill  # noqa: E402
+import causal_distill
 import pytest
 import torch
 from torch import nn
 
-from rcm_kernels.blockmask import BlockLayout, teacher_forcing  # noqa: E402
-from rcm_losses import TrigFlowAdapter  # noqa: E402
-from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing_velocity  # noqa: E402
-from rcm_nets.wan import WanDiT  # noqa: E402
-from rcm_nets.wan.causal import make_kv_cache, video_kv_cache  # noqa: E402
-from rcm_nets.wan.configs import get_config  # noqa: E402
-from rcm_train.data import ShardWriter  # noqa: E402
-from rcm_train.objectives.causal import (  # noqa: E402
+from rcm_kernels.blockmask import BlockLayout, teacher_forcing
+from rcm_losses import TrigFlowAdapter
+from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing_velocity
+from rcm_nets.wan import WanDiT
+from rcm_nets.wan.causal import make_kv_cache, video_kv_cache
+from rcm_nets.wan.configs import get_config
+from rcm_train.data import ShardWriter
+from rcm_train.objectives.causal import (
     CachedBlocks,
     CausalObjectiveConfig,
     CausalRCMObjective,
     tf_velocity,
 )
-from rcm_train.trainer import ScheduleConfig, StepContext  # noqa: E402
+from rcm_train.stages import StageResult
+from rcm_train.trainer import ScheduleConfig, StepContext
 
 C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
 EXACT = dict(input_dtype=None, timestep_dtype=None)
@@ -145,6 +146,23 @@ def test_bad_configs_name_the_field(assets, tmp_path):
         CausalObjectiveConfig(flow="tf", dmd=True)
     with pytest.raises(ValueError, match="trains nothing"):
         CausalObjectiveConfig()
+
+
+def test_shared_loop_settings_reach_every_stage(assets, tmp_path, monkeypatch):
+    """The run block (--run.train.*: EMA iteration shift, which the old causal loop dropped, grad_accum, seed)
+    is what the driver gets for every stage (tests/train/test_stages.py follows it into the loop)."""
+    seen = []
+
+    def fake_run_stage(stage, run, **kw):
+        seen.append((stage.name, run.train.ema_iteration_shift, run.train.grad_accum, run.train.seed))
+        return StageResult(stage.iterations, tmp_path, {"student": tmp_path, "student_ema": tmp_path})
+
+    monkeypatch.setattr(causal_distill, "run_stage", fake_run_stage)
+    monkeypatch.setattr(causal_distill, "load_stage_student", lambda res: {})
+    monkeypatch.setattr(causal_distill, "publish", lambda exports, out: {})
+    causal_distill.main(_args(assets, tmp_path / "run", "tiny-causal-rcm", "--run.train.ema_iteration_shift=7",
+                              "--run.train.grad_accum=2", "--run.train.seed=5", "--sample.every=0"))
+    assert seen == [(name, 7, 2, 5) for name in ("teacher_tf", "tf_dcm", "tf_scm", "sf_dmd")]
 
 
 # ------------------------------------------------------------------------------------------ bindings

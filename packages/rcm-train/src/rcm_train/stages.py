@@ -9,7 +9,8 @@
 * What a stage trains is built by the recipe's ``setup`` callable only when the stage runs
   (:class:`StageSetup`: networks, optimizers, EMA copies, the objective, an optional sample hook).
 * At the end of a stage: last samples, then ``<output_dir>/<stage>/student.safetensors`` and
-  ``student_ema.safetensors`` (:func:`stage_exports`).
+  ``student_ema.safetensors`` (:func:`stage_exports`); :func:`load_stage_student` gives the next stage its
+  start, :func:`publish` copies a run's final weights to the top of the run directory.
 
 Layout of a run directory: ``config.yaml``, ``checkpoints/<stage>/`` (DCP), ``logs/<stage>/metrics.jsonl`` and
 ``media/``, ``<stage>/student*.safetensors``. docs/train.md describes the loop and the checkpoints.
@@ -17,6 +18,7 @@ Layout of a run directory: ``config.yaml``, ``checkpoints/<stage>/`` (DCP), ``lo
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from .runtime import is_rank0, print0
 from .trainer import Objective, ScheduleConfig, TrainConfig, TrainParts, train
 
 __all__ = ["StagedRunConfig", "Stage", "StageSetup", "StageResult", "SampleHook", "build_network", "run_stage",
-           "stage_exports", "load_stage_student"]
+           "stage_exports", "load_stage_student", "publish"]
 
 SampleHook = Callable[[int, Mapping[str, nn.Module]], "dict[str, Tensor] | None"]
 """``(iteration, models) -> {"samples": video [3, T, H, W]}`` on rank 0 (None elsewhere); every rank calls it
@@ -180,3 +182,17 @@ def load_stage_student(result: StageResult) -> dict[str, Tensor]:
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
         warnings.simplefilter("ignore")
         return load_part(result.checkpoint, "student")
+
+
+def publish(exports: Mapping[str, str | Path], output_dir: str | Path) -> dict[str, Path]:
+    """A run's final weights: ``exports[name]`` copied to ``<output_dir>/<name>.safetensors`` on rank 0, then a
+    barrier (every rank returns once the copies exist). Returns the copies' paths."""
+    out = Path(output_dir)
+    copies = {name: out / f"{name}.safetensors" for name in exports}
+    if is_rank0():
+        for name, src in exports.items():
+            shutil.copyfile(src, copies[name])
+        print0("exported " + ", ".join(str(p) for p in copies.values()))
+    if dist.is_initialized():
+        dist.barrier()
+    return copies
