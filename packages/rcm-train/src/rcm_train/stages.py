@@ -109,13 +109,24 @@ class StageResult:
     exports: dict[str, Path]
 
 
-def build_network(factory: Callable[[], nn.Module], state_dict: Mapping[str, Tensor], *, mesh: ParallelMesh,
+def build_network(factory: Callable[[], nn.Module], state_dict: Mapping[str, Tensor], *, mesh: ParallelMesh | None,
                   parallel: ParallelConfig, device: torch.device, trainable: bool) -> nn.Module:
     """``factory()`` built on meta, parallelized, materialized on ``device`` and loaded (strictly) from the
     full ``state_dict`` (every rank passes the whole dict; FSDP keeps its shard). The factory fixes the
-    parameter dtype."""
+    parameter dtype; ``mesh=None`` (one process, no group) applies activation checkpointing only. Missing or
+    unexpected keys raise a ValueError naming them, and so do non-persistent buffers (nothing would fill them)."""
     with torch.device("meta"):
         net = factory()
+    # DCP's full-state-dict load reports no missing key (torch 2.x): check the names here, before any work
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match {type(net).__name__}: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    transient = sorted(name for name, _ in net.named_buffers() if name not in expected)
+    if transient:  # to_empty would leave them uninitialized and nothing loads them
+        raise ValueError(f"{type(net).__name__} has non-persistent buffers {transient[:3]}: build_network "
+                         "cannot fill them from a state dict")
     parallelize(net, mesh, parallel)
     net.to_empty(device=device)
     set_model_state_dict(net, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=True))
@@ -190,6 +201,7 @@ def publish(exports: Mapping[str, str | Path], output_dir: str | Path) -> dict[s
     out = Path(output_dir)
     copies = {name: out / f"{name}.safetensors" for name in exports}
     if is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
         for name, src in exports.items():
             shutil.copyfile(src, copies[name])
         print0("exported " + ", ".join(str(p) for p in copies.values()))
