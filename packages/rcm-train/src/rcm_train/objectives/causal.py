@@ -1,4 +1,4 @@
-"""Causal-rCM training objectives for ``rcm_train``: a causal WanDiT bound to ``rcm_losses.causal``.
+"""Causal-rCM training objectives for ``rcm_train``: a causal video DiT bound to ``rcm_losses.causal``.
 
 One :class:`CausalRCMObjective` covers every stage of the Causal-rCM schedule (docs/causal_training.md); the stage's
 :class:`CausalObjectiveConfig` switches the closures on:
@@ -18,6 +18,11 @@ trained in critic iterations). The network bindings are small: :func:`tf_velocit
 pass, ``WanDiT.forward`` with the teacher-forcing mask and repeated RoPE positions), :func:`df_velocity`
 (block-causal mask) and :class:`CachedBlocks` (``WanDiT.forward_block`` over a ``KVCache``: the
 self-forcing rollout exactly as inference runs it).
+
+The networks are used through a call contract, never a class (``rcm_nets.wan.WanDiT`` implements it):
+``net(x, t, context, block_mask=, frame_pos=)``, ``net.forward_jvp(x, t, context, tangent_x, tangent_t, ...)``
+with the same keywords, ``net.forward_block(x, t, context, cache=, block=, write=)`` over a ``KVCache`` and
+``net.config.patch_size``; the KV cache comes from the ``make_cache`` factory the recipe passes.
 """
 
 from __future__ import annotations
