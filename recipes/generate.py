@@ -84,6 +84,8 @@ class GenerateConfig(RecipeConfig):
             raise ValueError("image_path is given but mode='t2v' (set --mode=i2v)")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.sampler.kind == "causal" and self.num_samples != 1:
+            raise ValueError("sampler.kind=causal makes one video at a time: set num_samples=1")
         if Path(self.output).suffix not in (".mp4", ".gif"):
             raise ValueError(f"output {self.output!r} must end in .mp4 or .gif")
         self.sampler.check()

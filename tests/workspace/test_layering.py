@@ -70,17 +70,17 @@ def test_the_checker_catches_a_violation(tmp_path, monkeypatch):
         ["rcm_losses may not import numpy", "rcm_losses may not import rcm_nets"]
 
 
+def _is_sys_path(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys"
+
+
 def _edits_sys_path(tree: ast.AST) -> bool:
+    """``sys.path.insert/append/extend(...)`` or an assignment to ``sys.path``."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
-                and node.value.id == "sys":
-            parent_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                            and n.func.value is node and n.func.attr in ("insert", "append", "extend")]
-            if parent_calls:
-                return True
-        if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Attribute) and t.attr == "path" and getattr(t.value, "id", None) == "sys"
-                for t in node.targets):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("insert", "append", "extend") and _is_sys_path(node.func.value):
+            return True
+        if isinstance(node, ast.Assign) and any(map(_is_sys_path, node.targets)):
             return True
     return False
 
@@ -91,3 +91,5 @@ def test_nothing_edits_sys_path():
     offenders = [str(f.relative_to(ROOT)) for f in files if _edits_sys_path(ast.parse(f.read_text()))]
     assert offenders == []
     assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')\n"))
+    assert _edits_sys_path(ast.parse("import sys\nsys.path = ['x']\n"))
+    assert not _edits_sys_path(ast.parse("import os\nos.path.join('a', 'b')\n"))

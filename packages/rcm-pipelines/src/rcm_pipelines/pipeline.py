@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rcm_kernels.blockmask import BlockLayout
-from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.causal import video_kv_cache
 
 from .components import (
     WAN_NEGATIVE_PROMPT,
@@ -247,8 +247,8 @@ class VideoPipeline:
     def latent(self, context: Tensor, uncond: Tensor | None, cond: Condition, seed: int, *, num_samples: int = 1,
                callback: Callable[[dict], None] | None = None) -> Tensor:
         """The clean latents ``[num_samples, C, T, H, W]`` (float32) of one prompt: ``context [1, L, D]``,
-        ``uncond [L, D]`` (CFG only); the noise comes from a CPU generator seeded with ``seed``. ``callback(k)``
-        after each denoising step (progress)."""
+        ``uncond [L, D]`` (CFG only); the noise comes from a CPU generator seeded with ``seed``. ``callback(info)``
+        after each denoising step (progress; bidirectional samplers)."""
         shape = latent_shape(self.frames, *cond.size, channels=self.net_cfg.out_dim)
         g = torch.Generator().manual_seed(seed)
         ctx = context.to(device=self.device, dtype=self.dtype).expand(num_samples, -1, -1)
@@ -293,8 +293,7 @@ class VideoPipeline:
             raise ValueError(f"{t} latent frames ({self.frames} px frames) are not whole blocks of {layout}: change "
                              "video.num_frames or sampler.frames_per_block / first_block_frames")
         net = self.nets[0]
-        cache = make_kv_cache(net, batch=1, height=h, width=w, layout=layout, window_frames=t, rolling=False,
-                              kv_dtype=s.kv_dtype, device=self.device)
+        cache = video_kv_cache(net, (1, c, t, h, w), self.device, layout=layout, kv_dtype=s.kv_dtype)
         blocks = stream_generate(net, net.encode_prompt(ctx), cache, num_frames=t, layout=layout,
                                  latent_shape=(1, c, h, w), generator=g, times=s.causal_times,
                                  context_noise=s.context_noise, initial_latent=first,
