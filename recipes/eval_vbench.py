@@ -38,10 +38,10 @@ from rcm_pipelines.components import (
     dit_config,
     resolve_dtype,
 )
-from rcm_pipelines.eval.videos import write_video_atomic
 from rcm_pipelines.eval.score import ScoreSpec, run_vbench
 from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_table, load_results, write_report
 from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
+from rcm_pipelines.eval.videos import write_video_atomic
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
 from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
