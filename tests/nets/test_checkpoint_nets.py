@@ -162,3 +162,36 @@ def test_pth_refuses_pickled_code(tmp_path):
     torch.save({"w": torch.zeros(1), "obj": WanConfig}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         read_state_dict(path)
+
+
+class _Payload:
+    """Unpickling it would run a shell command creating ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_dcp_metadata_holding_pickled_code_is_refused_and_runs_nothing(tmp_path):
+    """Before: the network loader read DCP metadata with the stock reader, whose unpickler ran the payload."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from rcm_nets.checkpoint import read_dcp_part
+
+    path = tmp_path / "dcp"
+    dcp.save({"net.w": torch.ones(2)}, checkpoint_id=str(path), no_dist=True)
+    assert read_state_dict(path)[0]["net.w"].sum() == 2  # the intact directory reads
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match=r"dcp/.metadata holds a pickled object .*refused"):
+        read_state_dict(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_dcp_part(path, "net")
+    assert not marker.exists()
+    assert pickle.loads(pickle.dumps(_Payload(marker))) == 0 and marker.exists()  # the payload is live

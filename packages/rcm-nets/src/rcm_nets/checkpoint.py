@@ -132,9 +132,9 @@ def read_dcp_part(path: str | Path, part: str) -> dict[str, Tensor]:
     does not depend on rcm-nets.)"""
     sd = _read_dcp(Path(path), prefix=part + ".")
     if not sd:
-        import torch.distributed.checkpoint as dcp
+        from rcm_kernels.safe_dcp import SafeFileSystemReader
 
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        keys = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
         raise CheckpointError(f"checkpoint {path} has no part {part!r}; parts: {sorted({k.split('.', 1)[0] for k in keys})}")
     return {k[len(part) + 1:]: v for k, v in sd.items()}
 
@@ -143,8 +143,10 @@ def _read_dcp(path: Path, prefix: str = "") -> dict[str, Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from rcm_kernels.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
+
     try:
-        reader = dcp.FileSystemReader(str(path))
+        reader = SafeFileSystemReader(str(path))  # its metadata unpickler refuses anything but DCP's classes
         meta = reader.read_metadata()
         sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
               for k, m in meta.state_dict_metadata.items()
@@ -154,6 +156,8 @@ def _read_dcp(path: Path, prefix: str = "") -> dict[str, Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group, loading without one" is the intent here
             dcp.load(sd, storage_reader=reader, no_dist=True)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from None
     except Exception as err:  # noqa: BLE001
         raise _corrupt(path, "a DCP checkpoint", err) from err
     return sd

@@ -4,8 +4,8 @@
   :func:`first_nonfinite` / :func:`check_finite_state_dict` / :func:`check_finite_module` find it (the module
   check is collective under a process group, so every rank raises together).
 * :class:`SafeLoadPlanner` / :class:`SafeFileSystemReader`: torch DCP loading where the ``.metadata`` file is
-  read by an unpickler that only knows DCP's own metadata classes, and every non-tensor item is read with
-  ``torch.load(weights_only=True)`` and must be a plain value (number, string, bool, None, or a list / tuple /
+  read by an unpickler that only knows DCP's own metadata classes (``rcm_kernels.safe_dcp``, shared with the
+  network loader), and every non-tensor item is read with ``torch.load(weights_only=True)`` and must be a plain value (number, string, bool, None, or a list / tuple /
   dict of them). A pickled object anywhere raises :class:`UnsafeCheckpointError` naming the file and key
   before anything of it runs. See ``docs/reliability.md``.
 """
@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from rcm_kernels.safe_dcp import SafeFileSystemReader as _SafeReader
+from rcm_kernels.safe_dcp import UnsafeCheckpointError as _KernelsUnsafe
 
 __all__ = ["NonFiniteError", "CheckpointError", "UnsafeCheckpointError", "first_nonfinite",
            "check_finite_state_dict", "check_finite_module", "SafeLoadPlanner", "SafeFileSystemReader",
@@ -47,7 +48,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file or directory."""
 
 
-class UnsafeCheckpointError(CheckpointError):
+class UnsafeCheckpointError(CheckpointError, _KernelsUnsafe):
     """A checkpoint holding something other than tensors and plain values (e.g. a pickled object)."""
 
 
@@ -103,52 +104,12 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+class SafeFileSystemReader(_SafeReader):
+    """rcm-kernels' safe DCP reader raising this module's errors (:class:`UnsafeCheckpointError` for a pickled
+    object, :class:`CheckpointError` for unreadable metadata, both naming the file)."""
 
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only DCP's metadata classes and the torch value types they hold."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = None
-        if module in _DCP_MODULES:
-            obj = super().find_class(module, name)
-            obj = obj if isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING" else None
-        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            obj = getattr(torch, name)
-        elif (module, name) == ("torch.serialization", "_get_layout"):
-            obj = super().find_class(module, name)
-        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath"):
-            obj = getattr(pathlib, name)
-        elif (module, name) == ("collections", "OrderedDict"):
-            obj = super().find_class(module, name)
-        if obj is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return obj
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """A :class:`FileSystemReader` whose metadata unpickler refuses anything but DCP metadata classes; any
-    read error names the checkpoint directory."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"checkpoint metadata {path} holds a pickled object ({e}): refused") from e
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"checkpoint metadata {path} is unreadable ({type(e).__name__}: {e})") from e
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"checkpoint metadata {path} is a {type(metadata).__name__}: refused")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    unsafe_error = UnsafeCheckpointError
+    read_error = CheckpointError
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
