@@ -50,7 +50,8 @@ from rcm_pipelines.components import (
     read_dit_state_dict,
 )
 from rcm_pipelines.hooks import MeanFlowSampleHook, SampleConfig, SampleHook
-from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main
+from rcm_recipes.rundir import open_run
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.objectives import MeanFlowObjective, MeanFlowObjectiveConfig, RCMObjective, RCMObjectiveConfig
 from rcm_train.parallel import MeshConfig, ParallelConfig
@@ -159,6 +160,8 @@ class DistillConfig(RecipeConfig):
     """Periodic samples."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    allow_config_change: bool = False
+    """Continue a run directory made with another config (its optimizer and data can never change)."""
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -184,6 +187,11 @@ CPU model (docs/recipes_distill_generate.md)."""
 
 
 # ------------------------------------------------------------------------------------------ run
+_FROZEN = ("optimizer", "fake_score_optimizer", "data")
+"""Held by a run's checkpoints (optimizer states, data position, shard layout): never changed on resume."""
+_FREE = ("allow_config_change", "output_dir", "device", "run.logger", "sample.every")
+"""May differ between attempts freely."""
+
 @dataclass
 class _Shared:
     """What every stage of a run shares: mesh, device, architecture, teacher (weights and frozen network),
@@ -258,11 +266,10 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"stages": {name: StageResult}, "student": path, "student_ema": path}``."""
     device = resolve_device(cfg.device)
     with process_group(device):
-        out = Path(cfg.output_dir)
-        if is_rank0():
-            write_config(cfg, out / "config.yaml")
+        out, asked = Path(cfg.output_dir), cfg
         cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
-        r = _Shared.load(cfg, device)
+        r = _Shared.load(cfg, device)  # every input is checked before the run directory is touched
+        open_run(out, asked, allow_changes=cfg.allow_config_change, write=is_rank0(), frozen=_FROZEN, ignore=_FREE)
         print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = "
                f"{r.mesh.shape}, stages {[(s.name, s.iterations) for s in cfg.stages()]}")
         data = lambda: DeviceData(ShardLoader(cfg.data, rank=r.mesh.dp_rank, world_size=r.mesh.dp_size), device)

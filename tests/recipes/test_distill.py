@@ -160,7 +160,7 @@ def test_rcm_end_to_end_and_exact_resume(files, tmp_path):
 
     b = tmp_path / "b"
     distill.main(_args(files, b, "--stage1.iterations=2", *sched))  # stop at 2 ...
-    res_b = distill.main(_args(files, b, "--stage1.iterations=4", *sched))  # ... and resume to 4
+    res_b = distill.main(_args(files, b, "--stage1.iterations=4", "--allow_config_change=true", *sched))  # ... to 4
     assert res_b["stages"]["rcm"].iteration == 4
     ka, kb = res["stages"]["rcm"].checkpoint, res_b["stages"]["rcm"].checkpoint
     for part in ("student", "student_ema", "fake_score", "student_optim"):
@@ -242,3 +242,29 @@ def test_context_parallel_two_processes_match_one(files, tmp_path):
         assert keys and set(keys) <= set(b)
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-5), (a["iteration"], k)
+
+
+def test_run_directory_never_lies(files, tmp_path):
+    """Before: config.yaml was written before anything was checked, so a rerun with another lr or teacher (or one
+    that failed on a missing teacher) rewrote it to claim settings its weights were not trained with."""
+    from rcm_recipes.rundir import RunConfigMismatch
+
+    out = tmp_path / "run"
+    base = ["--stage1.iterations=1", "--sample.every=0"]
+    distill.main(_args(files, out, *base))
+    stored = (out / "config.yaml").read_bytes()
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml"]
+    for extra in ([], ["--allow_config_change=true"]):  # the optimizer is held by the checkpoints: never changes
+        with pytest.raises(RunConfigMismatch, match=r"optimizer.lr: 0.0001 -> 0.001.*new output directory"):
+            distill.main(_args(files, out, *base, "--optimizer.lr=1e-3", *extra))
+    with pytest.raises(RunConfigMismatch, match=r"1 field\(s\) differ: stage1.iterations: 1 -> 2.*allow_config_change"):
+        distill.main(_args(files, out, "--stage1.iterations=2", "--sample.every=0"))
+    with pytest.raises(MissingFileError, match="model.path"):  # fails before the directory is touched
+        distill.main(_args(files, out, *base, teacher="absent.safetensors"))
+    assert (out / "config.yaml").read_bytes() == stored
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml"]
+    res = distill.main(_args(files, out, "--stage1.iterations=2", "--sample.every=0", "--allow_config_change=true"))
+    assert res["stages"]["rcm"].iteration == 2
+    assert "iterations: 2" in (out / "config.yaml").read_text()
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml", "002.yaml"]
+    assert (out / "attempts" / "001.yaml").read_bytes() == stored  # the history stays readable
