@@ -1,0 +1,132 @@
+"""Fused q/k prologue: Wan RMSNorm over the full width, the ``weight`` scale and (optionally) 3-D RoPE per head,
+primal and tangent in one pass (Triton), with the reference twin :func:`.reference.rms_norm_rope_reference`.
+
+One program handles one token row ``x [C]`` as ``C/2`` interleaved pairs ``(x[2p], x[2p+1])``: the pair is
+one complex number of head ``p // (D/2)``, rotated by the angle of pair ``p % (D/2)`` of the token (``cos``/
+``sin [L, D/2]``, the same for every head). RMSNorm needs the whole row, so it is computed first from both
+halves; the rotation is linear, so the tangent is normalized the RMSNorm way and rotated the same way.
+Legend: B batch, L tokens, C width = H·D, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._dispatch import fused_apply, resolve_impl
+from .modulate_norm import _TL, _num_warps
+from .reference import Pair, island, rms_norm_rope_reference
+
+__all__ = ["rms_norm_rope"]
+
+
+@triton.jit
+def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, HALF_D, s_cos, s_sin, eps,
+                  ISL: tl.constexpr, RDT: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                  HAS_TX: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    msk = p < C // 2
+    base = row * C + 2 * p
+    xe_raw = tl.load(X + base, mask=msk, other=0.0)
+    xo_raw = tl.load(X + base + 1, mask=msk, other=0.0)
+    xdt = xe_raw.dtype
+    if NORM:
+        xe, xo = xe_raw.to(ISL), xo_raw.to(ISL)
+        r = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / C + eps)
+        ne, no = xe * r, xo * r
+        we = tl.load(W + 2 * p, mask=msk, other=0.0).to(ISL)
+        wo = tl.load(W + 2 * p + 1, mask=msk, other=0.0).to(ISL)
+        # (n rounded to x.dtype) · weight, the product rounded to x.dtype (the unfused math)
+        ye = (ne.to(xdt).to(ISL) * we).to(xdt)
+        yo = (no.to(xdt).to(ISL) * wo).to(xdt)
+        if HAS_TX:
+            te = tl.load(TX + base, mask=msk, other=0.0).to(ISL)
+            to = tl.load(TX + base + 1, mask=msk, other=0.0).to(ISL)
+            m = (tl.sum(ne * te, axis=0) + tl.sum(no * to, axis=0)) / C
+            tye = ((r * (te - ne * m)).to(xdt).to(ISL) * we).to(xdt)
+            tyo = ((r * (to - no * m)).to(xdt).to(ISL) * wo).to(xdt)
+    else:
+        ye, yo = xe_raw, xo_raw
+        if HAS_TX:
+            tye = tl.load(TX + base, mask=msk, other=0.0)
+            tyo = tl.load(TX + base + 1, mask=msk, other=0.0)
+    if ROPE:
+        lt = row % L
+        j = p % HALF_D
+        c = tl.load(COS + lt * s_cos + j, mask=msk, other=0.0).to(RDT)
+        s = tl.load(SIN + lt * s_sin + j, mask=msk, other=0.0).to(RDT)
+        a, bb = ye.to(RDT), yo.to(RDT)
+        ye, yo = (a * c - bb * s).to(xdt), (a * s + bb * c).to(xdt)
+        if HAS_TX:
+            a, bb = tye.to(RDT), tyo.to(RDT)
+            tye, tyo = (a * c - bb * s).to(xdt), (a * s + bb * c).to(xdt)
+    tl.store(Y + base, ye, mask=msk)
+    tl.store(Y + base + 1, yo, mask=msk)
+    if HAS_TX:
+        tl.store(TY + base, tye, mask=msk)
+        tl.store(TY + base + 1, tyo, mask=msk)
+
+
+def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> Pair:
+    """Launch the kernel on ``x [B, L, C]``; ``weight`` None skips the norm (RoPE only). ``[B, L, H, D]`` out."""
+    b, length, c = x.shape
+    x, tx = x.contiguous(), (None if tx is None else tx.contiguous())
+    y = torch.empty_like(x)
+    ty = None if tx is None else torch.empty_like(x)
+    rope = cos is not None
+    if rope and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block = triton.next_power_of_2(c // 2)
+    _rms_rope_fwd[(b * length,)](
+        x, tx, weight, cos, sin, y, ty, length, c, c // heads // 2, cos.stride(0) if rope else 0,
+        sin.stride(0) if rope else 0, eps, ISL=_TL[island(x.dtype)], RDT=_TL[cos.dtype] if rope else tl.float32,
+        NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=_num_warps(block))
+    return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
+
+
+def check_rope(name: str, length: int, c: int, heads: int, cos: Tensor | None, sin: Tensor | None) -> None:
+    """One clear error line for malformed RoPE arguments of a ``[B, L, C = H·D]`` input."""
+    if c % heads or (c // heads) % 2:
+        raise ValueError(f"{name}: width {c} must split into {heads} heads of an even head dim")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{name}: cos and sin are given together or not at all")
+    half = c // heads // 2
+    for nm, t in (("cos", cos), ("sin", sin)):
+        if t is not None and tuple(t.shape) != (length, half):
+            raise ValueError(f"{name}: {nm} must be [L={length}, D/2={half}], got {tuple(t.shape)}")
+
+
+def unsupported_rope(x: Tensor, cos: Tensor | None) -> str | None:
+    if x.dtype not in _TL:
+        return f"x dtype {x.dtype}"
+    if cos is not None and cos.dtype not in (torch.float32, torch.float64):
+        return f"cos/sin dtype {cos.dtype} (float32/float64 only)"
+    if x.shape[-1] > 32768:
+        return f"width {x.shape[-1]} > 32768"
+    return None
+
+
+def rms_norm_rope(x: Tensor, tx: Tensor | None, weight: Tensor, *, eps: float, heads: int = 1,
+                  cos: Tensor | None = None, sin: Tensor | None = None, impl: str | None = None) -> Pair:
+    """Wan RMSNorm of ``x [B, L, C]`` times ``weight [C]``, viewed as ``[B, L, H, D]``, then RoPE by ``cos``/
+    ``sin [L, D/2]`` when given (the q/k path of self-attention; cross-attention passes none). Precision and
+    tangent as :func:`.reference.rms_norm_rope_reference`; differentiable in ``x`` and ``weight``."""
+    if x.dim() != 3:
+        raise ValueError(f"rms_norm_rope: x must be [B, L, C], got {tuple(x.shape)}")
+    if tx is not None and tx.shape != x.shape:
+        raise ValueError(f"rms_norm_rope: tx {tuple(tx.shape)} must match x {tuple(x.shape)}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm_rope: weight must be [C={x.shape[-1]}], got {tuple(weight.shape)}")
+    check_rope("rms_norm_rope", x.shape[1], x.shape[2], heads, cos, sin)
+    kw = dict(eps=eps, heads=heads, cos=cos, sin=sin)
+    if resolve_impl(x, impl, lambda: unsupported_rope(x, cos) or _weight_dtype(x, weight)) == "reference":
+        return rms_norm_rope_reference(x, tx, weight, **kw)
+    return fused_apply(triton_rms_norm_rope, rms_norm_rope_reference, (x, tx, weight), (True, False, True), kw)
+
+
+def _weight_dtype(x: Tensor, weight: Tensor) -> str | None:
+    # the kernel writes the product in x.dtype; the reference promotes x.dtype with weight.dtype
+    return None if weight.dtype == x.dtype else f"weight dtype {weight.dtype} differs from x dtype {x.dtype}"
