@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from rcm_kernels.devices import resolve_device
@@ -37,7 +38,8 @@ from rcm_pipelines.components import (
     resolve_dtype,
 )
 from rcm_pipelines.generation import latent_shape, teacher_generate, velocity_fn, video_size
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main
+from rcm_recipes.rundir import open_run
 from rcm_train.data import ShardWriter
 from rcm_train.runtime import launch_rank_world
 
@@ -49,11 +51,11 @@ class BuildDatasetConfig(RecipeConfig):
     """Text file with one prompt per non-empty line."""
     output_dir: str = "datasets/wan_synthetic"
     """Directory of the shards (shard_000000.tar, ...), negative_embed.pt and the resolved config."""
-    samples_per_shard: int = 256
+    samples_per_shard: int = Field(256, ge=1)
     """Samples per tar shard (the unit of atomic writing and of the rank split)."""
-    repeat: int = 1
+    repeat: int = Field(1, ge=1)
     """Use the prompt list this many times (sample i has seed + i, so repeats differ)."""
-    batch_size: int = 1
+    batch_size: int = Field(1, ge=1)
     """Prompts sampled together."""
     dit: DiTSpec = DiTSpec(config="t2v-14B", path="checkpoints/Wan2.1-T2V-14B.pth")
     """The teacher DiT."""
@@ -63,15 +65,15 @@ class BuildDatasetConfig(RecipeConfig):
     """Negative prompt of the CFG (default: Wan's)."""
     sampler: Literal["euler", "unipc"] = "euler"
     """Teacher flow sampler."""
-    num_steps: int = 100
+    num_steps: int = Field(100, ge=1)
     """Sampling steps."""
-    sigma_max: float = 5000.0
+    sigma_max: float = Field(5000.0, gt=0)
     """Initial EDM noise level."""
-    guidance: float = 5.0
+    guidance: float = Field(5.0, ge=0)
     """CFG scale."""
-    shift: float = 3.0
+    shift: float = Field(3.0, gt=0)
     """Wan time shift of the step schedule."""
-    num_frames: int = 81
+    num_frames: int = Field(81, ge=1)
     """Frames of the (virtual) video, 1 + 4k: the latent has 1 + (num_frames - 1) / 4 frames."""
     resolution: Literal["480p", "720p"] = "480p"
     """Resolution preset."""
@@ -79,7 +81,7 @@ class BuildDatasetConfig(RecipeConfig):
     """Aspect-ratio preset."""
     size: tuple[int, int] | None = None
     """Explicit (width, height) in pixels (multiples of 16); overrides resolution and aspect_ratio."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Sample i uses a generator seeded seed + i."""
     device: str = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
@@ -87,11 +89,21 @@ class BuildDatasetConfig(RecipeConfig):
     """DiT dtype; auto: bf16 on CUDA, float32 on CPU."""
 
 
+    @model_validator(mode="after")
+    def _check(self) -> BuildDatasetConfig:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4k, got {self.num_frames}")
+        if self.size is not None and any(v <= 0 or v % 16 for v in self.size):
+            raise ValueError(f"size must be positive multiples of 16, got {self.size}")
+        return self
+
+
+_FREE = ("output_dir", "device", "batch_size")
+"""Settings a resumed build may change (the samples do not depend on them: sample i has seed + i)."""
+
+
 def _prompts(cfg: BuildDatasetConfig) -> list[str]:
-    prompts = read_prompts(cfg.prompt_file)
-    if cfg.repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {cfg.repeat}")
-    return prompts * cfg.repeat
+    return read_prompts(cfg.prompt_file) * cfg.repeat
 
 
 def sample_latents(cfg: BuildDatasetConfig, velocity, indices: list[int], context: torch.Tensor,
@@ -118,14 +130,15 @@ def run(cfg: BuildDatasetConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     neg_path = out / "negative_embed.pt"
+    open_run(out, cfg, name="build_config.yaml", ignore=_FREE, write=False)  # a rerun must be the same build
     print(f"build_dataset: rank {rank}/{world}, {len(prompts)} samples, {len(todo)} to write", flush=True)
     if not todo and (rank != 0 or neg_path.exists()):
         return {"written": 0, "total": len(prompts), "shards": sorted(out.glob("shard_*.tar"))}
     require_file(cfg.dit.path, "dit.path", "teacher DiT weights")  # fail before loading the text encoder
     encoder = TextEncoder(cfg.text_encoder, text_len=net_cfg.text_len, device=device)
     negative = encoder([cfg.negative_prompt])[0] if cfg.guidance > 1 else None
+    open_run(out, cfg, name="build_config.yaml", ignore=_FREE, write=rank == 0)  # checked again, then recorded
     if rank == 0:
-        write_config(cfg, out / "build_config.yaml")
         if negative is not None:
             torch.save(negative.to(torch.bfloat16).clone(), neg_path)
     velocity = velocity_fn(load_dit(cfg.dit, device, dtype))

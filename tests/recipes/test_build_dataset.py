@@ -87,3 +87,25 @@ def test_two_ranks_resume_and_loader(assets, tmp_path, monkeypatch):
     assert sorted(again) == sorted(first)
     for k in first:  # deterministic: a rebuilt shard holds the same tensors
         assert torch.equal(again[k]["latent"], first[k]["latent"]) and torch.equal(again[k]["embed"], first[k]["embed"])
+
+
+def test_resume_with_another_build_config_is_refused(assets, tmp_path, capsys):
+    """Before: a build killed mid-shard and resumed with another --size wrote one shard of mixed latent shapes
+    and exited 0; batch_size=0 crashed after files were written."""
+    from rcm_recipes.rundir import RunConfigMismatch
+
+    out = tmp_path / "ds"
+    with pytest.raises(SystemExit):
+        build_dataset.main(_args(assets, out) + ["--batch_size=0"])
+    assert "field 'batch_size': Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert not out.exists()
+    build_dataset.main(_args(assets, out) + ["--repeat=1"])
+    (out / "shard_000001.tar").unlink()  # as if killed while writing the last shard
+    stored = (out / "build_config.yaml").read_bytes()
+    with pytest.raises(RunConfigMismatch, match=r"size: \[32, 32\] -> \[64, 32\]"):
+        build_dataset.main(_args(assets, out) + ["--repeat=1", "--size=[64,32]"])
+    assert (out / "build_config.yaml").read_bytes() == stored
+    # what may change (batch size, device) does not stop the resume
+    res = build_dataset.main(_args(assets, out) + ["--repeat=1", "--batch_size=1"])
+    assert res["written"] == 1 and (out / "shard_000001.tar").is_file()
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml", "002.yaml"]
