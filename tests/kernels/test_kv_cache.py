@@ -189,7 +189,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="keys_pre_rope"):
         _cache(position_policy="reindexed")
     with pytest.raises(ValueError, match="kv_dtype"):
-        _cache(kv_dtype="int4")
+        _cache(kv_dtype="int2")
     c = _cache()
     with pytest.raises(ValueError, match="max_block_frames"):
         c.begin_block(4)

@@ -35,6 +35,23 @@ RoPE position policy for the frames that remain after eviction (``position_polic
   only the kept frames. Positions of cached keys change after each eviction, so keys must be stored
   pre-RoPE (``keys_pre_rope=True``) and rotated when read (``cache_attention(..., k_rope=...)``).
 
+Length extrapolation (``extrapolation``; which frames are visible and where their RoPE positions are, as
+generation runs past the trained length; docs/kv_cache.md cites the methods):
+
+* ``"sink_window"`` (default): the sink frames plus the most recent window, positions by ``position_policy``
+  (attention sink: StreamingLLM, arXiv 2309.17453).
+* ``"infinity_rope"``: Block-Relativistic RoPE (Infinity-RoPE, arXiv 2511.20649): the block being computed
+  sits at positions ``[L - n, L)`` with ``L = trained_frames``, the visible frames right before it in
+  chronological order, ``L - n - F + j`` for the j-th of F, clamped at 0 (frames that would fall before 0
+  share position 0). Every position lies in ``[0, L)``, so no query-key offset exceeds ``L - 1``.
+* ``"rolling_sink"``: sink refresh (Rolling Sink, arXiv 2602.07775): the first ``sink_bank_frames`` (K)
+  frames are kept as a bank; once the bank is full the sink shows ``sink_frames`` (S) bank frames that slide
+  by the committed frames, forward through the bank, then backward (frames in reverse order), and so on;
+  the window holds the most recent ``window_frames``. Positions are re-indexed ``0 .. F-1`` (sink first) and
+  the block gets ``F .. F+n-1``, so the largest offset is ``S + window + n - 1``.
+
+Both re-index cached keys, so they need pre-RoPE keys. Memory stays constant: only bookkeeping changes.
+
 Cross-attention k/v (text, once per prompt) do not belong here: :class:`CrossAttentionCache` is a tiny
 per-layer dict the network may use.
 """
@@ -49,12 +66,16 @@ import torch
 from torch import Tensor
 
 from .devices import parse_dtype
-from .quant import quantize_keys, quantize_values, storage_dtype
+from .quant import (quantize_int4_keys, quantize_int4_values, quantize_keys, quantize_keys_smoothed,
+                    quantize_values, smoothing_factors, storage_dtype, value_groups)
 
-__all__ = ["KVCache", "CacheLayer", "CacheBlock", "CrossAttentionCache", "KVDtype", "PositionPolicy"]
+__all__ = ["KVCache", "CacheLayer", "CacheBlock", "CrossAttentionCache", "KVDtype", "PositionPolicy",
+           "Extrapolation", "KeySmoothing"]
 
-KVDtype = Literal["bfloat16", "float16", "float32", "int8", "fp8"]
+KVDtype = Literal["bfloat16", "float16", "float32", "int8", "fp8", "int4"]
 PositionPolicy = Literal["absolute", "reindexed"]
+Extrapolation = Literal["sink_window", "infinity_rope", "rolling_sink"]
+KeySmoothing = Literal["none", "first_block"]
 _NATIVE = {name: parse_dtype(name) for name in ("bfloat16", "float16", "float32")}
 
 
@@ -72,14 +93,18 @@ class CacheBlock:
 class CacheLayer(NamedTuple):
     """One layer's cache as attention reads it (storage views, no copies)."""
 
-    k: Tensor  # [B, S*T, H, D] codes: compute dtype, int8 or float8_e4m3fn
-    v: Tensor  # [B, S*T, H, D]
-    k_scale: Tensor | None  # [B, S, H, D] float32 per (frame, channel); None for unquantized storage
-    v_scale: Tensor | None  # [B, S*T, H] float32 per token; None for unquantized storage
+    k: Tensor  # [B, S*T, H, D] codes: compute dtype, int8 or float8_e4m3fn; int4: uint8 [B, S*T, H, D/2]
+    v: Tensor  # [B, S*T, H, D] (int4: [B, S*T, H, D/2])
+    # float32 key scales; None for unquantized storage. int8/fp8: [B, S, H, D] per (frame, channel), or with
+    # smoothing [B, S*T, H] per token; int4: [B, S, ceil(T/G), H, D] per (frame, token group, channel)
+    k_scale: Tensor | None
+    v_scale: Tensor | None  # float32 [B, S*T, H] per token; int4: [B, S*T, H, D/G] per (token, channel group)
     frame_slots: Tensor  # [F] int32 on the storage device: slots of the visible frames, chronological
     num_frames: int  # F
     tokens_per_frame: int  # T
     keys_pre_rope: bool  # True: keys need rotation at read time (cache_attention's k_rope)
+    k_smooth: Tensor | None = None  # [B, H, D] float32 key smoothing factors (keys stored as k/c); None: off
+    int4_group: int = 0  # G of int4 storage (two codes per byte); 0: not int4
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +112,8 @@ class CacheLayer(NamedTuple):
 
 
 class KVCache:
-    """Per-layer k/v storage for streaming attention with a rolling window, sink frames and int8/fp8 storage.
+    """Per-layer k/v storage for streaming attention: rolling window, sink frames, int8/fp8/int4 storage and
+    length-extrapolation policies.
 
     Args:
         num_layers: attention layers that each own a k/v store.
@@ -98,16 +124,29 @@ class KVCache:
             writing past capacity raises.
         max_block_frames: largest block ever appended (spare ring slots; required when ``rolling``).
         kv_dtype: storage: ``bf16`` / ``fp16`` / ``fp32`` (as is), ``int8`` or ``fp8`` (e4m3) with per-channel
-            key scales per frame and per-token value scales (``rcm_kernels.quant``).
-        position_policy: ``absolute`` or ``reindexed`` (module docstring).
+            key scales per frame and per-token value scales, or ``int4`` (two codes per byte, group-wise
+            scales; ``rcm_kernels.quant``).
+        position_policy: ``absolute`` or ``reindexed`` (module docstring); ``sink_window`` only.
         keys_pre_rope: the caller stores un-rotated keys and passes ``k_rope`` to ``cache_attention``.
+        group_size: int4 only: keys take one scale per ``group_size`` consecutive tokens of a frame and channel,
+            values one per ``min(group_size, head_dim)`` consecutive channels of a token (must divide head_dim).
+            Default 64 (the released playground's default); smaller groups: lower error, 4/G more bytes.
+        key_smoothing: int8/fp8 only. ``"first_block"``: per-channel factors c (the channel absmax of the first
+            block written, tied within RoPE pairs) are divided out of the keys before per-token quantization
+            and folded into q at attention time (``rcm_kernels.quant``); ``"none"``: per-channel scales.
+        extrapolation: ``sink_window``, ``infinity_rope`` or ``rolling_sink`` (module docstring).
+        trained_frames: infinity_rope only: the trained temporal horizon L (frames); positions stay in [0, L).
+        sink_bank_frames: rolling_sink only: K, the first frames kept as the sink bank (>= sink_frames; default
+            sink_frames, i.e. a fixed sink).
     """
 
     def __init__(self, num_layers: int, *, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
                  window_frames: int, sink_frames: int = 0, rolling: bool = True,
                  max_block_frames: int | None = None, kv_dtype: KVDtype = "bfloat16",
                  position_policy: PositionPolicy = "absolute", keys_pre_rope: bool = False,
-                 device: torch.device | str | None = None):
+                 group_size: int = 64, key_smoothing: KeySmoothing = "none",
+                 extrapolation: Extrapolation = "sink_window", trained_frames: int | None = None,
+                 sink_bank_frames: int | None = None, device: torch.device | str | None = None):
         for name, val in dict(num_layers=num_layers, batch=batch, heads=heads, head_dim=head_dim,
                               tokens_per_frame=tokens_per_frame, window_frames=window_frames).items():
             if val < 1:
@@ -124,23 +163,75 @@ class KVCache:
         if position_policy == "reindexed" and not keys_pre_rope:
             raise ValueError("KVCache: position_policy='reindexed' needs keys_pre_rope=True (post-RoPE keys "
                              "cannot be re-indexed after eviction)")
-        if kv_dtype not in (*_NATIVE, "int8", "fp8"):
-            raise ValueError(f"KVCache: kv_dtype must be one of bf16, fp16, fp32, int8, fp8; got {kv_dtype!r}")
+        if kv_dtype not in (*_NATIVE, "int8", "fp8", "int4"):
+            raise ValueError(f"KVCache: kv_dtype must be one of bf16, fp16, fp32, int8, fp8, int4; got {kv_dtype!r}")
+        if kv_dtype == "int4":
+            if group_size < 1:
+                raise ValueError(f"KVCache: group_size must be >= 1, got {group_size}")
+            if head_dim % 2:
+                raise ValueError(f"KVCache: int4 packs two channels per byte: head_dim must be even, got {head_dim}")
+            value_groups(head_dim, group_size)
+        if key_smoothing not in ("none", "first_block"):
+            raise ValueError(f"KVCache: key_smoothing must be 'none' or 'first_block', got {key_smoothing!r}")
+        if key_smoothing != "none" and kv_dtype not in ("int8", "fp8"):
+            raise ValueError(f"KVCache: key_smoothing applies to int8/fp8 keys, not kv_dtype={kv_dtype!r}")
+        if extrapolation not in ("sink_window", "infinity_rope", "rolling_sink"):
+            raise ValueError(f"KVCache: extrapolation must be 'sink_window', 'infinity_rope' or 'rolling_sink', "
+                             f"got {extrapolation!r}")
+        if extrapolation != "sink_window":
+            if position_policy != "absolute":
+                raise ValueError(f"KVCache: position_policy applies to extrapolation='sink_window'; "
+                                 f"{extrapolation} sets positions itself (leave position_policy='absolute')")
+            if not keys_pre_rope or not rolling:
+                raise ValueError(f"KVCache: extrapolation={extrapolation!r} re-indexes cached keys: it needs "
+                                 f"keys_pre_rope=True and rolling=True")
+        if extrapolation == "infinity_rope":
+            if trained_frames is None or trained_frames < (max_block_frames or window_frames) + 1:
+                raise ValueError(f"KVCache: extrapolation='infinity_rope' needs trained_frames > max_block_frames "
+                                 f"({max_block_frames}), got {trained_frames}")
+        elif trained_frames is not None:
+            raise ValueError("KVCache: trained_frames is an infinity_rope setting")
+        if extrapolation == "rolling_sink":
+            sink_bank_frames = sink_frames if sink_bank_frames is None else sink_bank_frames
+            if sink_frames < 1 or sink_bank_frames < sink_frames:
+                raise ValueError(f"KVCache: rolling_sink needs 1 <= sink_frames <= sink_bank_frames, got "
+                                 f"sink_frames={sink_frames}, sink_bank_frames={sink_bank_frames}")
+        elif sink_bank_frames is not None:
+            raise ValueError("KVCache: sink_bank_frames is a rolling_sink setting")
         self.num_layers, self.tokens_per_frame = num_layers, tokens_per_frame
         self.sink_frames, self.window_frames, self.rolling = sink_frames, window_frames, rolling
         self.max_block_frames = max_block_frames or window_frames
         self.kv_dtype, self.position_policy, self.keys_pre_rope = kv_dtype, position_policy, keys_pre_rope
-        self.quantized = kv_dtype in ("int8", "fp8")
+        self.extrapolation, self.trained_frames = extrapolation, trained_frames
+        self.key_smoothing = key_smoothing
+        self.int4_group = group_size if kv_dtype == "int4" else 0
+        self.quantized = kv_dtype in ("int8", "fp8", "int4")
+        # frames kept forever in slots [0, bank): the sink (the rolling sink's bank)
+        self._bank = sink_bank_frames if extrapolation == "rolling_sink" else sink_frames
+        self.sink_bank_frames = self._bank
         self._ring = window_frames + (self.max_block_frames if rolling else 0)
-        slots = sink_frames + self._ring
-        code = storage_dtype(kv_dtype) if self.quantized else _NATIVE[kv_dtype]
-        shape = (num_layers, batch, slots, tokens_per_frame, heads, head_dim)
-        self._k = torch.zeros(shape, dtype=code, device=device)
-        self._v = torch.zeros(shape, dtype=code, device=device)
-        self._k_scale = self._v_scale = None
-        if self.quantized:
-            self._k_scale = torch.zeros(num_layers, batch, slots, heads, head_dim, device=device)
-            self._v_scale = torch.zeros(num_layers, batch, slots * tokens_per_frame, heads, device=device)
+        slots = self._bank + self._ring
+        t, h, d = tokens_per_frame, heads, head_dim
+        self._k_scale = self._v_scale = self._k_smooth = None
+        if kv_dtype == "int4":
+            g = group_size
+            shape = (num_layers, batch, slots, t, h, d // 2)
+            self._k = torch.zeros(shape, dtype=torch.uint8, device=device)
+            self._v = torch.zeros(shape, dtype=torch.uint8, device=device)
+            self._k_scale = torch.zeros(num_layers, batch, slots, -(-t // g), h, d, device=device)
+            self._v_scale = torch.zeros(num_layers, batch, slots * t, h, d // value_groups(d, g), device=device)
+        else:
+            code = storage_dtype(kv_dtype) if self.quantized else _NATIVE[kv_dtype]
+            shape = (num_layers, batch, slots, t, h, d)
+            self._k = torch.zeros(shape, dtype=code, device=device)
+            self._v = torch.zeros(shape, dtype=code, device=device)
+        if kv_dtype in ("int8", "fp8"):
+            if key_smoothing == "none":
+                self._k_scale = torch.zeros(num_layers, batch, slots, h, d, device=device)
+            else:
+                self._k_scale = torch.zeros(num_layers, batch, slots * t, h, device=device)
+                self._k_smooth = torch.ones(num_layers, batch, h, d, device=device)
+            self._v_scale = torch.zeros(num_layers, batch, slots * t, h, device=device)
         self.reset()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -151,25 +242,50 @@ class KVCache:
         self._pending: CacheBlock | None = None
         self._pending_written: set[int] = set()
         self.last_block: CacheBlock | None = None
+        self._smooth_frozen = False  # key smoothing factors fixed once a second block begins
         self._refresh_visible()
 
     def _slot(self, frame: int) -> int:
-        if frame < self.sink_frames:
+        if frame < self._bank:
             return frame
-        return self.sink_frames + (frame - self.sink_frames) % self._ring
+        return self._bank + (frame - self._bank) % self._ring
 
     def _visible_frames(self, written: int) -> list[int]:
+        if self.extrapolation == "rolling_sink":
+            return self._rolling_sink_frames(written)
         sink = range(min(written, self.sink_frames))
         start = max(self.sink_frames, written - self.window_frames) if self.rolling else self.sink_frames
         return [*sink, *range(start, written)]
 
-    def _refresh_visible(self) -> None:
+    def _rolling_sink_frames(self, written: int) -> list[int]:
+        """Rolling Sink: all frames while the bank fills; then S bank frames sliding by ``o = written - K``
+        frames (forward through the bank for even ``o // K``, backward for odd), and the recent window."""
+        k, s = self._bank, self.sink_frames
+        if written <= k:
+            return list(range(written))
+        o = written - k
+        if (o // k) % 2 == 0:
+            sink = [(o % k + i) % k for i in range(s)]
+        else:
+            sink = [(k - 1 - o % k - i) % k for i in range(s)]
+        return [*sink, *range(max(0, written - self.window_frames), written)]
+
+    def _frame_positions(self, num_visible: int, next_block: int) -> list[int]:
+        """RoPE positions of the visible frames, given the size of the block that will read them."""
+        if self.extrapolation == "infinity_rope":
+            end = self.trained_frames - next_block
+            return [max(0, end - num_visible + j) for j in range(num_visible)]
+        if self.extrapolation == "sink_window" and self.position_policy == "absolute":
+            return list(self._visible)
+        return list(range(num_visible))
+
+    def _refresh_visible(self, next_block: int | None = None) -> None:
         frames = self._visible_frames(self.frames_written)
         self._visible = frames
         dev = self._k.device
         self._frame_slots = torch.tensor([self._slot(f) for f in frames], dtype=torch.int32, device=dev)
-        pos = frames if self.position_policy == "absolute" else range(len(frames))
-        self._positions = torch.tensor(list(pos), dtype=torch.long, device=dev)
+        pos = self._frame_positions(len(frames), next_block or self.max_block_frames)
+        self._positions = torch.tensor(pos, dtype=torch.long, device=dev)
 
     @property
     def num_cached_frames(self) -> int:
@@ -181,7 +297,8 @@ class KVCache:
         return list(self._visible)
 
     def frame_positions(self) -> Tensor:
-        """RoPE frame positions ``[F]`` (long, storage device) of the visible frames under the policy."""
+        """RoPE frame positions ``[F]`` (long, storage device) of the visible frames under the policy (for
+        ``infinity_rope`` relative to the pending block, or to a block of ``max_block_frames`` if none)."""
         return self._positions
 
     def begin_block(self, num_frames: int) -> CacheBlock:
@@ -195,10 +312,15 @@ class KVCache:
         if not self.rolling and first + num_frames > self.sink_frames + self.window_frames:
             raise RuntimeError(f"KVCache full: {first} + {num_frames} frames exceed the capacity "
                                f"{self.sink_frames + self.window_frames} (use rolling=True to evict)")
-        if self.position_policy == "absolute":
+        if self.extrapolation == "infinity_rope":
+            positions = tuple(range(self.trained_frames - num_frames, self.trained_frames))
+            self._refresh_visible(num_frames)
+        elif self.extrapolation == "sink_window" and self.position_policy == "absolute":
             positions = tuple(range(first, first + num_frames))
         else:
             positions = tuple(range(len(self._visible), len(self._visible) + num_frames))
+        if self._blocks >= 1:
+            self._smooth_frozen = True
         slots = tuple(self._slot(f) for f in range(first, first + num_frames))
         self._pending = CacheBlock(self._blocks, first, num_frames, slots, positions)
         self._pending_written = set()
@@ -228,18 +350,33 @@ class KVCache:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"KVCache: layer {layer} out of range [0, {self.num_layers})")
         _, b, _, t, h, d = self._k.shape
+        d = d * 2 if self.kv_dtype == "int4" else d
         want = (b, block.num_frames * t, h, d)
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"KVCache.write: expected k and v of shape {want} (block of {block.num_frames} "
                              f"frames), got {tuple(k.shape)} and {tuple(v.shape)}")
         idx = self._slot_index(block.slots)
         k5, v5 = k.detach().reshape(b, block.num_frames, t, h, d), v.detach().reshape(b, block.num_frames, t, h, d)
-        if self.quantized:
-            kq, vq = quantize_keys(k5, self.kv_dtype), quantize_values(v5.flatten(1, 2), self.kv_dtype)
+        n = block.num_frames
+        if self.kv_dtype == "int4":
+            kq, vq = quantize_int4_keys(k5, self.int4_group), quantize_int4_values(v5.flatten(1, 2), self.int4_group)
             self._k[layer][:, idx] = kq.data
             self._k_scale[layer][:, idx] = kq.scale
-            self._v[layer][:, idx] = vq.data.unflatten(1, (block.num_frames, t))
-            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (block.num_frames, t))
+            self._v[layer][:, idx] = vq.data.unflatten(1, (n, t))
+            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (n, t))
+        elif self.quantized:
+            if self._k_smooth is not None:
+                if not self._smooth_frozen:  # the first block (re)defines the factors; later ones reuse them
+                    self._k_smooth[layer] = smoothing_factors(k5)
+                kq = quantize_keys_smoothed(k5, self._k_smooth[layer], self.kv_dtype)
+                self._k_scale[layer].unflatten(1, (-1, t))[:, idx] = kq.scale
+            else:
+                kq = quantize_keys(k5, self.kv_dtype)
+                self._k_scale[layer][:, idx] = kq.scale
+            vq = quantize_values(v5.flatten(1, 2), self.kv_dtype)
+            self._k[layer][:, idx] = kq.data
+            self._v[layer][:, idx] = vq.data.unflatten(1, (n, t))
+            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (n, t))
         else:
             self._k[layer][:, idx] = k5.to(self._k.dtype)
             self._v[layer][:, idx] = v5.to(self._v.dtype)
@@ -266,12 +403,13 @@ class KVCache:
         """What attention of layer ``i`` reads: storage views plus the visible frames' slots."""
         b, s, t, h, d = self._k.shape[1:]
         scales = (None, None) if not self.quantized else (self._k_scale[i], self._v_scale[i])
+        smooth = None if self._k_smooth is None else self._k_smooth[i]
         return CacheLayer(self._k[i].view(b, s * t, h, d), self._v[i].view(b, s * t, h, d), *scales,
-                          self._frame_slots, len(self._visible), t, self.keys_pre_rope)
+                          self._frame_slots, len(self._visible), t, self.keys_pre_rope, smooth, self.int4_group)
 
     def storage(self) -> tuple[Tensor, ...]:
-        """Every preallocated tensor (k, v and scales of all layers)."""
-        return tuple(x for x in (self._k, self._v, self._k_scale, self._v_scale) if x is not None)
+        """Every preallocated tensor (k, v, scales and smoothing factors of all layers)."""
+        return tuple(x for x in (self._k, self._v, self._k_scale, self._v_scale, self._k_smooth) if x is not None)
 
     def nbytes(self) -> int:
         """Bytes held by the cache (codes and scales of all layers), constant over its lifetime."""

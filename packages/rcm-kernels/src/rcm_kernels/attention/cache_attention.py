@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..kv_cache import CacheLayer
-from ..quant import dequantize, dequantize_keys
+from ..quant import dequantize, dequantize_int4_keys, dequantize_int4_values, dequantize_keys
 from .reference import softmax_scale
 
 __all__ = ["cache_attention", "cache_attention_torch", "cache_attention_triton", "gather_cache",
@@ -51,14 +51,25 @@ def apply_rope_interleaved(x_blhd: Tensor, cos_lp: Tensor, sin_lp: Tensor) -> Te
 
 
 def gather_cache(layer: CacheLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Dequantized ``(k, v)`` ``[B, F·T, H, D]`` of the visible frames, chronological (a materialized copy)."""
-    b, _, h, d = layer.k.shape
+    """Dequantized ``(k, v)`` ``[B, F·T, H, D]`` of the visible frames, chronological (a materialized copy).
+
+    The plain-torch twin of the kernel's in-register decoding, for every storage format: int4 codes are
+    unpacked and scaled per group, smoothed keys are multiplied back by their factors ``c``."""
+    b, _, h, dk = layer.k.shape
     t, idx = layer.tokens_per_frame, layer.frame_slots.long()
-    k5, v5 = layer.k.view(b, -1, t, h, d)[:, idx], layer.v.view(b, -1, t, h, d)[:, idx]  # [B, F, T, H, D]
+    k5, v5 = layer.k.view(b, -1, t, h, dk)[:, idx], layer.v.view(b, -1, t, h, dk)[:, idx]  # [B, F, T, H, D(/2)]
     if layer.k_scale is None:
         k, v = k5.to(dtype), v5.to(dtype)
+    elif layer.int4_group:
+        k = dequantize_int4_keys(k5, layer.k_scale[:, idx], layer.int4_group, dtype)
+        vs = layer.v_scale.view(b, -1, t, h, layer.v_scale.shape[-1])[:, idx]
+        v = dequantize_int4_values(v5.flatten(1, 2), vs.flatten(1, 2), dtype).unflatten(1, (-1, t))
     else:
-        k = dequantize_keys(k5, layer.k_scale[:, idx], dtype)
+        if layer.k_smooth is not None:  # per-token scales of k/c, then c back
+            ksc = layer.k_scale.view(b, -1, t, h, 1)[:, idx]
+            k = (dequantize((k5, ksc)) * layer.k_smooth[:, None, None]).to(dtype)
+        else:
+            k = dequantize_keys(k5, layer.k_scale[:, idx], dtype)
         v = dequantize((v5, layer.v_scale.view(b, -1, t, h, 1)[:, idx]), dtype)
     return k.flatten(1, 2), v.flatten(1, 2)
 
@@ -68,7 +79,8 @@ def _check(q: Tensor, layer: CacheLayer, extra_k: Tensor | None, extra_v: Tensor
     if q.dim() != 4:
         raise ValueError(f"cache_attention: q must be [B, Lq, H, D], got {tuple(q.shape)}")
     b, _, h, d = q.shape
-    if (layer.k.shape[0], layer.k.shape[2], layer.k.shape[3]) != (b, h, d):
+    dk = d // 2 if layer.int4_group else d  # int4 packs two channels per byte
+    if (layer.k.shape[0], layer.k.shape[2], layer.k.shape[3]) != (b, h, dk):
         raise ValueError(f"cache_attention: cache [B, L, H, D]={tuple(layer.k.shape)} does not match q {tuple(q.shape)}")
     if (extra_k is None) != (extra_v is None):
         raise ValueError("cache_attention: give both extra_k and extra_v, or neither")
@@ -118,14 +130,32 @@ def _online_softmax_step(m_i, l_i, acc, s, v, pv_scale):
 
 
 @triton.jit
-def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
+def _load_codes(ptr, d, mask, INT4: tl.constexpr):
+    # Codes of channels d at ptr (ptr broadcasts against d). int4: byte d // 2 holds channel 2i in its low
+    # nibble and 2i+1 in its high nibble (two's complement); decoded to float32 in registers.
+    if INT4:
+        byte = tl.load(ptr + d // 2, mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((d % 2) * 4)) & 15
+        return tl.where(nib >= 8, nib - 16, nib).to(tl.float32)
+    else:
+        return tl.load(ptr + d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _cache_attn_fwd(Q, K, V, KS, VS, KSM, SLOTS, EK, EV, COS, SIN, O,
                     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vsl, stride_vsh,
+                    stride_ksb, stride_ks1, stride_ks2, stride_ksh, stride_vsb, stride_vsl, stride_vsh,
+                    stride_smb, stride_smh,
                     stride_eb, stride_el, stride_eh, stride_ob, stride_ol, stride_oh, stride_rl,
-                    H, LQ, NF, LE, TPF, qk_scale,
+                    H, LQ, NF, LE, TPF, KG, VG, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    QUANT_K: tl.constexpr, QUANT_V: tl.constexpr, ROPE: tl.constexpr):
+                    KMODE: tl.constexpr, VMODE: tl.constexpr, ROPE: tl.constexpr):
     # Grid: (cdiv(LQ, BLOCK_M), B·H). K and V share strides (same storage layout); EK and EV too.
+    # KMODE: 0 plain keys; 1 int8/fp8 codes, scale per (frame, channel); 2 int8/fp8 codes of smoothed keys
+    # k/c, scale per token, c [B, H, D] at KSM; 3 int4 (packed), scale per (frame, token group of KG, channel).
+    # VMODE: 0 plain values; 1 codes with a per-token scale; 3 int4 (packed), scale per (token, VG channels).
+    INT4_K: tl.constexpr = KMODE == 3
+    INT4_V: tl.constexpr = VMODE == 3
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,15 +169,19 @@ def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_base = b * stride_kb + h * stride_kh
+    qc = q
+    if KMODE == 2:  # smoothing: q·(c ⊙ k̃) = (q ⊙ c)·k̃, c tied in RoPE pairs so it commutes with the rotation
+        sm = tl.load(KSM + b * stride_smb + h * stride_smh + offs_d, mask=d_ok, other=0.0)
+        qc = (q.to(tl.float32) * sm[None, :]).to(cdt)
     if ROPE:
         partner = offs_d ^ 1  # interleaved pairs: channel 2i pairs with 2i+1
         sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)  # rot(x)[2i] = x[2i]c - x[2i+1]s; rot(x)[2i+1] = x[2i+1]c + x[2i]s
 
     for f in range(0, NF):
         slot = tl.load(SLOTS + f)
-        qf = q
-        if QUANT_K:
-            ks_ptr = KS + b * stride_ksb + slot * stride_kss + h * stride_ksh
+        qf = qc
+        if KMODE == 1:
+            ks_ptr = KS + b * stride_ksb + slot * stride_ks1 + h * stride_ksh
             ks = tl.load(ks_ptr + offs_d, mask=d_ok, other=0.0)
             if ROPE:
                 ks_p = tl.load(ks_ptr + partner, mask=d_ok, other=0.0)
@@ -159,24 +193,35 @@ def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
             tok = slot * TPF + tt
             kt_ptr = K + kv_base + tok[None, :] * stride_kl  # [D, N] transposed key tile
             kt_mask = d_ok[:, None] & t_ok[None, :]
-            kt = tl.load(kt_ptr + offs_d[:, None], mask=kt_mask, other=0.0)
+            kt = _load_codes(kt_ptr, offs_d[:, None], kt_mask, INT4_K)
             if ROPE:
-                kp = tl.load(kt_ptr + partner[:, None], mask=kt_mask, other=0.0).to(tl.float32)
+                kp = _load_codes(kt_ptr, partner[:, None], kt_mask, INT4_K).to(tl.float32)
                 kt = kt.to(tl.float32)
-                if QUANT_K:
+            if KMODE == 3:  # int4: dequantize the tile in registers (scales vary along tokens and channels)
+                g_ptr = KS + b * stride_ksb + slot * stride_ks1 + (tt // KG)[None, :] * stride_ks2 + h * stride_ksh
+                kt = kt * tl.load(g_ptr + offs_d[:, None], mask=kt_mask, other=0.0)
+                if ROPE:
+                    kp = kp * tl.load(g_ptr + partner[:, None], mask=kt_mask, other=0.0)
+            if ROPE:
+                if KMODE == 1:
                     kt, kp = kt * ks[:, None], kp * ks_p[:, None]
                 r_ptr = (f * TPF + tt)[None, :] * stride_rl + (offs_d // 2)[:, None]
                 cos = tl.load(COS + r_ptr, mask=kt_mask, other=0.0)
                 sin = tl.load(SIN + r_ptr, mask=kt_mask, other=0.0)
                 kt = kt * cos + kp * sin * sign[:, None]
             s = tl.dot(qf, kt.to(cdt)) * qk_scale
+            if KMODE == 2:  # per-token key scale: a column scale of the logits
+                s = s * tl.load(KS + b * stride_ksb + tok * stride_ks1 + h * stride_ksh, mask=t_ok, other=0.0)[None, :]
             s = tl.where(t_ok[None, :], s, float("-inf"))
-            v = tl.load(V + kv_base + tok[:, None] * stride_kl + offs_d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(cdt)
+            v_mask = t_ok[:, None] & d_ok[None, :]
+            v = _load_codes(V + kv_base + tok[:, None] * stride_kl, offs_d[None, :], v_mask, INT4_V)
             vs = None
-            if QUANT_V:
+            if VMODE == 1:
                 vs = tl.load(VS + b * stride_vsb + h * stride_vsh + tok * stride_vsl, mask=t_ok, other=0.0)
-            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, vs)
+            if VMODE == 3:
+                v = v * tl.load(VS + b * stride_vsb + h * stride_vsh + tok[:, None] * stride_vsl
+                                + (offs_d // VG)[None, :], mask=v_mask, other=0.0)
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v.to(cdt), vs)
 
     e_base = b * stride_eb + h * stride_eh
     for e0 in range(0, LE, BLOCK_N):
@@ -193,6 +238,24 @@ def _cache_attn_fwd(Q, K, V, KS, VS, SLOTS, EK, EV, COS, SIN, O,
     out = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=(offs_m < LQ)[:, None] & d_ok[None, :])
+
+
+def _modes(layer: CacheLayer) -> tuple[int, int]:
+    """(KMODE, VMODE) of the kernel for a cache layer's storage format (see ``_cache_attn_fwd``)."""
+    if layer.int4_group:
+        return 3, 3
+    if layer.k_scale is None:
+        return 0, 0
+    return (2 if layer.k_smooth is not None else 1), 1
+
+
+def _strides4(ks: Tensor, kmode: int) -> tuple[int, int, int, int]:
+    """(batch, slot-or-token, group, head) strides of the key scales for the kernel's KMODE."""
+    if kmode == 3:  # [B, S, NG, H, D]
+        return ks.stride(0), ks.stride(1), ks.stride(2), ks.stride(3)
+    if kmode in (1, 2):  # [B, S, H, D] or [B, S*T, H]
+        return ks.stride(0), ks.stride(1), 0, ks.stride(2)
+    return 0, 0, 0, 0
 
 
 def _default_blocks(q: Tensor, rope: bool) -> tuple[int, int, int, int]:
@@ -233,21 +296,25 @@ def cache_attention_triton(q: Tensor, layer: CacheLayer, *, extra_k: Tensor | No
     if ek.stride(-1) != 1 or ek.stride() != ev.stride():  # the kernel shares one set of strides for both
         ek, ev = ek.contiguous(), ev.contiguous()
     o = q.new_empty(b, lq, h, d)
-    quant = layer.k_scale is not None
-    ks = layer.k_scale if quant else layer.k  # unquantized: placeholder pointers, never read (QUANT_K/V off)
-    vs = layer.v_scale if quant else layer.k
-    cos, sin = (k_rope[0].float().contiguous(), k_rope[1].float().contiguous()) if k_rope else (ks, ks)
+    kmode, vmode = _modes(layer)
+    ph = layer.k  # placeholder pointer for absent tensors (never read: the mode flags are off)
+    ks = layer.k_scale if kmode else ph
+    vs = layer.v_scale if vmode else ph
+    sm = layer.k_smooth if kmode == 2 else ph
+    ks_st = _strides4(ks, kmode)
+    cos, sin = (k_rope[0].float().contiguous(), k_rope[1].float().contiguous()) if k_rope else (ph, ph)
     block_m, block_n, warps, stages = blocks or _default_blocks(q, k_rope is not None)
     scale = softmax_scale(d, scale)
     grid = (triton.cdiv(lq, block_m), b * h)
+    g = layer.int4_group
     _cache_attn_fwd[grid](
-        q, layer.k, layer.v, ks, vs, layer.frame_slots, ek, ev, cos, sin, o,
+        q, layer.k, layer.v, ks, vs, sm, layer.frame_slots, ek, ev, cos, sin, o,
         q.stride(0), q.stride(1), q.stride(2), layer.k.stride(0), layer.k.stride(1), layer.k.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        *ks_st, vs.stride(0), vs.stride(1), vs.stride(2), sm.stride(0), sm.stride(1),
         ek.stride(0), ek.stride(1), ek.stride(2), o.stride(0), o.stride(1), o.stride(2), cos.stride(0),
-        h, lq, layer.num_frames, ek.shape[1], layer.tokens_per_frame, scale * _LOG2E,
+        h, lq, layer.num_frames, ek.shape[1], layer.tokens_per_frame, max(g, 1), max(min(g, d), 1), scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        QUANT_K=quant, QUANT_V=quant, ROPE=k_rope is not None, num_warps=warps, num_stages=stages)
+        KMODE=kmode, VMODE=vmode, ROPE=k_rope is not None, num_warps=warps, num_stages=stages)
     return o
 
 
