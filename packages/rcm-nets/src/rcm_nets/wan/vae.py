@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._vae_blocks import AttentionBlock, Cache, CausalConv3d, Resample, ResidualBlock, RMSNorm
+from .vae_fast import FastDecode, VAEDecodeOptions
 
-__all__ = ["WanVAE", "StreamingDecoder", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
+__all__ = ["WanVAE", "StreamingDecoder", "VAEDecodeOptions", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
 
 # Per-channel statistics of the Wan2.1 latent space (wan/modules/vae.py, configs.json "pipeline").
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -313,14 +314,19 @@ class StreamingDecoder:
     ``f = 1 + 4(n − 1)`` for the first block and ``4n`` afterwards; the concatenation equals
     :meth:`WanVAE.decode` of the whole latent video (the same per-frame chunked decode, the same cache).
     ``vae=None`` is the pixel-space case (tiny models generating RGB directly): frames are the latents, clamped.
+
+    ``options`` (:class:`~rcm_nets.wan.vae_fast.VAEDecodeOptions`) turns on the fast path: compute dtype,
+    channels-last, cuDNN benchmark, fused RMS-norm + SiLU, compile, CUDA graphs (docs/nets.md, VAE decode
+    fast path). ``None`` (default) is the reference decode. ``clamp=False`` returns the raw decoder output.
     """
 
-    def __init__(self, vae: WanVAE | None = None):
-        self.vae = vae
+    def __init__(self, vae: WanVAE | None = None, options: VAEDecodeOptions | None = None, *, clamp: bool = True):
+        self.vae, self.options, self.clamp = vae, options, clamp
+        self._fast = FastDecode(vae, options) if vae is not None and options is not None else None
         self.reset()
 
     def reset(self) -> None:
-        """Start a new video (empty feature cache)."""
+        """Start a new video (empty feature cache; compiled steps and CUDA graphs are kept)."""
         self._cache: Cache = {}
         self.frames_in = 0
 
@@ -330,4 +336,8 @@ class StreamingDecoder:
         if self.vae is None:
             return latent_bcthw.float().clamp(-1, 1)
         self.vae._check_latent(latent_bcthw)
-        return self.vae._decode(latent_bcthw, chunked=True, cache=self._cache).clamp(-1.0, 1.0).float()
+        if self._fast is not None:
+            out = self._fast(latent_bcthw, self._cache)
+        else:
+            out = self.vae._decode(latent_bcthw, chunked=True, cache=self._cache)
+        return (out.clamp(-1.0, 1.0) if self.clamp else out).float()
