@@ -7,7 +7,8 @@ flattened with dots, as DCP does; non-tensor entries are dropped.
 
 Loading is strict by default: one error lists every missing key, unexpected key and shape mismatch
 before anything is copied (no silent partial load). A wrapper prefix such as ``net.`` / ``net_ema.`` (rCM
-checkpoints) is detected against the module's own keys, stripped, and reported. Models built on ``meta``
+checkpoints) is detected against the module's own keys, stripped, and reported. A diffusers
+``WanTransformer3DModel`` state dict is renamed to the official keys (``rcm_nets.wan.diffusers_format``). Models built on ``meta``
 are loaded with ``assign=True`` (no second copy of the weights); tensors are cast to the module's dtypes
 (or to ``dtype``). Typical use::
 
@@ -234,6 +235,16 @@ def check_state_dict(expected: dict[str, torch.Size], sd: dict[str, Tensor], *, 
 
 
 # ------------------------------------------------------------------------------------------- loading
+def _from_foreign_layout(sd: dict[str, Tensor], expected: dict, fmt: str) -> tuple[dict[str, Tensor], str]:
+    """A diffusers-layout Wan transformer (``WanTransformer3DModel`` keys) renamed to the official keys when
+    the module has the official ones; any other state dict as it is."""
+    from .wan.diffusers_format import is_diffusers_state_dict, state_dict_from_diffusers
+
+    if is_diffusers_state_dict(sd) and not is_diffusers_state_dict(expected):
+        return state_dict_from_diffusers(sd), f"{fmt}, diffusers layout"
+    return sd, fmt
+
+
 def load_checkpoint(module: nn.Module, checkpoint: str | Path | dict[str, Tensor], *, strict: bool = True,
                     prefix: str | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, assign: bool | None = None) -> LoadReport:
@@ -253,6 +264,7 @@ def load_checkpoint(module: nn.Module, checkpoint: str | Path | dict[str, Tensor
         sd, fmt = read_state_dict(checkpoint)
     target = module.state_dict()
     expected = {k: v.shape for k, v in target.items()}
+    sd, fmt = _from_foreign_layout(sd, expected, fmt)
     if prefix is None:
         prefix = _detect_prefix(list(sd), set(expected))
     ignored = [k for k in sd if not k.startswith(prefix)]

@@ -28,6 +28,7 @@ from rcm_nets.checkpoint import load_checkpoint, read_state_dict
 from rcm_nets.wan import CLIPVisual, Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.clip import visual_state_dict
 from rcm_nets.wan.configs import CONFIG_NAMES, WanConfig, get_config
+from rcm_nets.wan.diffusers_format import read_config
 
 from .config import PipelineConfig
 
@@ -66,16 +67,16 @@ class MissingFileError(FileNotFoundError):
 
 
 class DiTSpec(PipelineConfig):
-    """A Wan DiT: architecture (named config or an official config.json) and its checkpoint."""
+    """A Wan DiT: architecture (named config, official or diffusers config.json) and its checkpoint."""
 
     config: str = "t2v-1.3B"
-    """Architecture: a named config (t2v-1.3B, t2v-14B, i2v-14B, i2v-A14B, tiny, tiny-i2v, tiny-i2v-A14B, ...)
-    or the path of an official config.json."""
+    """Architecture: a named config (t2v-1.3B, t2v-14B, i2v-14B, i2v-A14B, tiny, tiny-i2v, tiny-i2v-A14B, ...),
+    the path of an official or diffusers config.json, or a diffusers transformer folder (its config.json)."""
     overrides: dict[str, Any] = {}
     """WanConfig fields replacing those of `config` (e.g. {"text_len": 16}); JSON on the command line."""
     path: str = "checkpoints/rCM_Wan2.1_T2V_1.3B_480p.pt"
     """Weights: .pth/.pt/.safetensors file, a sharded safetensors directory or a DCP directory (keys with or
-    without a net./net_ema. prefix)."""
+    without a net./net_ema. prefix), official or diffusers (WanTransformer3DModel) key names."""
     low_noise_path: str | None = None
     """Wan2.2 two-expert models: weights of the low-noise expert (same architecture); `path` is then the
     high-noise expert, used while the RF time is >= `boundary`."""
@@ -163,17 +164,19 @@ _EXTRA_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def dit_config(spec: DiTSpec) -> WanConfig:
-    """The `WanConfig` of ``spec`` (named, extra name, or official config.json) with its overrides."""
+    """The `WanConfig` of ``spec`` (named, extra name, official or diffusers config.json / folder) with its
+    overrides (a diffusers config has no text length: 512 unless ``overrides`` sets ``text_len``)."""
     name = spec.config
     if name in _EXTRA_CONFIGS:
         base, extra = _EXTRA_CONFIGS[name]
         return get_config(base, **{**extra, **spec.overrides})
     if name in CONFIG_NAMES:
         return get_config(name, **spec.overrides)
-    if name.endswith(".json"):
-        return WanConfig.from_official(require_file(name, "dit.config", "DiT config.json"), **spec.overrides)
+    if name.endswith(".json") or Path(name).is_dir():  # official or diffusers config.json (or its folder)
+        return read_config(require_file(name, "dit.config", "DiT config.json"), **spec.overrides)
     names = [*CONFIG_NAMES, *_EXTRA_CONFIGS]
-    raise ValueError(f"unknown DiT config {name!r}: use one of {names} or an official config.json path")
+    raise ValueError(f"unknown DiT config {name!r}: use one of {names}, an official or diffusers config.json path "
+                     "or a diffusers transformer folder")
 
 
 def read_dit_state_dict(config: WanConfig, path: str, *, field: str = "model.path",
