@@ -20,6 +20,7 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache, video_kv_cache
 from rcm_nets.wan.configs import get_config
 from rcm_train.data import ShardWriter
+from rcm_train.objectives import causal as causal_driver
 from rcm_train.objectives.causal import (
     CachedBlocks,
     CausalObjectiveConfig,
@@ -157,9 +158,9 @@ def test_shared_loop_settings_reach_every_stage(assets, tmp_path, monkeypatch):
         seen.append((stage.name, run.train.ema_iteration_shift, run.train.grad_accum, run.train.seed))
         return StageResult(stage.iterations, tmp_path, {"student": tmp_path, "student_ema": tmp_path})
 
-    monkeypatch.setattr(causal_distill, "run_stage", fake_run_stage)
-    monkeypatch.setattr(causal_distill, "load_stage_student", lambda res: {})
-    monkeypatch.setattr(causal_distill, "publish", lambda exports, out: {})
+    monkeypatch.setattr(causal_driver, "run_stage", fake_run_stage)
+    monkeypatch.setattr(causal_driver, "load_stage_student", lambda res: {})
+    monkeypatch.setattr(causal_driver, "publish", lambda exports, out: {})
     causal_distill.main(_args(assets, tmp_path / "run", "tiny-causal-rcm", "--run.train.ema_iteration_shift=7",
                               "--run.train.grad_accum=2", "--run.train.seed=5", "--sample.every=0"))
     assert seen == [(name, 7, 2, 5) for name in ("teacher_tf", "tf_dcm", "tf_scm", "sf_dmd")]

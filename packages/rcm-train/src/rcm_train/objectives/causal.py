@@ -27,11 +27,14 @@ with the same keywords, ``net.forward_block(x, t, context, cache=, block=, write
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from rcm_kernels import blockmask
@@ -60,7 +63,26 @@ from rcm_losses.sampling import flow_sigmas
 from rcm_losses.schedules import block_schedules
 from rcm_losses.timesteps import LogNormal, UniformShift
 
-from ..trainer import Closure, StepContext, seeded_generator
+from ..stages import (
+    SampleHook,
+    Stage,
+    StagedRunConfig,
+    StageResult,
+    StageSetup,
+    load_stage_student,
+    publish,
+    run_stage,
+)
+from ..trainer import (
+    Closure,
+    OptimizerConfig,
+    ScheduleConfig,
+    StepContext,
+    TrainParts,
+    build_optimizer,
+    build_scheduler,
+    seeded_generator,
+)
 
 CacheFactory = Callable[[nn.Module, tuple[int, ...], torch.device], KVCache]
 """``(net, video shape (B, C, T, H, W), device) -> KVCache``: an empty non-rolling cache of ``net`` holding a
@@ -74,6 +96,12 @@ __all__ = [
     "tf_velocity",
     "df_velocity",
     "CacheFactory",
+    "CausalBlocksConfig",
+    "CausalStageConfig",
+    "CausalNetworks",
+    "ROLES",
+    "check_causal_stages",
+    "run_causal_stages",
 ]
 
 _SHARED_STREAM = 0x5E1F  # seed stream of the rank-independent exit-step generator
@@ -538,3 +566,168 @@ class CausalRCMObjective:
 
             out["sf_dmd"] = sf_dmd
         return out
+
+
+# ------------------------------------------------------------------------------------------ staged driver
+ROLES = ("student", "causal_teacher", "teacher", "fake_score")
+"""The networks of a causal run; each has its own architecture and first weights (docs/causal_training.md):
+``student`` (trained by cm / ode / dmd stages), ``causal_teacher`` (trained by flow stages, frozen in cm
+stages), ``teacher`` (the frozen bidirectional teacher: DMD real score, ODE trajectories), ``fake_score``
+(the DMD critic, trained in critic iterations)."""
+
+NetworkKind = Literal["trained", "ema", "frozen"]
+
+
+class CausalBlocksConfig(BaseModel):
+    """Frame blocks of the causal model: ``[first_block_frames | frames_per_block | ...]`` latent frames."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    frames_per_block: int = Field(3, ge=1)
+    """Latent frames per block (c3-3: 3; c1-1: 1; c1-4: 4 with first_block_frames=1)."""
+    first_block_frames: int | None = Field(None, ge=1)
+    """Frames of the first block (None: frames_per_block)."""
+    i2v: bool = False
+    """Causal I2V: the first block is given (the data's first block stands in for the image latent)."""
+
+    def frame_blocks(self, num_frames: int) -> FrameBlocks:
+        """The block layout over ``num_frames`` latent frames (raises unless they are whole blocks)."""
+        return FrameBlocks(num_frames, self.frames_per_block, self.first_block_frames)
+
+
+class CausalStageConfig(BaseModel):
+    """One stage of a causal run: a :func:`rcm_train.stages.run_stage` call with a :class:`CausalRCMObjective`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field("stage", min_length=1)
+    """Stage name (checkpoint / log sub-directory)."""
+    iterations: int = Field(0, ge=0)
+    """Raw iterations (student and critic together); 0 skips the stage."""
+    init: Literal["teacher", "causal_teacher", "student", "previous"] = "previous"
+    """Where the trained network starts: the first weights of the teacher, the causal teacher or the student
+    (model.<role>), or ``previous``: the last earlier stage's result for the same network (a flow stage's
+    causal teacher, a student stage's student). The source's architecture must be the trained network's."""
+    objective: CausalObjectiveConfig = CausalObjectiveConfig(dmd=True)
+    """What the stage trains (flow / cm / ode / dmd) and its hyper-parameters."""
+    schedule: ScheduleConfig = ScheduleConfig(tangent_warmup=0, student_update_freq=6)
+    """Student / critic alternation (DMD stages) and the sCM tangent warmup."""
+
+    @property
+    def trained(self) -> str:
+        """Role of the network the stage trains: ``causal_teacher`` for flow stages, else ``student``."""
+        return "causal_teacher" if self.objective.trains_teacher else "student"
+
+    def frozen(self) -> list[str]:
+        """Roles of the frozen networks the stage reads."""
+        obj = self.objective
+        return (["causal_teacher"] if obj.cm != "none" else []) + (["teacher"] if obj.ode or obj.dmd else [])
+
+
+def check_causal_stages(stages: list[CausalStageConfig], arch: Mapping[str, Any]) -> None:
+    """Refuse a stage list that cannot run, with one line naming the stage: no stage, repeated names, an
+    ``init`` whose architecture (``arch[role]``, compared with ``==``) is not the trained network's, or
+    ``previous`` before any stage trained that network."""
+    if not stages:
+        raise ValueError("no stage to run: set stage1.iterations (or stage2..4) > 0")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must differ (they name checkpoint directories), got {names}")
+    trained: set[str] = set()
+    for s in stages:
+        if s.init == "previous" and s.trained not in trained:
+            raise ValueError(f"stage {s.name!r}: init='previous' but no earlier stage trains the {s.trained}")
+        if s.init != "previous" and arch[s.init] != arch[s.trained]:
+            raise ValueError(f"stage {s.name!r} trains the {s.trained} but init={s.init!r} has another "
+                             f"architecture (model.{s.init} vs model.{s.trained}): start it from a network of "
+                             "the same size")
+        trained.add(s.trained)
+
+
+@dataclass
+class CausalNetworks:
+    """What the causal driver needs from the recipe about networks (it never names a network class).
+
+    ``build(role, state_dict, kind)``: a network of ``role``'s architecture filled from the full state dict,
+    parallelized on the run's device; ``kind`` is ``trained``, ``ema`` (the trained network's EMA copy) or
+    ``frozen``. ``weights(role)``: the role's first weights (read once; errors name the config field).
+    ``make_cache(net, shape, device, kv_dtype=)``: the self-forcing KV cache (a :data:`CacheFactory` once the
+    stage's ``kv_dtype`` is bound). ``sample_hook(objective)``: the stage's periodic sample hook (or None)."""
+
+    build: Callable[[str, Mapping[str, Tensor], NetworkKind], nn.Module]
+    weights: Callable[[str], Mapping[str, Tensor]]
+    make_cache: Callable[..., KVCache]
+    sample_hook: Callable[[CausalObjectiveConfig], SampleHook | None] = lambda objective: None
+
+
+class _CausalRun:
+    """The driver's state across stages: the latest trained weights per role and the frozen networks."""
+
+    def __init__(self, nets: CausalNetworks, optimizers: Mapping[str, OptimizerConfig], objective_args):
+        self.nets, self.optimizers, self.objective_args = nets, optimizers, objective_args
+        self.latest: dict[str, Mapping[str, Tensor]] = {}  # role -> weights of its last finished stage
+        self._frozen: dict[str, tuple[int, nn.Module]] = {}
+
+    def weights(self, role: str) -> Mapping[str, Tensor]:
+        return self.latest[role] if role in self.latest else self.nets.weights(role)
+
+    def frozen(self, role: str) -> nn.Module:
+        """A frozen network, rebuilt only when its weights change (a flow stage makes a new causal teacher)."""
+        sd = self.weights(role)
+        if role not in self._frozen or self._frozen[role][0] != id(sd):
+            self._frozen.pop(role, None)  # free the old one first
+            self._frozen[role] = (id(sd), self.nets.build(role, sd, "frozen"))
+        return self._frozen[role][1]
+
+    def stage(self, sc: CausalStageConfig) -> Stage:
+        obj, role = sc.objective, sc.trained
+
+        def setup() -> StageSetup:
+            init = self.latest[role] if sc.init == "previous" else self.weights(sc.init)
+            models = {"student": self.nets.build(role, init, "trained")}
+            opts = {"student": self.optimizers[role]}
+            models.update({r: self.frozen(r) for r in sc.frozen()})
+            if obj.dmd:
+                models["fake_score"] = self.nets.build("fake_score", self.nets.weights("fake_score"), "trained")
+                opts["fake_score"] = self.optimizers["fake_score"]
+            optimizers = {k: build_optimizer(models[k], o) for k, o in opts.items()}
+            parts = TrainParts(models=models, optimizers=optimizers,
+                               schedulers={k: build_scheduler(o, opts[k]) for k, o in optimizers.items()},
+                               ema={"student": self.nets.build(role, init, "ema")})
+            objective = CausalRCMObjective(obj, make_cache=partial(self.nets.make_cache, kv_dtype=obj.kv_dtype),
+                                           **self.objective_args)
+            return StageSetup(parts, objective, self.nets.sample_hook(obj))
+
+        blocks = self.objective_args["blocks"]
+        return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
+                     critic_models=["fake_score"] if obj.dmd else [], describe=f"{role}, blocks {blocks.sizes}")
+
+
+def run_causal_stages(stages: list[CausalStageConfig], nets: CausalNetworks, *, blocks: FrameBlocks,
+                      optimizers: Mapping[str, OptimizerConfig], run: StagedRunConfig, output_dir: str | Path,
+                      data: Callable[[], Iterable[Any]], given_blocks: int = 0,
+                      negative_embed: Tensor | None = None, sample_every: int = 0, dp_rank: int = 0,
+                      device: torch.device | None = None, run_config: Mapping[str, Any] | None = None) -> dict:
+    """Run ``stages`` in order (each resumes or is skipped when finished), each starting from its ``init``;
+    a stage's result becomes the ``previous`` of its network (and the frozen causal teacher of later cm
+    stages). ``optimizers``: AdamW of the ``student``, ``causal_teacher`` and ``fake_score``.
+
+    Returns ``{"stages": {name: StageResult}, "student", "student_ema", "causal_teacher"}``: the last student
+    stage's exports and the last flow stage's causal teacher, published at the top of ``output_dir``."""
+    state = _CausalRun(nets, optimizers, dict(blocks=blocks, given_blocks=given_blocks,
+                                               negative_embed=negative_embed, seed=run.train.seed,
+                                               grad_accum=run.train.grad_accum))
+    results: dict[str, StageResult] = {}
+    for sc in stages:
+        results[sc.name] = res = run_stage(state.stage(sc), run, output_dir=output_dir, data=data,
+                                           sample_every=sample_every, dp_rank=dp_rank, device=device,
+                                           run_config=run_config)
+        state.latest[sc.trained] = load_stage_student(res)
+    final: dict[str, Path] = {}
+    for sc in reversed(stages):
+        exports = results[sc.name].exports
+        if sc.trained == "causal_teacher":
+            final.setdefault("causal_teacher", exports["student"])
+        elif "student" not in final:
+            final.update(student=exports["student"], student_ema=exports["student_ema"])
+    return {"stages": results, **publish(final, output_dir)}

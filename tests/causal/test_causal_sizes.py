@@ -1,0 +1,108 @@
+"""Networks of different sizes in one causal run (recipes/causal_distill.py, preset ``causal-tiny-sizes``): a
+narrow tiny student (width 32, 2 heads) distilled from wide tiny teachers (width 64, 4 heads) through every
+stage, end to end on CPU; plus the stage-list and size checks, each naming the field or stage."""
+
+import json
+import math
+
+import causal_distill
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rcm_nets.wan import WanDiT
+from rcm_nets.wan.configs import get_config
+from rcm_train.data import ShardWriter
+from rcm_train.objectives.causal import CausalObjectiveConfig, CausalStageConfig, check_causal_stages
+
+C, T, H, W = 16, 5, 4, 4
+NARROW = dict(dim=32, ffn_dim=64, num_heads=2)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net(seed: int, **overrides) -> WanDiT:
+    net = WanDiT(get_config("tiny", **overrides))
+    g = torch.Generator().manual_seed(seed)
+    net.init_weights(generator=g)
+    nn.init.normal_(net.head.head.weight, std=0.05, generator=g)
+    return net
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sizes_assets")
+    torch.save(_net(0).state_dict(), d / "wide.pth")
+    torch.save(_net(1, **NARROW).state_dict(), d / "narrow.pth")
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(d / "data", 4, 2) as w:
+        for i in w.pending():
+            w.write(i, torch.randn(C, T, H, W, generator=g), torch.randn(6, 32, generator=g), f"prompt {i}")
+    torch.save(torch.zeros(16, 32), d / "negative.pt")
+    return d
+
+
+def _args(assets, out, *extra):
+    return ["--preset=causal-tiny-sizes", f"--output_dir={out}", f"--data.shards={assets / 'data' / 'shard_*.tar'}",
+            f"--model.teacher.path={assets / 'wide.pth'}", f"--model.student.path={assets / 'narrow.pth'}",
+            f"--negative_embed_path={assets / 'negative.pt'}", *extra]
+
+
+@pytest.mark.slow
+def test_narrow_student_from_wide_teachers_end_to_end(assets, tmp_path):
+    """teacher_tf trains a wide causal teacher from the wide teacher; tf_dcm starts the narrow student from its
+    own file and distils it against the wide causal teacher; tf_scm and sf_dmd (wide real score and fake
+    score) continue it. Every loss is finite; the exports have each network's width; the student moved away
+    from its first weights (so the narrow file, not a wide one, was where it started: shapes would not load)."""
+    out = tmp_path / "run"
+    res = causal_distill.main(_args(assets, out))
+    for stage, keys in (("teacher_tf", ["flow"]), ("tf_dcm", ["tf_dcm"]), ("tf_scm", ["tf_scm"]),
+                        ("sf_dmd", ["sf_dmd", "critic"])):
+        rows = [json.loads(x) for x in (out / "logs" / stage / "metrics.jsonl").read_text().splitlines()]
+        for key in keys:
+            vals = [r[f"{key}/loss"] for r in rows if f"{key}/loss" in r]
+            assert vals and all(math.isfinite(v) for v in vals), (stage, key)
+    assert list((out / "logs" / "sf_dmd" / "media").glob("samples_*.mp4"))  # the narrow student streams
+    teacher, student = load_file(res["causal_teacher"]), load_file(res["student"])
+    assert teacher["blocks.0.self_attn.q.weight"].shape == (64, 64)
+    assert student["blocks.0.self_attn.q.weight"].shape == (32, 32)
+    first = torch.load(assets / "narrow.pth", weights_only=True)
+    moved = max((student[k].float() - first[k].float()).abs().max().item() for k in first)
+    assert moved > 0
+    assert load_file(out / "tf_dcm" / "student.safetensors")["head.head.weight"].shape[1] == 32
+
+
+def test_stage_and_size_checks_name_the_culprit(assets, tmp_path):
+    wide, narrow = get_config("tiny"), get_config("tiny", **NARROW)
+    arch = {"student": narrow, "causal_teacher": wide, "teacher": wide, "fake_score": wide}
+    flow, cm = CausalObjectiveConfig(flow="tf"), CausalObjectiveConfig(cm="dcm")
+    check_causal_stages([CausalStageConfig(name="a", iterations=1, init="teacher", objective=flow),
+                         CausalStageConfig(name="b", iterations=1, init="student", objective=cm)], arch)
+    with pytest.raises(ValueError, match="stage 'b' trains the student but init='causal_teacher' has another"):
+        check_causal_stages([CausalStageConfig(name="a", iterations=1, init="teacher", objective=flow),
+                             CausalStageConfig(name="b", iterations=1, init="causal_teacher", objective=cm)], arch)
+    with pytest.raises(ValueError, match="stage 'b': init='previous' but no earlier stage trains the student"):
+        check_causal_stages([CausalStageConfig(name="a", iterations=1, init="teacher", objective=flow),
+                             CausalStageConfig(name="b", iterations=1, objective=cm)], arch)
+    with pytest.raises(ValueError, match="stage names must differ"):
+        check_causal_stages([CausalStageConfig(name="a", iterations=1, init="student", objective=cm)] * 2, arch)
+    cfg = causal_distill.PRESETS["causal-tiny-sizes"]
+    with pytest.raises(ValueError, match=r"cp=4 must divide the 2 attention heads of model.student"):
+        causal_distill.CausalDistillConfig.model_validate(
+            cfg.model_dump() | {"parallel": {"mesh": {"cp": 4}}})
+    with pytest.raises(ValueError, match=r"model.student: latent channels"):
+        causal_distill.CausalDistillConfig.model_validate(
+            cfg.model_dump() | {"model": cfg.model.model_dump() | {"student": {"config": "tiny", "overrides": {"in_dim": 8},
+                                                                               "path": "x"}}})
+
+
+def test_release_preset_states_the_networks():
+    """causal-14B-to-1.3B: 14B teacher / causal teacher / fake score, 1.3B student started from its own file,
+    CP 4 (40 and 12 heads both divisible), the released learning rates."""
+    cfg = causal_distill.PRESETS["causal-14B-to-1.3B"]
+    assert [cfg.model.spec(r).config for r in ("teacher", "causal_teacher", "fake_score", "student")] == \
+        ["t2v-14B"] * 3 + ["t2v-1.3B"]
+    assert [s.init for s in cfg.stages()] == ["teacher", "student", "previous", "previous"]
+    assert cfg.parallel.mesh.cp == 4 and cfg.causal_teacher_optimizer.lr == 1e-5 and cfg.optimizer.lr == 2e-6
+    assert cfg.stage2.objective.cm_guidance == 3.0 and cfg.stage4.objective.dmd_guidance == 5.0
