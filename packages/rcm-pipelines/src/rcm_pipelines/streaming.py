@@ -7,8 +7,12 @@ finished block at a time: for block i it draws noise, denoises it in a few steps
 fresh noise between steps), then re-runs the denoised block at ``t = context_noise`` (0 by default) to write
 its k/v into the cache (the "context refresh": one extra forward per block), and commits it. With
 ``refresh="last_step"`` the last denoising step writes instead (Causal-rCM's noisy context, no extra forward;
-the model must have been trained for it). Causal I2V: the given first block (e.g. the image's latent) is
-written to the cache at ``t = 0`` and generation starts at block 1.
+the model must have been trained for it). ``solver="euler"`` takes plain ODE steps instead of re-noising (a
+multi-step causal teacher), and a negative prompt with its own cache adds classifier-free guidance (both
+caches are written by every cache-writing pass). Causal I2V: the given first block (e.g. the image's latent)
+is written to the cache at ``t = 0`` and generation starts at block 1. The batch may hold several prompts,
+each with its own noise generator. :mod:`rcm_pipelines.stream_session` loads the networks, decodes and
+writes the video around this loop; :mod:`rcm_pipelines.stream_spec` is its configuration.
 
 With a rolling cache (sink frames + the most recent ``window_frames``) the memory is fixed for any number of
 blocks; RoPE positions are computed on the fly. ``rcm_nets.wan.vae.StreamingDecoder`` decodes each finished
@@ -19,6 +23,7 @@ Layout legend: B batch, C latent channels, n frames of a block, H x W latent siz
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,9 +56,12 @@ class StreamBlock:
     """One finished block.
 
     ``x0 [B, C, n, H, W]`` float32: the denoised latents (the given latents for an I2V prefill block).
-    ``seconds``: DiT time of the block (CUDA-synchronized), refresh pass included. With ``record=True``:
-    ``steps[k] = (x_in, t_rf, v)`` of each denoising step and ``context = (x_in, t_rf)`` of the cache-writing
-    pass (``None`` with ``refresh="last_step"``), to replay the block against a full-sequence pass.
+    ``seconds``: DiT time of the block (CUDA-synchronized), refresh pass included; ``nan`` when the generator
+    runs without host syncs (``synchronize=False`` on CUDA): then :meth:`dit_seconds` reads the block's CUDA
+    events. With ``record=True``: ``steps[k] = (x_in, t_rf, v)`` of each denoising step (``v`` the guided
+    velocity under CFG, whose parts are ``guidance_parts[k] = (v_cond, v_uncond)``) and ``context = (x_in,
+    t_rf)`` of the cache-writing pass (``None`` when the last step wrote), to replay the block against a
+    full-sequence pass.
     """
 
     index: int
@@ -63,20 +71,79 @@ class StreamBlock:
     prefill: bool = False
     steps: list[tuple[Tensor, float, Tensor]] | None = None
     context: tuple[Tensor, float] | None = None
+    guidance_parts: list[tuple[Tensor, Tensor]] | None = None
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    def dit_seconds(self) -> float:
+        """DiT time of the block: ``seconds``, or the elapsed time between its CUDA events (waits for the end
+        event only, not for the whole device)."""
+        if self.events is None:
+            return self.seconds
+        start, end = self.events
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Timer:
+    """Per-block DiT time: host clock after a device sync (``sync``), or CUDA events (no host sync)."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.device, self.events = device, device.type == "cuda" and not sync
+
+    def start(self):
+        if self.events:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def stop(self, start) -> tuple[float, tuple | None]:
+        if self.events:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return math.nan, (start, end)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start, None
+
+
+def _noise_fn(generator: torch.Generator | Sequence[torch.Generator], shape: tuple[int, int, int, int],
+              device: torch.device):
+    """``noise(n) -> [B, C, n, H, W]`` on ``device``: one generator draws the whole batch; a list of B generators
+    draws sample b from generator b (a sample's noise then does not depend on its batch). CPU draws reach a
+    CUDA device through pinned memory without blocking the host."""
+    b, c, h, w = shape
+    per_sample = not isinstance(generator, torch.Generator)
+    gens = list(generator) if per_sample else [generator]
+    if per_sample and len(gens) != b:
+        raise ValueError(f"generator: give one torch.Generator or one per sample ({b}), got {len(gens)}")
+
+    def noise(n: int) -> Tensor:
+        if per_sample:
+            parts = [torch.randn((1, c, n, h, w), generator=g, device=g.device) for g in gens]
+            x = torch.cat([p.to(device) for p in parts]) if len(parts) > 1 else parts[0]
+        else:
+            x = torch.randn((b, c, n, h, w), generator=gens[0], device=gens[0].device)
+        if x.device.type == "cpu" and device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
+
+    return noise
 
 
 @torch.no_grad()
 def stream_generate(net: WanDiT, prompt: PromptKV | Tensor, cache: KVCache, *, num_frames: int,
-                    layout: BlockLayout, latent_shape: tuple[int, int, int, int], generator: torch.Generator,
+                    layout: BlockLayout, latent_shape: tuple[int, int, int, int],
+                    generator: torch.Generator | Sequence[torch.Generator],
                     times: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_STREAM_TIMES,
                     context_noise: float = 0.0, refresh: Literal["clean", "last_step"] = "clean",
-                    initial_latent: Tensor | None = None, timestep_dtype: torch.dtype | None = None,
-                    record: bool = False) -> Iterator[StreamBlock]:
+                    clean_refresh_blocks: int = 0, solver: Literal["renoise", "euler"] = "renoise",
+                    negative: PromptKV | Tensor | None = None, uncond_cache: KVCache | None = None,
+                    guidance: float = 1.0, initial_latent: Tensor | None = None,
+                    timestep_dtype: torch.dtype | None = None, record: bool = False,
+                    synchronize: bool = True) -> Iterator[StreamBlock]:
     """Generate ``num_frames`` latent frames block by block, yielding each finished :class:`StreamBlock`.
 
     Args:
@@ -85,67 +152,92 @@ def stream_generate(net: WanDiT, prompt: PromptKV | Tensor, cache: KVCache, *, n
         cache: an empty ``KVCache`` of the net's geometry (:func:`rcm_nets.wan.causal.make_kv_cache`); reset here.
         num_frames: latent frames to produce; must be covered exactly by whole blocks of ``layout``.
         latent_shape: ``(B, C, H, W)`` of a latent frame.
-        generator: noise source (initial noise of each block, then fresh noise per step); its device is
-            where the noise is drawn, the latents live on the net's device.
+        generator: noise source (initial noise of each block, then fresh noise per step): one generator for
+            the batch, or one per sample (sample b's noise then equals a batch-1 run with generator b); the
+            noise is drawn on the generators' device, the latents live on the net's device.
         times: RF times of the denoising steps (strictly decreasing in (0, 1]); or one list per block, the
             last one repeating (e.g. 4 steps for block 0, then 2).
         context_noise: RF time of the cache-writing re-run (0 = clean context).
         refresh: ``"clean"`` (extra pass at ``context_noise``) or ``"last_step"`` (the last step writes).
+        clean_refresh_blocks: with ``refresh="last_step"``, the first blocks (indices ``< clean_refresh_blocks``)
+            still write with the clean pass (Causal-rCM's noisy-context preset keeps block 0 clean: 1).
+        solver: ``"renoise"`` (few-step student: ``x0 = x − t·v``, fresh noise to the next time) or ``"euler"``
+            (multi-step teacher: the ODE step ``x ← x − (t_k − t_{k+1})·v``, no noise after the start).
+        negative: CFG: the negative prompt (same form as ``prompt``, batch B); needs ``uncond_cache`` (an
+            empty cache like ``cache``). Every step then runs the net twice, ``v = v_u + guidance·(v_c − v_u)``,
+            and every cache-writing pass writes both caches.
+        guidance: CFG scale (used when ``negative`` is given; 1 reproduces the conditional velocity).
         initial_latent: causal I2V, ``[B, C, first_block_frames, H, W]``: block 0 is given (written to the
-            cache at ``t = 0`` and yielded with ``prefill=True``), generation starts at block 1.
+            cache(s) at ``t = 0`` and yielded with ``prefill=True``), generation starts at block 1.
         timestep_dtype: round ``1000·t`` through this dtype (bf16 as rcm) or feed it exactly (None).
         record: keep every step's input and velocity in the yielded blocks (tests, debugging).
+        synchronize: time each block with a device sync (default); ``False`` on CUDA records CUDA events
+            instead and never blocks the host, so a consumer can overlap other work (the streaming decode).
     """
     if not layout.covers_exactly(num_frames):
         raise ValueError(f"num_frames={num_frames} is not a whole number of blocks of {layout} "
                          f"(nearest: {layout.block_start(layout.num_blocks(num_frames))})")
     if refresh not in ("clean", "last_step"):
         raise ValueError(f"refresh must be 'clean' or 'last_step', got {refresh!r}")
+    if solver not in ("renoise", "euler"):
+        raise ValueError(f"solver must be 'renoise' or 'euler', got {solver!r}")
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise must be in [0, 1), got {context_noise}")
+    if (negative is None) != (uncond_cache is None):
+        raise ValueError("CFG needs both negative and uncond_cache (or neither)")
     b, c, h, w = latent_shape
     device = next(net.parameters()).device
-    cache.reset()
+    caches = [cache] if uncond_cache is None else [cache, uncond_cache]
+    for kv in caches:
+        kv.reset()
     if initial_latent is not None and tuple(initial_latent.shape) != (b, c, layout.first, h, w):
         raise ValueError(f"initial_latent has shape {tuple(initial_latent.shape)}, expected the first block "
                          f"{(b, c, layout.first, h, w)}")
+    noise = _noise_fn(generator, latent_shape, device)
+    timer = _Timer(device, synchronize)
 
-    def noise(n: int) -> Tensor:
-        return torch.randn((b, c, n, h, w), generator=generator, device=generator.device).to(device)
-
-    def run(x: Tensor, t: float, blk, write: bool) -> Tensor:
-        return net.forward_block(x, wan_timestep(t, b, device, timestep_dtype), prompt, cache=cache, block=blk,
-                                 write=write).float()
+    def run(x: Tensor, t: float, blks, write: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        ts = wan_timestep(t, b, device, timestep_dtype)
+        v = net.forward_block(x, ts, prompt, cache=cache, block=blks[0], write=write).float()
+        if negative is None:
+            return v, None
+        v_u = net.forward_block(x, ts, negative, cache=uncond_cache, block=blks[1], write=write).float()
+        return v_u + guidance * (v - v_u), (v, v_u)
 
     for i in range(layout.num_blocks(num_frames)):
         n, start = layout.block_frames(i), layout.block_start(i)
-        _sync(device)
-        tic = time.perf_counter()
-        blk = cache.begin_block(n)
+        tic = timer.start()
+        blks = [kv.begin_block(n) for kv in caches]
         if i == 0 and initial_latent is not None:
             x0 = initial_latent.to(device=device, dtype=torch.float32)
-            run(x0, 0.0, blk, write=True)
-            cache.commit(blk)
-            _sync(device)
-            yield StreamBlock(i, start, x0, time.perf_counter() - tic, prefill=True,
-                              context=(x0, 0.0) if record else None)
+            run(x0, 0.0, blks, write=True)
+            for kv, blk in zip(caches, blks):
+                kv.commit(blk)
+            seconds, events = timer.stop(tic)
+            yield StreamBlock(i, start, x0, seconds, prefill=True, context=(x0, 0.0) if record else None,
+                              events=events)
             continue
         ts = check_schedule(block_schedule(times, i), low=0.0, high=1.0, what="denoising times (RF)")
-        steps = [] if record else None
+        write_last = refresh == "last_step" and i >= clean_refresh_blocks
+        steps, parts = ([], []) if record else (None, None)
         x = ts[0] * noise(n)  # (1 − t0)·0 + t0·ε: the sampler's start at t0 < 1 (rcm)
         for k, tk in enumerate(ts):
             last = k == len(ts) - 1
-            v = run(x, tk, blk, write=last and refresh == "last_step")
+            v, vp = run(x, tk, blks, write=last and write_last)
             if record:
                 steps.append((x, tk, v))
+                parts.append(vp)
             x0 = x - tk * v
             if not last:
-                x = (1 - ts[k + 1]) * x0 + ts[k + 1] * noise(n)
+                t_next = ts[k + 1]
+                x = x - (tk - t_next) * v if solver == "euler" else (1 - t_next) * x0 + t_next * noise(n)
         ctx = None
-        if refresh == "clean":
+        if not write_last:
             xc = x0 if context_noise == 0 else (1 - context_noise) * x0 + context_noise * noise(n)
-            run(xc, context_noise, blk, write=True)
+            run(xc, context_noise, blks, write=True)
             ctx = (xc, context_noise) if record else None
-        cache.commit(blk)
-        _sync(device)
-        yield StreamBlock(i, start, x0, time.perf_counter() - tic, steps=steps, context=ctx)
+        for kv, blk in zip(caches, blks):
+            kv.commit(blk)
+        seconds, events = timer.stop(tic)
+        yield StreamBlock(i, start, x0, seconds, steps=steps, context=ctx,
+                          guidance_parts=parts if negative is not None else None, events=events)
