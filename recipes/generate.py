@@ -15,6 +15,7 @@ seed ``seed + i``) and decoded; one mp4 per prompt (its samples side by side). E
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -132,6 +133,17 @@ def _output(cfg: GenerateConfig, i: int, n: int) -> Path:
     return out if n == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
 
 
+def _writable_output(cfg: GenerateConfig) -> Path:
+    """The config sidecar's path, after checking the output directory can be written (before any work); a stale
+    sidecar is removed, so a run that fails leaves no file claiming to describe the videos."""
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"output: directory {out.parent} is not writable")
+    out.with_suffix(".yaml").unlink(missing_ok=True)
+    return out.with_suffix(".yaml")
+
+
 def run(cfg: GenerateConfig) -> dict:
     """Generate and write the videos; returns ``{"videos": [paths], "timing", "expert_calls", "prompts"}``."""
     device = resolve_device(cfg.device)
@@ -139,7 +151,7 @@ def run(cfg: GenerateConfig) -> dict:
     timer = StageTimer(device)
     _check_files(cfg)
     prompts = [cfg.prompt] if cfg.prompt_file is None else read_prompts(cfg.prompt_file)
-    write_config(cfg, Path(cfg.output).with_suffix(".yaml"))
+    sidecar = _writable_output(cfg)
     context, uncond = encode_texts(cfg.text_encoder, prompts, text_len=dit_config(cfg.dit).text_len, device=device,
                                    sampler=cfg.sampler, timer=timer)
     pipe = VideoPipeline(cfg.sampler, cfg.video, mode=cfg.mode, dit=cfg.dit, vae=cfg.vae, clip=cfg.clip,
@@ -159,6 +171,7 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.save_latents:
         torch.save(torch.stack(latents), Path(cfg.output).with_suffix(".latents.pt"))
     pipe.free()
+    write_config(cfg, sidecar)  # only now: the sidecar describes the videos beside it
     timer.report("config resolved to the last mp4 written, loading included")
     return {"videos": paths, "timing": timer.as_dict(), "prompts": prompts,
             "expert_calls": dict(pipe.expert_calls) if cfg.dit.low_noise_path else None}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rcm_losses import TrigFlowAdapter, flow_unipc_sample, rcm_sample
-from rcm_nets.checkpoint import load_checkpoint
+from rcm_nets.checkpoint import CheckpointError, load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT
 from rcm_pipelines.components import MissingFileError
 from rcm_pipelines.testing import TINY_CLIP
@@ -67,6 +67,32 @@ def test_bad_fields_are_named(capsys):
         resolve_config(generate.GenerateConfig, ["--mode=i2v"])
     with pytest.raises(ConfigError, match=r"field 'sampler\.kind'.*'rcm', 'euler', 'unipc' or 'causal'"):
         resolve_config(generate.GenerateConfig, ["--sampler.kind=ddim"])
+
+
+def test_out_of_range_values_are_refused_before_loading():
+    """Before: stream steps/frames/context noise and video sizes out of range failed only after the models
+    loaded, and --mid_t in the wrong order was accepted."""
+    for flag, msg in [("--sampler.mid_t=[1.0,1.4]", r"mid_t \[1.0, 1.4\] must be strictly decreasing"),
+                      ("--sampler.causal_times=[0.5,1.5]", r"causal_times .* must be strictly decreasing"),
+                      ("--sampler.context_noise=1.0", r"sampler\.context_noise"),
+                      ("--sampler.frames_per_block=0", r"sampler\.frames_per_block"),
+                      ("--sampler.guidance=-1", r"sampler\.guidance"),
+                      ("--video.num_frames=6", r"num_frames must be 1 \+ 4k"),
+                      ("--video.size=[30,32]", "positive multiples of 16"),
+                      ("--video.fps=0", r"video\.fps"),
+                      ("--num_samples=0", "num_samples")]:
+        with pytest.raises(ConfigError, match=msg):
+            resolve_config(generate.GenerateConfig, [flag])
+
+
+def test_failed_run_leaves_no_sidecar_claiming_the_old_video(assets, tmp_path):
+    """Before: <output>.yaml was rewritten before a run that then failed, beside a video it did not describe."""
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"old video")
+    out.with_suffix(".yaml").write_text("old: config\n")
+    with pytest.raises(CheckpointError, match="missing"):  # tiny weights do not fit t2v-1.3B: fails while loading
+        generate.main(_args(assets, out, "--dit.config=t2v-1.3B", f"--dit.path={assets.t2v}"))
+    assert out.read_bytes() == b"old video" and not out.with_suffix(".yaml").exists()
 
 
 def test_missing_files_name_the_field(assets, tmp_path):

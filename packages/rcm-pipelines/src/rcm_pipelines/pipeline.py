@@ -21,6 +21,7 @@ Shape legend: C=16 latent channels, T latent frames, H x W latent pixels, L text
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from rcm_kernels.blockmask import BlockLayout
+from rcm_losses.schedules import check_schedule
 from rcm_nets.wan.causal import video_kv_cache
 
 from .components import (
@@ -71,17 +74,17 @@ class SamplerSpec(PipelineConfig):
     kind: Literal["rcm", "euler", "unipc", "causal"] = "rcm"
     """rcm: distilled bidirectional student (1-4 steps, no CFG); euler / unipc: the teacher (N steps + CFG);
     causal: a causal streaming student, block by block with a KV cache."""
-    num_steps: int | None = None
+    num_steps: int | None = Field(None, ge=1)
     """Steps; None: 4 for rcm, 50 for the teacher, len(causal_times) for causal."""
-    sigma_max: float | None = None
+    sigma_max: float | None = Field(None, gt=0)
     """Initial EDM noise level; None: 80 for rcm T2V, 200 for rcm I2V, 5000 for the teacher."""
     mid_t: list[float] = [1.5, 1.4, 1.0]
     """rcm: intermediate TrigFlow times of the 2-4 step schedules."""
     ode: bool = False
     """rcm: deterministic RF Euler updates instead of re-noising."""
-    guidance: float = 5.0
+    guidance: float = Field(5.0, ge=0)
     """Teacher CFG scale (1 disables the unconditional pass)."""
-    shift: float = 5.0
+    shift: float = Field(5.0, gt=0)
     """Teacher: Wan time shift of the step schedule."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """Teacher CFG negative prompt (Wan's default)."""
@@ -89,17 +92,17 @@ class SamplerSpec(PipelineConfig):
     """A stored negative-prompt embedding [L, D] used instead of encoding negative_prompt."""
     causal_times: list[float] = list(DEFAULT_STREAM_TIMES)
     """causal: RF times of the denoising steps of every block (strictly decreasing in (0, 1])."""
-    frames_per_block: int = 3
+    frames_per_block: int = Field(3, ge=1)
     """causal: latent frames per block."""
-    first_block_frames: int | None = None
+    first_block_frames: int | None = Field(None, ge=1)
     """causal: latent frames of the first block (default frames_per_block; I2V forces 1: the image)."""
-    context_noise: float = 0.0
+    context_noise: float = Field(0.0, ge=0, lt=1)
     """causal: RF time of the cache-writing re-run of each block (0 = clean context)."""
     kv_dtype: Literal["bfloat16", "float16", "float32", "int8", "fp8"] = "bfloat16"
     """causal: KV cache storage."""
     timestep_bf16: bool = False
     """causal: round the network time 1000 t through bf16 (as rcm's causal sampler does)."""
-    boundary: float = 0.9
+    boundary: float = Field(0.9, gt=0, lt=1)
     """Two-expert DiTs (dit.low_noise_path set): RF time at which the low-noise expert takes over."""
     offload_experts: bool = True
     """Two-expert DiTs: keep the expert not in use on the CPU."""
@@ -116,6 +119,16 @@ class SamplerSpec(PipelineConfig):
 
     def uses_cfg(self) -> bool:
         return self.kind in ("euler", "unipc") and self.guidance > 1
+
+    @field_validator("mid_t")
+    @classmethod
+    def _mid_t(cls, v: list[float]) -> list[float]:
+        return check_schedule(v, low=0.0, high=math.pi / 2, what="mid_t") if v else v
+
+    @field_validator("causal_times")
+    @classmethod
+    def _causal_times(cls, v: list[float]) -> list[float]:
+        return check_schedule(v, low=0.0, high=1.0, what="causal_times")
 
     def check(self) -> None:
         """Cross-field checks (called by the recipe's validator); messages name the flag."""
@@ -139,10 +152,18 @@ class VideoSpec(PipelineConfig):
     """Explicit (width, height) in pixels, multiples of 16; overrides resolution and aspect_ratio."""
     adaptive_resolution: bool = False
     """I2V: keep the preset's pixel area with each image's aspect ratio (sides rounded to 16)."""
-    num_frames: int | None = None
+    num_frames: int | None = Field(None, ge=1)
     """Frames, 1 + 4k; None: 77 for rcm T2V, 81 otherwise."""
-    fps: int = 16
+    fps: int = Field(16, ge=1, le=240)
     """Frame rate of the mp4 files."""
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoSpec:
+        if self.num_frames is not None and (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4k, got {self.num_frames}")
+        if self.size is not None and any(v <= 0 or v % 16 for v in self.size):
+            raise ValueError(f"size must be positive multiples of 16 (width, height), got {self.size}")
+        return self
 
     def frames(self, kind: str, mode: str) -> int:
         if self.num_frames is not None:
