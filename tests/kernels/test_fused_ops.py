@@ -284,3 +284,12 @@ def test_gpu_bf16_rms_norm_rope():
     xr = x.clone().requires_grad_()
     R.rms_norm_rope_reference(xr, None, w, eps=1e-6, heads=GH, cos=cos, sin=sin)[0].float().square().sum().backward()
     close("grad", xg.grad, xr.grad, 5e-2, 5e-2)  # grads of a bf16 loss: the primal's ulp flips propagate
+
+
+@interp
+def test_func_jvp_through_the_fused_op_sees_the_tangent():
+    """Under torch.func.jvp the op must not drop the transform's tangent (it runs the reference twin)."""
+    x, tx, w = rnd(B, L, C), rnd(B, L, C), rnd(C)
+    y, ty = torch.func.jvp(lambda a: rms_norm_rope(a, None, w, eps=1e-6, heads=H, impl="triton")[0], (x,), (tx,))
+    _, rty = R.rms_norm_rope_reference(x, tx, w, eps=1e-6, heads=H)
+    close("tangent", ty, rty, 1e-5, 1e-5)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 _IMPLS = ("auto", "triton", "reference")
 
@@ -64,8 +65,21 @@ class _FusedOp(torch.autograd.Function):
                                           for a, n in zip(inputs, need)))
 
 
+def _transformed(t) -> bool:
+    """True for a tensor under a torch.func transform or carrying a forward-AD tangent."""
+    if not isinstance(t, Tensor):
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+
+
 def fused_apply(fast: Callable, ref: Callable, args: tuple, is_primal: tuple[bool, ...], kw: dict):
-    """``fast(*args, **kw)``, through the autograd Function only when a primal input needs a gradient."""
+    """``fast(*args, **kw)``, through the autograd Function only when a primal input needs a gradient.
+
+    Under ``torch.func`` transforms or ``forward_ad`` (the generic ``torch.func.jvp`` fallbacks of the losses)
+    the reference twin runs instead: plain torch ops, so the transform sees through it.
+    """
+    if any(_transformed(t) for t in (*args, *kw.values())):
+        return ref(*args, **kw)
     if torch.is_grad_enabled() and any(p and isinstance(a, Tensor) and a.requires_grad
                                        for a, p in zip(args, is_primal)):
         return _FusedOp.apply(fast, ref, kw, is_primal, *args)

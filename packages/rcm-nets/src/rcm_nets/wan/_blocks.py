@@ -5,6 +5,8 @@ Every ``forward`` takes primal tensors with their tangents (``t<name>``, ``None`
 Legend: B batch, L tokens (local to this rank under context parallel), Lc context rows, H heads,
 D head dim, C = dim. Modulation tensors are ``[B, Tm, n, C]`` with Tm = 1 (one time per sample) or
 Tm = frames (per-frame times, expanded per token through ``mod_index [L]``).
+The norms, the modulation, the gated residuals and the q/k RMSNorm + RoPE go through ``_ops``/``_rope``
+entry points that run the fused kernels of ``rcm_kernels.fused`` when ``_ops.use_fused`` says so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from torch import Tensor, nn
 
 from rcm_kernels.attention import Attention
 
-from ._ops import Pair, add, cast, gated, gelu_tanh, island, layer_norm, linear, modulate, rms_norm
+from ._ops import (
+    Pair,
+    add,
+    cast,
+    gated_residual,
+    gelu_tanh,
+    island,
+    layer_norm,
+    layer_norm_modulate,
+    linear,
+    rms_norm,
+    use_fused,
+)
 from ._rope import apply_rope
 from .configs import WanConfig
 
@@ -33,9 +47,9 @@ class RMSNorm(nn.Module):
 
 
 class _Mod:
-    """Lazy modulation chunks ``table + e`` (fp32 island), gathered per token only when used.
+    """Modulation chunks ``table + e`` (fp32 island); tokens pick their row through ``index`` where used.
 
-    ``table [1, n, C]``, ``e [B, Tm, n, C]``; ``self[i]`` is ``(m_i, tm_i)`` with shape ``[B, 1|L, C]``.
+    ``table [1, n, C]``, ``e [B, Tm, n, C]``; ``self[i]`` is ``(m_i, tm_i)`` with shape ``[B, Tm, C]``.
     """
 
     def __init__(self, table: Tensor, e: Tensor, te: Tensor | None, index: Tensor | None):
@@ -43,19 +57,22 @@ class _Mod:
         self.tm = None if te is None else te.expand(self.m.shape)  # the table has no tangent
 
     def __getitem__(self, i: int) -> Pair:
-        m, tm = self.m[:, :, i], (None if self.tm is None else self.tm[:, :, i])
-        if self.index is not None:
-            m, tm = m[:, self.index], (None if tm is None else tm[:, self.index])
-        return m, tm
+        return self.m[:, :, i], (None if self.tm is None else self.tm[:, :, i])
 
 
 def _project(lin: nn.Linear, norm: RMSNorm | None, x: Tensor, tx: Tensor | None, eps: float,
-             heads: int) -> Pair:
-    """``norm(lin(x))`` viewed as ``[B, L, H, D]``."""
+             heads: int, rope: tuple[Tensor, Tensor] | None = None) -> Pair:
+    """``rope(norm(lin(x)))`` viewed as ``[B, L, H, D]`` (norm and rope optional; fused into one kernel)."""
     y, ty = linear(x, tx, lin.weight, lin.bias)
+    if norm is not None and use_fused(y):
+        from rcm_kernels.fused import rms_norm_rope
+
+        cos, sin = (None, None) if rope is None else (rope[0][0, :, 0], rope[1][0, :, 0])  # [L, D/2]
+        return rms_norm_rope(y, ty, norm.weight, eps=eps, heads=heads, cos=cos, sin=sin)
     if norm is not None:
         y, ty = rms_norm(y, ty, norm.weight, eps)
-    return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
+    y, ty = y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
+    return (y, ty) if rope is None else apply_rope(y, ty, *rope)
 
 
 class _QKVO(nn.Module):
@@ -83,8 +100,8 @@ class WanSelfAttention(_QKVO):
 
     def qkv(self, x: Tensor, tx: Tensor | None, rope: tuple[Tensor, Tensor]):
         """``(q, k, v), (tq, tk, tv)`` as ``[B, L, H, D]``; RoPE applied to q and k."""
-        q, tq = apply_rope(*_project(self.q, self.norm_q, x, tx, self.eps, self.num_heads), *rope)
-        k, tk = apply_rope(*_project(self.k, self.norm_k, x, tx, self.eps, self.num_heads), *rope)
+        q, tq = _project(self.q, self.norm_q, x, tx, self.eps, self.num_heads, rope)
+        k, tk = _project(self.k, self.norm_k, x, tx, self.eps, self.num_heads, rope)
         v, tv = _project(self.v, None, x, tx, self.eps, self.num_heads)
         return (q, k, v), (tq, tk, tv)
 
@@ -149,24 +166,22 @@ class WanBlock(nn.Module):
         """``x [B, L, C]`` (residual stream, parameter dtype) -> same; ``e0 [B, Tm, 6, C]`` fp32."""
         dt, isl = x.dtype, e0.dtype
         mod = _Mod(self.modulation, e0, te0, mod_index)
-        # self-attention: modulated LN (fp32 island), gated residual
-        a, ta = modulate(*layer_norm(x, tx, self.eps), *mod[0], *mod[1])
-        y, ty = self.self_attn(a.to(dt), cast(ta, dt), rope, block_mask)
-        g, tg = gated(y, ty, *mod[2], isl if precision == "student" else dt)
-        x, tx = (x.to(g.dtype) + g).to(dt), add(cast(tx, g.dtype), tg)
-        tx = cast(tx, dt)
+        idx = mod.index
+        # self-attention: modulated LN (fp32 island, result in dt), gated residual
+        a, ta = layer_norm_modulate(x, tx, self.eps, *mod[0], *mod[1], index=idx, out_dtype=dt)
+        y, ty = self.self_attn(a, ta, rope, block_mask)
+        x, tx = gated_residual(x, tx, y, ty, *mod[2], isl if precision == "student" else dt, index=idx, out_dtype=dt)
         # cross-attention: affine LN, no modulation, no gate
-        c, tc = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
+        c, tc = (x, tx) if self.norm3 is None else layer_norm_modulate(x, tx, self.eps, weight=self.norm3.weight,
+                                                                       bias=self.norm3.bias)
         z, tz = self.cross_attn(c, tc, ctx, img)
         if precision == "student":  # rCM student: cross residual + FFN + residual in fp32 (docs/nets.md, precision)
             h, th = x.to(isl) + z.to(isl), add(cast(tx, isl), cast(tz, isl))
-            f, tf = modulate(*layer_norm(h, th, self.eps), *mod[3], *mod[4])
-            u, tu = gated(*self._ffn(f, tf, isl), *mod[5], isl)
-            return (h + u).to(dt), cast(add(th, tu), dt)
+            f, tf = layer_norm_modulate(h, th, self.eps, *mod[3], *mod[4], index=idx)
+            return gated_residual(h, th, *self._ffn(f, tf, isl), *mod[5], isl, index=idx, out_dtype=dt)
         x, tx = x + z.to(dt), add(tx, cast(tz, dt))
-        f, tf = modulate(*layer_norm(x, tx, self.eps), *mod[3], *mod[4])
-        u, tu = gated(*self._ffn(f.to(dt), cast(tf, dt), None), *mod[5], dt)
-        return x + u, add(tx, tu)
+        f, tf = layer_norm_modulate(x, tx, self.eps, *mod[3], *mod[4], index=idx, out_dtype=dt)
+        return gated_residual(x, tx, *self._ffn(f, tf, None), *mod[5], dt, index=idx)
 
 
 class Head(nn.Module):
@@ -183,7 +198,7 @@ class Head(nn.Module):
                 mod_index: Tensor | None = None) -> Pair:
         """``x [B, L, C]``, ``e [B, Tm, C]`` -> ``[B, L, prod(patch)·out_dim]`` in the island dtype."""
         mod = _Mod(self.modulation, e[:, :, None], None if te is None else te[:, :, None], mod_index)
-        f, tf = modulate(*layer_norm(x, tx, self.eps), *mod[0], *mod[1])
+        f, tf = layer_norm_modulate(x, tx, self.eps, *mod[0], *mod[1], index=mod.index)
         return linear(f, tf, self.head.weight, self.head.bias, island(e.dtype))
 
 

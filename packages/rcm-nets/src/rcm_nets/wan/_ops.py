@@ -8,17 +8,51 @@ while the primal keeps the caller's grad mode.
 
 Precision: ``island(dtype)`` is the dtype of the fp32 islands (float32, or float64 for float64 params).
 Linear layers run in their weight's dtype (inputs are cast to it), or in ``compute`` when given.
+
+Fused ops: ``layer_norm_modulate``, ``gated_residual`` (here) and ``rms_norm_rope`` / ``apply_rope`` (``_rope``)
+run the fused Triton kernels of ``rcm_kernels.fused`` (primal and tangent in one pass, same precision) when
+:func:`use_fused` says so, else the unfused functions below. One switch: the module attribute
+``fused_ops_mode`` (initialized from the environment variable ``RCM_FUSED_OPS``; scoped with :func:`fused_ops`):
+``"auto"`` (default) fuses on CUDA tensors, ``"on"`` fuses everywhere (off CUDA the reference twins of
+``rcm_kernels.fused`` run), ``"off"`` never fuses (docs/kernels.md, fused ops).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Pair = tuple[Tensor, Tensor | None]
+
+
+FUSED_MODES = ("auto", "on", "off")
+fused_ops_mode: str = os.environ.get("RCM_FUSED_OPS", "auto")
+
+
+def use_fused(x: Tensor) -> bool:
+    """Whether an op on ``x`` takes the fused kernels (``fused_ops_mode``, see the module docstring)."""
+    if fused_ops_mode not in FUSED_MODES:
+        raise ValueError(f"RCM_FUSED_OPS / fused_ops_mode: {fused_ops_mode!r} is not one of {FUSED_MODES}")
+    return fused_ops_mode == "on" or (fused_ops_mode == "auto" and x.is_cuda)
+
+
+@contextmanager
+def fused_ops(mode: str) -> Iterator[None]:
+    """Run the enclosed code with ``fused_ops_mode = mode`` (``"auto"``, ``"on"`` or ``"off"``)."""
+    global fused_ops_mode
+    if mode not in FUSED_MODES:
+        raise ValueError(f"fused_ops: mode {mode!r} is not one of {FUSED_MODES}")
+    old, fused_ops_mode = fused_ops_mode, mode
+    try:
+        yield
+    finally:
+        fused_ops_mode = old
 
 
 def island(dtype: torch.dtype) -> torch.dtype:
@@ -139,6 +173,46 @@ def gated(y: Tensor, ty: Tensor | None, gate: Tensor, tgate: Tensor | None,
     with torch.no_grad():
         return out, add(None if ty is None else ty.to(dtype) * g,
                         None if tgate is None else y.to(dtype) * tgate.to(dtype))
+
+
+def _rows(m: Tensor | None, index: Tensor | None) -> Tensor | None:
+    """Per-token rows ``m[:, index]`` of modulation rows ``m [B, Tm, C]`` (``m`` itself without ``index``)."""
+    return m if m is None or index is None else m[:, index]
+
+
+def layer_norm_modulate(x: Tensor, tx: Tensor | None, eps: float, shift: Tensor | None = None,
+                        tshift: Tensor | None = None, scale: Tensor | None = None, tscale: Tensor | None = None, *,
+                        index: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                        out_dtype: torch.dtype | None = None) -> Pair:
+    """``modulate(layer_norm(x))`` (LN alone without ``shift``/``scale``), cast to ``out_dtype`` when given.
+
+    ``x [B, L, C]``; ``shift``/``scale [B, Tm, C]`` with ``index [L]`` picking each token's row (Tm = 1 without
+    it). Fused into one kernel when :func:`use_fused`; the unfused path is ``layer_norm`` then ``modulate``.
+    """
+    if use_fused(x):
+        from rcm_kernels.fused import layer_norm_modulate as fused
+
+        return fused(x, tx, shift, tshift, scale, tscale, eps=eps, weight=weight, bias=bias, index=index,
+                     out_dtype=out_dtype)
+    y, ty = layer_norm(x, tx, eps, weight, bias)
+    if scale is not None:
+        y, ty = modulate(y, ty, _rows(shift, index), _rows(tshift, index), _rows(scale, index),
+                         _rows(tscale, index))
+    return (y, ty) if out_dtype is None else (y.to(out_dtype), cast(ty, out_dtype))
+
+
+def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor,
+                   tgate: Tensor | None, compute: torch.dtype, *, index: Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> Pair:
+    """``x + y·gate``: ``gated`` in ``compute``, the sum in ``compute``, the result in ``out_dtype`` (default
+    ``x.dtype``); ``gate [B, Tm, C]`` rows picked per token by ``index [L]``. Fused when :func:`use_fused`."""
+    od = out_dtype or x.dtype
+    if use_fused(x):
+        from rcm_kernels.fused import gated_residual as fused
+
+        return fused(x, tx, y, ty, gate, tgate, compute=compute, index=index, out_dtype=od)
+    g, tg = gated(y, ty, _rows(gate, index), _rows(tgate, index), compute)
+    return (x.to(compute) + g).to(od), cast(add(cast(tx, compute), tg), od)
 
 
 def sinusoid(t: Tensor, tt: Tensor | None, dim: int) -> Pair:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ops import Pair
+from ._ops import Pair, use_fused
 
 __all__ = ["rope_split", "rope_angles", "rope_cos_sin", "apply_rope"]
 
@@ -62,8 +62,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def apply_rope(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor) -> Pair:
     """Rotate interleaved pairs of ``x [B, L, H, D]`` in the dtype of ``cos``; result in ``x.dtype``.
 
-    The rotation is linear, so the tangent is the same rotation of ``tx``.
+    The rotation is linear, so the tangent is the same rotation of ``tx``. Fused (``rcm_kernels.fused``, one
+    pass for primal and tangent) when ``_ops.use_fused`` says so and ``cos``/``sin`` are ``[1, L, 1, D/2]``.
     """
+    if use_fused(x) and cos.dim() == 4 and cos.shape[0] == cos.shape[2] == 1:
+        from rcm_kernels.fused import apply_rope as fused
+
+        return fused(x, tx, cos[0, :, 0], sin[0, :, 0])
     y = _rotate(x, cos, sin)
     if tx is None:
         return y, None
