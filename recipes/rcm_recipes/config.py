@@ -8,14 +8,17 @@ attribute docstring per field) and calls `parse_config(Cls, presets=...)` in its
       <- ``--a.b=value`` / ``--a.b value`` overrides (same merge rule)
 
 A flag given twice keeps its later value (``--mid_t=[1.5] --mid_t=[1.4,1.0]`` gives ``[1.4, 1.0]``).
-`--help` lists every field with its docstring (pydantic-settings' CLI builds the argparse parser from the
-models). Unknown names and wrong types raise `ConfigError` naming the dotted field and, for unknown names,
-the closest valid one (difflib).
+A boolean field is also a bare flag: ``--ode`` sets it, ``--no-ode`` clears it (``--ode=false`` works too).
+``--print-config`` prints the resolved config as YAML (what ``--config`` reads back) and exits 0 before the
+recipe runs or writes anything. `--help` lists every field once with its type, docstring and default;
+numbered sibling blocks of one model (``stage1``, ``stage2``, ...) are listed once as ``--stage{1,2}.name``
+with their defaults side by side. Unknown names and wrong types raise `ConfigError` naming the dotted
+field and, for unknown names, the closest valid one (difflib).
 
 Why a thin layer over pydantic-settings rather than `CliApp.run`: the library turns an unknown flag into
 argparse's bare "unrecognized arguments" and a bad value into a raw `ValidationError`, and it has no notion
-of presets or of merging a file given on the same command line. So we let it build the parser and
-the help text and turn the flags into a nested dict, and do the merge, the suggestions and the error
+of presets or of merging a file given on the same command line. So we let it build the parser and turn
+the flags into a nested dict, write the help text ourselves (one line per field, repeated blocks once), and do the merge, the suggestions and the error
 wording here; all type checking is pydantic's `model_validate`.
 
 `run_main(main)` is the one error handler of the entry points: known errors (configuration, missing files,
@@ -29,7 +32,10 @@ import argparse
 import difflib
 import json
 import os
+import re
+import shutil
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -38,12 +44,15 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import CliSettingsSource
 
 __all__ = [
     "ConfigError",
+    "bool_flags",
     "RecipeConfig",
     "field_paths",
+    "format_help",
     "load_config_file",
     "parse_config",
     "resolve_config",
@@ -85,6 +94,170 @@ def field_paths(cls: type[BaseModel], prefix: str = "") -> list[str]:
         if sub is not None:
             paths += field_paths(sub, f"{prefix}{name}.")
     return paths
+
+
+def _field_at(cls: type[BaseModel], path: str) -> FieldInfo | None:
+    """The field of ``cls`` at dotted ``path`` (``stage1.objective.ode``), or None."""
+    owner: type[BaseModel] | None = cls
+    info = None
+    for part in path.split("."):
+        info = owner.model_fields.get(part) if owner is not None else None
+        if info is None:
+            return None
+        owner = _model_class(info.annotation)
+    return info
+
+
+def _is_bool(annotation: Any) -> bool:
+    """``bool`` or ``bool | None``."""
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args == [bool]
+    return False
+
+
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n", "none", "null"}
+
+
+def bool_flags(cls: type[BaseModel], argv: Sequence[str]) -> list[str]:
+    """``argv`` with bare boolean flags spelled out: ``--ode`` -> ``--ode=true``, ``--no-ode`` -> ``--ode=false``.
+
+    ``--ode=false`` and ``--ode false`` pass unchanged (pydantic parses the word). A ``--no-x`` whose ``x`` is not
+    a boolean field is left alone (and reported as an unknown field).
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or "=" in arg:
+            out.append(arg)
+            continue
+        name = arg[2:]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        info = _field_at(cls, name)
+        if info is not None and _is_bool(info.annotation):
+            bare = nxt is None or nxt.startswith("--") or nxt.lower() not in _BOOL_WORDS
+            out.append(f"{arg}=true" if bare else arg)
+            continue
+        if name.startswith("no-"):
+            info = _field_at(cls, name[3:])
+            if info is not None and _is_bool(info.annotation):
+                out.append(f"--{name[3:]}=false")
+                continue
+        out.append(arg)
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    """A short type for the help: ``int``, ``{scm,dcm}``, ``str|None``, ``list[float]``."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and origin is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else "None" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _field_groups(cls: type[BaseModel]) -> list[list[str]]:
+    """The field names of ``cls`` in order, numbered siblings of one model class (``stage1``, ``stage2``, ...)
+    gathered into one group (placed where the first of them is)."""
+    groups: list[list[str]] = []
+    where: dict[tuple[str, type], list[str]] = {}
+    for name, info in cls.model_fields.items():
+        sub = _model_class(info.annotation)
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if sub is not None and m is not None:
+            key = (m.group(1), sub)
+            if key in where:
+                where[key].append(name)
+                continue
+            where[key] = [name]
+            groups.append(where[key])
+        else:
+            groups.append([name])
+    return groups
+
+
+def _class_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    try:
+        return cls().model_dump(mode="json")
+    except ValidationError:
+        return {}
+
+
+def _label(names: Sequence[str]) -> str:
+    """``['stage1', 'stage2']`` -> ``'stage{1,2}'``; one name stays as it is."""
+    if len(names) == 1:
+        return names[0]
+    stem = re.fullmatch(r"(.*?)(\d+)", names[0]).group(1)
+    return stem + "{" + ",".join(n[len(stem):] for n in names) + "}"
+
+
+def _help_lines(cls: type[BaseModel], prefix: str, values: Sequence[Mapping[str, Any]], width: int) -> list[str]:
+    """Help rows of ``cls``'s leaf fields, then one section per nested model (recursively). ``values``: the
+    defaults of each instance this block stands for (several for a numbered group)."""
+    rows: list[str] = []
+    sections: list[str] = []
+    col = 30
+    for names in _field_groups(cls):
+        info = cls.model_fields[names[0]]
+        sub = _model_class(info.annotation)
+        label = prefix + _label(names)
+        if sub is not None:
+            docs = list(dict.fromkeys((cls.model_fields[n].description or "").strip() for n in names))
+            head = f"{' / '.join(names) if len(names) > 1 else label}: {' / '.join(d for d in docs if d)}"
+            if any(v.get(n, {}) is None for v in values for n in names):  # an optional block, off by default
+                head += " (default: None; when set, its fields default as listed)"
+            sub_values = [v[n] if isinstance(v.get(n), Mapping) else _class_defaults(sub) for v in values
+                          for n in names]
+            sections += ["", *textwrap.wrap(head, width, subsequent_indent="  "),
+                         *_help_lines(sub, label + ".", sub_values, width)]
+            continue
+        name = names[0]
+        shown = [_show(v[name]) if name in v else "?" for v in values]
+        default = shown[0] if len(set(shown)) == 1 else " | ".join(shown)
+        flag = f"  --{label} {_type_name(info.annotation)}"
+        doc = f"{(info.description or '').strip()} (default: {default})"
+        if len(flag) < col:
+            rows += textwrap.wrap(doc, width, initial_indent=flag.ljust(col), subsequent_indent=" " * col)
+        else:
+            rows += [flag, *textwrap.wrap(doc, width, initial_indent=" " * col, subsequent_indent=" " * col)]
+    return rows + sections
+
+
+def format_help(cls: type[BaseModel], presets: Mapping[str, Any] | None = None, prog: str | None = None,
+                width: int | None = None) -> str:
+    """The ``--help`` text: usage, the recipe's docstring, the fixed options, every field once (type, docstring,
+    default), nested models as sections, numbered sibling blocks (``stage1..3``) listed once."""
+    width = width or min(max(shutil.get_terminal_size((100, 24)).columns, 80), 120)
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        defaults = cls.model_validate(_nested_defaults(cls)).model_dump(mode="json")
+    except ValidationError:
+        defaults = _nested_defaults(cls)
+    fixed = [("-h, --help", "show this help and exit"),
+             ("--config FILE", "a .yaml/.json file of (partial) values"),
+             *([("--preset NAME", f"start from a named config: {', '.join(presets)}")] if presets else []),
+             ("--print-config", "print the resolved config as YAML (a --config file) and exit; nothing runs")]
+    lines = [f"usage: {prog} [-h] [--config FILE]{' [--preset NAME]' if presets else ''} [--print-config] "
+             "[--FIELD=VALUE ...]", ""]
+    if cls.__doc__:
+        lines += [*textwrap.wrap(" ".join(cls.__doc__.split()), width), ""]
+    lines.append("options:")
+    for flag, text in fixed:
+        lines += textwrap.wrap(text, width, initial_indent=f"  {flag}".ljust(30), subsequent_indent=" " * 30)
+    lines += ["", "fields (--a.b=VALUE or --a.b VALUE; a boolean also as --a.b / --no-a.b):"]
+    lines += _help_lines(cls, "", [defaults], width)
+    lines += ["", "values resolve as: defaults <- --preset <- --config file <- --a.b=value overrides"]
+    return "\n".join(lines) + "\n"
 
 
 def _suggest(name: str, candidates: Sequence[str]) -> str:
@@ -194,8 +367,11 @@ def _build_parser(cls: type[C], presets: Mapping[str, C], prog: str | None) -> t
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a prefix of a field name must not silently select that field
+        add_help=False,  # format_help writes --help
+        exit_on_error=False,  # argparse errors become ConfigError
     )
     parser.add_argument("--config", metavar="FILE", help="a .yaml/.json file of (partial) values")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     if presets:
         parser.add_argument("--preset", metavar="NAME", help=f"start from a named config: {', '.join(presets)}")
     # The source adds one option per field (help = the field docstring) and turns them into a nested dict.
@@ -235,16 +411,25 @@ def resolve_config(
 ) -> C:
     """Resolve `cls` from `argv` (default `sys.argv[1:]`); raises `ConfigError` on any problem.
 
-    `--help` prints the help and raises `SystemExit(0)` (argparse's behaviour).
+    `--help` prints `format_help` and raises `SystemExit(0)`; so does `--print-config` after printing the resolved
+    config as YAML.
     """
     presets = dict(presets or {})
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(format_help(cls, presets, prog), end="")
+        raise SystemExit(0)
     parser, source = _build_parser(cls, presets, prog)
-    parsed, unknown = parser.parse_known_args(last_flag_wins(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        parsed, unknown = parser.parse_known_args(last_flag_wins(bool_flags(cls, args)))
+    except argparse.ArgumentError as err:  # e.g. a non-boolean flag without a value
+        name = (err.argument_name or "").split("/")[0].lstrip("-")
+        raise ConfigError(f"field '{name}' on the command line: {err.message} (--{name}=VALUE)") from None
     if unknown:
         flag = unknown[0]
         if flag.startswith("--"):
             name = flag[2:].split("=", 1)[0]
-            valid = ["config", *(["preset"] if presets else []), *field_paths(cls)]
+            valid = ["config", "print-config", *(["preset"] if presets else []), *field_paths(cls)]
             raise ConfigError(f"unknown field '{name}' on the command line{_suggest(name, valid)}")
         raise ConfigError(f"unexpected command-line argument '{flag}' (fields are set as --name=value)")
 
@@ -263,11 +448,16 @@ def resolve_config(
         except ValidationError as err:
             raise ConfigError(_format_validation_error(cls, err, f"--config {parsed.config}")) from None
         values = _merge(cls, values, file_values)
-    cli_values = source(parsed_args={k: v for k, v in vars(parsed).items() if k not in ("config", "preset")})()
+    fixed = ("config", "preset", "print_config")
+    cli_values = source(parsed_args={k: v for k, v in vars(parsed).items() if k not in fixed})()
     try:
-        return cls.model_validate(_merge(cls, values, cli_values))
+        config = cls.model_validate(_merge(cls, values, cli_values))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(cls, err, "the command line")) from None
+    if parsed.print_config:
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        raise SystemExit(0)
+    return config
 
 
 def parse_config(
@@ -289,6 +479,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the file / field (no traceback needed)."""
     known: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError, PermissionError,
                                         IsADirectoryError, NotADirectoryError]
+    from rcm_recipes.rundir import RunConfigMismatch  # a run directory made with another config
+
+    known.append(RunConfigMismatch)
     try:
         from rcm_train.data import CorruptDataError
         from rcm_train.safety import CheckpointError, NonFiniteError

@@ -206,3 +206,108 @@ def test_run_main_prints_one_line_for_known_errors(monkeypatch, capsys, tmp_path
     # unknown errors keep their traceback
     with pytest.raises(ZeroDivisionError):
         _run(lambda: 1 / 0, [], monkeypatch)
+
+
+class Stage(RecipeConfig):
+    name: str = "stage"
+    """Stage name."""
+    ode: bool = False
+    """Regress onto the teacher's ODE."""
+    weight: float | None = None
+    """Loss weight."""
+
+
+class Staged(RecipeConfig):
+    """Staged toy recipe."""
+
+    stage1: Stage = Stage(name="first", ode=True)
+    """First stage."""
+    stage2: Stage = Stage(name="second")
+    """Second stage."""
+    stage3: Stage = Stage(name="third", weight=2.0)
+    """Third stage."""
+    optim: Optim = Optim()
+    """The optimizer."""
+
+
+def test_bare_boolean_flags():
+    """Before: ``--ode`` alone failed ('expected one argument')."""
+    assert resolve_config(Staged, ["--stage2.ode"]).stage2.ode is True
+    assert resolve_config(Staged, ["--no-stage1.ode"]).stage1.ode is False
+    assert resolve_config(Staged, ["--stage1.ode=false"]).stage1.ode is False
+    assert resolve_config(Staged, ["--stage1.ode", "false"]).stage1.ode is False
+    cfg = resolve_config(Staged, ["--optim.clip", "--stage2.ode", "--stage3.name=x"])  # bare flag, then flags
+    assert cfg.optim.clip is True and cfg.stage2.ode is True and cfg.stage3.name == "x"
+    assert resolve_config(Staged, ["--stage2.ode", "--no-stage2.ode"]).stage2.ode is False  # later wins
+    with pytest.raises(ConfigError, match=r"unknown field 'no-stage1\.name'"):  # --no- only for booleans
+        resolve_config(Staged, ["--no-stage1.name"])
+    with pytest.raises(ConfigError, match=r"field 'stage1\.name'"):  # a bare non-boolean still needs a value
+        resolve_config(Staged, ["--stage1.name", "--stage2.ode"])
+
+
+def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        resolve_config(Staged, ["--print-config", "--stage2.ode", "--optim.lr=0.5"])
+    assert exc.value.code == 0 and list(tmp_path.iterdir()) == []
+    out = capsys.readouterr().out
+    data = yaml.safe_load(out)
+    assert data["stage2"]["ode"] is True and data["optim"]["lr"] == 0.5 and data["stage3"]["weight"] == 2.0
+    (tmp_path / "printed.yaml").write_text(out)
+    assert resolve_config(Staged, ["--config", "printed.yaml"]) == \
+        resolve_config(Staged, ["--stage2.ode", "--optim.lr=0.5"])
+
+
+def test_print_config_of_a_recipe_runs_nothing(tmp_path, capsys):
+    import distill
+
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        distill.main(["--preset=tiny-rcm", f"--output_dir={out_dir}", "--print-config"])
+    assert exc.value.code == 0 and not out_dir.exists()
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == distill.PRESETS["tiny-rcm"].model_copy(update=dict(output_dir=str(out_dir))).model_dump(
+        mode="json")
+
+
+def test_help_lists_numbered_blocks_once(capsys):
+    with pytest.raises(SystemExit) as exc:
+        resolve_config(Staged, ["--help"], prog="staged")
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "stage1 / stage2 / stage3: First stage. / Second stage. / Third stage." in text
+    for leaf in ("name", "ode", "weight"):  # each stage field once, in brace form
+        assert text.count(f"--stage{{1,2,3}}.{leaf} ") == 1, leaf
+        assert f"--stage1.{leaf}" not in text and f"--stage2.{leaf}" not in text
+    assert "(default: first | second | third)" in text  # defaults that differ: side by side, stage order
+    assert "(default: true | false | false)" in text and "(default: None | None | 2.0)" in text
+    assert "--optim.lr float" in text and "(default: 0.001)" in text  # unnumbered blocks as before
+    assert "--print-config" in text and "--no-a.b" in text
+
+
+@pytest.mark.parametrize("recipe, before", [("distill", 995), ("causal_distill", 1272)])
+def test_recipe_help_is_concise(recipe, before, capsys):
+    """Before (pydantic-settings' argparse help, 100 columns): distill 995 lines, causal_distill 1272."""
+    import importlib
+
+    module = importlib.import_module(recipe)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < before // 2, len(lines)
+    assert max(map(len, lines)) <= 120
+    assert sum("objective.loss_scale " in line for line in lines) == 1  # stage blocks listed once
+
+
+@pytest.mark.parametrize("recipe", ["distill", "causal_distill"])
+def test_every_preset_is_a_yaml_that_config_reads(recipe):
+    import importlib
+
+    from rcm_recipes.config import CONFIGS
+
+    module = importlib.import_module(recipe)
+    files = sorted((CONFIGS / recipe).glob("*.yaml"))
+    assert sorted(module.PRESETS) == sorted(f.stem for f in files) and files
+    for f in files:
+        preset = module.PRESETS[f.stem]
+        assert resolve_config(type(preset), ["--config", str(f)]) == preset, f.name
