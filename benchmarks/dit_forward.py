@@ -14,9 +14,12 @@ plus the patch embedding, head and text/time embeddings. JVP: linears on x twice
 context k,v once), attention 3x (the fused JVP kernel's six matmuls). Backward: 2x the forward.
 Timing: CUDA events, median of ``--iters`` after ``--warmup``. Peak memory: allocator peak during the call
 above what was allocated before it (weights and inputs excluded).
+Fused DiT ops (``--fused``): ``auto`` (default: the fused Triton norm/modulation/residual/RoPE kernels of
+rcm_kernels.fused on CUDA), ``off`` (the unfused torch ops), ``compare`` (each case both ways in this process,
+with the ratio unfused ms / fused ms).
 
     python benchmarks/dit_forward.py [--config t2v-1.3B] [--frames 21 --height 60 --width 104]
-                                     [--iters 5] [--backward] [--json dit_forward.json]
+                                     [--iters 5] [--backward] [--fused auto|off|compare] [--json dit_forward.json]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from datetime import date
 import torch
 
 from rcm_nets.wan import WanDiT, get_config
+from rcm_nets.wan._ops import fused_ops
 from rcm_nets.wan.flops import dit_flops as flops
 
 
@@ -76,6 +80,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--backward", action="store_true", help="also time a student forward+backward")
+    ap.add_argument("--fused", choices=("auto", "off", "compare"), default="auto",
+                    help="fused DiT ops: auto (on CUDA), off, or compare both in one run")
     ap.add_argument("--json", default="dit_forward.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -108,23 +114,29 @@ def main() -> None:
     if args.backward:
         cases.append(("fwd+bwd", "student", dict(backward=True)))
     rows = []
+    modes = ("off", "auto") if args.fused == "compare" else (args.fused,)
     for name, precision, kw in cases:
-        ms, peak = _measure(lambda p=precision, k=kw: run(p, **k), args.warmup, args.iters)
         f = fl["forward_jvp" if kw.get("jvp") else "fwd+bwd" if kw.get("backward") else "forward"]
-        rows.append(dict(case=name, precision=precision, ms=ms, peak_gib=peak,
-                         tflops=None if ms is None else f / ms / 1e9, flops=f))
+        for mode in modes:
+            with fused_ops(mode):
+                ms, peak = _measure(lambda p=precision, k=kw: run(p, **k), args.warmup, args.iters)
+            rows.append(dict(case=name, precision=precision, fused=mode, ms=ms, peak_gib=peak,
+                             tflops=None if ms is None else f / ms / 1e9, flops=f))
+        if len(modes) == 2 and rows[-1]["ms"] and rows[-2]["ms"]:
+            rows[-1]["speedup"] = rows[-2]["ms"] / rows[-1]["ms"]
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
                 python=platform.python_version(), config=args.config, dtype="bfloat16", latent=list(shape),
-                tokens=tokens, text_rows=args.text_rows, iters=args.iters,
+                tokens=tokens, text_rows=args.text_rows, iters=args.iters, fused=args.fused,
                 params=sum(p.numel() for p in net.parameters()),
                 weights_gib=sum(p.numel() * p.element_size() for p in net.parameters()) / 2**30)
     print(f"WanDiT {args.config} bf16, latent {list(shape)} = {tokens} tokens, {meta['device']}")
-    print(f"{'case':<18}{'precision':<10}{'ms':>10}{'TFLOP/s':>10}{'peak GiB':>10}")
+    print(f"{'case':<18}{'precision':<10}{'fused':<7}{'ms':>10}{'TFLOP/s':>10}{'peak GiB':>10}{'speedup':>9}")
     for r in rows:
         ms = "-" if r["ms"] is None else f"{r['ms']:.1f}"
         tf = "-" if r["tflops"] is None else f"{r['tflops']:.0f}"
         pk = r["peak_gib"] if isinstance(r["peak_gib"], str) else f"{r['peak_gib']:.2f}"
-        print(f"{r['case']:<18}{r['precision']:<10}{ms:>10}{tf:>10}{pk:>10}")
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(f"{r['case']:<18}{r['precision']:<10}{r['fused']:<7}{ms:>10}{tf:>10}{pk:>10}{sp:>9}")
     with open(args.json, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"wrote {args.json}")

@@ -87,21 +87,21 @@ def test_gpu_bf16_fused_equals_unfused_within_bf16_noise(precision, per_frame):
     """bf16 on CUDA. The kernels round the same float32 values as the unfused ops, up to reduction order, so a
     bf16 rounding flips by at most one ulp (2^-8 relative) here and there and compounds over the blocks; the
     unfused bf16 network itself is ~1e-2 away from float64 (tests/nets/test_dit_gpu.py). Bound: max error
-    relative to the output scale < 1e-2 for output and tangent; the fused JVP primal equals the fused plain
-    forward bit for bit (the kernels' primal does not depend on the tangent)."""
+    relative to the output scale < 1e-2 for output and tangent. (The JVP primal is not bitwise the plain
+    forward on CUDA: the plain pass uses another attention kernel; the fused ops' own primal is tangent-free,
+    tests/kernels/test_fused_ops.py.)"""
     net = _net(torch.bfloat16, "cuda", precision)
     args = _inputs(torch.bfloat16, "cuda", per_frame, frames=3, h=16, w=16)
     fused, unfused = _both(net, *args, "auto"), _both(net, *args, "off")
     for name, a, b in zip(("forward", "jvp primal", "jvp tangent"), fused, unfused):
         rel = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
         assert rel < 1e-2, f"{name}: relative error {rel:.3g}"
-    assert torch.equal(fused[0], fused[1])
 
 
 @pytest.mark.gpu
 def test_gpu_fused_student_backward_matches_unfused():
     """Gradients of a bf16 student forward through the fused ops (backward: reference recompute) vs unfused;
-    bound 2e-2 relative to the gradient scale per parameter tensor (bf16 noise compounded by the backward)."""
+    bound: norm-relative error 2e-2 per parameter tensor (bf16 noise compounded by the backward)."""
     net = _net(torch.bfloat16, "cuda", "student")
     x, t, ctx, _, _ = _inputs(torch.bfloat16, "cuda", False, frames=3, h=16, w=16)
     grads = {}
@@ -112,5 +112,5 @@ def test_gpu_fused_student_backward_matches_unfused():
         grads[mode] = {n: p.grad.double().clone() for n, p in net.named_parameters() if p.grad is not None}
     assert grads["auto"].keys() == grads["off"].keys()
     for n, g in grads["off"].items():
-        rel = ((grads["auto"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+        rel = ((grads["auto"][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
         assert rel < 2e-2, f"{n}: relative gradient error {rel:.3g}"

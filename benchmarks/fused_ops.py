@@ -1,0 +1,160 @@
+"""Benchmark: the fused DiT ops (rcm_kernels.fused, Triton) vs the unfused torch ops, at the 1.3B 480p shape (GPU).
+
+Default shape: B=1, L=32760 tokens (21 latent frames of 30x52), C=1536, 12 heads of 128, bf16 activations, fp32
+modulation rows (the Wan islands). Ops, each as the DiT calls it:
+
+* ``ln_modulate``            LayerNorm + ``·(1 + scale) + shift``, one modulation row, output bf16 (block input);
+* ``ln_modulate_per_frame``  the same with per-frame rows (``[B, 21, C]`` + a token→frame index, causal path);
+* ``gated_residual``         ``x + y·gate`` in bf16 (teacher numerics);
+* ``gated_residual_fp32``    the same computed in fp32 (rCM student numerics), bf16 out;
+* ``rms_norm_rope``          q/k RMSNorm over the full width + 3-D RoPE per head;
+* ``rope``                   RoPE alone.
+
+Modes per op: ``primal`` (no tangents, no grad), ``jvp`` (primal + tangents of every input), ``fwd+bwd`` (primal
+with grad, then backward). ``unfused`` runs the reference twins (``impl="reference"``: the same op sequence as
+the DiT's unfused ``_ops``), ``fused`` the Triton kernels (``impl="triton"``); ``--impl both`` (default) runs
+both in this process and prints the ratio unfused/fused. ``GB/s`` counts the bytes a fused pass must move
+(inputs read once, outputs written once). Timing: CUDA events, median of ``--iters`` after ``--warmup``.
+
+    python benchmarks/fused_ops.py [--tokens 32760 --dim 1536 --heads 12] [--impl both|triton|reference]
+                                   [--iters 20] [--json fused_ops.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from datetime import date
+
+import torch
+
+from rcm_kernels.fused import apply_rope, gated_residual, layer_norm_modulate, rms_norm_rope
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cases(b: int, length: int, c: int, heads: int, frames: int, dev: str = "cuda", bf=torch.bfloat16):
+    """``{op: (call(impl, tangents, grad) -> output to backprop, primal bytes, jvp bytes)}``."""
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def r(*shape, dtype=bf):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=g)
+
+    x, tx, y, ty = r(b, length, c), r(b, length, c), r(b, length, c), r(b, length, c)
+    m1 = [r(b, 1, c, dtype=torch.float32) for _ in range(4)]
+    mf = [r(b, frames, c, dtype=torch.float32) for _ in range(4)]
+    idx = torch.arange(length, device=dev) * frames // length
+    w = r(c)
+    half = c // heads // 2
+    ang = torch.rand(length, half, device=dev, dtype=torch.float64, generator=g) * 100
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+    x4, tx4 = x.unflatten(-1, (heads, -1)), tx.unflatten(-1, (heads, -1))
+    act = b * length * c * 2  # one bf16 activation tensor, bytes
+
+    def req(t, grad):
+        return t.detach().requires_grad_(grad)
+
+    def ln(mods, index):
+        def call(impl, tan, grad):
+            return layer_norm_modulate(req(x, grad), tx if tan else None, req(mods[0], grad),
+                                       mods[1] if tan else None, req(mods[2], grad), mods[3] if tan else None,
+                                       eps=1e-6, index=index, out_dtype=bf, impl=impl)[0]
+        return call
+
+    def gated(compute):
+        def call(impl, tan, grad):
+            return gated_residual(req(x, grad), tx if tan else None, req(y, grad), ty if tan else None,
+                                  req(m1[0], grad), m1[1] if tan else None, compute=compute, impl=impl)[0]
+        return call
+
+    def rms(impl, tan, grad):
+        return rms_norm_rope(req(x, grad), tx if tan else None, req(w, grad), eps=1e-6, heads=heads, cos=cos,
+                             sin=sin, impl=impl)[0]
+
+    def rope(impl, tan, grad):
+        return apply_rope(req(x4, grad), tx4 if tan else None, cos, sin, impl=impl)[0]
+
+    rope_b = length * half * 4 * 2
+    return {"ln_modulate": (ln(m1, None), 2 * act, 4 * act), "ln_modulate_per_frame": (ln(mf, idx), 2 * act, 4 * act),
+            "gated_residual": (gated(bf), 3 * act, 6 * act), "gated_residual_fp32": (gated(torch.float32), 3 * act,
+                                                                                    6 * act),
+            "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b), "rope": (rope, 2 * act + rope_b,
+                                                                              4 * act + rope_b)}
+
+
+def _runner(call, impl: str, mode: str):
+    """A no-argument function running one op once in ``mode``."""
+    if mode == "fwd+bwd":
+        def fn():
+            out = call(impl, False, True)
+            out.backward(torch.ones_like(out))
+    else:
+        def fn():
+            with torch.no_grad():
+                call(impl, mode == "jvp", False)
+    return fn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=32760, help="21 frames x 30 x 52 at 480p")
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--frames", type=int, default=21, help="modulation rows of the per-frame case")
+    ap.add_argument("--impl", choices=("both", "triton", "reference"), default="both")
+    ap.add_argument("--ops", default="all", help="comma-separated op names, or all")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", default="fused_ops.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("fused_ops.py needs a CUDA device")
+    cases = _cases(args.batch, args.tokens, args.dim, args.heads, args.frames)
+    ops = list(cases) if args.ops == "all" else args.ops.split(",")
+    impls = ["reference", "triton"] if args.impl == "both" else [args.impl]
+    rows = []
+    for op in ops:
+        call, primal_bytes, jvp_bytes = cases[op]
+        for mode in ("primal", "jvp", "fwd+bwd"):
+            row = dict(op=op, mode=mode)
+            for impl in impls:
+                row[impl] = _time(_runner(call, impl, mode), args.warmup, args.iters)
+            nbytes = {"primal": primal_bytes, "jvp": jvp_bytes}.get(mode)
+            if "triton" in row and nbytes:
+                row["triton_gbps"] = nbytes / row["triton"] / 1e6
+            if len(impls) == 2:
+                row["speedup"] = row["reference"] / row["triton"]
+            rows.append(row)
+    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
+                python=platform.python_version(), batch=args.batch, tokens=args.tokens, dim=args.dim,
+                heads=args.heads, frames=args.frames, iters=args.iters)
+    print(f"fused DiT ops, B={args.batch} L={args.tokens} C={args.dim} H={args.heads}, bf16, {meta['device']}")
+    print(f"{'op':<24}{'mode':<9}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}")
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("reference", "triton")]
+        gbps = f"{r['triton_gbps']:.0f}" if "triton_gbps" in r else "-"
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        print(f"{r['op']:<24}{r['mode']:<9}{cells[0]:>11}{cells[1]:>10}{gbps:>11}{sp:>9}")
+    with open(args.json, "w") as fh:
+        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
