@@ -6,7 +6,18 @@ import torch
 from rcm_kernels.attention.cache_attention import apply_rope_interleaved, cache_attention_torch, gather_cache
 from rcm_kernels.attention.reference import attention_reference
 from rcm_kernels.kv_cache import CrossAttentionCache, KVCache
-from rcm_kernels.quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from rcm_kernels.quant import (
+    dequantize_int4_keys,
+    dequantize_int4_values,
+    dequantize_keys,
+    dequantize_values,
+    quantize_int4_keys,
+    quantize_int4_values,
+    quantize_keys,
+    quantize_keys_smoothed,
+    quantize_values,
+    smoothing_factors,
+)
 
 B, H, D, T = 2, 2, 16, 3  # tiny geometry: 3 tokens per frame
 
@@ -172,6 +183,56 @@ def test_quantized_bytes_vs_bf16_at_wan_geometry(fmt, limit):
     assert abs(ratio - (0.5 + 1 / 128 + 1 / 1560)) < 1e-9
 
 
+FORMATS = [("bfloat16", {}), ("float32", {}), ("int8", {}), ("fp8", {}), ("int8", {"key_smoothing": "first_block"}),
+           ("fp8", {"key_smoothing": "first_block"}), ("int4", {"group_size": 2}), ("int4", {"group_size": 64})]
+
+
+@pytest.mark.parametrize("fmt,kw", FORMATS)
+def test_bytes_equal_the_formula_per_format(fmt, kw):
+    # N layers x B x slots frames x T tokens x H heads: codes of k and v, plus float32 scales, per format.
+    n, slots, g = 3, 1 + 4 + 3, kw.get("group_size")
+    c = _cache(num_layers=n, kv_dtype=fmt, **kw)
+    tok = n * B * slots * T * H  # stored (token, head) pairs per k or v
+    if fmt in ("bfloat16", "float32"):
+        want = 2 * tok * D * (2 if fmt == "bfloat16" else 4)
+    elif fmt == "int4":  # 2 codes per byte; keys: a scale per (frame, token group, channel); values per (token, group)
+        want = 2 * tok * D // 2 + n * B * slots * -(-T // g) * H * D * 4 + tok * (D // min(g, D)) * 4
+    elif kw:  # smoothed keys: a scale per token for k and for v, plus the factors c per (layer, batch, head, channel)
+        want = 2 * tok * D + 2 * tok * 4 + n * B * H * D * 4
+    else:
+        want = 2 * tok * D + n * B * slots * H * D * 4 + tok * 4
+    assert c.nbytes() == want
+    for ks, vs in _stream([1] + [3] * 5, layers=n):
+        c.append(ks, vs)
+    assert c.nbytes() == want
+
+
+@pytest.mark.parametrize("fmt,kw", [("int4", {"group_size": 2}), ("int8", {"key_smoothing": "first_block"})])
+def test_rolling_cache_of_new_formats_holds_the_codes_of_its_frames(fmt, kw):
+    # int4 groups stay inside a frame (keys) or a token (values), so after wrap-around the visible frames decode
+    # to exactly quantize->dequantize of those frames alone (reference: rcm_kernels.quant on the frames). With
+    # smoothing, every frame is divided by the first block's factors, then quantized per token.
+    stream = _stream(PATTERN, layers=1)
+    c = _cache(num_layers=1, kv_dtype=fmt, **kw)
+    for ks, vs in stream:
+        c.append(ks, vs)
+    kept = c.cached_frames()
+    kf, vf = _frames(stream, 0, 0), _frames(stream, 0, 1)
+    k = torch.stack([kf[a] for a in kept], 1)  # [B, F, T, H, D]
+    v = torch.cat([vf[a] for a in kept], 1)
+    if fmt == "int4":
+        want_k = dequantize_int4_keys(*quantize_int4_keys(k, 2), 2)
+        want_v = dequantize_int4_values(*quantize_int4_values(v, 2))
+    else:
+        sm = smoothing_factors(torch.stack([kf[0]], 1))  # the first block is frame 0 (PATTERN starts with 1)
+        q = quantize_keys_smoothed(k, sm, fmt)
+        want_k = q.data.float() * q.scale[..., None] * sm[:, None, None]
+        want_v = dequantize_values(*quantize_values(v, fmt))
+    got_k, got_v = gather_cache(c.layer(0), torch.float32)
+    torch.testing.assert_close(got_k, want_k.flatten(1, 2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-6, atol=0)
+
+
 def test_reset_forgets_frames_but_keeps_storage():
     c = _cache()
     ptrs = [x.data_ptr() for x in c.storage()]
@@ -190,6 +251,16 @@ def test_errors_name_the_problem():
         _cache(position_policy="reindexed")
     with pytest.raises(ValueError, match="kv_dtype"):
         _cache(kv_dtype="int2")
+    with pytest.raises(ValueError, match="does not divide head_dim"):
+        _cache(kv_dtype="int4", group_size=6)
+    with pytest.raises(ValueError, match="key_smoothing applies to int8/fp8"):
+        _cache(kv_dtype="int4", key_smoothing="first_block")
+    with pytest.raises(ValueError, match="trained_frames"):
+        _cache(extrapolation="infinity_rope", keys_pre_rope=True)
+    with pytest.raises(ValueError, match="keys_pre_rope=True"):
+        _cache(extrapolation="rolling_sink")
+    with pytest.raises(ValueError, match="sink_bank_frames"):
+        _cache(extrapolation="rolling_sink", keys_pre_rope=True, sink_bank_frames=0)
     c = _cache()
     with pytest.raises(ValueError, match="max_block_frames"):
         c.begin_block(4)

@@ -1,17 +1,27 @@
-"""int8 / fp8 quantize-dequantize round trip: worst-case error bounds derived from the formats."""
+"""int8 / fp8 / int4 quantize-dequantize round trip and key smoothing: worst-case error bounds derived from
+the formats, group layouts checked against absmax computed here."""
 
 import pytest
 import torch
 
 from rcm_kernels.quant import (
+    INT4_QMAX,
     QMAX,
     dequantize,
+    dequantize_int4_keys,
+    dequantize_int4_values,
     dequantize_keys,
     dequantize_values,
+    pack_int4,
     quantize,
+    quantize_int4_keys,
+    quantize_int4_values,
     quantize_keys,
+    quantize_keys_smoothed,
     quantize_values,
+    smoothing_factors,
     storage_dtype,
+    unpack_int4,
 )
 
 # x/scale is formed in float32, so rounding may land one float32 ulp off the exact grid point: slack 1e-6·|x|.
@@ -88,3 +98,55 @@ def test_bad_input_names_the_problem():
         quantize_keys(torch.ones(2, 3, 4, 5), "int8")
     with pytest.raises(ValueError, match=r"\[B, L, H, D\]"):
         quantize_values(torch.ones(2, 3, 4), "int8")
+
+
+# ---------------------------------------------------------------------------------------------------- int4
+
+def test_int4_pack_unpack_every_code_pair():
+    # All 16 x 16 (low, high) nibble pairs round-trip, and the byte layout is low nibble = channel 2i.
+    lo, hi = torch.meshgrid(torch.arange(-8, 8), torch.arange(-8, 8), indexing="ij")
+    codes = torch.stack((lo.flatten(), hi.flatten()), -1)  # [256, 2]
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, 1)
+    assert torch.equal(unpack_int4(packed), codes.to(torch.int8))
+    assert packed[(codes[:, 0] == 3) & (codes[:, 1] == -1)].item() == 0xF3  # 3 | (0xF << 4)
+
+
+def test_int4_keys_group_tokens_of_a_frame_per_channel():
+    # T=10 tokens, groups of 4 -> groups [0,4), [4,8), [8,10) (the last shorter); scale = group absmax / 7.
+    x = torch.randn(2, 3, 10, 2, 8, dtype=torch.float64) * torch.logspace(-2, 1, 8, dtype=torch.float64)
+    q = quantize_int4_keys(x, 4)
+    assert q.data.shape == (2, 3, 10, 2, 4) and q.scale.shape == (2, 3, 3, 2, 8)
+    for g, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        want = x[:, :, a:b].abs().amax(2) / INT4_QMAX
+        torch.testing.assert_close(q.scale[:, :, g].double(), want, rtol=1e-6, atol=0)
+    err = (dequantize_int4_keys(q.data, q.scale, 4, torch.float64) - x).abs()
+    bound = q.scale.double().repeat_interleave(4, 2)[:, :, :10] / 2  # round to nearest, step = scale
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+def test_int4_values_group_channels_of_a_token():
+    x = torch.randn(2, 5, 3, 16, dtype=torch.float64) * 3
+    q = quantize_int4_values(x, 4)
+    assert q.data.shape == (2, 5, 3, 8) and q.scale.shape == (2, 5, 3, 4)
+    torch.testing.assert_close(q.scale.double(), x.unflatten(-1, (4, 4)).abs().amax(-1) / INT4_QMAX,
+                               rtol=1e-6, atol=0)
+    err = (dequantize_int4_values(q.data, q.scale, torch.float64) - x).abs()
+    assert (err <= q.scale.double().repeat_interleave(4, -1) / 2 * (1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="does not divide head_dim"):
+        quantize_int4_values(torch.randn(1, 2, 1, 12), 8)
+
+
+def test_smoothed_keys_round_trip_and_pair_tied_factors():
+    x = torch.randn(2, 3, 5, 2, 8, dtype=torch.float64) * torch.logspace(-3, 1, 8, dtype=torch.float64)
+    c = smoothing_factors(x)
+    assert c.shape == (2, 2, 8) and torch.equal(c[..., 0::2], c[..., 1::2])  # tied within RoPE pairs
+    pair = x.abs().amax((1, 2)).unflatten(-1, (-1, 2)).amax(-1)  # [B, H, D/2]
+    want = pair.maximum(pair.amax(-1, keepdim=True) * 1e-3)  # floored at 1e-3 x the largest channel
+    assert (want > pair).any()  # the floor is exercised (channels span 1e-3..10)
+    torch.testing.assert_close(c[..., 1::2], want.float())
+    q = quantize_keys_smoothed(x, c, "int8")
+    assert q.data.shape == x.shape and q.scale.shape == (2, 3, 5, 2)  # one scale per token
+    xs = x / c[:, None, None].double()
+    err = (dequantize((q.data, q.scale[..., None]), torch.float64) - xs).abs()
+    assert (err <= q.scale.double()[..., None] / 2 + _SLACK * xs.abs()).all()

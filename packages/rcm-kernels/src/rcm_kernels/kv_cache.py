@@ -66,8 +66,16 @@ import torch
 from torch import Tensor
 
 from .devices import parse_dtype
-from .quant import (quantize_int4_keys, quantize_int4_values, quantize_keys, quantize_keys_smoothed,
-                    quantize_values, smoothing_factors, storage_dtype, value_groups)
+from .quant import (
+    quantize_int4_keys,
+    quantize_int4_values,
+    quantize_keys,
+    quantize_keys_smoothed,
+    quantize_values,
+    smoothing_factors,
+    storage_dtype,
+    value_groups,
+)
 
 __all__ = ["KVCache", "CacheLayer", "CacheBlock", "CrossAttentionCache", "KVDtype", "PositionPolicy",
            "Extrapolation", "KeySmoothing"]
