@@ -90,8 +90,8 @@ def _run_recipe(tmp_path, *extra):
     import stream
 
     out = tmp_path / "out"
-    argv = ["--height=16", "--width=16", "--frames_per_block=2", "--steps=[0.8]", "--trained_frames=6",
-            "--max_frames=8", f"--out_dir={out}", "--kv_dtype=int8", *extra]
+    argv = ["--video.size=[16,16]", "--stream.frames_per_block=2", "--stream.times=[0.8]", "--stream.trained_frames=6",
+            "--video.num_frames=8", f"--out_dir={out}", "--stream.kv_dtype=int8", *extra]
     return stream.main(argv), out
 
 
@@ -119,7 +119,7 @@ def test_stream_recipe_i2v_first_frame_is_the_image(tmp_path):
     yy, xx = np.mgrid[0:16, 0:16]
     img = np.stack([xx * 15, yy * 15, np.full_like(xx, 128)], -1).astype(np.uint8)  # smooth: codec-friendly
     iio.imwrite(tmp_path / "first.png", img)
-    summary, out = _run_recipe(tmp_path, f"--image={tmp_path / 'first.png'}", "--first_block_frames=1")
+    summary, out = _run_recipe(tmp_path, f"--image={tmp_path / 'first.png'}", "--stream.first_block_frames=1")
     frames = read_video(out / "video.mp4")
     assert frames.shape[0] == 9 and summary["frames"] == 9  # 1 given + 4 blocks of 2
     assert np.abs(frames[0].astype(float) - img).mean() < 8
@@ -134,8 +134,8 @@ def test_stream_recipe_with_vae(tmp_path):
 
     torch.manual_seed(0)
     save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
-    summary, out = _run_recipe(tmp_path, "--model.name=tiny", f"--vae_checkpoint={tmp_path / 'vae.safetensors'}",
-                               "--vae_dim=4", "--first_block_frames=1", "--max_frames=9")
+    summary, out = _run_recipe(tmp_path, "--dit.config=tiny", f"--vae.path={tmp_path / 'vae.safetensors'}",
+                               '--vae.arch={"dim": 4}', "--stream.first_block_frames=1", "--video.num_frames=9")
     assert read_video(out / "video.mp4").shape == (9, 16, 16, 3) and summary["blocks"] == 2
     rows = json.loads((out / "timings.json").read_text())["blocks"]
     assert [r["frames"] for r in rows] == [1, 8] and all(r["decode_s"] > 0 for r in rows)
