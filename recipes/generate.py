@@ -90,6 +90,7 @@ class GenerateConfig(RecipeConfig):
         if Path(self.output).suffix not in (".mp4", ".gif"):
             raise ValueError(f"output {self.output!r} must end in .mp4 or .gif")
         self.sampler.check()
+        self.video.check_vae_frames()
         return self
 
 

@@ -153,17 +153,21 @@ class VideoSpec(PipelineConfig):
     adaptive_resolution: bool = False
     """I2V: keep the preset's pixel area with each image's aspect ratio (sides rounded to 16)."""
     num_frames: int | None = Field(None, ge=1)
-    """Frames, 1 + 4k; None: 77 for rcm T2V, 81 otherwise."""
+    """Frames (1 + 4k through the Wan VAE: checked by :meth:`check_vae_frames`); None: 77 for rcm T2V, 81
+    otherwise."""
     fps: int = Field(16, ge=1, le=240)
     """Frame rate of the mp4 files."""
 
     @model_validator(mode="after")
     def _check(self) -> VideoSpec:
-        if self.num_frames is not None and (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 1 + 4k, got {self.num_frames}")
         if self.size is not None and any(v <= 0 or v % 16 for v in self.size):
             raise ValueError(f"size must be positive multiples of 16 (width, height), got {self.size}")
         return self
+
+    def check_vae_frames(self) -> None:
+        """The Wan VAE decodes 1 + 4k frames (a pixel-space model takes any count)."""
+        if self.num_frames is not None and (self.num_frames - 1) % 4:
+            raise ValueError(f"video.num_frames must be 1 + 4k (the Wan VAE's frame grouping), got {self.num_frames}")
 
     def frames(self, kind: str, mode: str) -> int:
         if self.num_frames is not None:
