@@ -122,6 +122,13 @@ class WanDiT(nn.Module):
             nn.init.normal_(table, std=self.config.dim**-0.5, generator=g)
         nn.init.zeros_(self.head.head.weight)
 
+    @property
+    def local_heads(self) -> int:
+        """Self-attention heads this process computes: ``num_heads``, or ``num_heads / c`` when the sequence
+        seam is a context-parallel one over ``c`` ranks (its ``size``; Ulysses splits heads after the
+        all-to-all). A KV cache of the block-by-block pass holds these heads."""
+        return self.config.num_heads // getattr(self.seq_shard, "size", 1)
+
     # --------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor, context: Tensor | PromptKV, *, clip_fea: Tensor | None = None,
                 y: Tensor | None = None, block_mask=None, frame_offset: int = 0, frame_pos: Tensor | None = None,
@@ -217,12 +224,14 @@ class WanDiT(nn.Module):
             y, clip_fea: i2v conditioning of the block (``clip_fea`` only with raw context).
 
         Returns the velocity ``[B, C, n·pt, H, W]``. Differentiable in the parameters and ``x`` (the cache is
-        a constant: the self-forcing exit step); no JVP mode.
+        a constant: the self-forcing exit step); no JVP mode. Under Ulysses context parallel the block's tokens
+        are split like a full sequence and the cache holds this rank's :attr:`local_heads`.
         """
         cfg = self.config
         pt, ph, pw = cfg.patch_size
-        if type(self.seq_shard) is not SequenceShard:
-            raise RuntimeError("forward_block does not support context parallelism (seq_shard is replaced)")
+        if cache.layer(0).k.shape[2] != self.local_heads:
+            raise ValueError(f"cache holds {cache.layer(0).k.shape[2]} heads; this net computes {self.local_heads} "
+                             "per process (num_heads / context-parallel size): build it with make_kv_cache")
         if cache.num_layers != cfg.num_layers or cache.tokens_per_frame != (x.shape[3] // ph) * (x.shape[4] // pw):
             raise ValueError(f"cache geometry (layers={cache.num_layers}, tokens_per_frame="
                              f"{cache.tokens_per_frame}) does not fit the net ({cfg.num_layers} layers) and x "
