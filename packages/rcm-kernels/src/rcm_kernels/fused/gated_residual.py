@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from .modulate_norm import _TL, _num_warps, _rows
+from ._launch import OPTS, TL, num_warps, rows
 from .reference import Pair, gated_residual_reference
 
 __all__ = ["gated_residual"]
@@ -61,13 +61,13 @@ def _triton_fwd(x, tx, y, ty, gate, tgate, *, compute, index=None, out_dtype=Non
     has_t = tx is not None or ty is not None or tgate is not None
     out = torch.empty(b, length, c, dtype=od, device=x.device)
     tout = torch.empty_like(out) if has_t else None
-    (g, s_gb, s_gt), (tg, s_tgb, s_tgt) = _rows(gate), _rows(tgate)
+    (g, s_gb, s_gt), (tg, s_tgb, s_tgt) = rows(gate), rows(tgate)
     block = triton.next_power_of_2(c)
     wide = tl.float64 if compute == torch.float64 else tl.float32
     _gated_fwd[(b * length,)](
         x, tx, y, ty, g, tg, index, out, tout, length, c, s_gb, s_gt, s_tgb, s_tgt,
-        CDT=_TL[compute], WIDE=wide, HAS_TX=tx is not None, HAS_TYB=ty is not None, HAS_TG=tgate is not None,
-        HAS_IDX=index is not None, HAS_T=has_t, BLOCK_C=block, num_warps=_num_warps(block))
+        CDT=TL[compute], WIDE=wide, HAS_TX=tx is not None, HAS_TYB=ty is not None, HAS_TG=tgate is not None,
+        HAS_IDX=index is not None, HAS_T=has_t, BLOCK_C=block, num_warps=num_warps(block), **OPTS)
     return out, tout
 
 
@@ -96,7 +96,7 @@ def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, g
     _check(x, tx, y, ty, gate, tgate, index)
     kw = dict(compute=compute, index=index, out_dtype=out_dtype)
     args = (x, tx, y, ty, gate, tgate)
-    ok = (lambda: None if compute in _TL and x.shape[-1] <= 65536 else f"compute dtype {compute} or width")
+    ok = (lambda: None if compute in TL and x.shape[-1] <= 65536 else f"compute dtype {compute} or width")
     if resolve_impl(x, impl, ok) == "reference":
         return gated_residual_reference(*args, **kw)
     return fused_apply(_triton_fwd, gated_residual_reference, args, (True, False, True, False, True, False), kw)

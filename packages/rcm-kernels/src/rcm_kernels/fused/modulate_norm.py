@@ -15,16 +15,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
+from ._launch import OPTS, TL, num_warps, rows
 from .reference import Pair, island, layer_norm_modulate_reference
 
 __all__ = ["layer_norm_modulate"]
 
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
-       torch.bfloat16: tl.bfloat16}
-
-
 @triton.jit
-def _ln_mod_fwd(X, TX, W, BIAS, SH, TSH, SC, TSC, IDX, Y, TY, L, C, Tm, eps,
+def _ln_mod_fwd(X, TX, W, BIAS, SH, TSH, SC, TSC, IDX, Y, TY, L, C, eps,
                 s_shb, s_sht, s_tshb, s_tsht, s_scb, s_sct, s_tscb, s_tsct,
                 ISL: tl.constexpr, MDT: tl.constexpr, HAS_TX: tl.constexpr, HAS_W: tl.constexpr,
                 HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, HAS_TSH: tl.constexpr, HAS_TSC: tl.constexpr,
@@ -77,19 +74,6 @@ def _ln_mod_fwd(X, TX, W, BIAS, SH, TSH, SC, TSC, IDX, Y, TY, L, C, Tm, eps,
     tl.store(Y + row * C + offs, y.to(Y.dtype.element_ty), mask=msk)
 
 
-def _num_warps(block: int) -> int:
-    return 1 if block <= 256 else 4 if block <= 1024 else 8
-
-
-def _rows(m: Tensor | None) -> tuple[Tensor | None, int, int]:
-    """A modulation tensor ``[B, Tm, C]`` with unit stride on C, and its (batch, row) strides."""
-    if m is None:
-        return None, 0, 0
-    if m.stride(-1) != 1:
-        m = m.contiguous()
-    return m, m.stride(0), m.stride(1)
-
-
 def _triton_fwd(x, tx, shift, tshift, scale, tscale, *, eps, weight=None, bias=None, index=None,
                 out_dtype=None) -> Pair:
     b, length, c = x.shape
@@ -100,15 +84,15 @@ def _triton_fwd(x, tx, shift, tshift, scale, tscale, *, eps, weight=None, bias=N
     has_ty = tx is not None or tshift is not None or tscale is not None
     y = torch.empty(b, length, c, dtype=od, device=x.device)
     ty = torch.empty_like(y) if has_ty else None
-    (sh, s_shb, s_sht), (tsh, s_tshb, s_tsht) = _rows(shift), _rows(tshift)
-    (sc, s_scb, s_sct), (tsc, s_tscb, s_tsct) = _rows(scale), _rows(tscale)
+    (sh, s_shb, s_sht), (tsh, s_tshb, s_tsht) = rows(shift), rows(tshift)
+    (sc, s_scb, s_sct), (tsc, s_tscb, s_tsct) = rows(scale), rows(tscale)
     block = triton.next_power_of_2(c)
     _ln_mod_fwd[(b * length,)](
-        x, tx, weight, bias, sh, tsh, sc, tsc, index, y, ty, length, c, 1 if sc is None else sc.shape[1], eps,
+        x, tx, weight, bias, sh, tsh, sc, tsc, index, y, ty, length, c, eps,
         s_shb, s_sht, s_tshb, s_tsht, s_scb, s_sct, s_tscb, s_tsct,
-        ISL=_TL[island(x.dtype)], MDT=_TL[mdt], HAS_TX=tx is not None, HAS_W=weight is not None,
+        ISL=TL[island(x.dtype)], MDT=TL[mdt], HAS_TX=tx is not None, HAS_W=weight is not None,
         HAS_B=bias is not None, HAS_MOD=has_mod, HAS_TSH=tshift is not None, HAS_TSC=tscale is not None,
-        HAS_IDX=index is not None, HAS_TY=has_ty, BLOCK_C=block, num_warps=_num_warps(block))
+        HAS_IDX=index is not None, HAS_TY=has_ty, BLOCK_C=block, num_warps=num_warps(block), **OPTS)
     return y, ty
 
 
@@ -136,7 +120,7 @@ def _check(x, tx, shift, tshift, scale, tscale, weight, bias, index) -> None:
 
 
 def _unsupported(x, shift, scale) -> str | None:
-    if x.dtype not in _TL:
+    if x.dtype not in TL:
         return f"x dtype {x.dtype}"
     if scale is not None and scale.dtype not in (torch.float32, torch.float64):
         return f"modulation dtype {scale.dtype} (float32/float64 only)"
@@ -156,18 +140,16 @@ def layer_norm_modulate(x: Tensor, tx: Tensor | None, shift: Tensor | None, tshi
     tangent as :func:`.reference.layer_norm_modulate_reference`; the primal is differentiable in ``x``,
     ``shift``, ``scale``, ``weight`` and ``bias`` (backward: see :mod:`._dispatch`)."""
     _check(x, tx, shift, tshift, scale, tscale, weight, bias, index)
-    kw = dict(eps=eps, weight=weight, bias=bias, index=index, out_dtype=out_dtype)
-    args = (x, tx, shift, tshift, scale, tscale)
+    kw = dict(eps=eps, index=index, out_dtype=out_dtype)
+    args = (x, tx, shift, tshift, scale, tscale, weight, bias)
     if resolve_impl(x, impl, lambda: _unsupported(x, shift, scale)) == "reference":
-        return layer_norm_modulate_reference(*args, **kw)
-    if weight is not None or bias is not None:  # differentiable parameters: carry them as arguments
-        def fast(x, tx, shift, tshift, scale, tscale, weight, bias, **k):
-            return _triton_fwd(x, tx, shift, tshift, scale, tscale, weight=weight, bias=bias, **k)
+        return _reference(*args, **kw)
+    return fused_apply(_fast, _reference, args, (True, False, True, False, True, False, True, True), kw)
 
-        def ref(x, tx, shift, tshift, scale, tscale, weight, bias, **k):
-            return layer_norm_modulate_reference(x, tx, shift, tshift, scale, tscale, weight=weight, bias=bias, **k)
 
-        kw.pop("weight"), kw.pop("bias")
-        return fused_apply(fast, ref, (*args, weight, bias), (True, False, True, False, True, False, True, True), kw)
-    return fused_apply(_triton_fwd, layer_norm_modulate_reference, args, (True, False, True, False, True, False),
-                       kw)
+def _fast(x, tx, shift, tshift, scale, tscale, weight, bias, **kw) -> Pair:
+    return _triton_fwd(x, tx, shift, tshift, scale, tscale, weight=weight, bias=bias, **kw)
+
+
+def _reference(x, tx, shift, tshift, scale, tscale, weight, bias, **kw) -> Pair:
+    return layer_norm_modulate_reference(x, tx, shift, tshift, scale, tscale, weight=weight, bias=bias, **kw)

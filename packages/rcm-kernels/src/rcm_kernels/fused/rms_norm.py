@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from .modulate_norm import _TL, _num_warps
+from ._launch import OPTS, TL, num_warps
 from .reference import Pair, island, rms_norm_rope_reference
 
 __all__ = ["rms_norm_rope"]
@@ -82,8 +82,8 @@ def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> 
     block = triton.next_power_of_2(c // 2)
     _rms_rope_fwd[(b * length,)](
         x, tx, weight, cos, sin, y, ty, length, c, c // heads // 2, cos.stride(0) if rope else 0,
-        sin.stride(0) if rope else 0, eps, ISL=_TL[island(x.dtype)], RDT=_TL[cos.dtype] if rope else tl.float32,
-        NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=_num_warps(block))
+        sin.stride(0) if rope else 0, eps, ISL=TL[island(x.dtype)], RDT=TL[cos.dtype] if rope else tl.float32,
+        NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=num_warps(block), **OPTS)
     return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
 
 
@@ -100,7 +100,7 @@ def check_rope(name: str, length: int, c: int, heads: int, cos: Tensor | None, s
 
 
 def unsupported_rope(x: Tensor, cos: Tensor | None) -> str | None:
-    if x.dtype not in _TL:
+    if x.dtype not in TL:
         return f"x dtype {x.dtype}"
     if cos is not None and cos.dtype not in (torch.float32, torch.float64):
         return f"cos/sin dtype {cos.dtype} (float32/float64 only)"
