@@ -267,7 +267,8 @@ class KVCache:
 
     def _rolling_sink_frames(self, written: int) -> list[int]:
         """Rolling Sink: all frames while the bank fills; then S bank frames sliding by ``o = written - K``
-        frames (forward through the bank for even ``o // K``, backward for odd), and the recent window."""
+        frames (forward through the bank for even ``o // K``, backward for odd), and the recent window (less
+        any frame the sink already shows)."""
         k, s = self._bank, self.sink_frames
         if written <= k:
             return list(range(written))
@@ -276,7 +277,7 @@ class KVCache:
             sink = [(o % k + i) % k for i in range(s)]
         else:
             sink = [(k - 1 - o % k - i) % k for i in range(s)]
-        return [*sink, *range(max(0, written - self.window_frames), written)]
+        return [*sink, *(f for f in range(max(0, written - self.window_frames), written) if f not in sink)]
 
     def _frame_positions(self, num_visible: int, next_block: int) -> list[int]:
         """RoPE positions of the visible frames, given the size of the block that will read them."""
