@@ -39,7 +39,7 @@ def pair():
 
 
 def _merge(teacher, lora):
-    """ComfyUI's merge, in float64."""
+    """ComfyUI's merge, in float64 (scale ``alpha / rank``, 1 without an ``.alpha`` key)."""
     merged = {k: v.double() for k, v in teacher.items()}
     for key, value in lora.items():
         assert key.startswith(PREFIX)
@@ -47,8 +47,9 @@ def _merge(teacher, lora):
         if key.endswith(".lora_up.weight"):
             base = key[: -len(".lora_up.weight")]
             down = lora[PREFIX + base + ".lora_down.weight"].double()
-            alpha = lora[PREFIX + base + ".alpha"].item()
-            merged[base + ".weight"] += alpha / down.shape[0] * value.double() @ down
+            alpha_key = PREFIX + base + ".alpha"
+            scale = lora[alpha_key].item() / down.shape[0] if alpha_key in lora else 1.0
+            merged[base + ".weight"] += scale * value.double() @ down
         elif key.endswith(".diff_b"):
             merged[key[: -len(".diff_b")] + ".bias"] += value.double()
         elif key.endswith(".diff"):
@@ -94,7 +95,9 @@ def test_layout(pair):
     assert all(k.startswith(PREFIX) for k in sd)
     assert sd[PREFIX + "blocks.0.self_attn.q.lora_up.weight"].shape == (64, 4)
     assert sd[PREFIX + "blocks.0.ffn.0.lora_down.weight"].shape == (4, 64)
-    assert sd[PREFIX + "blocks.1.cross_attn.o.alpha"].item() == 4.0
+    assert not any(k.endswith(".alpha") for k in sd)  # scale 1 without alpha (diffusers refuses alpha on head.head)
+    with_alpha = export_lora.lora_from_delta(student, teacher, 4, alpha=True, dtype=torch.float32).state_dict
+    assert with_alpha[PREFIX + "blocks.1.cross_attn.o.alpha"].item() == 4.0
     assert sd[PREFIX + "blocks.0.ffn.0.lora_up.weight"].dtype == torch.bfloat16  # default storage dtype
     assert PREFIX + "blocks.0.self_attn.q.diff_b" in sd  # Linear biases
     assert PREFIX + "blocks.0.norm3.diff" in sd and PREFIX + "blocks.0.modulation.diff" in sd
@@ -102,7 +105,11 @@ def test_layout(pair):
     assert not any("head.modulation" in k for k in sd)  # unchanged tensors produce no key
     bases = {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_" in k}
     for b in bases:
-        assert {b + ".lora_up.weight", b + ".lora_down.weight", b + ".alpha"} <= set(sd)
+        assert {b + ".lora_up.weight", b + ".lora_down.weight", b + ".alpha"} <= set(with_alpha)
+    # the alpha file merges to the same network (ComfyUI's rule: alpha / rank = 1)
+    merged, merged_alpha = _merge(teacher, export_lora.lora_from_delta(student, teacher, 4, dtype=torch.float32)
+                                  .state_dict), _merge(teacher, with_alpha)
+    assert all(torch.equal(merged[k], merged_alpha[k]) for k in merged)
     no_diff = export_lora.lora_from_delta(student, teacher, 4, diffs=False)
     assert not any(k.endswith((".diff", ".diff_b")) for k in no_diff.state_dict)
     assert no_diff.total_error > no_diff.lowrank_error  # the missing diffs count as error
@@ -133,3 +140,36 @@ def test_errors(pair):
         export_lora.lora_from_delta({k: v for k, v in student.items() if k != "head.head.bias"}, teacher, 4)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         export_lora.lora_from_delta(student, teacher, 0)
+
+
+def test_diffs_modes(pair):
+    """--diffs all / diffusers / none: which exact deltas are written and the errors each reports."""
+    student, teacher = pair
+    full = export_lora.lora_from_delta(student, teacher, 64, dtype=torch.float32)
+    only = export_lora.lora_from_delta(student, teacher, 64, dtype=torch.float32, diffs="diffusers")
+    none = export_lora.lora_from_delta(student, teacher, 64, dtype=torch.float32, diffs="none")
+    linear_bias = {k for k, v in teacher.items() if k.endswith(".bias") and teacher[k[:-5] + ".weight"].dim() == 2}
+    skipped = {k for k in teacher if k not in linear_bias and teacher[k].dim() != 2 and k != "head.modulation"}
+    assert {PREFIX + export_lora._diff_key(k) for k in skipped} == set(full.diffusers_skipped)
+    assert any("modulation" in k for k in full.diffusers_skipped) and PREFIX + "patch_embedding.diff" in full.state_dict
+    diff_keys = {k for k in only.state_dict if k.endswith((".diff", ".diff_b"))}
+    assert diff_keys == {PREFIX + k[:-5] + ".diff_b" for k in linear_bias} and not only.diffusers_skipped
+    assert not any(k.endswith((".diff", ".diff_b")) for k in none.state_dict)
+    # independent: the fraction of the delta (float64) in the tensors diffusers skips
+    sq = lambda keys: sum(float((student[k].double() - teacher[k].double()).square().sum()) for k in keys)
+    frac = math.sqrt(sq(skipped) / sq(teacher))
+    assert full.total_error < 1e-6 and full.diffusers_error == pytest.approx(frac, rel=1e-4)
+    assert only.total_error == pytest.approx(frac, rel=1e-4) == only.diffusers_error
+    assert none.total_error == pytest.approx(math.sqrt(sq(skipped | linear_bias) / sq(teacher)), rel=1e-4)
+    with pytest.raises(ValueError, match="diffs must be one of"):
+        export_lora.lora_from_delta(student, teacher, 4, diffs="some")
+
+
+def test_bias_only_linear_gets_zero_pair(pair):
+    """A Linear whose bias changed but whose weight did not: its .diff_b comes with a zero rank-1 pair."""
+    student, teacher = pair
+    student = {**student, "text_embedding.0.weight": teacher["text_embedding.0.weight"]}
+    sd = export_lora.lora_from_delta(student, teacher, 4, dtype=torch.float32).state_dict
+    up, down = sd[PREFIX + "text_embedding.0.lora_up.weight"], sd[PREFIX + "text_embedding.0.lora_down.weight"]
+    assert up.shape == (64, 1) and down.shape == (1, 32) and not up.any() and not down.any()
+    assert PREFIX + "text_embedding.0.diff_b" in sd
