@@ -35,7 +35,7 @@ from rcm_pipelines.components import (
     resolve_dtype,
 )
 from rcm_pipelines.pipeline import VideoSpec
-from rcm_pipelines.stream_session import StreamSession, profiled
+from rcm_pipelines.stream_session import StreamSession, profiled, stream_dit_config
 from rcm_pipelines.stream_spec import StreamSpec
 from rcm_pipelines.video import load_image
 from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
@@ -89,7 +89,7 @@ class StreamConfig(RecipeConfig):
             raise ValueError("--video.size=[W,H] is required (streaming has no resolution preset)")
         if not self.prompts and self.prompt_file is None:
             raise ValueError("--prompts is empty")
-        dit_config(self.dit)  # an unknown architecture fails here, before anything loads
+        stream_dit_config(self.dit)  # an unknown or I2V architecture fails here, before anything loads
         return self
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.configs import WanConfig
 from rcm_nets.wan.vae import StreamingDecoder
 
 from .components import DiTSpec, VAESpec, dit_config, load_dit, load_vae
@@ -38,10 +39,20 @@ from .stream_spec import StreamSpec, latent_frames_for
 from .streaming import StreamBlock, stream_generate
 from .video import VideoWriter
 
-__all__ = ["RANDOM_WEIGHTS", "DecodedBlock", "StreamSession", "decode_blocks", "load_stream_dit", "profiled"]
+__all__ = ["RANDOM_WEIGHTS", "DecodedBlock", "StreamSession", "decode_blocks", "load_stream_dit", "profiled",
+           "stream_dit_config"]
 
 RANDOM_WEIGHTS = "random"
 """``dit.path`` value that builds seeded random weights instead of loading a file."""
+
+
+def stream_dit_config(spec: DiTSpec) -> WanConfig:
+    """The DiT's config, checked to be a T2V network (streaming gives an I2V image as the first block)."""
+    cfg = dit_config(spec)
+    if cfg.model_type != "t2v" or cfg.in_dim != cfg.out_dim:
+        raise ValueError(f"streaming runs a T2V causal DiT (I2V gives the image as the first block); "
+                         f"dit.config={spec.config!r} is an I2V network")
+    return cfg
 
 
 def load_stream_dit(spec: DiTSpec, device: torch.device, dtype: torch.dtype, *, init_seed: int = 0) -> WanDiT:
@@ -140,10 +151,7 @@ class StreamSession:
     def __init__(self, spec: StreamSpec, *, dit: DiTSpec, vae: VAESpec, device: torch.device,
                  dtype: torch.dtype, init_seed: int = 0):
         self.spec, self.device, self.dtype = spec, device, dtype
-        cfg = dit_config(dit)
-        if cfg.model_type != "t2v" or cfg.in_dim != cfg.out_dim:
-            raise ValueError(f"streaming runs a T2V causal DiT (I2V gives the image as the first block); "
-                             f"dit.config={dit.config!r} is an I2V network")
+        cfg = stream_dit_config(dit)
         self.pixel_space = cfg.out_dim == 3
         self.net = load_stream_dit(dit, device, dtype, init_seed=init_seed)
         self.vae = None if self.pixel_space else load_vae(vae, device, dtype)
