@@ -82,13 +82,13 @@ class VAEDecodeOptions(BaseModel):
 
 # ----------------------------------------------------------------------------------- fused RMS-norm + SiLU
 def rms_norm_silu(x_bcthw: Tensor, gamma: Tensor, scale: float, silu: bool = True) -> Tensor:
-    """Reference twin of the fused op: ``silu(x / max(‖x‖_c, 1e-12) · scale · gamma)``, statistics in float32.
+    """Reference twin of the fused op: ``silu(x / max(‖x‖_c, 1e-12) · scale · gamma)``, at least float32.
 
     Same formula and operation order as ``RMSNorm`` then ``SiLU`` (``F.normalize`` divides by the clamped
     norm); in float32 it equals them to rounding, in bf16 it is more accurate (one rounding at the end).
     """
-    x = x_bcthw.float()
-    y = x / x.norm(dim=1, keepdim=True).clamp_min(_EPS) * scale * gamma.float()
+    x = x_bcthw.to(torch.promote_types(x_bcthw.dtype, torch.float32))
+    y = x / x.norm(dim=1, keepdim=True).clamp_min(_EPS) * scale * gamma.to(x.dtype)
     return (F.silu(y) if silu else y).to(x_bcthw.dtype)
 
 
@@ -106,7 +106,7 @@ def rms_norm_silu_triton(x_bcthw: Tensor, gamma: Tensor, scale: float, silu: boo
     """The fused op as one Triton kernel: each program normalizes ``BLOCK_P`` positions over all channels.
 
     Works on channels-first and channels-last inputs alike (strided loads; the output has the input's
-    memory format). Statistics in float32, output in the input dtype.
+    memory format). Computes in float32 (float64 inputs lose precision: use the twin), output in the input dtype.
     """
     from ._vae_triton import launch_rms_norm_silu  # lazily: CPU-only users need no triton
 
@@ -230,7 +230,7 @@ class FastDecode:
     """Per-frame decoder steps of one VAE with :class:`VAEDecodeOptions` (see the module docstring).
 
     ``__call__(latent, cache)`` takes a normalized latent block ``[B, 16, n, h, w]`` and the stream's cache
-    dict and returns the unclamped float32 frames; the cache belongs to this object's modules (use one cache
+    dict and returns the unclamped frames in the compute dtype; the cache belongs to this object's modules (use one cache
     per stream, started empty).
     """
 
@@ -295,4 +295,4 @@ class FastDecode:
                 before = _signature(cache)
                 outs.append(self.decoder(zi, cache))
                 cache[self] = _signature(cache) == before  # steady: shapes will not change from here on
-        return torch.cat(outs, dim=2).float()
+        return torch.cat(outs, dim=2)
