@@ -1,7 +1,8 @@
 """Fused q/k prologue: Wan RMSNorm over the full width, the ``weight`` scale and (optionally) 3-D RoPE per head,
 primal and tangent in one pass (Triton), with the reference twin :func:`.reference.rms_norm_rope_reference`.
 
-One program handles one token row ``x [C]`` as ``C/2`` interleaved pairs ``(x[2p], x[2p+1])``: the pair is
+One program handles one token row ``x [C]`` (read contiguously, split in registers) as ``C/2`` interleaved
+pairs ``(x[2p], x[2p+1])``: the pair is
 one complex number of head ``p // (D/2)``, rotated by the angle of pair ``p % (D/2)`` of the token (``cos``/
 ``sin [L, D/2]``, the same for every head). RMSNorm needs the whole row, so it is computed first from both
 halves; the rotation is linear, so the tangent is normalized the RMSNorm way and rotated the same way.
@@ -27,47 +28,43 @@ def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, HALF_D, s_cos, s_sin, eps,
                   ISL: tl.constexpr, RDT: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
                   HAS_TX: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    p = tl.arange(0, BLOCK_P)
-    msk = p < C // 2
-    base = row * C + 2 * p
-    xe_raw = tl.load(X + base, mask=msk, other=0.0)
-    xo_raw = tl.load(X + base + 1, mask=msk, other=0.0)
-    xdt = xe_raw.dtype
+    offs = tl.arange(0, 2 * BLOCK_P)  # the row, read contiguously, then split into (even, odd) pair halves
+    msk = offs < C
+    p = tl.arange(0, BLOCK_P)  # pair index within the row
+    x_raw = tl.load(X + row * C + offs, mask=msk, other=0.0)
+    xdt = x_raw.dtype
+    xe_raw, xo_raw = tl.split(tl.reshape(x_raw, (BLOCK_P, 2)))
     if NORM:
         xe, xo = xe_raw.to(ISL), xo_raw.to(ISL)
         r = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / C + eps)
         ne, no = xe * r, xo * r
-        we = tl.load(W + 2 * p, mask=msk, other=0.0).to(ISL)
-        wo = tl.load(W + 2 * p + 1, mask=msk, other=0.0).to(ISL)
+        we, wo = tl.split(tl.reshape(tl.load(W + offs, mask=msk, other=0.0).to(ISL), (BLOCK_P, 2)))
         # (n rounded to x.dtype) · weight, the product rounded to x.dtype (the unfused math)
         ye = (ne.to(xdt).to(ISL) * we).to(xdt)
         yo = (no.to(xdt).to(ISL) * wo).to(xdt)
         if HAS_TX:
-            te = tl.load(TX + base, mask=msk, other=0.0).to(ISL)
-            to = tl.load(TX + base + 1, mask=msk, other=0.0).to(ISL)
+            te, to = tl.split(tl.reshape(tl.load(TX + row * C + offs, mask=msk, other=0.0).to(ISL), (BLOCK_P, 2)))
             m = (tl.sum(ne * te, axis=0) + tl.sum(no * to, axis=0)) / C
             tye = ((r * (te - ne * m)).to(xdt).to(ISL) * we).to(xdt)
             tyo = ((r * (to - no * m)).to(xdt).to(ISL) * wo).to(xdt)
     else:
         ye, yo = xe_raw, xo_raw
         if HAS_TX:
-            tye = tl.load(TX + base, mask=msk, other=0.0)
-            tyo = tl.load(TX + base + 1, mask=msk, other=0.0)
+            tye, tyo = tl.split(tl.reshape(tl.load(TX + row * C + offs, mask=msk, other=0.0), (BLOCK_P, 2)))
     if ROPE:
         lt = row % L
         j = p % HALF_D
-        c = tl.load(COS + lt * s_cos + j, mask=msk, other=0.0).to(RDT)
-        s = tl.load(SIN + lt * s_sin + j, mask=msk, other=0.0).to(RDT)
+        pm = p < C // 2
+        c = tl.load(COS + lt * s_cos + j, mask=pm, other=0.0).to(RDT)
+        s = tl.load(SIN + lt * s_sin + j, mask=pm, other=0.0).to(RDT)
         a, bb = ye.to(RDT), yo.to(RDT)
         ye, yo = (a * c - bb * s).to(xdt), (a * s + bb * c).to(xdt)
         if HAS_TX:
             a, bb = tye.to(RDT), tyo.to(RDT)
             tye, tyo = (a * c - bb * s).to(xdt), (a * s + bb * c).to(xdt)
-    tl.store(Y + base, ye, mask=msk)
-    tl.store(Y + base + 1, yo, mask=msk)
+    tl.store(Y + row * C + offs, tl.interleave(ye, yo), mask=msk)
     if HAS_TX:
-        tl.store(TY + base, tye, mask=msk)
-        tl.store(TY + base + 1, tyo, mask=msk)
+        tl.store(TY + row * C + offs, tl.interleave(tye, tyo), mask=msk)
 
 
 def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> Pair:
