@@ -22,7 +22,7 @@ teacher weights), ``data`` / ``optimizer`` / ``run`` (``rcm_train``: loop, check
 (``rcm_train.parallel``: mesh, per-network FSDP2 / activation checkpointing / mixed precision), ``sample``
 (``rcm_pipelines.hooks``). Every stage is one ``rcm_train.stages.run_stage`` call; one CPU process runs the
 same code on a world of one. The teacher loads from an official ``.pth`` / ``.safetensors`` / DCP checkpoint
-(``net.`` prefixes stripped). Outputs under ``output_dir``: ``config.yaml``, per stage
+(``net.`` prefixes stripped). Outputs under ``output_dir``: ``config.yaml`` (+ ``attempts/<n>.yaml``), per stage
 ``checkpoints/<stage>/`` (DCP, resumed automatically), ``logs/<stage>/metrics.jsonl`` and
 ``logs/<stage>/media/samples_<iteration>.mp4`` (rows: student / EMA at 1, 2, 4 steps, columns: prompts),
 ``<stage>/student.safetensors`` + ``student_ema.safetensors``, and the last stage's copies at the top.
@@ -43,17 +43,12 @@ from torch import Tensor, nn
 
 from rcm_kernels.devices import parse_dtype, resolve_device
 from rcm_nets.wan import MeanFlowWanDiT, WanConfig, WanDiT, meanflow_student_state_dict
-from rcm_pipelines.components import (
-    DiTSpec,
-    dit_config,
-    load_embedding,
-    read_dit_state_dict,
-)
+from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, read_dit_state_dict
 from rcm_pipelines.hooks import MeanFlowSampleHook, SampleConfig, SampleHook
 from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main
 from rcm_recipes.rundir import open_run
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
-from rcm_train.objectives import MeanFlowObjective, MeanFlowObjectiveConfig, RCMObjective, RCMObjectiveConfig
+from rcm_train.objectives import DistillStageConfig
 from rcm_train.parallel import MeshConfig, ParallelConfig
 from rcm_train.parallel.mesh import ParallelMesh
 from rcm_train.runtime import is_rank0, print0, process_group
@@ -67,51 +62,7 @@ from rcm_train.stages import (
     publish,
     run_stage,
 )
-from rcm_train.trainer import (
-    OptimizerConfig,
-    ScheduleConfig,
-    TrainParts,
-    build_optimizer,
-    build_scheduler,
-)
-
-
-class StageConfig(RecipeConfig):
-    """One training stage: objective, student/critic schedule and length."""
-
-    name: str = "rcm"
-    """Stage name: checkpoint / log sub-directory."""
-    iterations: int = 0
-    """Raw iterations (student and critic together) of this stage; 0 skips it."""
-    method: Literal["rcm", "meanflow"] = "rcm"
-    """rcm: the rCM objective family (sCM / dCM + DMD) on a WanDiT student; meanflow: MeanFlow average-velocity
-    distillation of a MeanFlowWanDiT student (docs/meanflow.md; fake_score must be false)."""
-    fake_score: bool = True
-    """Train a fake score (critic) and add the DMD loss (rCM, DMD); False: consistency loss only."""
-    objective: RCMObjectiveConfig = RCMObjectiveConfig()
-    """The rCM objective of this stage (cm_type, loss weights, time distributions, ...)."""
-    meanflow: MeanFlowObjectiveConfig = MeanFlowObjectiveConfig()
-    """The MeanFlow objective of a method=meanflow stage (time pairs, exact or finite-difference JVP, ...)."""
-    schedule: ScheduleConfig = ScheduleConfig()
-    """Student / critic alternation (tangent_warmup, student_update_freq)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> StageConfig:
-        if self.iterations < 0:
-            raise ValueError(f"stage {self.name!r}: iterations must be >= 0")
-        o = self.objective
-        if self.method == "meanflow":
-            if self.fake_score:
-                raise ValueError(f"stage {self.name!r}: method=meanflow has no critic: set fake_score=false")
-            return self
-        if o.loss_scale == 0 and not self.fake_score:
-            raise ValueError(f"stage {self.name!r} trains nothing: loss_scale=0 and fake_score=false")
-        if o.loss_scale == 0 and self.schedule.tangent_warmup != 0:
-            raise ValueError(f"stage {self.name!r}: pure DMD (loss_scale=0) needs schedule.tangent_warmup=0")
-        if self.fake_score and o.loss_scale_dmd <= 0:
-            raise ValueError(f"stage {self.name!r}: a fake score needs objective.loss_scale_dmd > 0 "
-                             "(set fake_score=false for a consistency-only stage)")
-        return self
+from rcm_train.trainer import OptimizerConfig, TrainParts, build_optimizer, build_scheduler
 
 
 class ParallelismConfig(RecipeConfig):
@@ -142,11 +93,11 @@ class DistillConfig(RecipeConfig):
     """Training shards (recipes/build_dataset.py writes them)."""
     negative_embed_path: str | None = "checkpoints/umT5_wan_negative_emb.pt"
     """Negative-prompt embedding [L, D] for the teacher's CFG (None: CFG is a no-op, as in the reference)."""
-    stage1: StageConfig = StageConfig(name="rcm", iterations=100_000)
+    stage1: DistillStageConfig = DistillStageConfig(name="rcm", iterations=100_000)
     """First stage."""
-    stage2: StageConfig = StageConfig(name="stage2")
+    stage2: DistillStageConfig = DistillStageConfig(name="stage2")
     """Second stage (from stage1's final student); iterations=0 skips it."""
-    stage3: StageConfig = StageConfig(name="stage3")
+    stage3: DistillStageConfig = DistillStageConfig(name="stage3")
     """Third stage; iterations=0 skips it."""
     optimizer: OptimizerConfig = OptimizerConfig(lr=2e-6)
     """Student AdamW (betas (0, 0.999), wd 0.01, 100-step warmup)."""
@@ -175,7 +126,7 @@ class DistillConfig(RecipeConfig):
             raise ValueError("model.low_noise_path: two-expert teachers are not supported by distill.py")
         return self
 
-    def stages(self) -> list[StageConfig]:
+    def stages(self) -> list[DistillStageConfig]:
         """The stages to run, in order."""
         return [s for s in (self.stage1, self.stage2, self.stage3) if s.iterations > 0]
 
@@ -224,21 +175,17 @@ class _Shared:
         return build_network(factory, sd, mesh=self.mesh, parallel=par, device=self.device, trainable=trainable)
 
 
-def _objective_and_hook(cfg: DistillConfig, sc: StageConfig, r: _Shared) -> tuple[Any, SampleHook | None]:
+def _objective_and_hook(cfg: DistillConfig, sc: DistillStageConfig, r: _Shared) -> tuple[Any, SampleHook | None]:
     """The stage's objective (rCM or MeanFlow) and its periodic sample hook (None when sampling is off)."""
-    if sc.method == "meanflow":
-        objective = MeanFlowObjective(sc.meanflow, negative_embed=r.negative)
-        in_name, guidance, hook_cls = sc.meanflow.input_dtype, sc.meanflow.guidance, MeanFlowSampleHook
-    else:
-        objective = RCMObjective(sc.objective, negative_embed=r.negative)
-        in_name, guidance, hook_cls = sc.objective.input_dtype, sc.objective.guidance, SampleHook
+    objective, in_name, guidance = sc.objective_and_guidance(r.negative)
     if not cfg.sample.every:
         return objective, None
+    hook_cls = MeanFlowSampleHook if sc.method == "meanflow" else SampleHook
     return objective, hook_cls(cfg.sample, r.samples, device=r.device, negative=r.negative, guidance=guidance,
                                input_dtype=parse_dtype(in_name) if in_name else torch.float64)
 
 
-def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], r: _Shared) -> Stage:
+def _stage(cfg: DistillConfig, sc: DistillStageConfig, init: Mapping[str, Tensor], r: _Shared) -> Stage:
     """The driver's view of stage ``sc``: networks built (on demand) from ``init`` (the student's start)."""
     p, student_cls = cfg.parallel, WanDiT
     if sc.method == "meanflow":
@@ -258,8 +205,7 @@ def _stage(cfg: DistillConfig, sc: StageConfig, init: Mapping[str, Tensor], r: _
                            schedulers={k: build_scheduler(o, opt_cfg[k]) for k, o in optimizers.items()})
         return StageSetup(parts, *_objective_and_hook(cfg, sc, r))
 
-    return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule,
-                 critic_models=["fake_score"] if sc.fake_score else [])
+    return Stage(sc.name, sc.iterations, setup, schedule=sc.schedule, critic_models=sc.critic_models)
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
