@@ -6,14 +6,20 @@ plus one cache-refresh pass (5 forwards of 4680 query tokens per block), trained
 (81 px frames); a rolling cache of 3 sink + 15 window frames (each block attends to at most 21 frames),
 stored in bf16 / int8 / fp8; lengths 1x, 4x and 10x the trained length (7, 28, 70 blocks).
 
-What is timed (CUDA-synchronized wall clock per block):
-* ``dit``: the DiT of a block (its denoising steps + the cache-writing re-run); text encoding excluded
-  (the prompt's cross-attention k/v are computed once before the timer starts);
-* ``+vae``: plus the streaming VAE decode of the block (Wan2.1 VAE, causal feature cache, random bf16 weights),
-  as a live viewer needs it. mp4 encoding is excluded.
-Metrics: time to first block (block 0 ready; DiT only and DiT + VAE), steady frames/s (pixel frames of
-blocks 1.. over their time: 1 + 4(n - 1) px frames for the first block of n latents, 4n afterwards), peak
-allocated memory over the whole run (weights included) and the KV-cache bytes.
+What is timed:
+* ``dit``: the DiT of a block (its denoising steps + the cache-writing re-run; CUDA events); text encoding
+  excluded (the prompt's cross-attention k/v are computed once before the timer starts);
+* ``+vae``: wall clock until the block's frames are on the host: the streaming VAE decode (Wan2.1 VAE, causal
+  feature cache, random bf16 weights) and the copy to the host, as a live viewer needs it. mp4 encoding is
+  excluded.
+Metrics: time to first block (block 0 ready; DiT only, and frames on the host), steady frames/s (pixel frames
+of blocks 1.. over their time: 1 + 4(n - 1) px frames for the first block of n latents, 4n afterwards; ``fps
+dit`` over the blocks' DiT times, ``fps`` over the wall clock between the first and the last block delivered),
+peak allocated memory over the whole run (weights included) and the KV-cache bytes.
+Decode overlap (``rcm_pipelines.stream_session.decode_blocks``): each streaming run is made twice in the same
+process, decode after each block (``stream``) and decode of block n on a side CUDA stream while the DiT makes
+block n + 1 (``stream+ovl``); the overlap row carries ``ovl x`` = its overall frames/s over the sequential
+one's (``--overlap off|on|both``).
 The bidirectional rows run the same network over the whole video at once, 4 steps (RF: ``x0 = x − t·v``,
 re-noise), then decode it with the VAE: there the first frame is available only when everything is done.
 Its attention is quadratic in the length, so by default it runs at 1x and 4x only (``--bidir-factors``).
@@ -22,7 +28,8 @@ Its attention is quadratic in the length, so by default it runs at 1x and 4x onl
     python benchmarks/streaming.py --quick               # 1x and 4x, bf16 + int8, bidirectional 1x only
     python benchmarks/streaming.py --steps 2 --kv-dtypes bfloat16 --factors 1        # the 2-step goal
     python benchmarks/streaming.py --steps 1 --frames-per-block 1 --factors 1    # frame-wise latency
-    [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--json streaming.json]
+    python benchmarks/streaming.py --smoke               # tiny sizes, CPU if there is no GPU (does it run?)
+    [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--overlap both] [--json streaming.json]
 """
 
 from __future__ import annotations
@@ -40,18 +47,21 @@ from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
+from rcm_pipelines.stream_session import decode_blocks
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate, wan_timestep
 
-DEVICE = "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = DEVICE == "cuda"
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # bf16 matmuls are slow on CPUs
 _TIMES = {1: DEFAULT_STREAM_TIMES[:1], 2: (DEFAULT_STREAM_TIMES[0], 5 / 6), 3: DEFAULT_STREAM_TIMES[:3],
           4: DEFAULT_STREAM_TIMES}
 
 
 def build_net(name: str, layers: int | None) -> WanDiT:
-    """Random bf16 weights on the GPU (meta build, materialize, Wan init, non-zero head)."""
+    """Random weights (bf16 on the GPU; meta build, materialize, Wan init, non-zero head)."""
     overrides = {} if layers is None else {"num_layers": layers}
     with torch.device("meta"):
-        net = WanDiT.from_config(name, dtype=torch.bfloat16, **overrides)
+        net = WanDiT.from_config(name, dtype=DTYPE, **overrides)
     net.to_empty(device=DEVICE)
     net.init_weights(generator=torch.Generator(device=DEVICE).manual_seed(0))
     with torch.no_grad():
@@ -59,55 +69,72 @@ def build_net(name: str, layers: int | None) -> WanDiT:
     return net.eval().requires_grad_(False)
 
 
-def build_vae() -> WanVAE:
+def build_vae(dim: int = 96) -> WanVAE:
     torch.manual_seed(0)
-    return WanVAE().to(device=DEVICE, dtype=torch.bfloat16).eval().requires_grad_(False)
+    return WanVAE(dim=dim).to(device=DEVICE, dtype=DTYPE).eval().requires_grad_(False)
+
+
+def _reset() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else math.nan
 
 
 def px_frames(latent_frames: int, first: bool) -> int:
     return 1 + 4 * (latent_frames - 1) if first else 4 * latent_frames
 
 
-def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, kv_dtype: str) -> dict:
-    """One streaming generation; per-block DiT and decode times, peak memory."""
+def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, kv_dtype: str,
+               overlap: bool = False) -> dict:
+    """One streaming generation, frames delivered to the host block by block; per-block DiT times (CUDA
+    events), delivery times, peak memory. ``overlap``: decode on a side stream while the next block runs."""
     cfg = net.config
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset()
     sink = layout.first
     window = args.trained_frames - sink - layout.frames_per_block
     cache = make_kv_cache(net, batch=1, height=args.height, width=args.width, layout=layout, window_frames=window,
                           sink_frames=sink, kv_dtype=kv_dtype, device=DEVICE)
-    decoder = StreamingDecoder(vae) if vae is not None else None
+    decoder = StreamingDecoder(vae)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    dit, dec, frames = [], [], []
-    for blk in stream_generate(net, prompt, cache, num_frames=latent_frames, layout=layout,
-                               latent_shape=(1, cfg.out_dim, args.height, args.width), generator=gen,
-                               times=_TIMES[args.steps], refresh=args.refresh):
-        dit.append(blk.seconds)
-        tic = time.perf_counter()
-        if decoder is not None:
-            decoder(blk.x0.to(torch.bfloat16))
-            torch.cuda.synchronize()
-        dec.append(time.perf_counter() - tic)
-        frames.append(px_frames(blk.x0.shape[2], blk.index == 0))
-        del blk
-    tot = [a + b for a, b in zip(dit, dec)]
+    blocks = stream_generate(net, prompt, cache, num_frames=latent_frames, layout=layout,
+                             latent_shape=(1, cfg.out_dim, args.height, args.width), generator=gen,
+                             times=_TIMES[args.steps], refresh=args.refresh, synchronize=not CUDA)
+
+    def to_vae(blocks):
+        for blk in blocks:
+            blk.x0 = blk.x0.to(DTYPE)
+            yield blk
+
+    dit, done, frames = [], [], []
+    tic = time.perf_counter()
+    for d in decode_blocks(to_vae(blocks), decoder, overlap=overlap):
+        done.append(time.perf_counter() - tic)
+        dit.append(d.dit_s)
+        frames.append(px_frames(d.block.x0.shape[2], d.index == 0))
+        del d
     rest = sum(frames[1:])
-    return dict(mode="stream", kv_dtype=kv_dtype, latent_frames=latent_frames, px_frames=sum(frames),
-                blocks=len(dit), ttfb_dit_s=dit[0], ttfb_s=tot[0],
+    return dict(mode="stream+ovl" if overlap else "stream", kv_dtype=kv_dtype, latent_frames=latent_frames,
+                px_frames=sum(frames), blocks=len(dit), ttfb_dit_s=dit[0], ttfb_s=done[0],
                 steady_fps_dit=rest / sum(dit[1:]) if len(dit) > 1 else math.nan,
-                steady_fps=rest / sum(tot[1:]) if len(tot) > 1 else math.nan,
-                overall_fps=sum(frames) / sum(tot), mean_block_dit_s=sum(dit) / len(dit),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, cache_gib=cache.nbytes() / 2**30)
+                steady_fps=rest / (done[-1] - done[0]) if len(done) > 1 else math.nan,
+                overall_fps=sum(frames) / done[-1], mean_block_dit_s=sum(dit) / len(dit),
+                peak_gib=_peak_gib(), cache_gib=cache.nbytes() / 2**30)
 
 
 def bidirectional_run(net, vae, ctx, args, latent_frames: int) -> dict:
     """The 4-step rCM-style sampler over the whole video at once (same steps as a block), then a VAE decode."""
     cfg = net.config
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     shape = (1, cfg.out_dim, latent_frames, args.height, args.width)
     times = _TIMES[args.steps]
@@ -119,16 +146,16 @@ def bidirectional_run(net, vae, ctx, args, latent_frames: int) -> dict:
             x0 = x - tk * v
             if k + 1 < len(times):
                 x = (1 - times[k + 1]) * x0 + times[k + 1] * torch.randn(shape, device=DEVICE, generator=gen)
-        torch.cuda.synchronize()
+        _sync()
         t_dit = time.perf_counter() - tic
         if vae is not None:
-            vae.decode(x0.to(torch.bfloat16))
-        torch.cuda.synchronize()
+            vae.decode(x0.to(DTYPE)).cpu()
+        _sync()
     total = time.perf_counter() - tic
     n = px_frames(latent_frames, True)
     return dict(mode="bidirectional", kv_dtype="-", latent_frames=latent_frames, px_frames=n, blocks=1,
                 ttfb_dit_s=t_dit, ttfb_s=total, steady_fps_dit=n / t_dit, steady_fps=n / total, overall_fps=n / total,
-                mean_block_dit_s=t_dit, peak_gib=torch.cuda.max_memory_allocated() / 2**30, cache_gib=0.0)
+                mean_block_dit_s=t_dit, peak_gib=_peak_gib(), cache_gib=0.0)
 
 
 def _fmt(x, spec: str) -> str:
@@ -136,16 +163,17 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(rows: list[dict], vae: bool) -> None:
-    hdr = (f"{'mode':<14}{'kv':<6}{'lat':>5}{'px':>6}{'TTFB dit s':>11}{'TTFB s':>9}{'fps dit':>9}"
-           f"{'fps' + ('+vae' if vae else ''):>9}{'overall':>9}{'peak GiB':>10}{'cache GiB':>10}")
+    hdr = (f"{'mode':<14}{'kv':<9}{'lat':>5}{'px':>6}{'TTFB dit s':>11}{'TTFB s':>9}{'fps dit':>9}"
+           f"{'fps' + ('+vae' if vae else ''):>9}{'overall':>9}{'ovl x':>7}{'peak GiB':>10}{'cache GiB':>10}")
     print(hdr)
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:<14}{r['kv_dtype']:<6}{r['latent_frames']:>5}  {r['error']}")
+            print(f"{r['mode']:<14}{r['kv_dtype']:<9}{r['latent_frames']:>5}  {r['error']}")
             continue
-        print(f"{r['mode']:<14}{r['kv_dtype']:<6}{r['latent_frames']:>5}{r['px_frames']:>6}"
+        print(f"{r['mode']:<14}{r['kv_dtype']:<9}{r['latent_frames']:>5}{r['px_frames']:>6}"
               f"{_fmt(r['ttfb_dit_s'], '.3f'):>11}{_fmt(r['ttfb_s'], '.3f'):>9}{_fmt(r['steady_fps_dit'], '.2f'):>9}"
-              f"{_fmt(r['steady_fps'], '.2f'):>9}{_fmt(r['overall_fps'], '.2f'):>9}{r['peak_gib']:>10.2f}"
+              f"{_fmt(r['steady_fps'], '.2f'):>9}{_fmt(r['overall_fps'], '.2f'):>9}{_fmt(r.get('overlap_x'), '.2f'):>7}"
+              f"{_fmt(r['peak_gib'], '.2f'):>10}"
               f"{r['cache_gib']:>10.3f}")
 
 
@@ -153,7 +181,8 @@ def _guard(fn, mode: str, kv: str, frames: int) -> dict:
     try:
         return fn()
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        if CUDA:
+            torch.cuda.empty_cache()
         return dict(mode=mode, kv_dtype=kv, latent_frames=frames, error="OOM")
 
 
@@ -175,10 +204,19 @@ def main() -> None:
                     help="lengths for the bidirectional sampler (quadratic attention: 10x takes very long)")
     ap.add_argument("--no-vae", action="store_true", help="DiT only (no VAE decode)")
     ap.add_argument("--quick", action="store_true", help="factors 1 4, kv bf16 int8, bidirectional 1x only")
+    ap.add_argument("--overlap", choices=["off", "on", "both"], default="both",
+                    help="decode overlap rows: sequential only, overlapped only, or both (same process, ratio)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes (does it run? CPU when there is no GPU): 1-layer tiny DiT, 4x4 latents, "
+                         "dim-4 VAE, blocks of 2, trained 6 frames, 1x and 2x")
     ap.add_argument("--json", default="streaming.json")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("streaming.py needs a CUDA device")
+    if args.smoke:
+        args.config, args.layers, args.height, args.width = "tiny", 1, 4, 4
+        args.frames_per_block, args.trained_frames, args.factors, args.bidir_factors = 2, 6, [1, 2], [1]
+        args.kv_dtypes = ["float32", "int8"]
+    elif not CUDA:
+        raise SystemExit("streaming.py needs a CUDA device (or --smoke for a CPU run at tiny sizes)")
     if args.quick:
         args.factors, args.kv_dtypes, args.bidir_factors = [1, 4], ["bfloat16", "int8"], [1]
     layout = BlockLayout(args.frames_per_block, args.first_block_frames)
@@ -189,24 +227,31 @@ def main() -> None:
         return layout.block_start(layout.num_blocks(math.ceil(f * args.trained_frames)))
 
     net = build_net(args.config, args.layers)
-    vae = None if args.no_vae else build_vae()
+    vae = None if args.no_vae else build_vae(4 if args.smoke else 96)
     cfg = net.config
     g = torch.Generator(device=DEVICE).manual_seed(1)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=DEVICE, dtype=DTYPE, generator=g)
     prompt = net.encode_prompt(ctx)
-    weights_gib = torch.cuda.memory_allocated() / 2**30
-    print(f"WanDiT {args.config} bf16 ({cfg.num_layers} layers), latent {args.height}x{args.width} "
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if CUDA else math.nan
+    device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"WanDiT {args.config} {str(DTYPE)[6:]} ({cfg.num_layers} layers), latent {args.height}x{args.width} "
           f"({args.height * args.width // 4} tokens/frame), blocks {layout}, {args.steps} steps + "
-          f"{'refresh pass' if args.refresh == 'clean' else 'no refresh pass'}, {torch.cuda.get_device_name()}; "
+          f"{'refresh pass' if args.refresh == 'clean' else 'no refresh pass'}, {device_name}; "
           f"timed: DiT per block{'' if args.no_vae else ' + streaming VAE decode'}")
     rows = []
+    overlaps = {"off": [False], "on": [True], "both": [False, True]}[args.overlap]
     for kv in args.kv_dtypes:
-        stream_run(net, vae, prompt, args, layout, layout.block_start(2), kv)  # warm-up: kernels, allocator
+        for ov in overlaps:  # warm-up: kernels, allocator, side stream
+            stream_run(net, vae, prompt, args, layout, layout.block_start(2), kv, ov)
         for f in args.factors:
             n = length(f)
-            rows.append(_guard(lambda n=n, kv=kv: stream_run(net, vae, prompt, args, layout, n, kv), "stream", kv, n))
-            rows[-1]["factor"] = f
-            print_table(rows[-1:], vae is not None)
+            for ov in overlaps:
+                rows.append(_guard(lambda n=n, kv=kv, ov=ov: stream_run(net, vae, prompt, args, layout, n, kv, ov),
+                                   "stream+ovl" if ov else "stream", kv, n))
+                rows[-1]["factor"] = f
+                if ov and len(overlaps) == 2 and "error" not in rows[-1] and "error" not in rows[-2]:
+                    rows[-1]["overlap_x"] = rows[-1]["overall_fps"] / rows[-2]["overall_fps"]
+                print_table(rows[-1:], vae is not None)
     if args.bidir_factors:
         bidirectional_run(net, vae, ctx, args, layout.block_start(1))  # warm-up
     for f in args.bidir_factors:
@@ -216,15 +261,17 @@ def main() -> None:
         print_table(rows[-1:], vae is not None)
     print()
     print_table(rows, vae is not None)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
+    meta = dict(date=str(date.today()), device=device_name, torch=torch.__version__,
                 python=platform.python_version(), config=args.config, num_layers=cfg.num_layers,
                 latent_hw=[args.height, args.width], layout=[layout.first, layout.frames_per_block],
-                steps=args.steps, times=list(_TIMES[args.steps]), refresh=args.refresh,
+                steps=args.steps, times=list(_TIMES[args.steps]), refresh=args.refresh, overlap=args.overlap,
+                smoke=args.smoke,
                 trained_frames=args.trained_frames, sink_frames=layout.first,
                 window_frames=args.trained_frames - layout.first - layout.frames_per_block,
                 vae_decode=vae is not None, weights_and_prompt_gib=weights_gib,
-                timed=("per block: DiT (denoising steps + cache refresh)" + ("" if args.no_vae else
-                       " + streaming VAE decode") + "; text encoding and mp4 writing excluded"))
+                timed=("per block: DiT (denoising steps + cache refresh, CUDA events) and wall clock until the frames "
+                       "are on the host" + ("" if args.no_vae else " (streaming VAE decode, overlapped with the next "
+                       "block's DiT in stream+ovl rows)") + "; text encoding and mp4 writing excluded"))
     with open(args.json, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"wrote {args.json}")
