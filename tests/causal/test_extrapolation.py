@@ -88,7 +88,7 @@ def test_rolling_sink_bank_cycles_forward_then_backward():
 
 
 def test_infinity_rope_places_the_block_at_the_horizon_and_clamps_older_frames():
-    # Block-Relativistic RoPE (arXiv 2511.20649 §3): the block being computed at [L - n, L), the visible frames
+    # Block-Relativistic RoPE (arXiv 2511.20649): the block being computed at [L - n, L), the visible frames
     # right before it, clamped at 0. L = 6, sink 1 + window 4, blocks of 2 -> after 10 frames the visible
     # frames are [0, 6, 7, 8, 9] at positions [0, 0, 1, 2, 3] (the sink and frame 6 share 0), the block at (4, 5).
     c = _cache(**POLICIES["infinity_rope"])

@@ -172,7 +172,7 @@ def dequantize_int4_values(packed_blhd: Tensor, scale_blhg: Tensor, dtype: torch
 
 
 # ---------------------------------------------------------------------------------------------------- smoothing
-# Per-channel key smoothing (SmoothQuant-style, arXiv 2211.10438 §4, applied to the k of q·kᵀ): keys are divided
+# Per-channel key smoothing (SmoothQuant-style, arXiv 2211.10438, applied to the k of q·kᵀ): keys are divided
 # by a per-(batch, head, channel) factor c before quantization and q is multiplied by c at attention time, so
 # q·kᵀ = (q⊙c)·(k/c)ᵀ is unchanged in exact arithmetic. With smoothing the keys take one scale per token (over D,
 # like values) instead of per frame and channel: c evens out the channel magnitudes that a per-token scale would
