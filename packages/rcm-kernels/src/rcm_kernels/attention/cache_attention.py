@@ -5,7 +5,8 @@ H heads, D head dim. Tensors are ``[B, L, H, D]``.
 
 ``cache_attention`` computes ``softmax(s·Q[K_cache; K_extra]ᵀ)[V_cache; V_extra]`` where the cache part is
 the visible frames of a :class:`rcm_kernels.kv_cache.CacheLayer` (int8/fp8 codes with per-frame-per-channel
-key scales and per-token value scales, or plain compute-dtype storage).
+key scales, or per-token scales of smoothed keys, and per-token value scales; int4 codes with group-wise
+scales; or plain compute-dtype storage).
 
 * CUDA (and no autograd needed): one Triton kernel, FlashAttention-2 style online softmax, that walks the
   visible frames tile by tile, dequantizes each tile in registers and never materializes a dequantized copy
@@ -13,7 +14,10 @@ key scales and per-token value scales, or plain compute-dtype storage).
   the per-token value scale into the probabilities (``(p·diag(s_v))·v_codes``), so the inner loop does two
   ``tl.dot`` on codes cast to the compute dtype (int8 and e4m3 codes are exact in fp16/bf16).
   With ``k_rope`` (pre-RoPE keys) a tile is dequantized and rotated in registers (interleaved pairs, the
-  partner channel ``d ^ 1`` loaded alongside).
+  partner channel ``d ^ 1`` loaded alongside). int4 storage (two codes per byte): each channel's nibble is
+  decoded from its byte in registers and the tile is multiplied by its group scales (they vary along tokens
+  and channels, so they are not folded). Smoothed int8/fp8 keys: the factors ``c`` are folded into q once,
+  the per-token key scale multiplies a column of the logits.
 * Elsewhere, or when gradients must flow into ``q``/``extra_k``/``extra_v`` (self-forcing's exit step): torch
   reference path that gathers and dequantizes the visible frames, then calls SDPA.
 """
