@@ -8,7 +8,8 @@ modulation rows (the Wan islands). Ops, each as the DiT calls it:
 * ``gated_residual``         ``x + y·gate`` in bf16 (teacher numerics);
 * ``gated_residual_fp32``    the same computed in fp32 (rCM student numerics), bf16 out;
 * ``rms_norm_rope``          q/k RMSNorm over the full width + 3-D RoPE per head;
-* ``rope``                   RoPE alone.
+* ``rope``                   RoPE alone;
+* ``gelu_tanh``              the FFN activation on the hidden ``[B, L, F]`` (F = 8960), bf16.
 
 Modes per op: ``primal`` (no tangents, no grad), ``jvp`` (primal + tangents of every input), ``fwd+bwd`` (primal
 with grad, then backward). ``unfused`` runs the reference twins (``impl="reference"``: the same op sequence as
@@ -16,7 +17,7 @@ the DiT's unfused ``_ops``), ``fused`` the Triton kernels (``impl="triton"``); `
 both in this process and prints the ratio unfused/fused. ``GB/s`` counts the bytes a fused pass must move
 (inputs read once, outputs written once). Timing: CUDA events, median of ``--iters`` after ``--warmup``.
 
-    python benchmarks/fused_ops.py [--tokens 32760 --dim 1536 --heads 12] [--impl both|triton|reference]
+    python benchmarks/fused_ops.py [--tokens 32760 --dim 1536 --heads 12 --ffn-dim 8960] [--impl both|triton|reference]
                                    [--iters 20] [--json fused_ops.json]
 """
 
@@ -30,7 +31,7 @@ from datetime import date
 
 import torch
 
-from rcm_kernels.fused import apply_rope, gated_residual, layer_norm_modulate, rms_norm_rope
+from rcm_kernels.fused import apply_rope, gated_residual, gelu_tanh, layer_norm_modulate, rms_norm_rope
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -48,7 +49,7 @@ def _time(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _cases(b: int, length: int, c: int, heads: int, frames: int, dev: str = "cuda", bf=torch.bfloat16):
+def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: str = "cuda", bf=torch.bfloat16):
     """``{op: (call(impl, tangents, grad) -> output to backprop, primal bytes, jvp bytes)}``."""
     g = torch.Generator(device=dev).manual_seed(0)
 
@@ -89,12 +90,18 @@ def _cases(b: int, length: int, c: int, heads: int, frames: int, dev: str = "cud
     def rope(impl, tan, grad):
         return apply_rope(req(x4, grad), tx4 if tan else None, cos, sin, impl=impl)[0]
 
+    def gelu(impl, tan, grad):
+        return gelu_tanh(req(hid, grad), thid if tan else None, impl=impl)[0]
+
+    hid, thid = r(b, length, ffn), r(b, length, ffn)
+    act_f = b * length * ffn * 2
     rope_b = length * half * 4 * 2
     return {"ln_modulate": (ln(m1, None), 2 * act, 4 * act), "ln_modulate_per_frame": (ln(mf, idx), 2 * act, 4 * act),
             "gated_residual": (gated(bf), 3 * act, 6 * act), "gated_residual_fp32": (gated(torch.float32), 3 * act,
                                                                                     6 * act),
             "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b), "rope": (rope, 2 * act + rope_b,
-                                                                              4 * act + rope_b)}
+                                                                              4 * act + rope_b),
+            "gelu_tanh": (gelu, 2 * act_f, 4 * act_f)}
 
 
 def _runner(call, impl: str, mode: str):
@@ -116,6 +123,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32760, help="21 frames x 30 x 52 at 480p")
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--ffn-dim", type=int, default=8960)
     ap.add_argument("--frames", type=int, default=21, help="modulation rows of the per-frame case")
     ap.add_argument("--impl", choices=("both", "triton", "reference"), default="both")
     ap.add_argument("--ops", default="all", help="comma-separated op names, or all")
@@ -125,7 +133,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fused_ops.py needs a CUDA device")
-    cases = _cases(args.batch, args.tokens, args.dim, args.heads, args.frames)
+    cases = _cases(args.batch, args.tokens, args.dim, args.heads, args.frames, args.ffn_dim)
     ops = list(cases) if args.ops == "all" else args.ops.split(",")
     impls = ["reference", "triton"] if args.impl == "both" else [args.impl]
     rows = []
@@ -143,7 +151,7 @@ def main() -> None:
             rows.append(row)
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
                 python=platform.python_version(), batch=args.batch, tokens=args.tokens, dim=args.dim,
-                heads=args.heads, frames=args.frames, iters=args.iters)
+                heads=args.heads, ffn_dim=args.ffn_dim, frames=args.frames, iters=args.iters)
     print(f"fused DiT ops, B={args.batch} L={args.tokens} C={args.dim} H={args.heads}, bf16, {meta['device']}")
     print(f"{'op':<24}{'mode':<9}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}")
     for r in rows:

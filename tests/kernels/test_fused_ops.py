@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from rcm_kernels.fused import apply_rope, gated_residual, layer_norm_modulate, rms_norm_rope
+from rcm_kernels.fused import apply_rope, gated_residual, gelu_tanh, layer_norm_modulate, rms_norm_rope
 from rcm_kernels.fused import reference as R
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -212,6 +212,26 @@ def test_rope_matches_reference_and_jvp(dtype, atol, rtol):
     xs = rnd(1, 2, 2, 4, dtype=f64).requires_grad_()
     cs = _rope_tables(f64, 2, 2)
     assert torch.autograd.gradcheck(lambda a: apply_rope(a, None, *cs, impl="triton")[0], (xs,), fast_mode=True)
+
+
+@interp
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 2e-5, 1e-5), (torch.float16, 1e-3, 1e-3)])
+def test_gelu_tanh_matches_float64_and_jvp(dtype, atol, rtol):
+    """The kernel evaluates the derivative in fp32 and rounds once, so it is compared with the float64 twin
+    (the same-dtype twin rounds op by op). fp32: ``1 − σ`` near σ = 1 loses ~ulp(1) = 6e-8, times ~2·9·10 at
+    |x| ~ 9: 2e-5 abs; fp16: one ulp of the output."""
+    x, tx = rnd(B, L, 37, dtype=dtype) * 3, rnd(B, L, 37, dtype=dtype)
+    y, ty = gelu_tanh(x, tx, impl="triton")
+    ry, rty = R.gelu_tanh_reference(x.double(), tx.double())
+    close("primal", y, ry.to(dtype), atol, rtol)
+    close("tangent", ty, rty.to(dtype), atol, rtol)
+    x, tx = x.double(), tx.double()
+    y, ty = gelu_tanh(x, tx, impl="triton")
+    ry, rty = torch.func.jvp(lambda a: torch.nn.functional.gelu(a, approximate="tanh"), (x,), (tx,))
+    close("primal f64", y, ry, F64_TOL, F64_TOL)
+    close("tangent f64", ty, rty, F64_TOL, F64_TOL)
+    assert torch.autograd.gradcheck(lambda a: gelu_tanh(a, None, impl="triton")[0],
+                                    (rnd(2, 5, dtype=torch.float64).requires_grad_(),), fast_mode=True)
 
 
 def test_primal_keeps_grad_and_tangent_is_detached():

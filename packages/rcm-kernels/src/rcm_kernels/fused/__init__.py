@@ -6,8 +6,9 @@ cost nothing. The primal is differentiable (backward: autograd through the refer
 """
 
 from .gated_residual import gated_residual
+from .gelu import gelu_tanh
 from .modulate_norm import layer_norm_modulate
 from .rms_norm import rms_norm_rope
 from .rope import apply_rope
 
-__all__ = ["layer_norm_modulate", "gated_residual", "rms_norm_rope", "apply_rope"]
+__all__ = ["layer_norm_modulate", "gated_residual", "rms_norm_rope", "apply_rope", "gelu_tanh"]

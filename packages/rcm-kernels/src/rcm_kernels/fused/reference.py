@@ -12,6 +12,8 @@ mapping each token to its row).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,7 +21,7 @@ from torch import Tensor
 Pair = tuple[Tensor, Tensor | None]
 
 __all__ = ["island", "mod_rows", "layer_norm_modulate_reference", "rms_norm_rope_reference",
-           "rope_reference", "gated_residual_reference"]
+           "rope_reference", "gated_residual_reference", "gelu_tanh_reference"]
 
 
 def island(dtype: torch.dtype) -> torch.dtype:
@@ -137,3 +139,18 @@ def gated_residual_reference(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor
     with torch.no_grad():
         tg = _add(None if ty is None else ty.to(compute) * g, None if tgate is None else yc * tgate.to(compute))
         return out, _add(None if tx is None else tx.to(compute), tg).to(od)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_reference(x: Tensor, tx: Tensor | None) -> Pair:
+    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``, in ``x.dtype`` (as the DiT's
+    unfused op: the tangent formula is evaluated op by op in ``x.dtype``)."""
+    y = F.gelu(x, approximate="tanh")
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        th = torch.tanh(_GELU_C * (x + 0.044715 * x**3))
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+        return y, tx * d

@@ -9,7 +9,7 @@ while the primal keeps the caller's grad mode.
 Precision: ``island(dtype)`` is the dtype of the fp32 islands (float32, or float64 for float64 params).
 Linear layers run in their weight's dtype (inputs are cast to it), or in ``compute`` when given.
 
-Fused ops: ``layer_norm_modulate``, ``gated_residual`` (here) and ``rms_norm_rope`` / ``apply_rope`` (``_rope``)
+Fused ops: ``layer_norm_modulate``, ``gated_residual``, ``gelu_tanh`` (here) and ``rms_norm_rope`` / ``apply_rope`` (``_rope``)
 run the fused Triton kernels of ``rcm_kernels.fused`` (primal and tangent in one pass, same precision) when
 :func:`use_fused` says so, else the unfused functions below. One switch: the module attribute
 ``fused_ops_mode`` (initialized from the environment variable ``RCM_FUSED_OPS``; scoped with :func:`fused_ops`):
@@ -99,7 +99,13 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(x: Tensor, tx: Tensor | None) -> Pair:
-    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``; derivative written out."""
+    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``; derivative written out.
+
+    Fused (one pass, the derivative in float32, rounded once) when :func:`use_fused`."""
+    if use_fused(x):
+        from rcm_kernels.fused import gelu_tanh as fused
+
+        return fused(x, tx)
     y = F.gelu(x, approximate="tanh")
     if tx is None:
         return y, None
