@@ -64,7 +64,7 @@ def test_decode_overlap_hands_block_out_after_the_next_is_made(vae):
 def _session(tmp_path, device="cpu", **spec):
     torch.manual_seed(0)
     save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
-    spec = StreamSpec(frames_per_block=2, first_block_frames=1, times=[0.8], kv_dtype="float32", **spec)
+    spec = StreamSpec(**{**dict(frames_per_block=2, first_block_frames=1, times=[0.8], kv_dtype="float32"), **spec})
     return StreamSession(spec, dit=DiTSpec(config="tiny", path="random", overrides={"num_layers": 1}),
                          vae=VAESpec(path=str(tmp_path / "vae.safetensors"), arch={"dim": 4}),
                          device=torch.device(device), dtype=torch.float32)
@@ -82,6 +82,23 @@ def test_session_writes_one_mp4_per_prompt(tmp_path):
     videos = [read_video(p) for p in paths]
     assert all(v.shape == (9, 16, 16, 3) for v in videos)
     assert abs(videos[0].astype(float) - videos[1].astype(float)).mean() > 1  # different prompts and seeds
+
+
+@pytest.mark.parametrize("options", [
+    dict(kv_dtype="int4", group_size=16, extrapolation="rolling_sink", sink_bank_frames=3, sink_frames=1),
+    dict(kv_dtype="int8", key_smoothing="first_block", extrapolation="infinity_rope", trained_frames=4),
+])
+def test_session_passes_cache_options(tmp_path, options):
+    """The spec's storage / extrapolation settings reach the KV cache the session builds (and it streams)."""
+    session = _session(tmp_path, **options)
+    blocks = list(session.blocks(torch.randn(1, 4, 32), size=(16, 16), num_frames=13, seeds=[0]))
+    assert len(blocks) == 3 and all(torch.isfinite(b.x0).all() for b in blocks)
+    cache = session.caches[0]
+    assert (cache.kv_dtype, cache.extrapolation) == (options["kv_dtype"], options["extrapolation"])
+    if "sink_bank_frames" in options:
+        assert cache.sink_bank_frames == 3 and cache.int4_group == 16
+    else:
+        assert cache.key_smoothing == "first_block" and cache.trained_frames == 4
 
 
 @pytest.mark.gpu

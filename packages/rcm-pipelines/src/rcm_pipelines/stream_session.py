@@ -183,10 +183,12 @@ class StreamSession:
         return layout, latent_frames_for(num_frames, layout, vae=self.vae is not None)
 
     def blocks(self, context: Tensor, *, size: tuple[int, int], num_frames: int, seeds: Sequence[int],
-               negative: Tensor | None = None, image: Tensor | None = None, record: bool = False) -> Iterator[StreamBlock]:
+               negative: Tensor | None = None, image: Tensor | None = None, record: bool = False,
+               synchronize: bool | None = None) -> Iterator[StreamBlock]:
         """Latent blocks of the batch ``context [B, L, D]`` (one prompt per row), ``seeds[b]`` drawing sample b's
         noise (a CPU generator: the same on every device); ``negative [L, D]`` for CFG (guidance > 1);
-        ``image [3, H, W]`` in [-1, 1]: causal I2V, the same first frame for every prompt."""
+        ``image [3, H, W]`` in [-1, 1]: causal I2V, the same first frame for every prompt. ``synchronize``:
+        time blocks with device syncs (default: unless the decode overlaps on CUDA; then CUDA events)."""
         s, net, b = self.spec, self.net, context.shape[0]
         if len(seeds) != b:
             raise ValueError(f"{b} prompts but {len(seeds)} seeds")
@@ -199,8 +201,7 @@ class StreamSession:
 
         def cache():
             return make_kv_cache(net, batch=b, height=lh, width=lw, layout=layout, window_frames=window,
-                                 sink_frames=sink, rolling=True, kv_dtype=s.kv_dtype,
-                                 position_policy=s.position_policy, device=self.device)
+                                 sink_frames=sink, rolling=True, device=self.device, **s.cache_options())
 
         ctx = context.to(device=self.device, dtype=self.dtype)
         cfg = s.uses_cfg()
@@ -217,13 +218,14 @@ class StreamSession:
                                clean_refresh_blocks=s.clean_refresh_blocks, solver=s.solver, negative=neg,
                                uncond_cache=self.caches[1] if cfg else None, guidance=s.guidance, initial_latent=first,
                                timestep_dtype=torch.bfloat16 if s.timestep_bf16 else None, record=record,
-                               synchronize=not (s.overlap_decode and self.device.type == "cuda"))
+                               synchronize=not s.overlap_decode if synchronize is None else synchronize)
 
     def frames(self, context: Tensor, *, overlap: bool | None = None, **kw) -> Iterator[DecodedBlock]:
         """:meth:`blocks` decoded block by block (``overlap`` defaults to ``spec.overlap_decode``)."""
+        overlap = self.spec.overlap_decode if overlap is None else overlap
         decoder = StreamingDecoder(self.vae)
-        blocks = (self._decoder_input(blk) for blk in self.blocks(context, **kw))
-        return decode_blocks(blocks, decoder, overlap=self.spec.overlap_decode if overlap is None else overlap)
+        blocks = (self._decoder_input(blk) for blk in self.blocks(context, synchronize=not overlap, **kw))
+        return decode_blocks(blocks, decoder, overlap=overlap)
 
     def _decoder_input(self, blk: StreamBlock) -> StreamBlock:
         if self.vae is not None:

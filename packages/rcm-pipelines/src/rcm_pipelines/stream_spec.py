@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.kv_cache import Extrapolation, KeySmoothing, KVDtype, PositionPolicy
 from rcm_losses.sampling import flow_sigmas
 from rcm_losses.schedules import check_schedule
 
@@ -58,10 +59,19 @@ class StreamSpec(PipelineConfig):
     window_frames: int | None = Field(None, ge=1)
     """Most recent latent frames kept in the cache (default: trained_frames - sink - one block, at least one
     block)."""
-    kv_dtype: Literal["bfloat16", "float16", "float32", "int8", "fp8"] = "bfloat16"
-    """KV cache storage (int8 / fp8: quantized on write, read tile by tile)."""
-    position_policy: Literal["absolute", "reindexed"] = "absolute"
+    kv_dtype: KVDtype = "bfloat16"
+    """KV cache storage (int8 / fp8 / int4: quantized on write, read tile by tile; docs/kv_cache.md)."""
+    group_size: int = Field(64, ge=1)
+    """kv_dtype=int4: channels per scale (must divide the head dim)."""
+    key_smoothing: KeySmoothing = "none"
+    """kv_dtype=int8/fp8: first_block divides key channels by factors set from the first block."""
+    position_policy: PositionPolicy = "absolute"
     """RoPE positions of cached frames after eviction (docs/kv_cache.md)."""
+    extrapolation: Extrapolation = "sink_window"
+    """Cache policy beyond the trained length: sink_window, infinity_rope (positions capped by
+    trained_frames) or rolling_sink (sink cycles through a bank of sink_bank_frames; docs/kv_cache.md)."""
+    sink_bank_frames: int | None = Field(None, ge=1)
+    """extrapolation=rolling_sink: frames of the sink bank (default: sink_frames)."""
     timestep_bf16: bool = False
     """Round the network time 1000 t through bf16 as rcm does."""
     overlap_decode: bool = True
@@ -82,6 +92,10 @@ class StreamSpec(PipelineConfig):
             raise ValueError("euler_steps needs solver=euler")
         if self.clean_refresh_blocks and self.refresh != "last_step":
             raise ValueError("clean_refresh_blocks applies to refresh=last_step only")
+        if self.key_smoothing != "none" and self.kv_dtype not in ("int8", "fp8"):
+            raise ValueError(f"key_smoothing applies to int8/fp8 caches, not kv_dtype={self.kv_dtype}")
+        if self.sink_bank_frames is not None and self.extrapolation != "rolling_sink":
+            raise ValueError("sink_bank_frames needs extrapolation=rolling_sink")
         if self.refresh == "last_step" and self.context_noise > 0 and not self.clean_refresh_blocks:
             raise ValueError("context_noise is unused with refresh=last_step (the last step's noise level is "
                              "the context's): leave it 0 or use refresh=clean")
@@ -107,6 +121,13 @@ class StreamSpec(PipelineConfig):
         window = self.window_frames or max(self.trained_frames - sink - layout.frames_per_block,
                                            layout.frames_per_block)
         return sink, window
+
+    def cache_options(self) -> dict:
+        """The ``make_kv_cache`` keywords of the storage and extrapolation settings."""
+        return dict(kv_dtype=self.kv_dtype, position_policy=self.position_policy, group_size=self.group_size,
+                    key_smoothing=self.key_smoothing, extrapolation=self.extrapolation,
+                    trained_frames=self.trained_frames if self.extrapolation == "infinity_rope" else None,
+                    sink_bank_frames=self.sink_bank_frames)
 
     def uses_cfg(self) -> bool:
         return self.guidance > 1

@@ -123,7 +123,7 @@ def _noise_fn(generator: torch.Generator | Sequence[torch.Generator], shape: tup
     def noise(n: int) -> Tensor:
         if per_sample:
             parts = [torch.randn((1, c, n, h, w), generator=g, device=g.device) for g in gens]
-            x = torch.cat([p.to(device) for p in parts]) if len(parts) > 1 else parts[0]
+            x = torch.cat([p.to(parts[0].device) for p in parts]) if len(parts) > 1 else parts[0]
         else:
             x = torch.randn((b, c, n, h, w), generator=gens[0], device=gens[0].device)
         if x.device.type == "cpu" and device.type == "cuda":
