@@ -1,6 +1,8 @@
-"""Metrics logging: window means to JSONL, a console line with it/s and ETA, media files, wandb guard."""
+"""Metrics logging: window means to JSONL, a console line with it/s and ETA, media files, wandb (offline: one
+run per stage, grouped, its id checkpointed and reopened on resume)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -67,3 +69,72 @@ def test_metrics_hold_each_iteration_once_after_a_resume(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in lines] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb in offline mode writing under tmp_path (no network, no files outside the test)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return wandb
+
+
+class _Fit:
+    """Objective of the resume test: fits ``student.w`` to the batch."""
+
+    def closures(self, models, batch, ctx):
+        w = models["student"].w
+        return {"fit": lambda: (((w - batch) ** 2).sum().reshape(1), {})}
+
+
+class _W(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def _offline_runs(root):
+    """Ids of the offline runs wandb wrote under ``root`` (directories ``offline-run-<time>-<id>[-<n>]``, the
+    suffix for a second session of one run in the same second)."""
+    names = [p.name for p in root.rglob("offline-run-*") if p.is_dir()]
+    return sorted(re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", n).group(1) for n in names)
+
+
+def test_wandb_run_id_is_checkpointed_and_reused_on_resume(tmp_path, offline_wandb):
+    """Before: every (re)start opened a new wandb run, with no group and no job type."""
+    from rcm_train.checkpoint import Checkpointer
+    from rcm_train.trainer import OptimizerConfig, TrainConfig, TrainParts, build_optimizer, train
+
+    def parts():
+        p = TrainParts(models={"student": _W()}, optimizers={}, ema={})
+        p.optimizers["student"] = build_optimizer(p.models["student"], OptimizerConfig(lr=0.1, warmup_steps=0))
+        return p
+
+    cfg = LoggerConfig(dir=str(tmp_path / "logs"), every=1, console=False, wandb_mode="offline",
+                       wandb_group="job-1", wandb_job_type="stage_a")
+    ck = Checkpointer(tmp_path / "ckpt")
+    data = lambda: iter(lambda: torch.ones(3), None)  # noqa: E731
+    first = MetricsLogger(cfg)
+    train(parts(), _Fit(), data(), TrainConfig(max_iter=2, checkpoint_every=1, critic_models=[]),
+          checkpointer=ck, logger=first)
+    run_id = first.wandb_run_id
+    assert len(run_id) == 8 and run_id.isalnum()
+    # the id is in the checkpoint as a plain string, read back by the safe (weights_only) loader
+    probe = MetricsLogger(LoggerConfig(dir=str(tmp_path / "probe"), console=False))
+    ck.load({"logger": probe})
+    assert probe.wandb_run_id == run_id
+    probe.close()
+
+    resumed = MetricsLogger(cfg)  # a new process would start here: the id comes from the checkpoint
+    state = train(parts(), _Fit(), data(), TrainConfig(max_iter=4, checkpoint_every=1, critic_models=[]),
+                  checkpointer=ck, logger=resumed)
+    assert state.iteration == 4 and resumed.wandb_run_id == run_id
+    assert _offline_runs(tmp_path / "logs") == [run_id, run_id]  # two sessions of ONE run
+    other = MetricsLogger(cfg.model_copy(update=dict(dir=str(tmp_path / "other"))))
+    other.start(0, 1)
+    assert other.wandb_run_id not in ("", run_id)  # a fresh job (no checkpoint) gets a new run
+    assert (other._wandb.group, other._wandb.job_type) == ("job-1", "stage_a")
+    other.close()
+

@@ -6,6 +6,12 @@ group is up, over ranks); only rank 0 prints and writes. After a resume, :meth:`
 ``metrics.jsonl`` records past the restored iteration, so the file holds each iteration once. The console line
 shows the samples the losses masked for a NaN in the window (``nan_masked=K/N``) and warns above
 ``nan_warn_fraction``.
+
+wandb (``wandb_mode`` offline/online): rank 0 opens the run in :meth:`MetricsLogger.start`, i.e. after the trainer
+restored its checkpoint. The logger is a DCP Stateful part of the checkpoint (``{"wandb_run_id": str}``, a plain
+string, the same on every rank): a resumed job reopens the same wandb run (``resume="allow"``, same id) instead of
+starting a new one. ``wandb_group`` gathers the runs of one job (the staged driver: the run directory's name) and
+``wandb_job_type`` names the part (the staged driver: the stage name).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +53,10 @@ class LoggerConfig(BaseModel):
     """wandb project name."""
     wandb_name: str | None = None
     """wandb run name (None: wandb picks one)."""
+    wandb_group: str | None = None
+    """wandb group of the runs of one job (None: no group; the staged driver uses the run directory's name)."""
+    wandb_job_type: str | None = None
+    """wandb job type (None: none; the staged driver sets the stage name)."""
     video_fps: int = Field(16, ge=1)
     """Frame rate of logged videos."""
     nan_warn_fraction: float = Field(0.05, ge=0, le=1)
@@ -107,6 +119,15 @@ def _truncate_jsonl(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def _import_wandb(mode: str):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(f"wandb_mode={mode!r} needs wandb: pip install 'rcm-train[wandb]' "
+                          "(or set wandb_mode='disabled')") from e
+    return wandb
+
+
 class MetricsLogger:
     """Averages metrics over ``every`` iterations and reports them (console, JSONL, wandb)."""
 
@@ -123,20 +144,41 @@ class MetricsLogger:
         self._it_last = 0
         self._jsonl = None
         self._wandb = None
+        self._run_config = dict(run_config or {})
+        self.wandb_run_id = ""
+        """The wandb run's id ("" until :meth:`start` opens the run, or with wandb disabled); checkpointed."""
         if self.rank0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.dir / "metrics.jsonl", "a")
             if config.wandb_mode != "disabled":
-                self._wandb = self._init_wandb(run_config)
+                _import_wandb(config.wandb_mode)  # fail before training starts
 
-    def _init_wandb(self, run_config: Mapping[str, Any] | None):
-        try:
-            import wandb
-        except ImportError as e:
-            raise ImportError(f"wandb_mode={self.cfg.wandb_mode!r} needs wandb: pip install 'rcm-train[wandb]' "
-                              "(or set wandb_mode='disabled')") from e
-        return wandb.init(mode=self.cfg.wandb_mode, project=self.cfg.wandb_project, name=self.cfg.wandb_name,
-                          dir=str(self.dir), config=dict(run_config or {}))
+    def state_dict(self) -> dict[str, Any]:
+        """``{"wandb_run_id": str}``: the checkpoint part that lets a resume reopen the same wandb run."""
+        return {"wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        run_id = state["wandb_run_id"]
+        if not isinstance(run_id, str):
+            raise TypeError(f"logger state 'wandb_run_id' must be a string, got {type(run_id).__name__}")
+        self.wandb_run_id = run_id
+
+    def _open_wandb(self) -> None:
+        """Open (or, with a restored id, resume) the wandb run; collective when a process group is up."""
+        if self.cfg.wandb_mode == "disabled" or self._wandb is not None:
+            return
+        if not self.wandb_run_id:
+            alphabet = string.ascii_lowercase + string.digits
+            run_id = [f"{''.join(secrets.choice(alphabet) for _ in range(8))}"]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(run_id, src=0)  # one id on every rank: each saves it
+            self.wandb_run_id = run_id[0]
+        if self.rank0:
+            wandb = _import_wandb(self.cfg.wandb_mode)
+            self._wandb = wandb.init(mode=self.cfg.wandb_mode, project=self.cfg.wandb_project,
+                                     name=self.cfg.wandb_name, group=self.cfg.wandb_group,
+                                     job_type=self.cfg.wandb_job_type, id=self.wandb_run_id, resume="allow",
+                                     dir=str(self.dir), config=self._run_config)
 
     def start(self, iteration: int, max_iter: int) -> None:
         """Mark the starting iteration (after a resume) for it/s and ETA; drop the JSONL records past it (the
@@ -148,9 +190,11 @@ class MetricsLogger:
         self._start_it = self._it_last = iteration
         self._max_iter = max_iter
         self._t0 = self._t_last = time.perf_counter()
+        self._open_wandb()
 
     def log(self, iteration: int, metrics: Mapping[str, float]) -> dict[str, float] | None:
         """Add one iteration's metrics; every ``every`` iterations report their window mean (returned)."""
+        self._open_wandb()  # no-op after start()
         for k, v in metrics.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
             if k in ("nan_masked", "nan_checked"):

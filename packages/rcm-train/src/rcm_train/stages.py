@@ -60,7 +60,8 @@ class StagedRunConfig(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig(keep_last=3)
     """keep_last and async_save of every stage's checkpoints (the directory is ``checkpoints/<stage>``)."""
     logger: LoggerConfig = LoggerConfig(every=50)
-    """Metrics every N iterations, console, wandb (dir and run name are set per stage)."""
+    """Metrics every N iterations, console, wandb (dir, run name and job type are set per stage; the group
+    defaults to the run directory's name)."""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the exported student / EMA weights."""
 
@@ -73,8 +74,9 @@ class StagedRunConfig(BaseModel):
                 raise ValueError(f"run.train.{name} is set per stage: use {_PER_STAGE[name]}")
         if self.checkpoint.dir != CheckpointConfig().dir:
             raise ValueError("run.checkpoint.dir is set per stage (<output_dir>/checkpoints/<stage>)")
-        if self.logger.dir != LoggerConfig().dir or self.logger.wandb_name is not None:
-            raise ValueError("run.logger.dir and run.logger.wandb_name are set per stage")
+        if self.logger.dir != LoggerConfig().dir or self.logger.wandb_name is not None or \
+                self.logger.wandb_job_type is not None:
+            raise ValueError("run.logger.dir, wandb_name and wandb_job_type are set per stage")
         return self
 
 
@@ -169,8 +171,9 @@ def run_stage(stage: Stage, run: StagedRunConfig, *, output_dir: str | Path, dat
     train_cfg = run.train.model_copy(update=dict(
         max_iter=stage.iterations, schedule=stage.schedule, student_models=["student"],
         critic_models=stage.critic_models, sample_every=sample_every if setup.sample_hook else 0))
-    logger = MetricsLogger(run.logger.model_copy(update=dict(dir=str(out / "logs" / stage.name),
-                                                             wandb_name=f"{out.name}-{stage.name}")),
+    logger = MetricsLogger(run.logger.model_copy(update=dict(
+        dir=str(out / "logs" / stage.name), wandb_name=f"{out.name}-{stage.name}",
+        wandb_group=run.logger.wandb_group or out.name, wandb_job_type=stage.name)),
                            run_config=dict(run_config or {}))
     print0(f"stage {stage.name}: {stage.iterations} iterations, networks {sorted(parts.models)}"
            + (f", {stage.describe}" if stage.describe else "")

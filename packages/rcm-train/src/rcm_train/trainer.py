@@ -466,6 +466,8 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
     ckpt_state = {**parts.checkpoint_state(), "trainer": state}
     if hasattr(data, "state_dict"):
         ckpt_state["data"] = data
+    if hasattr(logger, "state_dict"):  # MetricsLogger: the wandb run id, so a resume continues that run
+        ckpt_state["logger"] = logger
     if checkpointer is not None and checkpointer.latest() is not None:
         checkpointer.load(ckpt_state)
     it_data: Iterator[Any] = iter(data)
