@@ -42,13 +42,11 @@ from rcm_train.safety import check_finite_state_dict
 from rcm_train.stages import StagedRunConfig, build_network
 from rcm_train.trainer import OptimizerConfig, ScheduleConfig, TrainConfig
 
-_WAN13 = "checkpoints/Wan2.1-T2V-1.3B.pth"
-
 
 class CausalModelConfig(RecipeConfig):
     """The four networks: architecture and first weights each (None: the teacher's)."""
 
-    teacher: DiTSpec = DiTSpec(path=_WAN13)
+    teacher: DiTSpec = DiTSpec(path="checkpoints/Wan2.1-T2V-1.3B.pth")
     """The bidirectional teacher (DMD real score, ODE trajectories)."""
     causal_teacher: DiTSpec | None = None
     """The causal teacher; its weights are read only if a stage needs them before a flow stage trained it."""
@@ -129,14 +127,7 @@ class CausalDistillConfig(RecipeConfig):
     @model_validator(mode="after")
     def _check(self) -> CausalDistillConfig:
         arch = {role: dit_config(self.model.spec(role)) for role in causal.ROLES}
-        causal.check_causal_stages(self.stages(), arch)
-        io = lambda a: (a.in_dim, a.out_dim, a.patch_size, a.text_dim, a.text_len)
-        for role, a in arch.items():
-            if a.num_heads % self.parallel.mesh.cp:
-                raise ValueError(f"parallel.mesh.cp={self.parallel.mesh.cp} must divide the {a.num_heads} attention "
-                                 f"heads of model.{role} (Ulysses splits heads)")
-            if io(a) != io(arch["teacher"]):
-                raise ValueError(f"model.{role}: latent channels, patch, text_dim and text_len must be model.teacher's")
+        causal.check_causal_stages(self.stages(), arch, cp=self.parallel.mesh.cp)
         if self.data.num_frames is None:
             raise ValueError("causal training needs data.num_frames (a whole number of blocks)")
         return self

@@ -624,10 +624,20 @@ class CausalStageConfig(BaseModel):
         return (["causal_teacher"] if obj.cm != "none" else []) + (["teacher"] if obj.ode or obj.dmd else [])
 
 
-def check_causal_stages(stages: list[CausalStageConfig], arch: Mapping[str, Any]) -> None:
-    """Refuse a stage list that cannot run, with one line naming the stage: no stage, repeated names, an
-    ``init`` whose architecture (``arch[role]``, compared with ``==``) is not the trained network's, or
-    ``previous`` before any stage trained that network."""
+def check_causal_stages(stages: list[CausalStageConfig], arch: Mapping[str, Any], *, cp: int = 1) -> None:
+    """Refuse a run that cannot work, with one line naming the stage or ``model.<role>``: no stage, repeated
+    names, an ``init`` whose architecture is not the trained network's, ``previous`` before any stage trained
+    that network, networks that disagree on the latent / text interface, or a context-parallel size ``cp``
+    that does not divide some network's heads (Ulysses splits heads; tokens are padded, so frames do not
+    matter). ``arch[role]``: the network config of each of :data:`ROLES` (compared with ``==``; fields
+    ``num_heads``, ``in_dim``, ``out_dim``, ``patch_size``, ``text_dim``, ``text_len``)."""
+    io = lambda a: (a.in_dim, a.out_dim, tuple(a.patch_size), a.text_dim, a.text_len)
+    for role in ROLES:
+        if arch[role].num_heads % cp:
+            raise ValueError(f"parallel.mesh.cp={cp} must divide the {arch[role].num_heads} attention heads of "
+                             f"model.{role} (Ulysses splits heads)")
+        if io(arch[role]) != io(arch["teacher"]):
+            raise ValueError(f"model.{role}: latent channels, patch, text_dim and text_len must be model.teacher's")
     if not stages:
         raise ValueError("no stage to run: set stage1.iterations (or stage2..4) > 0")
     names = [s.name for s in stages]
