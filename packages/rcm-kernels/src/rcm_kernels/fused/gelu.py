@@ -30,11 +30,10 @@ def _gelu_fwd(X, TX, Y, TY, N, ISL: tl.constexpr, HAS_TX: tl.constexpr, BLOCK: t
     msk = offs < N
     x_raw = tl.load(X + offs, mask=msk, other=0.0)
     x = x_raw.to(ISL)
-    c: tl.constexpr = 0.7978845608028654  # sqrt(2/pi)
-    s = tl.sigmoid(2.0 * c * (x + 0.044715 * x * x * x))
+    s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # σ(2u), 2c = 2·sqrt(2/π)
     tl.store(Y + offs, (x * s).to(x_raw.dtype), mask=msk)
     if HAS_TX:
-        d = s + 2.0 * x * s * (1.0 - s) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        d = s + 1.5957691216057308 * x * s * (1.0 - s) * (1.0 + 3.0 * 0.044715 * x * x)
         t = tl.load(TX + offs, mask=msk, other=0.0).to(ISL)
         tl.store(TY + offs, (t * d).to(x_raw.dtype), mask=msk)
 
