@@ -19,14 +19,10 @@ harness). ``all`` = sample, score, report.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import model_validator
-from tqdm import tqdm
 
 from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
@@ -38,13 +34,22 @@ from rcm_pipelines.components import (
     dit_config,
     resolve_dtype,
 )
+from rcm_pipelines.eval.harness import (
+    SEED_RULE,
+    load_baseline,
+    make_videos,
+    resolve_prompt_file,
+    score_dimensions,
+    wait_for,
+    write_manifest,
+)
 from rcm_pipelines.eval.score import ScoreSpec, run_vbench
-from rcm_pipelines.eval.scores import Scores, aggregate, dimensions, format_table, load_results, write_report
-from rcm_pipelines.eval.suite import SuiteEntry, Video, find_vbench_file, load_suite, plan_videos, rank_slice
-from rcm_pipelines.eval.videos import write_video_atomic
+from rcm_pipelines.eval.scores import aggregate, dimensions, format_table, load_results, write_report
+from rcm_pipelines.eval.suite import SuiteEntry, load_suite, plan_videos, rank_slice
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, parse_config, run_main
+from rcm_recipes.rundir import open_run
 from rcm_train.runtime import launch_rank_world
 
 
@@ -104,6 +109,7 @@ class EvalVBenchConfig(RecipeConfig):
     @model_validator(mode="after")
     def _check(self) -> EvalVBenchConfig:
         self.sampler.check()
+        self.video.check_vae_frames()
         if self.suite == "i2v" and self.image_dir is None:
             raise ValueError("suite='i2v' needs image_dir (set --image_dir=the image suite's crop folder)")
         if self.samples_per_prompt < 1:
@@ -138,30 +144,16 @@ PRESETS: dict[str, EvalVBenchConfig] = {
 """Named starting points; paths are relative to the working directory (I2V: a VBench clone in ./VBench)."""
 
 
-# ------------------------------------------------------------------------------------------ helpers
-def _prompt_file(cfg: EvalVBenchConfig) -> Path:
-    if cfg.prompt_file is not None:
-        return Path(cfg.prompt_file)
-    try:
-        return find_vbench_file(cfg.suite)
-    except FileNotFoundError:
-        if cfg.score.python is None:
-            raise
-    # ask the vbench environment where its package lives (without importing it)
-    code = ("import importlib.util as u; s = u.find_spec('vbench'); "
-            "print(list(s.submodule_search_locations)[0] if s else '')")
-    found = subprocess.run([cfg.score.python, "-c", code], capture_output=True, text=True).stdout.strip()
-    path = Path(found) / "VBench_full_info.json" if found and cfg.suite == "t2v" else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"no prompt file: set --prompt_file (score.python={cfg.score.python} has no "
-                                "vbench/VBench_full_info.json)")
-    return path
-
-
+# ------------------------------------------------------------------------------------------ stages
 def _suite(cfg: EvalVBenchConfig) -> list[SuiteEntry]:
-    entries = load_suite(_prompt_file(cfg), suite=cfg.suite, dimensions=cfg.dimensions,
+    entries = load_suite(resolve_prompt_file(cfg.suite, cfg.prompt_file, cfg.score.python), suite=cfg.suite, dimensions=cfg.dimensions,
                          augmented=cfg.augmented_prompts, image_dir=cfg.image_dir)
     return entries[: cfg.max_prompts] if cfg.max_prompts is not None else entries
+
+
+_FREE = ("stage", "device", "output_dir", "dimensions", "max_prompts", "samples_per_prompt", "score", "name",
+         "baseline", "baseline_name", "wait_timeout_s")
+"""Settings that do not change a video already made (what is sampled, scored or reported may)."""
 
 
 def _paths(cfg: EvalVBenchConfig) -> dict[str, Path]:
@@ -169,33 +161,6 @@ def _paths(cfg: EvalVBenchConfig) -> dict[str, Path]:
     return {"out": out, "videos": out / "videos", "tmp": out / ".tmp", "results": out / "vbench_results"}
 
 
-def _write_manifest(cfg: EvalVBenchConfig, videos: list[Video], path: Path) -> None:
-    rows = [{"file": v.path.name, "prompt": v.entry.prompt, "text": v.entry.text, "sample": v.sample,
-             "seed": v.seed, "prompt_index": v.entry.index, "dimensions": list(v.entry.dimensions),
-             "image": str(v.entry.image) if v.entry.image else None} for v in videos]
-    path.write_text(json.dumps({"suite": cfg.suite, "seed_rule": "seed + 1000 * prompt_index + sample",
-                                "videos": rows}, indent=1, ensure_ascii=False) + "\n")
-
-
-class _Eta:
-    """Progress lines with an ETA for logs (the tqdm bar covers terminals)."""
-
-    def __init__(self, rank: int, total: int, every_s: float = 30.0):
-        self.rank, self.total, self.every_s = rank, total, every_s
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
-            per = (now - self.start) / self.done
-            eta = time.strftime("%H:%M:%S", time.gmtime(per * (self.total - self.done)))
-            print(f"[rank {self.rank}] {self.done}/{self.total} videos, {per:.1f} s/video, ETA {eta}", flush=True)
-            self.last = now
-
-
-# ------------------------------------------------------------------------------------------ stages
 def sample(cfg: EvalVBenchConfig) -> dict:
     """Make this rank's missing videos. Returns ``{"rank", "world", "assigned": [paths], "written": [paths],
     "skipped": n}``."""
@@ -204,9 +169,10 @@ def sample(cfg: EvalVBenchConfig) -> dict:
     entries = _suite(cfg)
     videos = plan_videos(entries, p["videos"], samples=cfg.samples_per_prompt, seed=cfg.seed)
     p["videos"].mkdir(parents=True, exist_ok=True)
+    # the videos already there were made with the stored config: another sampler or model would mix two runs
+    open_run(p["out"], cfg, ignore=_FREE, write=rank == 0)
     if rank == 0:
-        write_config(cfg, p["out"] / "config.yaml")
-        _write_manifest(cfg, videos, p["out"] / "manifest.json")
+        write_manifest(videos, p["out"] / "manifest.json", suite=cfg.suite)
     mine = {e.index for e in rank_slice(entries, rank, world)}
     assigned = [v for v in videos if v.entry.index in mine]
     todo = [v for v in assigned if not v.path.is_file()]
@@ -222,42 +188,12 @@ def sample(cfg: EvalVBenchConfig) -> dict:
     texts = list(dict.fromkeys(v.entry.text for v in todo))
     emb, neg = encode_texts(cfg.text_encoder, texts, text_len=dit_config(cfg.dit).text_len, device=device,
                             sampler=cfg.sampler, timer=timer)
-    row = {t: i for i, t in enumerate(texts)}
-    sampler = VideoPipeline(cfg.sampler, cfg.video, mode=cfg.suite, dit=cfg.dit, vae=cfg.vae, clip=cfg.clip,
-                          device=device, dtype=dtype, timer=timer)
-    eta = _Eta(rank, len(todo))
-    cond, cond_of = None, None
-    with tqdm(total=len(todo), desc=f"rank {rank}/{world} videos", disable=None, position=rank) as bar:
-        for v in todo:
-            if cond_of != v.entry.index:
-                cond, cond_of = sampler.condition(v.entry.image), v.entry.index
-            i = row[v.entry.text]
-            latent = sampler.latent(emb[i : i + 1], neg, cond, v.seed)
-            write_video_atomic(sampler.decode(latent)[0], v.path, p["tmp"], fps=cfg.video.fps)
-            result["written"].append(v.path)
-            bar.update()
-            eta.step()
-    sampler.free()
+    pipe = VideoPipeline(cfg.sampler, cfg.video, mode=cfg.suite, dit=cfg.dit, vae=cfg.vae, clip=cfg.clip,
+                         device=device, dtype=dtype, timer=timer)
+    result["written"] = make_videos(pipe, todo, texts, emb, neg, tmp_dir=p["tmp"], fps=cfg.video.fps, rank=rank,
+                                    world=world)
+    pipe.free()
     return result
-
-
-def _wait_for(paths: list[Path], timeout_s: float, poll_s: float = 30.0) -> None:
-    """Block until every path exists (the other ranks' videos), printing progress; error after ``timeout_s``."""
-    start = time.monotonic()
-    while True:
-        missing = sum(not p.is_file() for p in paths)
-        if not missing:
-            return
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{missing} of {len(paths)} videos still missing after {timeout_s:.0f} s "
-                               "(wait_timeout_s): did another rank fail? Rerun --stage=sample to resume")
-        print(f"[rank 0] waiting for {missing}/{len(paths)} videos of the other ranks", flush=True)
-        time.sleep(poll_s)
-
-
-def _score_dimensions(cfg: EvalVBenchConfig) -> list[str]:
-    dims = cfg.score.dimensions or [d for d in dimensions(cfg.suite) if not cfg.dimensions or d in cfg.dimensions]
-    return [d for d in dims if d != "temporal_flickering" or cfg.suite == "t2v"]
 
 
 def score(cfg: EvalVBenchConfig) -> Path:
@@ -265,20 +201,10 @@ def score(cfg: EvalVBenchConfig) -> Path:
     p = _paths(cfg)
     if not p["videos"].is_dir() or not any(p["videos"].iterdir()):
         raise FileNotFoundError(f"no videos in {p['videos']}: run --stage=sample first")
-    info = _prompt_file(cfg)
+    info = resolve_prompt_file(cfg.suite, cfg.prompt_file, cfg.score.python)
     return run_vbench(cfg.score, suite=cfg.suite, videos_dir=p["videos"].resolve(), info_json=info.resolve(),
-                      out_dir=p["results"], dimensions=_score_dimensions(cfg))
-
-
-def _load_baseline(path: str, suite: str) -> Scores:
-    p = Path(path)
-    if p.is_dir() and (p / "vbench_scores.json").is_file():
-        p = p / "vbench_scores.json"
-    if p.is_file() and p.name == "vbench_scores.json":
-        return Scores.from_dict(json.loads(p.read_text())["scores"])
-    if p.is_dir() and (p / "vbench_results").is_dir():
-        p = p / "vbench_results"
-    return aggregate(load_results(p), suite)
+                      out_dir=p["results"],
+                      dimensions=score_dimensions(cfg.suite, cfg.dimensions, cfg.score.dimensions))
 
 
 def report(cfg: EvalVBenchConfig) -> dict:
@@ -290,12 +216,12 @@ def report(cfg: EvalVBenchConfig) -> dict:
     base = None
     if cfg.baseline is not None:
         if Path(cfg.baseline).exists():
-            base = _load_baseline(cfg.baseline, cfg.suite)
+            base = load_baseline(cfg.baseline, cfg.suite)
         else:
             print(f"baseline {cfg.baseline} does not exist: reporting without deltas", flush=True)
     names = (cfg.name or p["out"].name, cfg.baseline_name)
     harness = {"samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed,
-               "seed_rule": "seed + 1000 * prompt_index + sample", "augmented_prompts": cfg.augmented_prompts,
+               "seed_rule": SEED_RULE, "augmented_prompts": cfg.augmented_prompts,
                "sampler": cfg.sampler.model_dump(mode="json"), "video": cfg.video.model_dump(mode="json"),
                "imaging_quality_preprocessing_mode": cfg.score.imaging_quality_preprocessing_mode,
                "i2v_ratio": cfg.score.i2v_ratio if cfg.suite == "i2v" else None}
@@ -313,7 +239,7 @@ def run(cfg: EvalVBenchConfig) -> dict:
     if rank != 0 or cfg.stage == "sample":
         return out
     if cfg.stage == "all" and world > 1:
-        _wait_for([v.path for v in plan_videos(_suite(cfg), _paths(cfg)["videos"], samples=cfg.samples_per_prompt,
+        wait_for([v.path for v in plan_videos(_suite(cfg), _paths(cfg)["videos"], samples=cfg.samples_per_prompt,
                                                  seed=cfg.seed)], cfg.wait_timeout_s)
     if cfg.stage in ("all", "score"):
         out["results"] = score(cfg)

@@ -20,6 +20,7 @@ from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.eval.harness import resolve_prompt_file
 from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
 from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec
@@ -118,6 +119,11 @@ def test_sample_layout_resume_and_seeds(assets, suite_file, tmp_path):
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in (out / "videos").iterdir() if p.name in mtimes
                and p.name != names[1])
     assert all(p.suffix == ".mp4" for p in (out / "videos").iterdir())
+    # a resume with another sampler would mix two runs in one folder: refused, naming the field
+    from rcm_recipes.rundir import RunConfigMismatch
+
+    with pytest.raises(RunConfigMismatch, match=r"sampler.num_steps: 2 -> 1"):
+        eval_vbench.main(_args(assets, suite_file, out, "--sampler.num_steps=1"))
 
     # the video of (prompt 1, sample 0) is what direct rcm sampling with seed 1000 gives: the direct pixels
     # go through the same mp4 writer (H.264 is lossy but deterministic), so the files decode to equal frames
@@ -245,7 +251,7 @@ def test_score_and_report_stages(assets, suite_file, tmp_path, monkeypatch):
     # no --prompt_file: the suite file is found inside the vbench package of score.python's environment
     (fake / "vbench" / "VBench_full_info.json").write_text(json.dumps(SUITE[:1]))
     cfg = resolve_config(eval_vbench.EvalVBenchConfig, [f"--score.python={sys.executable}"])
-    assert eval_vbench._prompt_file(cfg) == fake / "vbench" / "VBench_full_info.json"
+    assert resolve_prompt_file(cfg.suite, cfg.prompt_file, cfg.score.python) == fake / "vbench" / "VBench_full_info.json"
     dims = '--score.dimensions=["subject_consistency","color"]'
     # the teacher's output folder as the score stage leaves it (vbench's files); the student: 2 of the 5 files
     # vbench looks up per prompt exist -> 0.4
