@@ -10,7 +10,10 @@ tokens per rank, H heads, D head dim.
   all-to-all of q, k, v and their tangents, runs the wrapped attention on the true (unpadded) sequence, and
   sends the output (and its tangent) back. Padding never reaches the attention: padded queries are cut
   before and re-added as zeros after it, so padded keys cannot be attended and the network's block mask
-  (defined over the true length) applies unchanged.
+  (defined over the true length) applies unchanged. The ``block_mask`` argument passes through untouched, so
+  a causal network's KV-cached block pass works too: the wrapped seam reads and writes the cache with the
+  ``H/c`` heads of this rank (the cache holds head-sharded k/v, e.g. ``WanDiT.local_heads``), and the CP size
+  is bound by the heads only, never by the number of tokens or frames.
 
 Both collectives are autograd Functions with a forward-AD rule, so ``torch.func.jvp`` through a whole CP
 network works as well as explicit tangents passed to the attention seam. Every rank of a CP group must see
