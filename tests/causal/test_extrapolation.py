@@ -9,6 +9,7 @@ Tiny sizes: a model "trained" on L = 6 latent frames, blocks of 2 frames, runs o
 import pytest
 import torch
 
+from rcm_kernels.attention.cache_attention import gather_cache
 from rcm_kernels.blockmask import BlockLayout
 from rcm_kernels.kv_cache import KVCache
 from rcm_nets.wan import WanDiT
@@ -58,6 +59,32 @@ def test_constant_memory_and_offsets_within_trained_range_over_10x_length(name):
     assert max(offsets) <= L_TRAIN - 1, offsets
     assert max(offsets) == L_TRAIN - 1  # the span is used up to the trained maximum
     assert max(visible) <= L_TRAIN  # bounded attention span
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_visible_frames_hold_the_data_written_for_them(name):
+    # Slot bookkeeping under each policy (bank slots never overwritten by the ring, ring wrap-around, a first
+    # block of 1 frame so later blocks straddle the bank / sink boundary): what attention reads for the
+    # visible frames is exactly what was written for those frames (float32 storage: bit-equal), and writing
+    # the pending block leaves it unchanged.
+    c = _cache(**POLICIES[name])
+    frames_k, frames_v = [], []
+    for i in range(25):
+        n = 1 if i == 0 else N_BLK
+        k, v = torch.randn(B, n * HW, HEADS, HEAD_DIM), torch.randn(B, n * HW, HEADS, HEAD_DIM)
+        before = gather_cache(c.layer(0), torch.float32)
+        blk = c.begin_block(n)
+        c.write(0, blk, k, v)  # the pending block's slots must not hold any visible frame
+        for x, y in zip(before, gather_cache(c.layer(0), torch.float32)):
+            assert torch.equal(x, y)
+        c.commit(blk)
+        frames_k += list(k.split(HW, 1))
+        frames_v += list(v.split(HW, 1))
+        got_k, got_v = gather_cache(c.layer(0), torch.float32)
+        kept = c.cached_frames()
+        assert len(set(kept)) == len(kept)
+        assert torch.equal(got_k, torch.cat([frames_k[a] for a in kept], 1))
+        assert torch.equal(got_v, torch.cat([frames_v[a] for a in kept], 1))
 
 
 def test_absolute_positions_violate_the_invariant():
