@@ -98,17 +98,19 @@ def test_ours_to_diffusers_same_output(name):
     assert _max_diff(net, model, net.config) > 10 * ATOL
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
-def test_diffusers_folder_loads_into_wandit(tmp_path, name):
-    """diffusers model (its own random init) -> save_pretrained (sharded) -> our loader from the folder alone."""
+@pytest.mark.parametrize("name, sharded", [("tiny", True), ("tiny-i2v", True), ("tiny", False)])
+def test_diffusers_folder_loads_into_wandit(tmp_path, name, sharded):
+    """diffusers model (its own random init) -> save_pretrained -> our loader: the folder (sharded), or the
+    single weights file with the config.json path."""
     cfg = get_config(name)
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel.from_config(dfm.config_to_diffusers(cfg))
     with torch.no_grad():
-        model.proj_out.weight.normal_(std=0.05)  # diffusers zero-inits nothing here, but be sure of a signal
-    model.save_pretrained(tmp_path, max_shard_size="100KB")
-    assert (tmp_path / dfm.DIFFUSERS_INDEX).is_file()
-    spec = DiTSpec(config=str(tmp_path), overrides={"text_len": cfg.text_len}, path=str(tmp_path))
+        model.proj_out.weight.normal_(std=0.05)  # a signal whatever diffusers' init of the head
+    model.save_pretrained(tmp_path, max_shard_size="100KB" if sharded else "10GB")
+    assert (tmp_path / dfm.DIFFUSERS_INDEX).is_file() == sharded
+    config, path = (tmp_path, tmp_path) if sharded else (tmp_path / "config.json", tmp_path / dfm.DIFFUSERS_WEIGHTS)
+    spec = DiTSpec(config=str(config), overrides={"text_len": cfg.text_len}, path=str(path))
     assert dit_config(spec) == cfg  # config.json understood
     net = load_dit(spec, torch.device("cpu"), torch.float32)
     assert _max_diff(net, model, cfg) < ATOL

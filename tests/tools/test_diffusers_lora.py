@@ -138,3 +138,14 @@ def test_load_lora_adapter_with_peft(tmp_path):
     model.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(res.state_dict), prefix="transformer")
     net = _ours("tiny", _linear_only(student, teacher))
     assert _compare(net, model.eval(), net.config) < ATOL
+
+
+def test_diffusers_folder_student(tmp_path):
+    """A student stored as a diffusers folder gives the same LoRA as the same student with official keys."""
+    student, teacher = _pair("tiny")
+    ckpt_io.write(dfm.state_dict_to_diffusers(student), tmp_path / dfm.DIFFUSERS_WEIGHTS)
+    t = ckpt_io.write(teacher, tmp_path / "teacher.pth")
+    res = export_lora.export_lora(tmp_path, t, tmp_path / "lora.safetensors", 4, dtype=torch.float32)
+    ref = export_lora.lora_from_delta(student, teacher, 4, dtype=torch.float32)
+    assert res.state_dict.keys() == ref.state_dict.keys()
+    assert all(torch.equal(res.state_dict[k], v) for k, v in ref.state_dict.items())

@@ -46,6 +46,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rcm_nets.wan import diffusers_format as dfm
+
 from . import ckpt_io
 
 __all__ = ["LoraResult", "lora_from_delta", "export_lora", "main", "LORA_PREFIX", "DIFFS"]
@@ -80,11 +82,13 @@ class LoraResult:
 
 
 def _unwrap(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Strip a wrapper prefix (``net.``, ``net_ema.``, ...) that every key carries."""
+    """Strip a wrapper prefix (``net.``, ``net_ema.``, ...) that every key carries; diffusers module names
+    (a ``WanTransformer3DModel`` folder) become the official ones."""
     for p in ckpt_io.WRAPPER_PREFIXES:
         if sd and all(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items()}
-    return sd
+            sd = {k[len(p):]: v for k, v in sd.items()}
+            break
+    return dfm.state_dict_from_diffusers(sd) if dfm.is_diffusers_state_dict(sd) else sd
 
 
 def _diff_key(key: str) -> str:
@@ -107,7 +111,8 @@ def lora_from_delta(student: dict[str, Tensor], teacher: dict[str, Tensor], rank
                     svd_dtype: torch.dtype = torch.float32) -> LoraResult:
     """LoRA (``diffusion_model.*`` keys) of ``student - teacher`` at ``rank``; see the module docstring.
 
-    Both dicts must have the same keys and shapes (module keys; wrapper prefixes are stripped). A teacher
+    Both dicts must have the same keys and shapes (module keys, official or diffusers names; wrapper prefixes
+    are stripped). A teacher
     tensor in another dtype than the student's is first rounded to the student's. Tensors that did not
     change produce no key. Each matrix uses rank ``min(rank, out, in)``; at full rank the
     reconstruction is exact up to the SVD's rounding (``svd_dtype``) and the storage ``dtype``. ``diffs``:
