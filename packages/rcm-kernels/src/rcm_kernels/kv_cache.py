@@ -171,41 +171,10 @@ class KVCache:
         if position_policy == "reindexed" and not keys_pre_rope:
             raise ValueError("KVCache: position_policy='reindexed' needs keys_pre_rope=True (post-RoPE keys "
                              "cannot be re-indexed after eviction)")
-        if kv_dtype not in (*_NATIVE, "int8", "fp8", "int4"):
-            raise ValueError(f"KVCache: kv_dtype must be one of bf16, fp16, fp32, int8, fp8, int4; got {kv_dtype!r}")
-        if kv_dtype == "int4":
-            if group_size < 1:
-                raise ValueError(f"KVCache: group_size must be >= 1, got {group_size}")
-            if head_dim % 2:
-                raise ValueError(f"KVCache: int4 packs two channels per byte: head_dim must be even, got {head_dim}")
-            value_groups(head_dim, group_size)
-        if key_smoothing not in ("none", "first_block"):
-            raise ValueError(f"KVCache: key_smoothing must be 'none' or 'first_block', got {key_smoothing!r}")
-        if key_smoothing != "none" and kv_dtype not in ("int8", "fp8"):
-            raise ValueError(f"KVCache: key_smoothing applies to int8/fp8 keys, not kv_dtype={kv_dtype!r}")
-        if extrapolation not in ("sink_window", "infinity_rope", "rolling_sink"):
-            raise ValueError(f"KVCache: extrapolation must be 'sink_window', 'infinity_rope' or 'rolling_sink', "
-                             f"got {extrapolation!r}")
-        if extrapolation != "sink_window":
-            if position_policy != "absolute":
-                raise ValueError(f"KVCache: position_policy applies to extrapolation='sink_window'; "
-                                 f"{extrapolation} sets positions itself (leave position_policy='absolute')")
-            if not keys_pre_rope or not rolling:
-                raise ValueError(f"KVCache: extrapolation={extrapolation!r} re-indexes cached keys: it needs "
-                                 f"keys_pre_rope=True and rolling=True")
-        if extrapolation == "infinity_rope":
-            if trained_frames is None or trained_frames < (max_block_frames or window_frames) + 1:
-                raise ValueError(f"KVCache: extrapolation='infinity_rope' needs trained_frames > max_block_frames "
-                                 f"({max_block_frames}), got {trained_frames}")
-        elif trained_frames is not None:
-            raise ValueError("KVCache: trained_frames is an infinity_rope setting")
-        if extrapolation == "rolling_sink":
-            sink_bank_frames = sink_frames if sink_bank_frames is None else sink_bank_frames
-            if sink_frames < 1 or sink_bank_frames < sink_frames:
-                raise ValueError(f"KVCache: rolling_sink needs 1 <= sink_frames <= sink_bank_frames, got "
-                                 f"sink_frames={sink_frames}, sink_bank_frames={sink_bank_frames}")
-        elif sink_bank_frames is not None:
-            raise ValueError("KVCache: sink_bank_frames is a rolling_sink setting")
+        _check_format(kv_dtype, head_dim, group_size, key_smoothing)
+        sink_bank_frames = _check_extrapolation(extrapolation, position_policy, keys_pre_rope, rolling,
+                                                trained_frames, max_block_frames or window_frames, sink_frames,
+                                                sink_bank_frames)
         self.num_layers, self.tokens_per_frame = num_layers, tokens_per_frame
         self.sink_frames, self.window_frames, self.rolling = sink_frames, window_frames, rolling
         self.max_block_frames = max_block_frames or window_frames
@@ -218,29 +187,30 @@ class KVCache:
         self._bank = sink_bank_frames if extrapolation == "rolling_sink" else sink_frames
         self.sink_bank_frames = self._bank
         self._ring = window_frames + (self.max_block_frames if rolling else 0)
-        slots = self._bank + self._ring
-        t, h, d = tokens_per_frame, heads, head_dim
+        self._allocate(batch, self._bank + self._ring, heads, head_dim, group_size, device)
+        self.reset()
+
+    def _allocate(self, batch: int, slots: int, h: int, d: int, group_size: int, device) -> None:
+        """Preallocate codes, scales and smoothing factors of every layer (layouts: ``CacheLayer``)."""
+        n, t, kv_dtype = self.num_layers, self.tokens_per_frame, self.kv_dtype
         self._k_scale = self._v_scale = self._k_smooth = None
         if kv_dtype == "int4":
-            g = group_size
-            shape = (num_layers, batch, slots, t, h, d // 2)
+            shape = (n, batch, slots, t, h, d // 2)
             self._k = torch.zeros(shape, dtype=torch.uint8, device=device)
             self._v = torch.zeros(shape, dtype=torch.uint8, device=device)
-            self._k_scale = torch.zeros(num_layers, batch, slots, -(-t // g), h, d, device=device)
-            self._v_scale = torch.zeros(num_layers, batch, slots * t, h, d // value_groups(d, g), device=device)
-        else:
-            code = storage_dtype(kv_dtype) if self.quantized else _NATIVE[kv_dtype]
-            shape = (num_layers, batch, slots, t, h, d)
-            self._k = torch.zeros(shape, dtype=code, device=device)
-            self._v = torch.zeros(shape, dtype=code, device=device)
-        if kv_dtype in ("int8", "fp8"):
-            if key_smoothing == "none":
-                self._k_scale = torch.zeros(num_layers, batch, slots, h, d, device=device)
+            self._k_scale = torch.zeros(n, batch, slots, -(-t // group_size), h, d, device=device)
+            self._v_scale = torch.zeros(n, batch, slots * t, h, d // value_groups(d, group_size), device=device)
+            return
+        code = storage_dtype(kv_dtype) if self.quantized else _NATIVE[kv_dtype]
+        self._k = torch.zeros(n, batch, slots, t, h, d, dtype=code, device=device)
+        self._v = torch.zeros(n, batch, slots, t, h, d, dtype=code, device=device)
+        if self.quantized:
+            if self.key_smoothing == "none":
+                self._k_scale = torch.zeros(n, batch, slots, h, d, device=device)
             else:
-                self._k_scale = torch.zeros(num_layers, batch, slots * t, h, device=device)
-                self._k_smooth = torch.ones(num_layers, batch, h, d, device=device)
-            self._v_scale = torch.zeros(num_layers, batch, slots * t, h, device=device)
-        self.reset()
+                self._k_scale = torch.zeros(n, batch, slots * t, h, device=device)
+                self._k_smooth = torch.ones(n, batch, h, d, device=device)
+            self._v_scale = torch.zeros(n, batch, slots * t, h, device=device)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
@@ -423,6 +393,52 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache (codes and scales of all layers), constant over its lifetime."""
         return sum(x.numel() * x.element_size() for x in self.storage())
+
+
+def _check_format(kv_dtype: str, head_dim: int, group_size: int, key_smoothing: str) -> None:
+    if kv_dtype not in (*_NATIVE, "int8", "fp8", "int4"):
+        raise ValueError(f"KVCache: kv_dtype must be one of bf16, fp16, fp32, int8, fp8, int4; got {kv_dtype!r}")
+    if kv_dtype == "int4":
+        if group_size < 1:
+            raise ValueError(f"KVCache: group_size must be >= 1, got {group_size}")
+        if head_dim % 2:
+            raise ValueError(f"KVCache: int4 packs two channels per byte: head_dim must be even, got {head_dim}")
+        value_groups(head_dim, group_size)
+    if key_smoothing not in ("none", "first_block"):
+        raise ValueError(f"KVCache: key_smoothing must be 'none' or 'first_block', got {key_smoothing!r}")
+    if key_smoothing != "none" and kv_dtype not in ("int8", "fp8"):
+        raise ValueError(f"KVCache: key_smoothing applies to int8/fp8 keys, not kv_dtype={kv_dtype!r}")
+
+
+def _check_extrapolation(extrapolation: str, position_policy: str, keys_pre_rope: bool, rolling: bool,
+                         trained_frames: int | None, max_block: int, sink_frames: int,
+                         sink_bank_frames: int | None) -> int | None:
+    """Validate the extrapolation options; returns the rolling sink's bank size (its default filled in)."""
+    if extrapolation not in ("sink_window", "infinity_rope", "rolling_sink"):
+        raise ValueError(f"KVCache: extrapolation must be 'sink_window', 'infinity_rope' or 'rolling_sink', "
+                         f"got {extrapolation!r}")
+    if extrapolation != "sink_window":
+        if position_policy != "absolute":
+            raise ValueError(f"KVCache: position_policy applies to extrapolation='sink_window'; "
+                             f"{extrapolation} sets positions itself (leave position_policy='absolute')")
+        if not keys_pre_rope or not rolling:
+            raise ValueError(f"KVCache: extrapolation={extrapolation!r} re-indexes cached keys: it needs "
+                             f"keys_pre_rope=True and rolling=True")
+    if extrapolation == "infinity_rope":
+        if trained_frames is None or trained_frames < max_block + 1:
+            raise ValueError(f"KVCache: extrapolation='infinity_rope' needs trained_frames > max_block_frames "
+                             f"({max_block}), got {trained_frames}")
+    elif trained_frames is not None:
+        raise ValueError("KVCache: trained_frames is an infinity_rope setting")
+    if extrapolation != "rolling_sink":
+        if sink_bank_frames is not None:
+            raise ValueError("KVCache: sink_bank_frames is a rolling_sink setting")
+        return None
+    bank = sink_frames if sink_bank_frames is None else sink_bank_frames
+    if sink_frames < 1 or bank < sink_frames:
+        raise ValueError(f"KVCache: rolling_sink needs 1 <= sink_frames <= sink_bank_frames, got "
+                         f"sink_frames={sink_frames}, sink_bank_frames={bank}")
+    return bank
 
 
 class CrossAttentionCache:
