@@ -128,6 +128,9 @@ def test_export_tool_round_trip(tmp_path, capsys):
     assert len(set(index["weight_map"].values())) > 1  # sharded
     model = _from_folder(out)
     assert _max_diff(net, model, net.config) < ATOL
+    # exporting again unsharded into the same folder leaves no stale shard or index behind
+    assert export_diffusers.main(["--student", str(src), "--config", "tiny-i2v", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", dfm.DIFFUSERS_WEIGHTS]
     # and back: the exported folder is a valid student checkpoint for our loader, bit for bit
     back = WanDiT.from_config("tiny-i2v")
     report = load_checkpoint(back, out)

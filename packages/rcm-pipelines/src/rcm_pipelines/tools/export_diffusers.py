@@ -6,7 +6,7 @@
 The folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``, or, when the weights exceed
 ``--max_shard_gb``, shards ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` named by
 ``diffusion_pytorch_model.safetensors.index.json`` (the layout diffusers' ``save_pretrained`` writes and
-``WanTransformer3DModel.from_pretrained`` reads). Keys and config follow ``rcm_nets.wan.diffusers_format``.
+``WanTransformer3DModel.from_pretrained`` reads); weight files of an earlier export in the folder are removed. Keys and config follow ``rcm_nets.wan.diffusers_format``.
 The student is read strictly against ``--config`` (a ``net.`` / ``net_ema.`` prefix is stripped; a diffusers
 folder is read too); values are written unchanged unless ``--dtype`` is given. ``text_len`` has no diffusers
 field: diffusers' pipelines pad the text to 512 rows, as the released Wan models do.
@@ -55,12 +55,14 @@ def export_diffusers(student: str | Path, out: str | Path, *, config: str = "t2v
     sd = dfm.state_dict_to_diffusers(ckpt_io.cast(sd, ckpt_io.DTYPES[dtype] if dtype else None))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = dfm.DIFFUSERS_WEIGHTS.removesuffix(".safetensors")
+    for old in [*out.glob(f"{stem}*.safetensors"), out / dfm.DIFFUSERS_INDEX]:  # a previous export's files
+        old.unlink(missing_ok=True)
     groups = shard(sd, int(max_shard_gb * 2**30))
     meta = {"format": "pt"}  # what diffusers' own safetensors files carry
     if len(groups) == 1:
         files = [ckpt_io.write(groups[0], out / dfm.DIFFUSERS_WEIGHTS, metadata=meta).name]
     else:
-        stem = dfm.DIFFUSERS_WEIGHTS.removesuffix(".safetensors")
         files = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         weight_map = {}
         for name, group in zip(files, groups):
