@@ -76,7 +76,8 @@ class LoraResult:
     lora_params: int = 0
     delta_params: int = 0
     diffusers_error: float = 0.0
-    """The same for the delta as diffusers applies it (only the LoRA pairs and the Linear biases)."""
+    """Relative error over the whole network delta as diffusers applies the file (the LoRA pairs and the Linear
+    biases; the skipped and left-out exact deltas count as missing)."""
     diffusers_skipped: list[str] = field(default_factory=list)
     """Keys written that diffusers' Wan LoRA loading skips (modulation, patch embedding, norms)."""
 
@@ -112,9 +113,8 @@ def lora_from_delta(student: dict[str, Tensor], teacher: dict[str, Tensor], rank
     """LoRA (``diffusion_model.*`` keys) of ``student - teacher`` at ``rank``; see the module docstring.
 
     Both dicts must have the same keys and shapes (module keys, official or diffusers names; wrapper prefixes
-    are stripped). A teacher
-    tensor in another dtype than the student's is first rounded to the student's. Tensors that did not
-    change produce no key. Each matrix uses rank ``min(rank, out, in)``; at full rank the
+    are stripped). A teacher tensor in another dtype than the student's is first rounded to the student's.
+    Tensors that did not change produce no key. Each matrix uses rank ``min(rank, out, in)``; at full rank the
     reconstruction is exact up to the SVD's rounding (``svd_dtype``) and the storage ``dtype``. ``diffs``:
     ``"all"`` / ``"diffusers"`` / ``"none"`` (``True`` / ``False`` mean all / none); ``alpha``: write
     ``<m>.alpha = r`` keys.
