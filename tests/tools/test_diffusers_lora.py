@@ -121,8 +121,14 @@ def test_low_rank_lora_matches_our_merge(tmp_path):
 
 
 def test_alpha_keys_are_refused_by_diffusers():
-    """Why ``--alpha`` is off by default: diffusers' Wan converter leaves ``head.head.alpha`` unconsumed."""
+    """Why ``--alpha`` is off by default: diffusers' Wan converter leaves ``head.head.alpha`` unconsumed. Without
+    it every ``--diffs`` choice is accepted (the issue's file failed with and without diffs)."""
     student, teacher = _pair("tiny")
+    for diffs in export_lora.DIFFS:
+        converted = diffusers.WanPipeline.lora_state_dict(export_lora.lora_from_delta(student, teacher, 4,
+                                                                                      diffs=diffs).state_dict)
+        assert "transformer.proj_out.lora_A.weight" in converted
+        assert ("transformer.proj_out.lora_B.bias" in converted) == (diffs != "none")
     sd = export_lora.lora_from_delta(student, teacher, 4, alpha=True).state_dict
     with pytest.raises(ValueError, match="head.head.alpha"):
         diffusers.WanPipeline.lora_state_dict(sd)
