@@ -158,8 +158,6 @@ def _cache_attn_fwd(Q, K, V, KS, VS, KSM, SLOTS, EK, EV, COS, SIN, O,
     # KMODE: 0 plain keys; 1 int8/fp8 codes, scale per (frame, channel); 2 int8/fp8 codes of smoothed keys
     # k/c, scale per token, c [B, H, D] at KSM; 3 int4 (packed), scale per (frame, token group of KG, channel).
     # VMODE: 0 plain values; 1 codes with a per-token scale; 3 int4 (packed), scale per (token, VG channels).
-    INT4_K: tl.constexpr = KMODE == 3
-    INT4_V: tl.constexpr = VMODE == 3
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,9 +195,9 @@ def _cache_attn_fwd(Q, K, V, KS, VS, KSM, SLOTS, EK, EV, COS, SIN, O,
             tok = slot * TPF + tt
             kt_ptr = K + kv_base + tok[None, :] * stride_kl  # [D, N] transposed key tile
             kt_mask = d_ok[:, None] & t_ok[None, :]
-            kt = _load_codes(kt_ptr, offs_d[:, None], kt_mask, INT4_K)
+            kt = _load_codes(kt_ptr, offs_d[:, None], kt_mask, KMODE == 3)
             if ROPE:
-                kp = _load_codes(kt_ptr, partner[:, None], kt_mask, INT4_K).to(tl.float32)
+                kp = _load_codes(kt_ptr, partner[:, None], kt_mask, KMODE == 3).to(tl.float32)
                 kt = kt.to(tl.float32)
             if KMODE == 3:  # int4: dequantize the tile in registers (scales vary along tokens and channels)
                 g_ptr = KS + b * stride_ksb + slot * stride_ks1 + (tt // KG)[None, :] * stride_ks2 + h * stride_ksh
@@ -218,7 +216,7 @@ def _cache_attn_fwd(Q, K, V, KS, VS, KSM, SLOTS, EK, EV, COS, SIN, O,
                 s = s * tl.load(KS + b * stride_ksb + tok * stride_ks1 + h * stride_ksh, mask=t_ok, other=0.0)[None, :]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             v_mask = t_ok[:, None] & d_ok[None, :]
-            v = _load_codes(V + kv_base + tok[:, None] * stride_kl, offs_d[None, :], v_mask, INT4_V)
+            v = _load_codes(V + kv_base + tok[:, None] * stride_kl, offs_d[None, :], v_mask, VMODE == 3)
             vs = None
             if VMODE == 1:
                 vs = tl.load(VS + b * stride_vsb + h * stride_vsh + tok * stride_vsl, mask=t_ok, other=0.0)
