@@ -125,14 +125,18 @@ def encode(cfg: StreamConfig, texts: list[str], device: torch.device) -> tuple[t
 
 def summary(rows: list[dict], cfg: StreamConfig, session: StreamSession, device: torch.device) -> dict:
     frames, rest = sum(r["frames"] for r in rows), rows[1:]
-    steady_t = sum(r["latency_s"] for r in rest)
-    return dict(frames=frames, blocks=len(rows), prompts=len(prompt_list(cfg)), time_to_first_block_s=rows[0]["elapsed_s"],
-                steady_fps=(sum(r["frames"] for r in rest) / steady_t) if rest and steady_t > 0 else float("nan"),
-                overall_fps=frames / rows[-1]["elapsed_s"], mean_block_latency_s=sum(r["latency_s"] for r in rows) / len(rows),
-                cache_mib=session.cache_bytes() / 2**20, kv_dtype=cfg.stream.kv_dtype, overlap=cfg.stream.overlap_decode,
+    span = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]  # wall clock from block 0 delivered to the last
+    return dict(frames=frames, blocks=len(rows), prompts=len(prompt_list(cfg)),
+                time_to_first_block_s=rows[0]["elapsed_s"],
+                steady_fps=sum(r["frames"] for r in rest) / span if rest and span > 0 else float("nan"),
+                overall_fps=frames / rows[-1]["elapsed_s"],
+                mean_block_latency_s=sum(r["latency_s"] for r in rows) / len(rows),
+                cache_mib=session.cache_bytes() / 2**20, kv_dtype=cfg.stream.kv_dtype,
+                overlap=cfg.stream.overlap_decode,
                 peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-                timed="DiT (incl. cache refresh) + VAE decode per block (CUDA events when overlapped: the two "
-                      "overlap, so elapsed < sum of latencies); mp4 encoding excluded; frames per prompt")
+                timed="per block: DiT (incl. cache refresh) and VAE decode (CUDA events when overlapped: they run "
+                      "at once, so latency > wall time per block); frames/s from the wall clock at which blocks "
+                      "reach the host (mp4 encoding of earlier blocks included); frames per prompt")
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -145,7 +149,8 @@ def run(cfg: StreamConfig) -> dict:
     session = StreamSession(cfg.stream, dit=cfg.dit, vae=cfg.vae, device=device,
                             dtype=resolve_dtype(cfg.dtype, device), init_seed=cfg.seed)
     image = None if cfg.image is None else load_image(cfg.image)
-    layout, latent = session.plan(cfg.video.num_frames or 81, image is not None)
+    frames = cfg.video.num_frames or 81
+    layout, latent = session.plan(frames, image is not None)
     paths = [out / "video.mp4"] if len(texts) == 1 else [out / f"video_{i:03d}.mp4" for i in range(len(texts))]
     print(f"stream: {len(texts)} prompt(s), {latent} latent frames in {layout.num_blocks(latent)} blocks of {layout}, "
           f"{cfg.stream.forwards_per_block(1)} DiT calls per block, sink + window {cfg.stream.cache_frames(layout)} "
@@ -153,7 +158,7 @@ def run(cfg: StreamConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with profiled(out / "trace.json" if cfg.profile else None, device):
-        rows = session.write(paths, ctx, fps=cfg.video.fps, size=tuple(cfg.video.size), num_frames=cfg.video.num_frames or 81,
+        rows = session.write(paths, ctx, fps=cfg.video.fps, size=tuple(cfg.video.size), num_frames=frames,
                              seeds=[cfg.seed + i for i in range(len(texts))], negative=neg, image=image)
     result = summary(rows, cfg, session, device)
     (out / "timings.json").write_text(json.dumps({"summary": result, "blocks": rows}, indent=2) + "\n")

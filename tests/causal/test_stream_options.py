@@ -210,9 +210,11 @@ def test_streamspec_euler_schedule_closed_form():
     (dict(times=[0.5, 0.9]), "times"), (dict(times=[[0.9], []]), "times"), (dict(times=[1.2]), "times"),
     (dict(context_noise=1.0), "context_noise"), (dict(guidance=0.5), "guidance"),
     (dict(refresh="sometimes"), "refresh"), (dict(euler_steps=10), "euler_steps"),
-    (dict(clean_refresh_blocks=1), "clean_refresh_blocks"), (dict(refresh="last_step", context_noise=0.2), "context_noise"),
+    (dict(clean_refresh_blocks=1), "clean_refresh_blocks"),
+    (dict(refresh="last_step", context_noise=0.2), "context_noise"),
     (dict(frames_per_block=0), "frames_per_block"), (dict(kv_dtype="int2"), "kv_dtype"),
-    (dict(key_smoothing="first_block"), "key_smoothing"), (dict(sink_bank_frames=4), "sink_bank_frames"), (dict(step=[0.5]), "step"),
+    (dict(key_smoothing="first_block"), "key_smoothing"), (dict(sink_bank_frames=4), "sink_bank_frames"),
+    (dict(step=[0.5]), "step"),
 ])
 def test_streamspec_rejects_bad_values(bad, field):
     with pytest.raises(ValidationError, match=field):

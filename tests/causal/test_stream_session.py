@@ -122,9 +122,9 @@ def _recipe(tmp_path, *extra):
     import stream
 
     out = tmp_path / "out"
-    argv = ["--video.size=[16,16]", "--stream.frames_per_block=2", "--stream.times=[0.8]", "--stream.trained_frames=6",
-            "--video.num_frames=4", f"--out_dir={out}", "--stream.kv_dtype=float32", '--dit.overrides={"num_layers": 1}',
-            *extra]
+    argv = ["--video.size=[16,16]", "--stream.frames_per_block=2", "--stream.times=[0.8]",
+            "--stream.trained_frames=6", "--video.num_frames=4", f"--out_dir={out}", "--stream.kv_dtype=float32",
+            '--dit.overrides={"num_layers": 1}', *extra]
     return stream.main(argv), out
 
 
