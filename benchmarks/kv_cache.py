@@ -190,12 +190,12 @@ def _table(rows: list) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU in seconds)")
     ap.add_argument("--json", help="write rows and metadata here")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda" and not args.smoke:
         sys.exit("kv_cache benchmark: Wan shapes need a CUDA device; use --smoke on CPU")
@@ -212,6 +212,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(json.dumps(meta))
+    return {"meta": meta, "rows": rows}
 
 
 if __name__ == "__main__":
