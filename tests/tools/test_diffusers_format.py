@@ -157,6 +157,9 @@ def test_errors(tmp_path):
     sd = dfm.state_dict_to_diffusers(WanDiT.from_config("tiny").state_dict())
     with pytest.raises(CheckpointError, match="shape mismatches"):  # a t2v folder is not an i2v net
         load_checkpoint(WanDiT.from_config("tiny", in_dim=20, model_type="t2v"), sd)
+    official = get_config("tiny").model_dump(mode="json", exclude={"precision"})
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    assert dfm.read_config(tmp_path / "config.json") == get_config("tiny")  # an official config.json still reads
     (tmp_path / "config.json").write_text(json.dumps({**base, "qk_norm": "layer_norm"}))
     with pytest.raises(ValueError, match="qk_norm='layer_norm'"):
         dfm.read_config(tmp_path)
