@@ -38,13 +38,13 @@ from pydantic import model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from rcm_nets.wan import MeanFlowWanDiT, WanDiT, get_config, meanflow_student_state_dict
+from rcm_nets.wan import MeanFlowWanDiT, meanflow_student_state_dict
 from rcm_pipelines.video import plot_curves, write_json
 from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
-from rcm_recipes.pixel_dit import PositionalDiT
+from rcm_recipes.pixel_dit import NetConfig, PositionalDiT, build_pixel_dit
 from rcm_recipes.progress import ProgressLogger
-from rcm_recipes.shapes import ShapesConfig, TinyTextEncoder, shape_batches
+from rcm_recipes.shapes import ShapesConfig, TextConfig, TinyTextEncoder, shape_batches
 from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
 from rcm_train.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from rcm_train.objectives.meanflow import MeanFlowObjective, MeanFlowObjectiveConfig
@@ -57,35 +57,6 @@ from rcm_train.trainer import (
     build_scheduler,
     train,
 )
-
-
-class NetConfig(RecipeConfig):
-    """The tiny pixel-space WanDiT shared by teacher, student and fake score (official field names)."""
-
-    dim: int = 64
-    """Hidden width."""
-    ffn_dim: int = 256
-    """Feed-forward width."""
-    num_heads: int = 4
-    """Attention heads."""
-    num_layers: int = 4
-    """Transformer blocks."""
-    patch_size: tuple[int, int, int] = (1, 4, 4)
-    """Patch (t, h, w) of the patch embedding; frames and frame size must be divisible by it."""
-    freq_dim: int = 64
-    """Width of the sinusoidal timestep embedding."""
-    absolute_position: float | None = 0.5
-    """Add a learned absolute position map to the input, initialized to coordinate ramps of this
-    amplitude (WanDiT itself has only relative RoPE positions); None: the plain WanDiT."""
-
-
-class TextConfig(RecipeConfig):
-    """The tiny text encoder (one fixed random vector per word)."""
-
-    dim: int = 32
-    """Embedding width (the DiT's text_dim)."""
-    length: int = 8
-    """Padded prompt length in words (the DiT's text_len)."""
 
 
 class TeacherConfig(RecipeConfig):
@@ -207,58 +178,53 @@ def _seed(seed: int, stream: str) -> int:
 
 
 def build_net(cfg: DemoConfig) -> nn.Module:
-    """The tiny pixel-space WanDiT (wrapped in `PositionalDiT` when `net.absolute_position`)."""
-    wan = get_config("tiny-pixel", dim=cfg.net.dim, ffn_dim=cfg.net.ffn_dim, num_heads=cfg.net.num_heads,
-                     num_layers=cfg.net.num_layers, patch_size=cfg.net.patch_size, freq_dim=cfg.net.freq_dim,
-                     text_dim=cfg.text.dim, text_len=cfg.text.length)
-    net = WanDiT(wan)
-    net.init_weights(torch.Generator().manual_seed(_seed(cfg.seed, "init")))
-    if cfg.net.absolute_position is not None:
-        return PositionalDiT(net, cfg.data.frames, cfg.data.size, cfg.data.size, scale=cfg.net.absolute_position)
-    return net
+    """The tiny pixel-space WanDiT of the demo (`rcm_recipes.pixel_dit`)."""
+    return build_pixel_dit(cfg.net, text_dim=cfg.text.dim, text_len=cfg.text.length, frames=cfg.data.frames,
+                           size=cfg.data.size, seed=_seed(cfg.seed, "init"))
 
 
 def _frozen_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).requires_grad_(False).eval()
 
 
+def _fit(cfg: DemoConfig, encoder: TinyTextEncoder, title: str, models: dict[str, nn.Module], optimizers: dict,
+         objective, loop: TrainConfig, *, batch_size: int, sampled: str, seeds: tuple[str, str],
+         keep: tuple[str, ...] = ("loss",)) -> tuple[nn.Module, dict]:
+    """Train the ``models`` named in ``optimizers`` (name -> OptimizerConfig) with ``objective`` on shape batches
+    by the rcm_train loop (``seeds``: the seed streams of the data and of the loop). Returns network ``sampled``
+    (its EMA copy when ``loop.ema_rate`` is set) and the loss curves."""
+    opts = {k: build_optimizer(models[k], c) for k, c in optimizers.items()}
+    parts = TrainParts(models=models, optimizers=opts,
+                       schedulers={k: build_scheduler(o, optimizers[k]) for k, o in opts.items()},
+                       ema={sampled: _frozen_copy(models[sampled])} if loop.ema_rate is not None else {})
+    data = shape_batches(cfg.data, encoder, batch_size, torch.Generator().manual_seed(_seed(cfg.seed, seeds[0])))
+    logger = ProgressLogger(title, loop.max_iter, keep=keep, disable=not cfg.progress)
+    train(parts, objective, data, loop.model_copy(update={"seed": _seed(cfg.seed, seeds[1]), "checkpoint_every": 0}),
+          logger=logger)
+    return (parts.ema[sampled] if parts.ema else models[sampled].eval()), logger.curves
+
+
 def train_teacher(cfg: DemoConfig, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
     """Flow-matching teacher; returns its EMA weights and the loss curves."""
     tc = cfg.teacher
-    net = build_net(cfg)
-    opt = build_optimizer(net, tc.optimizer)
-    parts = TrainParts(models={"teacher": net}, optimizers={"teacher": opt},
-                       schedulers={"teacher": build_scheduler(opt, tc.optimizer)}, ema={"teacher": _frozen_copy(net)})
-    data = shape_batches(cfg.data, encoder, tc.batch_size, torch.Generator().manual_seed(_seed(cfg.seed, "data")))
-    logger = ProgressLogger("teacher (flow matching)", tc.iterations, disable=not cfg.progress)
-    loop = TrainConfig(max_iter=tc.iterations, seed=_seed(cfg.seed, "teacher"), clip_norm=tc.clip_norm,
-                       ema_rate=tc.ema_rate, student_models=["teacher"], critic_models=[], checkpoint_every=0)
-    train(parts, FlowMatchingObjective(tc.objective), data, loop, logger=logger)
-    return parts.ema["teacher"], logger.curves
+    loop = TrainConfig(max_iter=tc.iterations, clip_norm=tc.clip_norm, ema_rate=tc.ema_rate,
+                       student_models=["teacher"], critic_models=[])
+    return _fit(cfg, encoder, "teacher (flow matching)", {"teacher": build_net(cfg)}, {"teacher": tc.optimizer},
+                FlowMatchingObjective(tc.objective), loop, batch_size=tc.batch_size, sampled="teacher",
+                seeds=("data", "teacher"))
 
 
 def distill(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
     """rCM distillation (sCM + DMD + critic) from the teacher; returns the student used for sampling
     (its EMA unless `distill.ema_rate` is None) and the loss curves."""
     dc = cfg.distill
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    fake = copy.deepcopy(teacher).requires_grad_(True).train()
-    opt_s, opt_f = build_optimizer(student, dc.student_optimizer), build_optimizer(fake, dc.critic_optimizer)
-    parts = TrainParts(
-        models={"student": student, "teacher": teacher, "fake_score": fake},
-        optimizers={"student": opt_s, "fake_score": opt_f},
-        schedulers={"student": build_scheduler(opt_s, dc.student_optimizer),
-                    "fake_score": build_scheduler(opt_f, dc.critic_optimizer)},
-        ema={"student": _frozen_copy(student)} if dc.ema_rate is not None else {},
-    )
+    models = {"student": copy.deepcopy(teacher).requires_grad_(True).train(), "teacher": teacher,
+              "fake_score": copy.deepcopy(teacher).requires_grad_(True).train()}
     objective = RCMObjective(dc.objective, negative_embed=torch.zeros(cfg.text.length, cfg.text.dim))
-    data = shape_batches(cfg.data, encoder, dc.batch_size,
-                         torch.Generator().manual_seed(_seed(cfg.seed, "distill-data")))
-    logger = ProgressLogger("rCM distillation", dc.iterations, keep=("loss", "g_norm"), disable=not cfg.progress)
-    loop = TrainConfig(max_iter=dc.iterations, seed=_seed(cfg.seed, "distill"), clip_norm=dc.clip_norm,
-                       ema_rate=dc.ema_rate, schedule=dc.schedule, checkpoint_every=0)
-    train(parts, objective, data, loop, logger=logger)
-    return (parts.ema["student"] if dc.ema_rate is not None else student.eval()), logger.curves
+    loop = TrainConfig(max_iter=dc.iterations, clip_norm=dc.clip_norm, ema_rate=dc.ema_rate, schedule=dc.schedule)
+    return _fit(cfg, encoder, "rCM distillation", models,
+                {"student": dc.student_optimizer, "fake_score": dc.critic_optimizer}, objective, loop,
+                batch_size=dc.batch_size, sampled="student", seeds=("distill-data", "distill"), keep=("loss", "g_norm"))
 
 
 def distill_meanflow(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
@@ -269,18 +235,12 @@ def distill_meanflow(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncod
     dit.load_state_dict(meanflow_student_state_dict(teacher.dit.state_dict(), generator=gen))
     student = PositionalDiT(dit, cfg.data.frames, cfg.data.size, cfg.data.size, scale=0.0)
     student.position.data.copy_(teacher.position.data)
-    student.requires_grad_(True).train()
-    opt = build_optimizer(student, mc.optimizer)
-    parts = TrainParts(models={"student": student, "teacher": teacher}, optimizers={"student": opt},
-                       schedulers={"student": build_scheduler(opt, mc.optimizer)},
-                       ema={"student": _frozen_copy(student)} if mc.ema_rate is not None else {})
     objective = MeanFlowObjective(mc.objective, negative_embed=torch.zeros(cfg.text.length, cfg.text.dim))
-    data = shape_batches(cfg.data, encoder, mc.batch_size, torch.Generator().manual_seed(_seed(cfg.seed, "mf-data")))
-    logger = ProgressLogger("MeanFlow distillation", mc.iterations, disable=not cfg.progress)
-    loop = TrainConfig(max_iter=mc.iterations, seed=_seed(cfg.seed, "meanflow"), clip_norm=mc.clip_norm,
-                       ema_rate=mc.ema_rate, student_models=["student"], critic_models=[], checkpoint_every=0)
-    train(parts, objective, data, loop, logger=logger)
-    return (parts.ema["student"] if mc.ema_rate is not None else student.eval()), logger.curves
+    loop = TrainConfig(max_iter=mc.iterations, clip_norm=mc.clip_norm, ema_rate=mc.ema_rate,
+                       student_models=["student"], critic_models=[])
+    return _fit(cfg, encoder, "MeanFlow distillation", {"student": student.requires_grad_(True).train(),
+                                                        "teacher": teacher}, {"student": mc.optimizer}, objective,
+                loop, batch_size=mc.batch_size, sampled="student", seeds=("mf-data", "meanflow"))
 
 
 def main(argv: list[str] | None = None) -> dict:

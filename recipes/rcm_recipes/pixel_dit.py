@@ -14,7 +14,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PositionalDiT"]
+from rcm_nets.wan import WanDiT, get_config
+
+from .config import RecipeConfig
+
+__all__ = ["PositionalDiT", "NetConfig", "build_pixel_dit"]
+
+
+class NetConfig(RecipeConfig):
+    """The tiny pixel-space WanDiT shared by the demo's teacher, student and fake score (official field names)."""
+
+    dim: int = 64
+    """Hidden width."""
+    ffn_dim: int = 256
+    """Feed-forward width."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    patch_size: tuple[int, int, int] = (1, 4, 4)
+    """Patch (t, h, w) of the patch embedding; frames and frame size must be divisible by it."""
+    freq_dim: int = 64
+    """Width of the sinusoidal timestep embedding."""
+    absolute_position: float | None = 0.5
+    """Add a learned absolute position map to the input, initialized to coordinate ramps of this
+    amplitude (WanDiT itself has only relative RoPE positions); None: the plain WanDiT."""
+
+
+def build_pixel_dit(cfg: NetConfig, *, text_dim: int, text_len: int, frames: int, size: int, seed: int) -> nn.Module:
+    """The tiny pixel-space WanDiT for ``frames`` x ``size`` x ``size`` videos, initialized from ``seed``
+    (wrapped in :class:`PositionalDiT` when ``cfg.absolute_position`` is set)."""
+    wan = get_config("tiny-pixel", dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads,
+                     num_layers=cfg.num_layers, patch_size=cfg.patch_size, freq_dim=cfg.freq_dim,
+                     text_dim=text_dim, text_len=text_len)
+    net = WanDiT(wan)
+    net.init_weights(torch.Generator().manual_seed(seed))
+    if cfg.absolute_position is not None:
+        return PositionalDiT(net, frames, size, size, scale=cfg.absolute_position)
+    return net
 
 
 class PositionalDiT(nn.Module):

@@ -164,6 +164,15 @@ def render_videos(prompts: Sequence[Prompt], cfg: ShapesConfig, generator: torch
     return bg * (1 - alpha) + color * alpha
 
 
+class TextConfig(RecipeConfig):
+    """The tiny text encoder (one fixed random vector per word)."""
+
+    dim: int = 32
+    """Embedding width (the DiT's text_dim)."""
+    length: int = 8
+    """Padded prompt length in words (the DiT's text_len)."""
+
+
 class TinyTextEncoder:
     """Prompt embeddings `[N, L, D]`: a fixed random vector per grammar word, zero padding to `length`.
 
