@@ -24,7 +24,7 @@ __all__ = ["rms_norm_rope"]
 
 
 @triton.jit
-def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, HALF_D, s_cos, s_sin, eps,
+def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, s_cos, s_sin, eps, HALF_D: tl.constexpr,
                   ISL: tl.constexpr, RDT: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
                   HAS_TX: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -78,9 +78,10 @@ def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> 
         cos, sin = cos.contiguous(), sin.contiguous()
     block = triton.next_power_of_2(c // 2)
     _rms_rope_fwd[(b * length,)](
-        x, tx, weight, cos, sin, y, ty, length, c, c // heads // 2, cos.stride(0) if rope else 0,
-        sin.stride(0) if rope else 0, eps, ISL=TL[island(x.dtype)], RDT=TL[cos.dtype] if rope else tl.float32,
-        NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=num_warps(block), **OPTS)
+        x, tx, weight, cos, sin, y, ty, length, c, cos.stride(0) if rope else 0, sin.stride(0) if rope else 0, eps,
+        HALF_D=c // heads // 2, ISL=TL[island(x.dtype)], RDT=TL[cos.dtype] if rope else tl.float32,
+        NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=num_warps(block),
+        **OPTS)
     return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
 
 
