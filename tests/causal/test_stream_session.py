@@ -102,18 +102,23 @@ def test_session_passes_cache_options(tmp_path, options):
 
 
 @pytest.mark.gpu
-def test_session_overlap_equals_sequential_gpu(tmp_path):
+def test_session_overlap_equals_sequential_gpu(tmp_path, monkeypatch):
     """CUDA: decode on the side stream while the DiT makes the next block == decode right after each block,
-    frame for frame (same kernels on another stream; 1e-6), in order; times come from CUDA events."""
+    frame for frame (same kernels on another stream; 1e-5), in order; times come from CUDA events, and the
+    overlapped run never calls torch.cuda.synchronize (it waits on events only)."""
     session = _session(tmp_path, "cuda")
     kw = dict(size=(32, 32), num_frames=25, seeds=[0, 1])
     ctx = torch.randn(2, 4, 32)
+    syncs = []
+    real_sync = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (syncs.append(1), real_sync(*a, **k))[1])
     on = list(session.frames(ctx, overlap=True, **kw))
-    session.spec = session.spec.model_copy(update={"overlap_decode": False})
+    assert syncs == []
     off = list(session.frames(ctx, overlap=False, **kw))
+    assert len(syncs) > 0  # the sequential path times blocks with device syncs: the counter works
     assert [d.index for d in on] == list(range(len(off)))
     for a, b in zip(on, off):
-        torch.testing.assert_close(a.frames, b.frames, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.frames, b.frames, atol=1e-5, rtol=0)
         assert a.dit_s > 0 and a.decode_s > 0
 
 
