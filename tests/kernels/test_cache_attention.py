@@ -326,3 +326,36 @@ def test_smoothing_factors_are_set_by_the_first_block_only():
     c.reset()
     c.append([k0 * 2], [k0])
     torch.testing.assert_close(c.layer(0).k_smooth, 2 * pair_max, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype,policy", [("int4/64", {"extrapolation": "rolling_sink", "sink_bank_frames": 12}),
+                                             ("int8+smooth", {"extrapolation": "infinity_rope",
+                                                              "trained_frames": 21})])
+def test_gpu_memory_constant_over_a_long_run_with_extrapolation(kv_dtype, policy):
+    # Wan 1.3B geometry, pre-RoPE keys rotated in the kernel at the policy's positions, 20 blocks of 3 frames
+    # (60 frames, ~3x a 21-frame training length). Once 12 frames are visible (rolling_sink: the 12-frame bank
+    # fills, then sink 9 + window 3; infinity_rope: sink 3 + window 9) every block asks the allocator for
+    # exactly the same bytes (requested bytes, see _requested_bytes).
+    fmt, kw = _fmt(kv_dtype)
+    sink = 9 if policy["extrapolation"] == "rolling_sink" else 3
+    c = KVCache(1, batch=1, heads=12, head_dim=128, tokens_per_frame=1560, window_frames=12 - sink,
+                sink_frames=sink, max_block_frames=3, kv_dtype=fmt, keys_pre_rope=True, device="cuda",
+                **kw, **policy)
+    q = torch.randn(1, 4680, 12, 128, device="cuda", dtype=torch.bfloat16)
+    freq = 10000.0 ** (-torch.arange(64, device="cuda", dtype=torch.float64) / 64)
+    peaks, nbytes = [], c.nbytes()
+    for _ in range(20):
+        full = c.num_cached_frames == 12
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        ang = c.frame_positions().double().repeat_interleave(1560)[:, None] * freq
+        cache_attention(q, c.layer(0), extra_k=k, extra_v=v, k_rope=(ang.cos().float(), ang.sin().float()))
+        c.append([k], [v])
+        del k, v, ang
+        torch.cuda.synchronize()
+        if full:
+            peaks.append((_requested_bytes("peak"), _requested_bytes("current")))
+    assert len(peaks) >= 15 and len(set(peaks)) == 1, peaks
+    assert c.nbytes() == nbytes and c.frames_written == 60
