@@ -192,6 +192,28 @@ def test_fast_multi_block_stream_equals_whole_video_decode(options):
     torch.testing.assert_close(again, out, atol=1e-10, rtol=1e-10)
 
 
+def test_steady_state_step_plumbing(monkeypatch):
+    """The steady-state step (the pure function of tensors that compile traces and a CUDA graph captures), run
+    as plain Python (``torch.compile`` replaced by the identity): it takes over from latent frame 4 of the first
+    stream (frame 3 is the first that leaves the cache shapes unchanged) and from frame 3 of the next (its
+    signature is then known), with the cache passed as a tensor list and written back. Frames equal the
+    reference decode bit for bit; one step is built for both streams."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    vae = _tiny(torch.float32)
+    latent = torch.randn(1, 16, 7, 2, 3)
+    ref = _stream(StreamingDecoder(vae, clamp=False), latent, [3, 2, 2])
+    dec = StreamingDecoder(vae, VAEDecodeOptions(compile=True, fused_norm="torch"), clamp=False)
+    calls = []
+    steady = FastDecode._steady_step
+    monkeypatch.setattr(FastDecode, "_steady_step", lambda self, *a: calls.append(1) or steady(self, *a))
+    for expected in (3, 4):
+        calls.clear()
+        dec.reset()
+        torch.testing.assert_close(_stream(dec, latent, [3, 2, 2]), ref, atol=0, rtol=0)
+        assert len(calls) == expected
+    assert len(dec._fast._steps) == 1
+
+
 @pytest.mark.slow
 def test_compiled_steady_step_equals_eager():
     """``compile`` (traced with the aot_eager backend on CPU: no codegen, so same ops, exact): the steady-state

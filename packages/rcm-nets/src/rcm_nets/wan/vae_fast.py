@@ -18,9 +18,10 @@ chosen in :class:`VAEDecodeOptions` (all off by default, so a default ``FastDeco
 
 Steady state: the first latent frames of a stream see a cache that is still filling (frame 0 passes the
 temporal upsamplers, the remembered-frame counts grow), so their tensor shapes differ. Those steps run
-eagerly; once a step leaves the cache's tensor shapes unchanged, every later step has the same shapes and is
-compiled / captured. With the Wan2.1 VAE that is from latent frame 3 on, i.e. from the second block of a
-3-latent-frame streaming layout.
+eagerly until one leaves the cache's tensor shapes unchanged (with the Wan2.1 VAE: latent frame 3); every
+later step has the same shapes and is compiled / captured (once per shape). A later stream on the same
+decoder meets that cache signature already at frame 3, i.e. from the second block of a 3-latent-frame
+streaming layout; the first block always runs eagerly.
 """
 
 from __future__ import annotations
@@ -188,8 +189,10 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- decode
 def _signature(cache: Cache) -> dict[int, object]:
-    """Per cache entry: the tensor's shape and dtype, or the marker value (what a step's shapes depend on)."""
-    return {id(k): (tuple(v.shape), v.dtype) if isinstance(v, Tensor) else v for k, v in cache.items()}
+    """Per module entry of the cache: the tensor's shape, strides and dtype, or the marker value (what a
+    step's shapes depend on). Non-module keys (this file's per-stream steady flag) are left out."""
+    return {id(k): (tuple(v.shape), v.stride(), v.dtype) if isinstance(v, Tensor) else v
+            for k, v in cache.items() if isinstance(k, nn.Module)}
 
 
 class _Graph:
@@ -262,14 +265,19 @@ class FastDecode:
         mode = None if self.options.compile_mode == "default" else self.options.compile_mode
         return torch.compile(step, backend=self.options.compile_backend, mode=mode, dynamic=False)
 
-    def _steady_step(self, z: Tensor, cache: Cache) -> Tensor:
-        keys = [k for k, v in cache.items() if isinstance(v, Tensor)]
-        sig = (tuple(z.shape), z.dtype, z.device, tuple(sorted(_signature(cache).items(), key=lambda kv: kv[0])))
-        if sig not in self._steps:
+    @staticmethod
+    def _key(z: Tensor, cache: Cache) -> tuple:
+        """What a step's shapes depend on: the frame's shape, strides, dtype, device and the cache signature."""
+        sig = tuple(sorted(_signature(cache).items(), key=lambda kv: kv[0]))
+        return tuple(z.shape), z.stride(), z.dtype, z.device, sig
+
+    def _steady_step(self, z: Tensor, cache: Cache, key: tuple) -> Tensor:
+        if key not in self._steps:
+            keys = [k for k, v in cache.items() if isinstance(v, Tensor)]
             markers = {k: v for k, v in cache.items() if isinstance(k, nn.Module) and not isinstance(v, Tensor)}
             step = self._make_step(keys, markers)
-            self._steps[sig] = _Graph(step, keys, z, cache) if self.options.cuda_graph else (keys, step)
-        entry = self._steps[sig]
+            self._steps[key] = _Graph(step, keys, z, cache) if self.options.cuda_graph else (keys, step)
+        entry = self._steps[key]
         if isinstance(entry, _Graph):
             return entry(z, cache)
         keys, step = entry
@@ -289,9 +297,12 @@ class FastDecode:
             z = self.conv2(z)
             for i in range(z.shape[2]):
                 zi = z[:, :, i : i + 1]
-                if cache.get(self) and (opt.compile or opt.cuda_graph):
-                    outs.append(self._steady_step(zi, cache))
-                    continue
+                if opt.compile or opt.cuda_graph:
+                    # a known steady signature (from an earlier stream), or this stream reached steady state
+                    key = self._key(zi, cache)
+                    if key in self._steps or cache.get(self):
+                        outs.append(self._steady_step(zi, cache, key))
+                        continue
                 before = _signature(cache)
                 outs.append(self.decoder(zi, cache))
                 cache[self] = _signature(cache) == before  # steady: shapes will not change from here on
