@@ -153,9 +153,8 @@ def fuse_norm_silu(module: nn.Module, impl: Literal["torch", "triton"]) -> int:
 def _to_channels_last(module: nn.Module) -> None:
     """Conv3d weights → ``channels_last_3d``, Conv2d weights → ``channels_last`` (in place)."""
     for m in module.modules():
-        fmt = {nn.Conv3d: torch.channels_last_3d, nn.Conv2d: torch.channels_last}.get(
-            nn.Conv3d if isinstance(m, nn.Conv3d) else type(m))
-        if fmt is not None:
+        if isinstance(m, nn.Conv3d | nn.Conv2d):
+            fmt = torch.channels_last_3d if isinstance(m, nn.Conv3d) else torch.channels_last
             m.weight.data = m.weight.data.contiguous(memory_format=fmt)
 
 
@@ -199,18 +198,19 @@ class _Graph:
     """One captured steady-state step: static input, static cache tensors, static output."""
 
     def __init__(self, step: Callable, keys: list[nn.Module], z: Tensor, cache: Cache):
-        self.keys = keys
+        self.keys, self.device = keys, z.device
         self.z = z.clone()
         self.state = [cache[k].clone() for k in self.keys]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (lazy init, cuDNN / compile) on the copies, not committed
-            for _ in range(2):
-                self._run(step, commit=False)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._run(step, commit=True)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (lazy init, cuDNN / compile) on the copies, not committed
+                for _ in range(2):
+                    self._run(step, commit=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run(step, commit=True)
 
     def _run(self, step: Callable, commit: bool) -> Tensor:
         out, new = step(self.z, self.state)
@@ -224,7 +224,8 @@ class _Graph:
         for k, s in zip(self.keys, self.state):
             if cache[k] is not s:  # after a reset / eager steps: load the live cache into the static buffers
                 s.copy_(cache[k])
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         cache.update(zip(self.keys, self.state))  # the cache now lives in the static buffers
         return self.out.clone()
 
@@ -233,15 +234,16 @@ class FastDecode:
     """Per-frame decoder steps of one VAE with :class:`VAEDecodeOptions` (see the module docstring).
 
     ``__call__(latent, cache)`` takes a normalized latent block ``[B, 16, n, h, w]`` and the stream's cache
-    dict and returns the unclamped frames in the compute dtype; the cache belongs to this object's modules (use one cache
-    per stream, started empty).
+    dict and returns the unclamped frames in the compute dtype; the cache belongs to this object's modules
+    (use one cache per stream, started empty).
     """
 
     def __init__(self, vae: nn.Module, options: VAEDecodeOptions | None = None):
         self.vae = vae
         self.options = options = options or VAEDecodeOptions()
-        if options.cuda_graph and not torch.cuda.is_available():
-            raise ValueError("VAEDecodeOptions.cuda_graph needs a CUDA device")
+        device = next(vae.parameters()).device
+        if options.cuda_graph and device.type != "cuda":
+            raise ValueError(f"VAEDecodeOptions.cuda_graph needs the VAE on a CUDA device, got {device}")
         self.conv2, self.decoder = prepare_decoder(vae.conv2, vae.decoder, options)
         self._steps: dict[tuple, tuple | _Graph] = {}  # steady-state step per input / cache signature
 
