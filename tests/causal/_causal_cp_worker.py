@@ -51,13 +51,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(roles: dict[str, str], cfg: CausalObjectiveConfig, closure: str, phase: str, dtype: torch.dtype,
-            *, trained: str = "student") -> dict:
+            *, trained: str = "student", sac: str = "none") -> dict:
     """Run ``closure`` of the ``phase`` on reference networks and on CP copies (same weights, batch and step
     generator), backward ``loss.sum()`` on each; relative errors of the loss and the trained network's grads."""
     mesh = build_mesh(1, 1, 2)
     seeds = {"student": 0, "causal_teacher": 1, "teacher": 2, "fake_score": 3}
     ref = {r: tiny_net(seeds[r], dtype).requires_grad_(r == trained) for r in roles}
-    cp = {r: parallelize(tiny_net(seeds[r], dtype), mesh, PAR).requires_grad_(r == trained) for r in roles}
+    par = lambda r: PAR.model_copy(update={"sac": sac if r == trained else "none"})
+    cp = {r: parallelize(tiny_net(seeds[r], dtype), mesh, par(r)).requires_grad_(r == trained) for r in roles}
     g = torch.Generator().manual_seed(0)
     batch = {"latent": torch.randn(1, C, T, H, W, generator=g), "embed": torch.randn(1, 6, 32, generator=g)}
     make_cache = partial(video_kv_cache, layout=BlockLayout(BLOCKS.frames_per_block, BLOCKS.first),
@@ -112,6 +113,12 @@ CHECKS = {
     "sf_dmd_replay": lambda: compare({"student": 1, "teacher": 1, "fake_score": 1},
                                      CausalObjectiveConfig(dmd=True, replay=True, context_noise=0.2, **F32),
                                      "sf_dmd", "student", torch.float32),
+    # activation checkpointing of the CP student: block recomputes in backward run after later (longer) blocks
+    # were sharded, so each must cut the padding of its own sequence
+    "sf_dmd_sac": lambda: compare({"student": 1, "teacher": 1, "fake_score": 1}, CausalObjectiveConfig(dmd=True, **F32),
+                                  "sf_dmd", "student", torch.float32, sac="block_wise"),
+    "tf_scm_sac": lambda: compare({"student": 1, "causal_teacher": 1}, CausalObjectiveConfig(cm="scm", **F64),
+                                  "tf_scm", "student", torch.float64, sac="block_wise"),
     "critic": lambda: compare({"student": 1, "fake_score": 1}, CausalObjectiveConfig(dmd=True, **F32), "critic",
                               "critic", torch.float32, trained="fake_score"),
 }

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-TF = ["tf_scm", "tf_dcm", "flow_tf"]
-SF = ["sf_dmd", "sf_dmd_replay", "critic"]
+TF = ["tf_scm", "tf_dcm", "flow_tf", "tf_scm_sac"]
+SF = ["sf_dmd", "sf_dmd_replay", "sf_dmd_sac", "critic"]
 
 
 def _run_ranks(out: Path, checks: list[str], **env) -> list[dict]:

@@ -23,6 +23,8 @@ parameter gradients are the contribution of its own tokens (FSDP sums them over 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -94,6 +96,34 @@ class _GatherSeq(torch.autograd.Function):
         return _GatherSeq.apply(tangent, ctx.dim, ctx.seq_len, ctx.group)
 
 
+class _LengthByMask:
+    """The true sequence length each ``block_mask`` object was first used with (weakly keyed by identity).
+
+    Activation checkpointing recomputes a block in backward, after later forwards have sharded other
+    sequences: a causal network's cached blocks differ in length. A mask (a teacher-forcing mask, one cached
+    call) is defined over one length, so the length it was first seen with is the one its recompute must cut
+    the padding to. ``None`` (bidirectional attention) and objects without weak references fall back to the
+    last sharded length.
+    """
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __call__(self, mask, seq_len: int) -> int:
+        if mask is None:
+            return seq_len
+        key = id(mask)
+        entry = self._seen.get(key)
+        if entry is not None and entry[0]() is mask:
+            return entry[1]
+        try:
+            ref = weakref.ref(mask, lambda _, key=key, seen=self._seen: seen.pop(key, None))
+        except TypeError:
+            return seq_len
+        self._seen[key] = (ref, seq_len)
+        return seq_len
+
+
 class UlyssesSequenceShard(SequenceShard):
     """Token split/gather over a CP group. Remembers the true length of the last sharded sequence; the
     :class:`UlyssesAttention` modules of the same network read it to cut the padding.
@@ -108,6 +138,7 @@ class UlyssesSequenceShard(SequenceShard):
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.seq_len: int | None = None
+        self.length_of = _LengthByMask()
 
     def padded_len(self, seq_len: int) -> int:
         return -(-seq_len // self.size) * self.size
@@ -171,7 +202,7 @@ class UlyssesAttention(nn.Module):
         if not (q.shape == k.shape == v.shape):
             raise ValueError(f"Ulysses self-attention needs q, k, v of one shape, got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
-        seq_len = self.seq.seq_len
+        seq_len = self.seq.seq_len if self.seq.seq_len is None else self.seq.length_of(block_mask, self.seq.seq_len)
         if seq_len is None or self.seq.padded_len(seq_len) != q.shape[1] * c:
             raise RuntimeError(f"attention got {q.shape[1]} local tokens x {c} ranks, but the sequence seam "
                                f"last sharded a sequence of {seq_len}: shard the tokens through the network's "
