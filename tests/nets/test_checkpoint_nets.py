@@ -195,3 +195,23 @@ def test_dcp_metadata_holding_pickled_code_is_refused_and_runs_nothing(tmp_path)
         read_dcp_part(path, "net")
     assert not marker.exists()
     assert pickle.loads(pickle.dumps(_Payload(marker))) == 0 and marker.exists()  # the payload is live
+
+
+def test_flattened_patch_embedding_of_rcm_checkpoints_loads(official, tmp_path):
+    """rCM's released DiT files store patch_embedding.weight as the Linear [dim, in_dim * 1 * 2 * 2] of its
+    patchify; it is the same tensor as the official Conv3d weight, reshaped, and must give the same network."""
+    from safetensors.torch import save_file
+
+    cfg, weights, (x, t, ctx) = official
+    flat = {f"net.{k}": (v.flatten(1) if k == "patch_embedding.weight" else v) for k, v in weights.items()}
+    assert flat["net.patch_embedding.weight"].dim() == 2
+    save_file(flat, tmp_path / "rcm_student.safetensors")
+    net, ref = WanDiT(cfg), WanDiT(cfg)
+    load_checkpoint(net, tmp_path / "rcm_student.safetensors")
+    load_checkpoint(ref, weights)
+    assert torch.equal(net.patch_embedding.weight, weights["patch_embedding.weight"])
+    with torch.no_grad():
+        assert torch.equal(net(x, t, ctx), ref(x, t, ctx))
+    bad = dict(flat, **{"net.patch_embedding.weight": flat["net.patch_embedding.weight"][:, :-1]})
+    with pytest.raises(CheckpointError, match="patch_embedding.weight"):  # a wrong size is still refused
+        load_checkpoint(net, bad)

@@ -21,6 +21,7 @@ are loaded with ``assign=True`` (no second copy of the weights); tensors are cas
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,20 @@ def _from_foreign_layout(sd: dict[str, Tensor], expected: dict, fmt: str) -> tup
     return sd, fmt
 
 
+def _unflatten_conv_weights(sd: dict[str, Tensor], expected: dict) -> dict[str, Tensor]:
+    """A convolution weight stored as the equivalent Linear weight ``[out, in * prod(kernel)]`` (rCM's released
+    DiT checkpoints store ``patch_embedding.weight`` as ``[dim, 64]``: its patchify is a Linear over the
+    ``(c, kt, kh, kw)``-flattened patch) viewed back to the module's ``[out, in, *kernel]`` shape. The order of
+    the flattened axes is the convolution weight's own, so this is a pure reshape."""
+    out = dict(sd)
+    for k, v in sd.items():
+        shape = expected.get(k)
+        if (shape is not None and k.endswith("patch_embedding.weight") and v.dim() == 2 and len(shape) > 2
+                and v.shape[0] == shape[0] and v.numel() == math.prod(shape)):
+            out[k] = v.reshape(shape)
+    return out
+
+
 def load_checkpoint(module: nn.Module, checkpoint: str | Path | dict[str, Tensor], *, strict: bool = True,
                     prefix: str | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, assign: bool | None = None) -> LoadReport:
@@ -268,7 +283,7 @@ def load_checkpoint(module: nn.Module, checkpoint: str | Path | dict[str, Tensor
     if prefix is None:
         prefix = _detect_prefix(list(sd), set(expected))
     ignored = [k for k in sd if not k.startswith(prefix)]
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = _unflatten_conv_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, expected)
     missing, unexpected = check_state_dict(expected, sd, strict=strict, source=source)
     report = LoadReport(source, fmt, prefix, missing, unexpected, ignored)
     if not strict and (missing or unexpected):
