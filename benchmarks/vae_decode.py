@@ -105,7 +105,7 @@ def print_table(rows: list[dict], base: float | None, header: bool = True) -> No
               f"{ratio:>9.2f}{r['max_err']:>10.2e}{r['peak_gib']:>10.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--height", type=int, default=60, help="latent height (480 px / 8)")
     ap.add_argument("--width", type=int, default=104, help="latent width (832 px / 8)")
@@ -115,7 +115,7 @@ def main() -> None:
                     help=f"rows to run, of: {', '.join(ROWS)}")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny VAE (dim 8) and latent 2x3, 3 blocks")
     ap.add_argument("--json", default="vae_decode.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         device, dim, args.height, args.width, args.blocks = torch.device("cpu"), 8, 2, 3, 3
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton norm on CPU (read when the kernel is defined)

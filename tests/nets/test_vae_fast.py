@@ -9,6 +9,10 @@ they differ at float32 rounding (measured ≤ 3.5e-6 on the golden, outputs O(1)
 cache or norm axis is O(0.1)). GPU tests (``gpu`` marker) state their bounds in place.
 """
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,7 +112,10 @@ def test_options_defaults_and_validation():
         VAEDecodeOptions(dtype="float64x")
     with pytest.raises(ValueError, match="cuda_graph needs the VAE on a CUDA device"):
         StreamingDecoder(vae, VAEDecodeOptions(cuda_graph=True))  # vae on the CPU
+    with pytest.raises(ValidationError, match="compile=True needs fused_norm"):
+        VAEDecodeOptions(compile=True, fused_norm="triton")
     assert VAEDecodeOptions.fastest(cuda_graph=False).dtype == "bfloat16"
+    assert VAEDecodeOptions.fastest(compile=True).fused_norm == "torch"
 
 
 def test_fast_path_leaves_the_callers_vae_alone():
@@ -226,6 +233,23 @@ def test_compiled_steady_step_equals_eager():
         dec.reset()
         torch.testing.assert_close(_stream(dec, latent, [3, 3]), ref, atol=0, rtol=0)
     assert len(dec._fast._steps) == 1
+
+
+@pytest.mark.slow  # 2 s idle, ~30 s on the loaded shared machine
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/vae_decode.py --smoke (CPU): rows in order, baseline speed-up 1 and error 0, the bf16 rows'
+    error within the bf16 bound (frames in [-1, 1]), CUDA-only rows reported as skipped, frames per block."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "vae_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_vae_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "vae.json"
+    module.main(["--smoke", "--rows", "bf16", "+channels_last", "+CUDA graph", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["eager fp32", "bf16", "+channels_last", "+CUDA graph"]
+    assert rows[0]["speedup"] == 1 and rows[0]["max_err"] == 0
+    assert all(0 < r["max_err"] < 0.2 for r in rows[1:3]) and "skipped" in rows[3]
+    assert rows[0]["first_frames"] == 9 and rows[0]["block_frames"] == 12
 
 
 # ------------------------------------------------------------------------------------------------- GPU

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from ._vae_blocks import Cache, CausalConv3d, RMSNorm
@@ -68,11 +68,19 @@ class VAEDecodeOptions(BaseModel):
     cuda_graph: bool = False
     """Capture the steady-state per-frame step with its feature cache in a CUDA graph (CUDA only)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> VAEDecodeOptions:
+        if self.compile and self.fused_norm == "triton":
+            raise ValueError("VAEDecodeOptions: compile=True needs fused_norm 'torch' or 'off', not 'triton' "
+                             "(inductor fuses the plain-torch norm itself)")
+        return self
+
     @classmethod
     def fastest(cls, **overrides) -> VAEDecodeOptions:
-        """The recommended GPU setting: bf16, channels-last, cuDNN benchmark, Triton fused norm, CUDA graph."""
-        base = dict(dtype="bfloat16", channels_last=True, cudnn_benchmark=True, fused_norm="triton",
-                    cuda_graph=True)
+        """The recommended GPU setting: bf16, channels-last, cuDNN benchmark, Triton fused norm, CUDA graph
+        (with ``compile=True`` the norm is the plain-torch one, which inductor fuses)."""
+        base = dict(dtype="bfloat16", channels_last=True, cudnn_benchmark=True,
+                    fused_norm="torch" if overrides.get("compile") else "triton", cuda_graph=True)
         return cls(**{**base, **overrides})
 
     @property
