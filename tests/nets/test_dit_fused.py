@@ -84,18 +84,26 @@ def test_switch():
 @pytest.mark.parametrize("precision", ["teacher", "student"])
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_gpu_bf16_fused_equals_unfused_within_bf16_noise(precision, per_frame):
-    """bf16 on CUDA. The kernels round the same float32 values as the unfused ops, up to reduction order, so a
-    bf16 rounding flips by at most one ulp (2^-8 relative) here and there and compounds over the blocks; the
-    unfused bf16 network itself is ~1e-2 away from float64 (tests/nets/test_dit_gpu.py). Bound: max error
-    relative to the output scale < 1e-2 for output and tangent. (The JVP primal is not bitwise the plain
-    forward on CUDA: the plain pass uses another attention kernel; the fused ops' own primal is tangent-free,
-    tests/kernels/test_fused_ops.py.)"""
+    """bf16 on CUDA. The norm/modulation/residual/RoPE kernels round the same float32 values as the unfused
+    ops, up to reduction order, so a bf16 rounding flips by one ulp (2^-8 relative) here and there and compounds
+    over the blocks; the GELU tangent differs more, because the unfused one evaluates its derivative op by op in
+    bf16 (~10 roundings) while the kernel rounds once. Bounds, max error relative to the output scale: fused vs
+    unfused < 1e-2 for the outputs and < 3e-2 for the tangent; against the float64 network, the fused error is
+    at most 1.5x the unfused one + 5e-3 (it must not be less accurate). The JVP primal is not compared bitwise
+    with the plain forward here: on CUDA the plain pass uses another attention kernel (the fused ops' own
+    primal is tangent-free: tests/kernels/test_fused_ops.py)."""
     net = _net(torch.bfloat16, "cuda", precision)
     args = _inputs(torch.bfloat16, "cuda", per_frame, frames=3, h=16, w=16)
     fused, unfused = _both(net, *args, "auto"), _both(net, *args, "off")
-    for name, a, b in zip(("forward", "jvp primal", "jvp tangent"), fused, unfused):
-        rel = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-        assert rel < 1e-2, f"{name}: relative error {rel:.3g}"
+    ref = _both(_net(torch.float64, "cuda", precision), *(a.double() for a in args), "off")
+
+    def rel(a, b):
+        return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+    for name, a, b, r, bound in zip(("forward", "jvp primal", "jvp tangent"), fused, unfused, ref,
+                                    (1e-2, 1e-2, 3e-2)):
+        assert rel(a, b) < bound, f"{name}: fused vs unfused relative error {rel(a, b):.3g}"
+        assert rel(a, r) <= 1.5 * rel(b, r) + 5e-3, f"{name}: fused {rel(a, r):.3g} vs unfused {rel(b, r):.3g}"
 
 
 @pytest.mark.gpu
