@@ -22,7 +22,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from tqdm import tqdm
 
 from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
@@ -38,6 +37,7 @@ from rcm_pipelines.components import (
     resolve_dtype,
 )
 from rcm_pipelines.generation import latent_shape, teacher_generate, velocity_fn, video_size
+from rcm_pipelines.progress import Progress
 from rcm_recipes.config import RecipeConfig, parse_config, run_main
 from rcm_recipes.rundir import open_run
 from rcm_train.data import ShardWriter
@@ -143,7 +143,7 @@ def run(cfg: BuildDatasetConfig) -> dict:
             torch.save(negative.to(torch.bfloat16).clone(), neg_path)
     velocity = velocity_fn(load_dit(cfg.dit, device, dtype))
     shape = latent_shape(cfg.num_frames, *video_size(cfg.resolution, cfg.aspect_ratio, cfg.size))
-    with writer, tqdm(total=len(todo), desc=f"rank {rank} samples", disable=None) as bar:
+    with writer, Progress(len(todo), f"rank {rank} samples", unit="sample") as bar:
         for start in range(0, len(todo), cfg.batch_size):
             idx = todo[start : start + cfg.batch_size]
             embed = encoder([prompts[i] for i in idx])

@@ -21,7 +21,6 @@ from typing import Literal
 
 import torch
 from pydantic import model_validator
-from tqdm import tqdm
 
 from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
@@ -36,6 +35,7 @@ from rcm_pipelines.components import (
     resolve_dtype,
 )
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
+from rcm_pipelines.progress import Progress
 from rcm_pipelines.timing import StageTimer
 from rcm_pipelines.video import grid_video, save_video
 from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
@@ -161,8 +161,8 @@ def run(cfg: GenerateConfig) -> dict:
     paths, latents = [], []
     for i in range(len(prompts)):
         cond = pipe.condition(image)
-        with tqdm(total=cfg.sampler.steps(), desc=f"{cfg.sampler.kind} {i + 1}/{len(prompts)}", leave=False,
-                  disable=None) as bar:
+        with Progress(cfg.sampler.steps(), f"{cfg.sampler.kind} {i + 1}/{len(prompts)}", unit="step",
+                      leave=False) as bar:
             x0 = pipe.latent(context[i : i + 1], uncond, cond, cfg.seed + i, num_samples=cfg.num_samples,
                              callback=lambda _: bar.update())
         latents.append(x0.cpu())

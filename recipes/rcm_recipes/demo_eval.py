@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from pydantic import field_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from rcm_losses import MeanFlowAdapter, TrigFlowAdapter, flow_euler_sample, meanflow_sample, rcm_sample
+from rcm_pipelines.progress import Progress
 from rcm_pipelines.video import video_grid, write_video
 
 from .config import RecipeConfig
@@ -109,10 +109,9 @@ def sample_methods(cfg: EvalConfig, teacher: nn.Module, student: nn.Module, cont
             plan.append((f"meanflow_{n}", lambda cb, n=n: meanflow_sample(
                 u, noise, context, times=[1 - k / n for k in range(n + 1)]), n, 1))
     out: dict[str, tuple[Tensor, int]] = {}
-    with tqdm(total=sum(n * c for *_, n, c in plan), desc="sampling", unit="eval", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with Progress(sum(n * c for *_, n, c in plan), "sampling", unit="eval", disable=not progress) as bar:
         for name, run, n, calls in plan:
-            bar.set_postfix_str(name, refresh=False)
+            bar.set_postfix(method=name)
             with torch.no_grad():
                 video = run(lambda info, calls=calls: bar.update(calls))
             if name.startswith("meanflow"):

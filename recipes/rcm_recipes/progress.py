@@ -1,9 +1,10 @@
-"""Progress bars and loss-curve recording for recipes that run `rcm_train.train`.
+"""Progress and loss-curve recording for recipes that run `rcm_train.train`.
 
 `ProgressLogger` has the logger interface `rcm_train.train` calls (`start`, `log`, `log_media`, `close`):
-it advances a tqdm bar every iteration, shows the latest losses in the bar, and keeps every scalar it
-receives as a curve (`curves`), which `writers.plot_curves` draws. The bar also counts the samples the losses
-masked to 0 for a NaN (`nan_masked` of `rcm_train.train_step`) and the updates skipped for a non-finite value.
+it advances a `rcm_pipelines.progress.Progress` every iteration (a bar on a terminal, periodic plain lines with
+rate and ETA otherwise), shows the latest losses with it, and keeps every scalar it receives as a curve
+(`curves`), which `writers.plot_curves` draws. It also counts the samples the losses masked to 0 for a NaN
+(`nan_masked` of `rcm_train.train_step`) and the updates skipped for a non-finite value.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
-from tqdm.auto import tqdm
 
-__all__ = ["ProgressLogger"]
+from rcm_pipelines.progress import Progress
+
+__all__ = ["Progress", "ProgressLogger"]
 
 
 class ProgressLogger:
-    """A tqdm bar over `total` iterations that records metrics as `{name: ([iteration], [value])}`.
+    """Progress over `total` iterations that records metrics as `{name: ([iteration], [value])}`.
 
     `keep` selects which metric names are recorded and shown (substring match; all when empty).
     Media are not written (the demo writes its own grids); `log_media` returns no paths.
@@ -28,7 +30,7 @@ class ProgressLogger:
     def __init__(self, desc: str, total: int, *, keep: tuple[str, ...] = ("loss",), disable: bool = False):
         self.desc, self.total, self.keep = desc, total, keep
         self.curves: dict[str, tuple[list[int], list[float]]] = {}
-        self._bar: tqdm | None = None
+        self._bar: Progress | None = None
         self.nan_masked = 0
         """Samples masked for a NaN so far (shown in the bar once non-zero)."""
         self.skipped_updates = 0
@@ -37,8 +39,7 @@ class ProgressLogger:
 
     def start(self, iteration: int, max_iter: int) -> None:
         self.total = max_iter
-        self._bar = tqdm(total=max_iter, initial=iteration, desc=self.desc, dynamic_ncols=True,
-                         mininterval=1.0, disable=self._disable)
+        self._bar = Progress(max_iter, self.desc, initial=iteration, disable=self._disable)
 
     def log(self, iteration: int, metrics: Mapping[str, float]) -> dict[str, float]:
         kept = {k: float(v) for k, v in metrics.items() if not self.keep or any(s in k for s in self.keep)}
@@ -50,13 +51,13 @@ class ProgressLogger:
         self.nan_masked += int(metrics.get("nan_masked", 0))
         self.skipped_updates += int(metrics.get("skipped_update", 0))
         if self._bar is not None:
-            self._bar.update(iteration - self._bar.n)
             postfix = {k.removesuffix("/loss"): f"{v:.3g}" for k, v in kept.items()}
             if self.nan_masked:
                 postfix["nan_masked"] = str(self.nan_masked)
             if self.skipped_updates:
                 postfix["skipped"] = str(self.skipped_updates)
-            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.set_postfix(**postfix)  # before the update: a plain line printed by it shows them
+            self._bar.update(iteration - self._bar.n)
         return kept
 
     def log_media(self, iteration: int, media: Mapping[str, Tensor]) -> list[Path]:

@@ -13,9 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..pipeline import VideoPipeline
+from ..progress import Progress
 from .scores import Scores, aggregate, dimensions, load_results
 from .suite import Video, find_vbench_file
 from .videos import write_video_atomic
@@ -56,31 +55,13 @@ def write_manifest(videos: Sequence[Video], path: Path, *, suite: str) -> None:
                                ensure_ascii=False) + "\n")
 
 
-class _Eta:
-    """Progress lines with an ETA for logs (the tqdm bar covers terminals)."""
-
-    def __init__(self, rank: int, total: int, every_s: float = 30.0):
-        self.rank, self.total, self.every_s = rank, total, every_s
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
-            per = (now - self.start) / self.done
-            eta = time.strftime("%H:%M:%S", time.gmtime(per * (self.total - self.done)))
-            print(f"[rank {self.rank}] {self.done}/{self.total} videos, {per:.1f} s/video, ETA {eta}", flush=True)
-            self.last = now
-
-
 def make_videos(pipe: VideoPipeline, todo: Sequence[Video], texts: Sequence[str], embeds, negative, *,
                 tmp_dir: Path, fps: int, rank: int = 0, world: int = 1) -> list[Path]:
     """Sample and write ``todo`` one video at a time, atomically (``tmp_dir`` then a rename); ``embeds[i]`` is
     the embedding of ``texts[i]``. The image condition is computed once per prompt. Returns the paths written."""
     row = {t: i for i, t in enumerate(texts)}
-    eta, cond, cond_of, written = _Eta(rank, len(todo)), None, None, []
-    with tqdm(total=len(todo), desc=f"rank {rank}/{world} videos", disable=None, position=rank) as bar:
+    cond, cond_of, written = None, None, []
+    with Progress(len(todo), f"[rank {rank}/{world}] videos", unit="video", position=rank) as bar:
         for v in todo:
             if cond_of != v.entry.index:
                 cond, cond_of = pipe.condition(v.entry.image), v.entry.index
@@ -88,7 +69,6 @@ def make_videos(pipe: VideoPipeline, todo: Sequence[Video], texts: Sequence[str]
             latent = pipe.latent(embeds[i : i + 1], negative, cond, v.seed)
             written.append(write_video_atomic(pipe.decode(latent)[0], v.path, tmp_dir, fps=fps))
             bar.update()
-            eta.step()
     return written
 
 
