@@ -138,3 +138,22 @@ def test_wandb_run_id_is_checkpointed_and_reused_on_resume(tmp_path, offline_wan
     assert (other._wandb.group, other._wandb.job_type) == ("job-1", "stage_a")
     other.close()
 
+
+
+def test_a_checkpoint_without_the_logger_part_still_resumes(tmp_path):
+    """Checkpoints written before the logger part existed load with a MetricsLogger attached."""
+    from rcm_train.checkpoint import Checkpointer
+    from rcm_train.trainer import OptimizerConfig, TrainConfig, TrainParts, build_optimizer, train
+
+    parts = TrainParts(models={"student": _W()}, optimizers={}, ema={})
+    parts.optimizers["student"] = build_optimizer(parts.models["student"], OptimizerConfig(lr=0.1, warmup_steps=0))
+    ck = Checkpointer(tmp_path / "ckpt")
+    data = lambda: iter(lambda: torch.ones(3), None)  # noqa: E731
+    train(parts, _Fit(), data(), TrainConfig(max_iter=2, checkpoint_every=2, critic_models=[]), checkpointer=ck)
+    log = MetricsLogger(LoggerConfig(dir=str(tmp_path / "logs"), every=1, console=False))
+    state = train(parts, _Fit(), data(), TrainConfig(max_iter=3, checkpoint_every=1, critic_models=[]),
+                  checkpointer=ck, logger=log)
+    assert state.iteration == 3 and log.wandb_run_id == ""
+    probe = MetricsLogger(LoggerConfig(dir=str(tmp_path / "probe"), console=False))
+    ck.load({"logger": probe})  # the new checkpoint has the part
+    probe.close()

@@ -466,10 +466,14 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
     ckpt_state = {**parts.checkpoint_state(), "trainer": state}
     if hasattr(data, "state_dict"):
         ckpt_state["data"] = data
-    if hasattr(logger, "state_dict"):  # MetricsLogger: the wandb run id, so a resume continues that run
-        ckpt_state["logger"] = logger
+    with_logger = hasattr(logger, "state_dict")  # MetricsLogger: the wandb run id, so a resume continues that run
     if checkpointer is not None and checkpointer.latest() is not None:
-        checkpointer.load(ckpt_state)
+        loaded = dict(ckpt_state)
+        if with_logger and "logger" in _saved_parts(checkpointer.latest()):  # older checkpoints have none
+            loaded["logger"] = logger
+        checkpointer.load(loaded)
+    if with_logger:
+        ckpt_state["logger"] = logger
     it_data: Iterator[Any] = iter(data)
     if logger is not None:
         logger.start(state.iteration, config.max_iter)
@@ -514,6 +518,16 @@ def train(parts: TrainParts, objective: Objective, data: Iterable[Any], config: 
         if logger is not None:
             logger.close()
     return state
+
+
+def _saved_parts(checkpoint) -> set[str]:
+    """Top-level part names of a DCP checkpoint (``{"logger"}`` when unreadable: the load names the problem)."""
+    from rcm_train.safety import SafeFileSystemReader
+
+    try:
+        return {k.split(".", 1)[0] for k in SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata}
+    except Exception:
+        return {"logger"}
 
 
 def check_parameters(parts: TrainParts, iteration: int | None = None) -> None:
