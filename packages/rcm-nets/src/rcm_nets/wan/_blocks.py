@@ -60,11 +60,17 @@ class _Mod:
         return self.m[:, :, i], (None if self.tm is None else self.tm[:, :, i])
 
 
+def _shared_rope(cos: Tensor) -> bool:
+    """Whether ``cos`` is ``[1, L, 1, D/2]`` (one rotation per token for every sample and head), the layout the
+    fused q/k kernel takes; any other layout runs the unfused ops."""
+    return cos.dim() == 4 and cos.shape[0] == 1 and cos.shape[2] == 1
+
+
 def _project(lin: nn.Linear, norm: RMSNorm | None, x: Tensor, tx: Tensor | None, eps: float,
              heads: int, rope: tuple[Tensor, Tensor] | None = None) -> Pair:
     """``rope(norm(lin(x)))`` viewed as ``[B, L, H, D]`` (norm and rope optional; fused into one kernel)."""
     y, ty = linear(x, tx, lin.weight, lin.bias)
-    if norm is not None and use_fused(y):
+    if norm is not None and use_fused(y) and (rope is None or _shared_rope(rope[0])):
         from rcm_kernels.fused import rms_norm_rope
 
         cos, sin = (None, None) if rope is None else (rope[0][0, :, 0], rope[1][0, :, 0])  # [L, D/2]
