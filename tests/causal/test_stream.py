@@ -13,6 +13,8 @@ from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
 from rcm_pipelines.streaming import stream_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: more threads only add contention
+
 
 def test_streaming_decoder_equals_whole_decode():
     """Blocks [1, 2] decoded as they arrive == vae.decode of the 3-frame latent (same per-frame causal cache;

@@ -25,6 +25,8 @@ ATOL = RTOL = 2e-5
 C, H, W = 16, 4, 4
 HW = (H // 2) * (W // 2)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: more threads only add contention
+
 
 @pytest.fixture(scope="module")
 def net():

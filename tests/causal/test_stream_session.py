@@ -14,6 +14,8 @@ from rcm_pipelines.stream_session import StreamSession, decode_blocks
 from rcm_pipelines.stream_spec import StreamSpec
 from rcm_pipelines.streaming import StreamBlock
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: more threads only add contention
+
 
 @pytest.fixture(scope="module")
 def vae():
@@ -162,3 +164,28 @@ def test_recipe_rejects_bad_values_before_loading(tmp_path, capsys, flag, field)
         stream.run_main(lambda: stream.main([flag, "--dit.path=/nonexistent/dit.pt", f"--out_dir={tmp_path}"]))
     err = capsys.readouterr().err
     assert field in err and "does not exist" not in err and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny DiT / VAE / umT5 / tokenizer files in the official formats (``rcm_pipelines.testing``)."""
+    from rcm_pipelines.testing import write_tiny_assets
+
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.mark.slow
+def test_recipe_real_loading_umt5_cfg(tmp_path, assets):
+    """The real loading path: DiT weights from a file (components.load_dit), the VAE from its file, prompts and
+    the negative prompt through the tiny umT5 + tokenizer, CFG 2: blocks [1, 2] latents give 1 + 8 frames."""
+    from rcm_pipelines.testing import TINY_VAE
+    from rcm_pipelines.video import read_video
+
+    summary, out = _recipe(tmp_path, "--dit.config=tiny", "--dit.overrides={}", f"--dit.path={assets.t2v}",
+                           f"--vae.path={assets.vae}",
+                           f"--vae.arch={json.dumps(TINY_VAE)}", "--text_encoder=umt5", f"--umt5.path={assets.t5}",
+                           f"--umt5.tokenizer={assets.tokenizer}", f"--umt5.arch={json.dumps(assets.t5_arch)}",
+                           "--stream.first_block_frames=1", "--video.num_frames=9", "--stream.guidance=2",
+                           "--stream.negative_prompt=birds flying", "--prompts=[\"a cat walks on the grass\"]")
+    assert read_video(out / "video.mp4").shape == (9, 16, 16, 3) and summary["blocks"] == 2
+    assert summary["cache_mib"] > 0
