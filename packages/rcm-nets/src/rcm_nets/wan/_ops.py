@@ -9,9 +9,9 @@ while the primal keeps the caller's grad mode.
 Precision: ``island(dtype)`` is the dtype of the fp32 islands (float32, or float64 for float64 params).
 Linear layers run in their weight's dtype (inputs are cast to it), or in ``compute`` when given.
 
-Fused ops: ``layer_norm_modulate``, ``gated_residual``, ``gelu_tanh`` (here) and ``rms_norm_rope`` / ``apply_rope`` (``_rope``)
-run the fused Triton kernels of ``rcm_kernels.fused`` (primal and tangent in one pass, same precision) when
-:func:`use_fused` says so, else the unfused functions below. One switch: the module attribute
+Fused ops: ``layer_norm_modulate``, ``gated_residual``, ``gelu_tanh`` (here), the q/k RMSNorm + RoPE
+(``_blocks._project``) and ``_rope.apply_rope`` run the fused Triton kernels of ``rcm_kernels.fused`` (primal
+and tangent in one pass, same precision) when :func:`use_fused` says so, else the unfused functions below. One switch: the module attribute
 ``fused_ops_mode`` (initialized from the environment variable ``RCM_FUSED_OPS``; scoped with :func:`fused_ops`):
 ``"auto"`` (default) fuses on CUDA tensors, ``"on"`` fuses everywhere (off CUDA the reference twins of
 ``rcm_kernels.fused`` run), ``"off"`` never fuses (docs/kernels.md, fused ops).
