@@ -18,8 +18,10 @@ def test_jsonl_console_and_media(tmp_path, capsys):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [2, 4]
     assert [r["scm/loss"] for r in lines] == [1.5, 3.5]  # mean over each window of 2 iterations
-    out = capsys.readouterr().out.strip().splitlines()
+    text = capsys.readouterr().out
+    out = text.strip().splitlines()
     assert out[-1].startswith("it 4/10 | ") and " it/s | ETA " in out[-1] and "scm/loss=3.5" in out[-1]
+    assert "\r" not in text and len(out) == 2  # not a terminal: the report lines only
     image = (torch.rand(3, 8, 8) * 255).to(torch.uint8)  # [C, H, W]
     video = (torch.rand(3, 5, 16, 16) * 255).to(torch.uint8)  # [C, T, H, W]
     paths = log.log_media(4, {"grid": image, "sample": video})
@@ -157,3 +159,30 @@ def test_a_checkpoint_without_the_logger_part_still_resumes(tmp_path):
     probe = MetricsLogger(LoggerConfig(dir=str(tmp_path / "probe"), console=False))
     ck.load({"logger": probe})  # the new checkpoint has the part
     probe.close()
+
+
+def test_terminal_gets_a_status_line_between_reports(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    monkeypatch.delenv("RCM_PROGRESS", raising=False)
+    clock = iter(float(i) for i in range(100))
+    monkeypatch.setattr("rcm_train.logging.time.perf_counter", lambda: next(clock))  # 1 s per call
+    log = MetricsLogger(LoggerConfig(dir=str(tmp_path), every=4))
+    log.start(0, 8)
+    for it in range(1, 9):
+        log.log(it, {"a/loss": 1.0})
+    log.close()
+    text = tty.getvalue()
+    assert "\r\033[Kit 1/8 [###---------------------] " in text and " it/s | ETA " in text  # the bar
+    lines = [s.split("\r\033[K")[-1] for s in text.split("\n")]  # what stays on screen
+    lines = [s for s in lines if s]
+    assert [s.split(" | ")[0] for s in lines] == ["it 4/8", "it 8/8"]  # the report lines are kept
+    monkeypatch.setenv("RCM_PROGRESS", "lines")
+    assert not MetricsLogger(LoggerConfig(dir=str(tmp_path / "b")))._status

@@ -5,7 +5,8 @@ All ranks call :meth:`MetricsLogger.log` (metrics are averaged over the logging 
 group is up, over ranks); only rank 0 prints and writes. After a resume, :meth:`MetricsLogger.start` drops the
 ``metrics.jsonl`` records past the restored iteration, so the file holds each iteration once. The console line
 shows the samples the losses masked for a NaN in the window (``nan_masked=K/N``) and warns above
-``nan_warn_fraction``.
+``nan_warn_fraction``. On a terminal (stdout a TTY) a status line with a bar, it/s and ETA is redrawn in place
+between those lines; in a log (not a TTY, or ``RCM_PROGRESS=lines``) only the plain lines appear.
 
 wandb (``wandb_mode`` offline/online): rank 0 opens the run in :meth:`MetricsLogger.start`, i.e. after the trainer
 restored its checkpoint. The logger is a DCP Stateful part of the checkpoint (``{"wandb_run_id": str}``, a plain
@@ -21,6 +22,7 @@ import math
 import os
 import secrets
 import string
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,6 +121,14 @@ def _truncate_jsonl(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def _is_terminal() -> bool:
+    """stdout is a terminal and ``RCM_PROGRESS`` (bar|lines|off, as the recipes' progress) does not say lines."""
+    mode = os.environ.get("RCM_PROGRESS", "auto")
+    if mode in ("lines", "off"):
+        return False
+    return mode == "bar" or (hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+
+
 def _import_wandb(mode: str):
     try:
         import wandb
@@ -144,6 +154,8 @@ class MetricsLogger:
         self._it_last = 0
         self._jsonl = None
         self._wandb = None
+        self._status = self.rank0 and config.console and _is_terminal()  # the in-place bar between report lines
+        self._status_t = 0.0
         self._run_config = dict(run_config or {})
         self.wandb_run_id = ""
         """The wandb run's id ("" until :meth:`start` opens the run, or with wandb disabled); checkpointed."""
@@ -201,6 +213,8 @@ class MetricsLogger:
                 self._totals[k] = self._totals.get(k, 0.0) + float(v)
         self._count += 1
         if iteration % self.cfg.every != 0:
+            if self._status:
+                self._draw_status(iteration)
             return None
         keys = sorted(self._sums)
         values = [self._sums[k] / self._count for k in keys]
@@ -230,6 +244,8 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({**mean, "it_per_s": it_s}, step=iteration)
         if self.cfg.console:
+            if self._status:
+                sys.stdout.write("\r\033[K")  # clear the status line; the report line takes its place
             shown = " ".join(f"{k}={v:.4g}" for k, v in mean.items() if k.endswith("loss") or k.startswith("lr/"))
             masked, checked = (totals or {}).get("nan_masked", 0.0), (totals or {}).get("nan_checked", 0.0)
             if checked:
@@ -256,7 +272,23 @@ class MetricsLogger:
                 self._wandb.log({f"media/{name}": item}, step=iteration)
         return paths
 
+    def _draw_status(self, iteration: int, width: int = 24) -> None:
+        """Redraw ``it N/M [#####-----] 2.31 it/s | ETA 6m21s`` in place (at most 5 times a second)."""
+        now = time.perf_counter()
+        if now - self._status_t < 0.2:
+            return
+        self._status_t = now
+        done, elapsed = iteration - self._start_it, now - self._t0
+        eta = (self._max_iter - iteration) * elapsed / done if done > 0 else math.inf
+        filled = min(width, int(width * iteration / self._max_iter)) if self._max_iter else 0
+        sys.stdout.write(f"\r\033[Kit {iteration}/{self._max_iter} [{'#' * filled}{'-' * (width - filled)}] "
+                         f"{done / max(elapsed, 1e-9):.2f} it/s | ETA {format_duration(eta)}")
+        sys.stdout.flush()
+
     def close(self) -> None:
+        if self._status and self._status_t:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
