@@ -12,9 +12,10 @@ models) need no VAE: their output is the video.
 
 Decode overlap (``spec.overlap_decode``): the generator runs without host syncs (per-block CUDA events time
 the DiT); when block n is finished on the main stream, a side stream waits for it (an event), decodes it and
-copies the frames to pinned host memory, recording a done event. Block n is handed out only after the DiT
-work of block n + 1 has been queued, so the side stream's decode of n runs while the DiT denoises n + 1;
-the consumer then waits for n's done event only. On the CPU the same code path runs sequentially.
+copies the frames to pinned host memory, recording a done event. Block n >= 1 is handed out only after the
+DiT work of block n + 1 has been queued, so the side stream's decode of n runs while the DiT denoises n + 1;
+the consumer then waits for n's done event only (block 0 is handed out at once: the time to the first block
+is not traded for throughput). On the CPU the same code path runs sequentially.
 """
 
 from __future__ import annotations
@@ -113,19 +114,22 @@ class _Decoding:
 
 
 def decode_blocks(blocks: Iterable[StreamBlock], decoder: StreamingDecoder, *, overlap: bool) -> Iterator[DecodedBlock]:
-    """Decode each block in order. ``overlap``: block n is decoded (on a CUDA side stream) while the next block
-    is generated and handed out after it; on the CPU the same path runs sequentially (same frames)."""
+    """Decode each block in order. ``overlap``: block n >= 1 is decoded (on a CUDA side stream) while the next
+    block is generated and handed out after that block's work is queued; block 0 is handed out at once (the
+    time to the first block is the latency that matters). On the CPU the same path runs sequentially (same
+    frames, same order of hand-out)."""
     side, pending = None, None
     for blk in blocks:
         if overlap and blk.x0.is_cuda and side is None:
             side = torch.cuda.Stream(blk.x0.device)
         item = _Decoding(blk, decoder, side if overlap else None)
-        if not overlap:
-            yield item.result()
-            continue
         if pending is not None:
             yield pending.result()
-        pending = item
+            pending = None
+        if overlap and blk.index > 0:
+            pending = item
+        else:
+            yield item.result()
     if pending is not None:
         yield pending.result()
 
@@ -221,8 +225,10 @@ class StreamSession:
                                synchronize=not s.overlap_decode if synchronize is None else synchronize)
 
     def frames(self, context: Tensor, *, overlap: bool | None = None, **kw) -> Iterator[DecodedBlock]:
-        """:meth:`blocks` decoded block by block (``overlap`` defaults to ``spec.overlap_decode``)."""
-        overlap = self.spec.overlap_decode if overlap is None else overlap
+        """:meth:`blocks` decoded block by block (``overlap`` defaults to ``spec.overlap_decode`` on CUDA; on the
+        CPU there is nothing to overlap, so the default there is off: hand-out right after each block)."""
+        if overlap is None:
+            overlap = self.spec.overlap_decode and self.device.type == "cuda"
         decoder = StreamingDecoder(self.vae)
         blocks = (self._decoder_input(blk) for blk in self.blocks(context, synchronize=not overlap, **kw))
         return decode_blocks(blocks, decoder, overlap=overlap)
