@@ -8,6 +8,7 @@ process on the same random full-size VAE (``WanVAE()``, default init, seed 0) an
 * ``eager fp32``: the reference decode (``StreamingDecoder(vae)``, float32; cuDNN may use TF32, as by default);
 * ``bf16``: compute dtype bfloat16 (a bf16 copy of the decoder);
 * ``+channels_last``: ``channels_last_3d`` weights and activations;
+* ``+conv padding``: rows / columns zero-padded inside each 3-D conv (no padded copy of the activation);
 * ``+cudnn.benchmark``: cuDNN algorithm search, scoped to the decode;
 * ``+fused norm``: RMS-norm + SiLU as one Triton kernel;
 * ``+compile``: ``torch.compile`` of the steady-state per-frame step (the norm fused by inductor instead);
@@ -43,12 +44,14 @@ from rcm_nets.wan.vae import StreamingDecoder, VAEDecodeOptions
 
 _BF16 = dict(dtype="bfloat16")
 _CL = dict(_BF16, channels_last=True)
-_BENCH = dict(_CL, cudnn_benchmark=True)
+_PAD = dict(_CL, conv_padding=True)
+_BENCH = dict(_PAD, cudnn_benchmark=True)
 _FUSED = dict(_BENCH, fused_norm="triton")
 ROWS: dict[str, dict | None] = {
     "eager fp32": None,
     "bf16": _BF16,
     "+channels_last": _CL,
+    "+conv padding": _PAD,
     "+cudnn.benchmark": _BENCH,
     "+fused norm": _FUSED,
     "+compile": dict(_BENCH, fused_norm="torch", compile=True),

@@ -119,18 +119,20 @@ def test_options_defaults_and_validation():
 
 
 def test_fast_path_leaves_the_callers_vae_alone():
-    """dtype / channels-last / fused norm convert a private copy: the caller's modules, dtype, memory format
+    """dtype / channels-last / fused norm / conv padding convert a private copy: the caller's modules, dtype, memory format
     and reference decode are unchanged afterwards."""
     vae = _tiny(torch.float32)
     z = torch.randn(1, 16, 2, 2, 2)
     with torch.no_grad():
         before = vae.decode(z, clamp=False)
-    dec = StreamingDecoder(vae, VAEDecodeOptions(dtype="bfloat16", channels_last=True, fused_norm="torch"))
+    dec = StreamingDecoder(vae, VAEDecodeOptions(dtype="bfloat16", channels_last=True, fused_norm="torch",
+                                                 conv_padding=True))
     dec(z)
+    assert dec._fast.decoder.conv1.pad_in_conv
     assert dec._fast.decoder is not vae.decoder and dec._fast.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     assert vae.decoder.conv1.weight.is_contiguous() and not any(
-        isinstance(m, FusedRMSNormSiLU) for m in vae.modules())
+        isinstance(m, FusedRMSNormSiLU) or getattr(m, "pad_in_conv", False) for m in vae.modules())
     assert dec._fast.decoder.conv1.weight.is_contiguous(memory_format=CL)
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(z, clamp=False), before, atol=0, rtol=0)
@@ -155,6 +157,7 @@ _GOLDEN_OPTIONS = [
     pytest.param(VAEDecodeOptions(), 0.0, id="defaults"),
     pytest.param(VAEDecodeOptions(channels_last=True), 1e-5, id="channels_last"),
     pytest.param(VAEDecodeOptions(fused_norm="torch"), 0.0, id="fused_torch"),
+    pytest.param(VAEDecodeOptions(conv_padding=True), 1e-5, id="conv_padding"),
     pytest.param(VAEDecodeOptions(channels_last=True, fused_norm="torch", dtype="float32"), 1e-5, id="cl+fused"),
     pytest.param(VAEDecodeOptions(channels_last=True, fused_norm="triton"), 1e-5, id="cl+triton",
                  marks=pytest.mark.slow),
@@ -179,8 +182,8 @@ def test_fast_decode_matches_golden_and_reference(name, options, tol):
             torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("options", [VAEDecodeOptions(channels_last=True, fused_norm="torch"),
-                                     VAEDecodeOptions(fused_norm="torch")], ids=["cl+fused", "fused"])
+@pytest.mark.parametrize("options", [VAEDecodeOptions(channels_last=True, fused_norm="torch", conv_padding=True),
+                                     VAEDecodeOptions(fused_norm="torch")], ids=["cl+fused+pad", "fused"])
 def test_fast_multi_block_stream_equals_whole_video_decode(options):
     """7 latent frames in blocks [3, 2, 2] through the fast path (float64, past the steady-state switch at
     latent frame 3) == the whole-sequence decode without any cache (independent path), 1e-10; and a second

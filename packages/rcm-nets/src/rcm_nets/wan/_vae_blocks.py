@@ -33,6 +33,8 @@ class CausalConv3d(nn.Conv3d):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
         self.front = 2 * pt  # number of causal front frames
         self.spatial = (pw, pw, ph, ph)
+        # fast path (vae_fast): zero-pad h, w inside the convolution instead of materializing a padded copy
+        self.pad_in_conv = False
 
     def forward(self, x_bcthw: Tensor, cache: Cache | None = None) -> Tensor:
         front = self.front
@@ -43,6 +45,10 @@ class CausalConv3d(nn.Conv3d):
                 front -= prev.shape[2]
             # clone: keep only the remembered frames alive, not the whole chunk
             cache[self] = x_bcthw[:, :, -self.front :].clone()
+        if self.pad_in_conv:
+            if front > 0:
+                x_bcthw = F.pad(x_bcthw, (0, 0, 0, 0, front, 0))
+            return F.conv3d(x_bcthw, self.weight, self.bias, self.stride, (0, self.spatial[2], self.spatial[0]))
         x_bcthw = F.pad(x_bcthw, (*self.spatial, front, 0))
         return super().forward(x_bcthw)
 

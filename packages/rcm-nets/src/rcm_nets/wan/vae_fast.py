@@ -9,6 +9,7 @@ chosen in :class:`VAEDecodeOptions` (all off by default, so a default ``FastDeco
 
 * ``dtype``: compute dtype of a private copy of ``conv2`` + ``decoder`` (the caller's VAE is not touched);
 * ``channels_last``: 3-D conv weights and activations in ``channels_last_3d`` (2-D convs in ``channels_last``);
+* ``conv_padding``: spatial zero padding inside each causal 3-D conv (no padded copy of the activation);
 * ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` set during the decode only, then restored;
 * ``fused_norm``: each ``RMSNorm`` followed by a ``SiLU`` becomes one op (``"torch"``: the plain-torch twin,
   statistics in float32; ``"triton"``: one kernel, one read and one write of the activation);
@@ -54,6 +55,9 @@ class VAEDecodeOptions(BaseModel):
     The latent un-normalization runs in float32 and the output is returned in float32 either way."""
     channels_last: bool = False
     """Conv weights and activations in ``channels_last_3d`` (cuDNN's NDHWC kernels; 2-D convs ``channels_last``)."""
+    conv_padding: bool = False
+    """Zero-pad rows and columns inside each causal 3-D convolution (its ``padding`` argument) instead of
+    materializing a padded copy of the activation first; the causal front frames are still concatenated."""
     cudnn_benchmark: bool = False
     """Set ``torch.backends.cudnn.benchmark`` during the decode (first call per shape times the algorithms)."""
     fused_norm: Literal["off", "torch", "triton"] = "off"
@@ -77,16 +81,16 @@ class VAEDecodeOptions(BaseModel):
 
     @classmethod
     def fastest(cls, **overrides) -> VAEDecodeOptions:
-        """The recommended GPU setting: bf16, channels-last, cuDNN benchmark, Triton fused norm, CUDA graph
-        (with ``compile=True`` the norm is the plain-torch one, which inductor fuses)."""
-        base = dict(dtype="bfloat16", channels_last=True, cudnn_benchmark=True,
+        """The recommended GPU setting: bf16, channels-last, padding in the conv, cuDNN benchmark, Triton fused
+        norm, CUDA graph (with ``compile=True`` the norm is the plain-torch one, which inductor fuses)."""
+        base = dict(dtype="bfloat16", channels_last=True, conv_padding=True, cudnn_benchmark=True,
                     fused_norm="torch" if overrides.get("compile") else "triton", cuda_graph=True)
         return cls(**{**base, **overrides})
 
     @property
     def changes_modules(self) -> bool:
-        """Whether the decoder needs a private, converted copy (dtype, memory format or fused norm)."""
-        return self.dtype is not None or self.channels_last or self.fused_norm != "off"
+        """Whether the decoder needs a private, converted copy (dtype, memory format, padding, fused norm)."""
+        return self.dtype is not None or self.channels_last or self.conv_padding or self.fused_norm != "off"
 
 
 # ----------------------------------------------------------------------------------- fused RMS-norm + SiLU
@@ -178,6 +182,10 @@ def prepare_decoder(conv2: CausalConv3d, decoder: nn.Module,
     if options.channels_last:
         _to_channels_last(conv2)
         _to_channels_last(decoder)
+    if options.conv_padding:
+        for m in (conv2, *decoder.modules()):
+            if isinstance(m, CausalConv3d):
+                m.pad_in_conv = True
     if options.fused_norm != "off":
         fuse_norm_silu(decoder, options.fused_norm)
     return conv2, decoder
