@@ -7,6 +7,7 @@ modulation rows (the Wan islands). Ops, each as the DiT calls it:
 * ``ln_modulate_per_frame``  the same with per-frame rows (``[B, 21, C]`` + a token→frame index, causal path);
 * ``gated_residual``         ``x + y·gate`` in bf16 (teacher numerics);
 * ``gated_residual_fp32``    the same computed in fp32 (rCM student numerics), bf16 out;
+* ``residual_add_fp32``      ``x + z`` in fp32, fp32 out (the student's cross-attention residual, ``gate=None``);
 * ``rms_norm_rope``          q/k RMSNorm over the full width + 3-D RoPE per head;
 * ``rope``                   RoPE alone;
 * ``gelu_tanh``              the FFN activation on the hidden ``[B, L, F]`` (F = 8960), bf16.
@@ -83,6 +84,10 @@ def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: 
                                   req(m1[0], grad), m1[1] if tan else None, compute=compute, impl=impl)[0]
         return call
 
+    def res_add(impl, tan, grad):
+        return gated_residual(req(x, grad), tx if tan else None, req(y, grad), ty if tan else None, None, None,
+                              compute=torch.float32, out_dtype=torch.float32, impl=impl)[0]
+
     def rms(impl, tan, grad):
         return rms_norm_rope(req(x, grad), tx if tan else None, req(w, grad), eps=1e-6, heads=heads, cos=cos,
                              sin=sin, impl=impl)[0]
@@ -99,7 +104,7 @@ def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: 
     return {"ln_modulate": (ln(m1, None), 2 * act, 4 * act), "ln_modulate_per_frame": (ln(mf, idx), 2 * act, 4 * act),
             "gated_residual": (gated(bf), 3 * act, 6 * act), "gated_residual_fp32": (gated(torch.float32), 3 * act,
                                                                                     6 * act),
-            "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b), "rope": (rope, 2 * act + rope_b,
+            "residual_add_fp32": (res_add, 4 * act, 8 * act), "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b), "rope": (rope, 2 * act + rope_b,
                                                                               4 * act + rope_b),
             "gelu_tanh": (gelu, 2 * act_f, 4 * act_f)}
 

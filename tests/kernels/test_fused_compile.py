@@ -5,7 +5,7 @@ bf16 at C = 1536, with the alignment facts the JIT derives at launch (16-byte al
 divisible by 16). The PTX must hold 16-byte vector global loads and stores and no scalar 2-byte global access: a
 memory-bound kernel without vector access runs at a fraction of HBM bandwidth (this check caught the per-pair
 cos/sin gather of the RoPE kernel before it reached a GPU). The compile runs in a subprocess without
-``TRITON_INTERPRET`` (the interpreter replaces the kernels in this process). Slow: ~1 s per variant, 12 variants.
+``TRITON_INTERPRET`` (the interpreter replaces the kernels in this process). Slow: ~1 s per variant, 13 variants.
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ def _variants():
             yield f"layer_norm_modulate tangent={tan} per_frame={per_frame}", _ln_mod_fwd, ln, c, 8
     gated = dict(X="*bf16", TX="*bf16", Yb="*bf16", TYb="*bf16", G="*fp32", TG="*fp32", IDX="*i64", OUT="*bf16",
                  TOUT="*bf16", L="i32", C="i32", s_gb="i32", s_gt="i32", s_tgb="i32", s_tgt="i32")
-    for cdt in (tl.bfloat16, tl.float32):
-        c = dict(CDT=cdt, WIDE=tl.float32, HAS_TX=True, HAS_TYB=True, HAS_TG=True, HAS_IDX=False, HAS_T=True,
-                 BLOCK_C=2048, IDX=None)
-        yield f"gated_residual compute={cdt}", _gated_fwd, gated, c, 8
+    for cdt, has_g in ((tl.bfloat16, True), (tl.float32, True), (tl.float32, False)):
+        c = dict(CDT=cdt, WIDE=tl.float32, HAS_TX=True, HAS_TYB=True, HAS_G=has_g, HAS_TG=has_g, HAS_IDX=False,
+                 HAS_T=True, BLOCK_C=2048, IDX=None)
+        c.update({} if has_g else dict(G=None, TG=None))
+        yield f"gated_residual compute={cdt} gate={has_g}", _gated_fwd, gated, c, 8
     rms = dict(X="*bf16", TX="*bf16", W="*bf16", COS="*fp32", SIN="*fp32", Y="*bf16", TY="*bf16", L="i32", C="i32",
                s_cos="i32", s_sin="i32", eps="fp32")
     for norm, rope in ((True, True), (True, False), (False, True)):

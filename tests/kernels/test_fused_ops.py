@@ -139,6 +139,24 @@ def test_gated_residual_matches_reference(dtype, atol, rtol, case, compute, per_
 
 
 @interp
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("case", ["all", "y_g", "none"])
+def test_plain_residual_add_matches_reference(dtype, atol, rtol, case):
+    """``gate=None``: the residual add ``x + y`` (cross-attention residual), in fp32 or the input dtype."""
+    tang = GATED_CASES[case].split(",")
+    x, y = rnd(B, L, C, dtype=dtype), rnd(B, L, C, dtype=dtype)
+    tx, ty = (rnd(B, L, C, dtype=dtype) if k in tang else None for k in "xy")
+    for compute in (dtype, torch.float32):
+        out, tout = gated_residual(x, tx, y, ty, None, None, compute=compute, out_dtype=compute, impl="triton")
+        rout, rtout = R.gated_residual_reference(x, tx, y, ty, None, None, compute=compute, out_dtype=compute)
+        close("primal", out, rout, 0, 0)
+        close("primal vs torch", out, x.to(compute) + y.to(compute), 0, 0)
+        assert (tout is None) == (rtout is None) == (case == "none")
+        if tout is not None:
+            close("tangent", tout, rtout, 0, 0)
+
+
+@interp
 def test_gated_residual_tangent_is_the_jvp_and_backward_gradchecks():
     f64 = torch.float64
     x, y, tx, ty = (rnd(B, L, C, dtype=f64) for _ in range(4))

@@ -24,7 +24,8 @@ __all__ = ["gated_residual"]
 @triton.jit
 def _gated_fwd(X, TX, Yb, TYb, G, TG, IDX, OUT, TOUT, L, C, s_gb, s_gt, s_tgb, s_tgt,
                CDT: tl.constexpr, WIDE: tl.constexpr, HAS_TX: tl.constexpr, HAS_TYB: tl.constexpr,
-               HAS_TG: tl.constexpr, HAS_IDX: tl.constexpr, HAS_T: tl.constexpr, BLOCK_C: tl.constexpr):
+               HAS_G: tl.constexpr, HAS_TG: tl.constexpr, HAS_IDX: tl.constexpr, HAS_T: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
     offs = tl.arange(0, BLOCK_C)
@@ -34,17 +35,23 @@ def _gated_fwd(X, TX, Yb, TYb, G, TG, IDX, OUT, TOUT, L, C, s_gb, s_gt, s_tgb, s
     else:
         fr = 0
     # every value is first rounded to CDT, every product/sum is formed in WIDE and rounded to CDT
-    g = tl.load(G + b * s_gb + fr * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
     y = tl.load(Yb + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
     x = tl.load(X + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
-    yg = (y * g).to(CDT).to(WIDE)
+    if HAS_G:
+        g = tl.load(G + b * s_gb + fr * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
+        yg = (y * g).to(CDT).to(WIDE)
+    else:  # plain residual add
+        yg = y
     out = (x + yg).to(CDT)
     tl.store(OUT + row * C + offs, out.to(OUT.dtype.element_ty), mask=msk)
     if HAS_T:
         tg = tl.zeros([BLOCK_C], dtype=WIDE)
         if HAS_TYB:
             ty = tl.load(TYb + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
-            tg = (ty * g).to(CDT).to(WIDE)
+            if HAS_G:
+                tg = (ty * g).to(CDT).to(WIDE)
+            else:
+                tg = ty
         if HAS_TG:
             tgt = tl.load(TG + b * s_tgb + fr * s_tgt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
             tg = (tg + (y * tgt).to(CDT).to(WIDE)).to(CDT).to(WIDE)
@@ -66,7 +73,8 @@ def _triton_fwd(x, tx, y, ty, gate, tgate, *, compute, index=None, out_dtype=Non
     wide = tl.float64 if compute == torch.float64 else tl.float32
     _gated_fwd[(b * length,)](
         x, tx, y, ty, g, tg, index, out, tout, length, c, s_gb, s_gt, s_tgb, s_tgt,
-        CDT=TL[compute], WIDE=wide, HAS_TX=tx is not None, HAS_TYB=ty is not None, HAS_TG=tgate is not None,
+        CDT=TL[compute], WIDE=wide, HAS_TX=tx is not None, HAS_TYB=ty is not None, HAS_G=gate is not None,
+        HAS_TG=tgate is not None,
         HAS_IDX=index is not None, HAS_T=has_t, BLOCK_C=block, num_warps=num_warps(block), **OPTS)
     return out, tout
 
@@ -78,6 +86,8 @@ def _check(x, tx, y, ty, gate, tgate, index) -> None:
     for name, t in (("tx", tx), ("y", y), ("ty", ty)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"gated_residual: {name} {tuple(t.shape)} must match x {tuple(x.shape)}")
+    if gate is None and tgate is not None:
+        raise ValueError("gated_residual: tgate needs a gate")
     for name, m in (("gate", gate), ("tgate", tgate)):
         if m is not None and (m.dim() != 3 or m.shape[0] != b or m.shape[2] != c
                               or (index is None and m.shape[1] != 1)):
@@ -87,12 +97,13 @@ def _check(x, tx, y, ty, gate, tgate, index) -> None:
         raise ValueError(f"gated_residual: index must be [L={length}], got {tuple(index.shape)}")
 
 
-def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor,
+def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor | None,
                    tgate: Tensor | None, *, compute: torch.dtype, index: Tensor | None = None,
                    out_dtype: torch.dtype | None = None, impl: str | None = None) -> Pair:
     """``(x + y·gate, tangent | None)`` for ``x``, ``y [B, L, C]`` and ``gate [B, Tm, C]`` (``Tm`` = 1, or rows
     picked per token by ``index [L]``), computed in ``compute``, returned in ``out_dtype`` (default ``x.dtype``).
-    Differentiable in ``x``, ``y`` and ``gate`` (backward: see :mod:`._dispatch`)."""
+    ``gate=None``: the plain residual add ``x + y`` in ``compute``. Differentiable in ``x``, ``y`` and ``gate``
+    (backward: see :mod:`._dispatch`)."""
     _check(x, tx, y, ty, gate, tgate, index)
     kw = dict(compute=compute, index=index, out_dtype=out_dtype)
     args = (x, tx, y, ty, gate, tgate)

@@ -124,20 +124,22 @@ def rms_norm_rope_reference(x: Tensor, tx: Tensor | None, weight: Tensor, *, eps
     return rope_reference(y, ty, cos, sin)
 
 
-def gated_residual_reference(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor,
+def gated_residual_reference(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor | None,
                              tgate: Tensor | None, *, compute: torch.dtype, index: Tensor | None = None,
                              out_dtype: torch.dtype | None = None) -> Pair:
     """``x + y·gate`` (``x``, ``y [B, L, C]``, ``gate [B, Tm, C]``): ``y·gate`` and the sum in ``compute``
-    (each rounded to it), the result in ``out_dtype`` (default ``x.dtype``). Tangent ``ẋ + ẏ·gate + y·ġate``."""
+    (each rounded to it), the result in ``out_dtype`` (default ``x.dtype``). Tangent ``ẋ + ẏ·gate + y·ġate``.
+    ``gate=None`` is the plain residual add ``x + y`` in ``compute`` (tangent ``ẋ + ẏ``)."""
     od = out_dtype or x.dtype
     gate, tgate = mod_rows(gate, index), mod_rows(tgate, index)
-    g = gate.to(compute)
+    g = None if gate is None else gate.to(compute)
     yc = y.to(compute)
-    out = (x.to(compute) + yc * g).to(od)
+    out = (x.to(compute) + (yc if g is None else yc * g)).to(od)
     if tx is None and ty is None and tgate is None:
         return out, None
     with torch.no_grad():
-        tg = _add(None if ty is None else ty.to(compute) * g, None if tgate is None else yc * tgate.to(compute))
+        tyc = None if ty is None else ty.to(compute)
+        tg = _add(tyc if g is None or tyc is None else tyc * g, None if tgate is None else yc * tgate.to(compute))
         return out, _add(None if tx is None else tx.to(compute), tg).to(od)
 
 

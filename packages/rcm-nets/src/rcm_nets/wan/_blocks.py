@@ -20,7 +20,6 @@ from rcm_kernels.attention import Attention
 from ._ops import (
     Pair,
     add,
-    cast,
     gated_residual,
     gelu_tanh,
     island,
@@ -182,10 +181,10 @@ class WanBlock(nn.Module):
                                                                        bias=self.norm3.bias)
         z, tz = self.cross_attn(c, tc, ctx, img)
         if precision == "student":  # rCM student: cross residual + FFN + residual in fp32 (docs/nets.md, precision)
-            h, th = x.to(isl) + z.to(isl), add(cast(tx, isl), cast(tz, isl))
+            h, th = gated_residual(x, tx, z, tz, None, None, isl, out_dtype=isl)  # x + z in fp32
             f, tf = layer_norm_modulate(h, th, self.eps, *mod[3], *mod[4], index=idx)
             return gated_residual(h, th, *self._ffn(f, tf, isl), *mod[5], isl, index=idx, out_dtype=dt)
-        x, tx = x + z.to(dt), add(tx, cast(tz, dt))
+        x, tx = gated_residual(x, tx, z, tz, None, None, dt)  # x + z
         f, tf = layer_norm_modulate(x, tx, self.eps, *mod[3], *mod[4], index=idx, out_dtype=dt)
         return gated_residual(x, tx, *self._ffn(f, tf, None), *mod[5], dt, index=idx)
 

@@ -207,17 +207,21 @@ def layer_norm_modulate(x: Tensor, tx: Tensor | None, eps: float, shift: Tensor 
     return (y, ty) if out_dtype is None else (y.to(out_dtype), cast(ty, out_dtype))
 
 
-def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor,
+def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, gate: Tensor | None,
                    tgate: Tensor | None, compute: torch.dtype, *, index: Tensor | None = None,
                    out_dtype: torch.dtype | None = None) -> Pair:
     """``x + y·gate``: ``gated`` in ``compute``, the sum in ``compute``, the result in ``out_dtype`` (default
-    ``x.dtype``); ``gate [B, Tm, C]`` rows picked per token by ``index [L]``. Fused when :func:`use_fused`."""
+    ``x.dtype``); ``gate [B, Tm, C]`` rows picked per token by ``index [L]``; ``gate=None``: ``x + y``.
+    Fused when :func:`use_fused`."""
     od = out_dtype or x.dtype
     if use_fused(x):
         from rcm_kernels.fused import gated_residual as fused
 
         return fused(x, tx, y, ty, gate, tgate, compute=compute, index=index, out_dtype=od)
-    g, tg = gated(y, ty, _rows(gate, index), _rows(tgate, index), compute)
+    if gate is None:
+        g, tg = y.to(compute), cast(ty, compute)
+    else:
+        g, tg = gated(y, ty, _rows(gate, index), _rows(tgate, index), compute)
     return (x.to(compute) + g).to(od), cast(add(cast(tx, compute), tg), od)
 
 
