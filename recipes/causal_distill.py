@@ -10,9 +10,7 @@ Up to four stages (``stage1`` .. ``stage4``; ``iterations=0`` skips one), run by
 ``<size>-causal-rcm-df`` (diffusion-forcing causal teacher), ``<size>-ode-init`` (ODE regression, then DMD),
 ``causal-14B-to-1.3B`` (the released networks: 14B teachers and fake score, 1.3B student) and its CPU twin
 ``causal-tiny-sizes``. ``--blocks.i2v=true`` trains causal I2V; ``--parallel.mesh.cp=N`` runs Ulysses context
-parallel (N divides every network's head count). Outputs: ``config.yaml``, per stage ``checkpoints/<stage>/``,
-``logs/<stage>/``, ``<stage>/student[_ema].safetensors``; at the top ``causal_teacher.safetensors`` (if a flow
-stage ran) and ``student[_ema].safetensors``.
+parallel (N divides every network's head count). Outputs: docs/causal_training.md, the recipe.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from rcm_kernels.blockmask import BlockLayout
 from rcm_kernels.devices import parse_dtype, resolve_device
 from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import video_kv_cache
-from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, read_dit_state_dict
+from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, read_dit_state_dict, require_file
 from rcm_pipelines.hooks import CausalSampleHook, SampleConfig
 from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
@@ -59,6 +57,9 @@ class CausalModelConfig(RecipeConfig):
 
     def spec(self, role: str) -> DiTSpec:
         return getattr(self, role) or self.teacher
+
+    def field(self, role: str) -> str:
+        return f"model.{role if getattr(self, role) else 'teacher'}.path"
 
 
 class ParallelismConfig(RecipeConfig):
@@ -154,13 +155,13 @@ def _networks(cfg: CausalDistillConfig, mesh, device: torch.device, layout: Bloc
         return build_network(partial(WanDiT, arch, dtype=dtype), sd, mesh=mesh, parallel=par, device=device,
                              trainable=kind == "trained")
 
-    def weights(role):
-        spec = cfg.model.spec(role)
-        field = f"model.{role if getattr(cfg.model, role) else 'teacher'}.path"
-        if spec.path not in read:
-            read[spec.path] = read_dit_state_dict(dit_config(spec), spec.path, field=field, log=print0)
-            check_finite_state_dict(read[spec.path], spec.path)  # a NaN in a weights file stops here, named
-        return read[spec.path]
+    def weights(role):  # one read per distinct spec (teacher and fake score usually share theirs)
+        spec, field = cfg.model.spec(role), cfg.model.field(role)
+        key = spec.model_dump_json()
+        if key not in read:
+            read[key] = read_dit_state_dict(dit_config(spec), spec.path, field=field, log=print0)
+            check_finite_state_dict(read[key], spec.path)  # a NaN in a weights file stops here, named
+        return read[key]
 
     samples = first_samples(cfg.data, cfg.sample.num_prompts) if cfg.sample.every else None
 
@@ -177,6 +178,8 @@ def run(cfg: CausalDistillConfig) -> dict:
     """Run every stage; returns ``{"stages": {name: StageResult}, "student", "student_ema", ...}``."""
     device = resolve_device(cfg.device)
     with process_group(device):
+        for role in causal.first_weights_needed(cfg.stages()):  # before anything is written: missing files, named
+            require_file(cfg.model.spec(role).path, cfg.model.field(role), "DiT weights")
         if is_rank0():
             write_config(cfg, Path(cfg.output_dir) / "config.yaml")
         cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})

@@ -101,6 +101,24 @@ def test_stage_and_size_checks_name_the_culprit(assets, tmp_path):
                                                                                "path": "x"}}})
 
 
+def test_missing_weights_are_named_before_training(assets, tmp_path):
+    """Each role's file is checked before the first stage: a missing student file stops the run at once
+    (it is read only by stage 2), naming its field; a missing causal-teacher file is fine when a flow stage
+    trains it first, and named when the cm stages need it (stage1 skipped)."""
+    from rcm_pipelines.components import MissingFileError
+    from rcm_train.objectives.causal import first_weights_needed
+
+    with pytest.raises(MissingFileError, match=r"--model\.student\.path"):
+        causal_distill.main(_args(assets, tmp_path / "a", "--model.student.path=absent.pth"))
+    assert not (tmp_path / "a").exists()  # nothing written
+    with pytest.raises(MissingFileError, match=r"--model\.causal_teacher\.path"):
+        causal_distill.main(_args(assets, tmp_path / "b", "--stage1.iterations=0",
+                                  "--model.causal_teacher.path=absent.pth"))
+    cfg = causal_distill.PRESETS["causal-tiny-sizes"]
+    assert first_weights_needed(cfg.stages()) == ["student", "teacher", "fake_score"]
+    assert first_weights_needed(cfg.stages()[1:]) == ["student", "causal_teacher", "teacher", "fake_score"]
+
+
 def test_release_preset_states_the_networks():
     """causal-14B-to-1.3B: 14B teacher / causal teacher / fake score, 1.3B student started from its own file,
     CP 4 (40 and 12 heads both divisible), the released learning rates."""

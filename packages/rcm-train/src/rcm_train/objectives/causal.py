@@ -101,6 +101,7 @@ __all__ = [
     "CausalNetworks",
     "ROLES",
     "check_causal_stages",
+    "first_weights_needed",
     "run_causal_stages",
 ]
 
@@ -652,6 +653,20 @@ def check_causal_stages(stages: list[CausalStageConfig], arch: Mapping[str, Any]
                              f"architecture (model.{s.init} vs model.{s.trained}): start it from a network of "
                              "the same size")
         trained.add(s.trained)
+
+
+def first_weights_needed(stages: list[CausalStageConfig]) -> list[str]:
+    """The roles whose first weights (``model.<role>``) a run of ``stages`` reads, in :data:`ROLES` order: a
+    recipe checks their files before training (the driver reads each lazily, when a stage first needs it)."""
+    needed, trained = set(), set()
+    for s in stages:
+        if s.init != "previous" and s.init not in trained:
+            needed.add(s.init)
+        needed.update(r for r in s.frozen() if r not in trained)
+        if s.objective.dmd:
+            needed.add("fake_score")
+        trained.add(s.trained)
+    return [r for r in ROLES if r in needed]
 
 
 @dataclass
