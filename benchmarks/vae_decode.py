@@ -11,9 +11,12 @@ process on the same random full-size VAE (``WanVAE()``, default init, seed 0) an
 * ``+conv padding``: rows / columns zero-padded inside each 3-D conv (no padded copy of the activation);
 * ``+cudnn.benchmark``: cuDNN algorithm search, scoped to the decode;
 * ``+fused norm``: RMS-norm + SiLU as one Triton kernel;
-* ``+compile``: ``torch.compile`` of the steady-state per-frame step (the norm fused by inductor instead);
-* ``+CUDA graph``: the steady-state step with its feature cache captured and replayed (Triton norm, no compile);
-* ``+compile +CUDA graph``: both.
+* ``+block step``: a block's latent frames in one decoder step instead of one step per frame;
+* ``+compile``: ``torch.compile`` of the steady-state per-frame step (over ``+cudnn.benchmark``; the norm
+  fused by inductor instead);
+* ``+CUDA graph``: the steady-state per-frame step with its feature cache captured and replayed (over
+  ``+fused norm``, no compile);
+* ``+compile +CUDA graph``: both, per frame; ``+block step +CUDA graph``: the graph of a whole-block step.
 
 Per row: ``setup_s`` (the warm-up stream: algorithm search, compilation, capture), ``first_s`` (block 0 of a
 fresh stream: a new video, the feature cache empty; its steps run eagerly), ``block_s`` (median of the later
@@ -54,9 +57,11 @@ ROWS: dict[str, dict | None] = {
     "+conv padding": _PAD,
     "+cudnn.benchmark": _BENCH,
     "+fused norm": _FUSED,
+    "+block step": dict(_FUSED, block_step=True),
     "+compile": dict(_BENCH, fused_norm="torch", compile=True),
     "+CUDA graph": dict(_FUSED, cuda_graph=True),
     "+compile +CUDA graph": dict(_BENCH, fused_norm="torch", compile=True, cuda_graph=True),
+    "+block step +CUDA graph": dict(_FUSED, block_step=True, cuda_graph=True),
 }
 _NEEDS_CUDA = ("compile", "cuda_graph")  # compile on CPU works but takes minutes; graphs need CUDA
 
@@ -97,14 +102,14 @@ def run_row(vae: WanVAE, options: VAEDecodeOptions | None, latents: list[torch.T
 
 def print_table(rows: list[dict], base: float | None, header: bool = True) -> None:
     if header:
-        print(f"{'option':<22}{'setup s':>9}{'first s':>9}{'block s':>9}{'fps':>8}{'speedup':>9}{'max err':>10}"
+        print(f"{'option':<26}{'setup s':>9}{'first s':>9}{'block s':>9}{'fps':>8}{'speedup':>9}{'max err':>10}"
           f"{'peak GiB':>10}")
     for r in rows:
         if "skipped" in r or "error" in r:
-            print(f"{r['name']:<22}  {r.get('skipped') or r['error']}")
+            print(f"{r['name']:<26}  {r.get('skipped') or r['error']}")
             continue
         ratio = base / r["block_s"] if base else float("nan")
-        print(f"{r['name']:<22}{r['setup_s']:>9.3f}{r['first_s']:>9.3f}{r['block_s']:>9.4f}{r['fps']:>8.1f}"
+        print(f"{r['name']:<26}{r['setup_s']:>9.3f}{r['first_s']:>9.3f}{r['block_s']:>9.4f}{r['fps']:>8.1f}"
               f"{ratio:>9.2f}{r['max_err']:>10.2e}{r['peak_gib']:>10.2f}")
 
 

@@ -158,6 +158,7 @@ _GOLDEN_OPTIONS = [
     pytest.param(VAEDecodeOptions(channels_last=True), 1e-5, id="channels_last"),
     pytest.param(VAEDecodeOptions(fused_norm="torch"), 0.0, id="fused_torch"),
     pytest.param(VAEDecodeOptions(conv_padding=True), 1e-5, id="conv_padding"),
+    pytest.param(VAEDecodeOptions(block_step=True), 1e-5, id="block_step"),
     pytest.param(VAEDecodeOptions(channels_last=True, fused_norm="torch", dtype="float32"), 1e-5, id="cl+fused"),
     pytest.param(VAEDecodeOptions(channels_last=True, fused_norm="triton"), 1e-5, id="cl+triton",
                  marks=pytest.mark.slow),
@@ -183,7 +184,8 @@ def test_fast_decode_matches_golden_and_reference(name, options, tol):
 
 
 @pytest.mark.parametrize("options", [VAEDecodeOptions(channels_last=True, fused_norm="torch", conv_padding=True),
-                                     VAEDecodeOptions(fused_norm="torch")], ids=["cl+fused+pad", "fused"])
+                                     VAEDecodeOptions(fused_norm="torch"), VAEDecodeOptions(block_step=True)],
+                         ids=["cl+fused+pad", "fused", "block_step"])
 def test_fast_multi_block_stream_equals_whole_video_decode(options):
     """7 latent frames in blocks [3, 2, 2] through the fast path (float64, past the steady-state switch at
     latent frame 3) == the whole-sequence decode without any cache (independent path), 1e-10; and a second
@@ -221,6 +223,14 @@ def test_steady_state_step_plumbing(monkeypatch):
         torch.testing.assert_close(_stream(dec, latent, [3, 2, 2]), ref, atol=0, rtol=0)
         assert len(calls) == expected
     assert len(dec._fast._steps) == 1
+    # block_step: steps [0], [1, 2], [3, 4] (leaves the shapes unchanged), then [5, 6] steady; later videos from
+    # [3, 4] on. Summation order may differ with the step's frame count (1e-5).
+    dec = StreamingDecoder(vae, VAEDecodeOptions(compile=True, block_step=True), clamp=False)
+    for expected in (1, 2):
+        calls.clear()
+        dec.reset()
+        torch.testing.assert_close(_stream(dec, latent, [3, 2, 2]), ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == expected
 
 
 @pytest.mark.slow
@@ -291,10 +301,11 @@ def test_gpu_bf16_within_bound_of_float32():
     (VAEDecodeOptions(cuda_graph=True, channels_last=True, fused_norm="triton"), 1e-5),
     (VAEDecodeOptions(compile=True, fused_norm="torch"), 1e-4),
     (VAEDecodeOptions(compile=True, cuda_graph=True, channels_last=True, fused_norm="torch"), 1e-4),
-], ids=["graph", "graph+cl+triton", "compile", "compile+graph"])
+    (VAEDecodeOptions(cuda_graph=True, block_step=True, conv_padding=True), 1e-4),
+], ids=["graph", "graph+cl+triton", "compile", "compile+graph", "graph+block_step"])
 def test_gpu_graph_and_compile_equal_eager(options, tol):
     """float32, TF32 off: CUDA-graph replays (same kernels as eager: 1e-5) and compiled steps (inductor's own
-    fusions: 1e-4) equal the reference streaming decode over 3 blocks of 3 latent frames (first block eager,
+    fusions: 1e-4; whole-block steps: other conv shapes, 1e-4) equal the reference streaming decode over 3 blocks of 3 latent frames (first block eager,
     the graph from latent frame 3), and again for a second stream after ``reset`` (graph reused, cache
     reloaded). A stale or uncommitted cache would give O(0.1) errors on the later blocks."""
     vae, _ = _gpu_golden_vae()

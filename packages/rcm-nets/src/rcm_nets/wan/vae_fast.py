@@ -10,6 +10,7 @@ chosen in :class:`VAEDecodeOptions` (all off by default, so a default ``FastDeco
 * ``dtype``: compute dtype of a private copy of ``conv2`` + ``decoder`` (the caller's VAE is not touched);
 * ``channels_last``: 3-D conv weights and activations in ``channels_last_3d`` (2-D convs in ``channels_last``);
 * ``conv_padding``: spatial zero padding inside each causal 3-D conv (no padded copy of the activation);
+* ``block_step``: the latent frames of a block decoded in one step instead of one frame per step;
 * ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` set during the decode only, then restored;
 * ``fused_norm``: each ``RMSNorm`` followed by a ``SiLU`` becomes one op (``"torch"``: the plain-torch twin,
   statistics in float32; ``"triton"``: one kernel, one read and one write of the activation);
@@ -22,7 +23,8 @@ temporal upsamplers, the remembered-frame counts grow), so their tensor shapes d
 eagerly until one leaves the cache's tensor shapes unchanged (with the Wan2.1 VAE: latent frame 3); every
 later step has the same shapes and is compiled / captured (once per shape). A later stream on the same
 decoder meets that cache signature already at frame 3, i.e. from the second block of a 3-latent-frame
-streaming layout; the first block always runs eagerly.
+streaming layout; the first block always runs eagerly. With ``block_step`` a block is one step (after frame 0
+and the rest of the first block), steady from the second block on.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class VAEDecodeOptions(BaseModel):
     conv_padding: bool = False
     """Zero-pad rows and columns inside each causal 3-D convolution (its ``padding`` argument) instead of
     materializing a padded copy of the activation first; the causal front frames are still concatenated."""
+    block_step: bool = False
+    """Decode all latent frames of a block in one decoder step (frame 0 of a video still alone, as the
+    temporal upsamplers need) instead of one latent frame per step: fewer, larger kernels; more memory."""
     cudnn_benchmark: bool = False
     """Set ``torch.backends.cudnn.benchmark`` during the decode (first call per shape times the algorithms)."""
     fused_norm: Literal["off", "torch", "triton"] = "off"
@@ -303,6 +308,15 @@ class FastDecode:
         cache.update(zip(keys, new))
         return out
 
+    def _chunks(self, z: Tensor, cache: Cache) -> list[Tensor]:
+        """The decoder steps of a block: one latent frame each, or (``block_step``) the whole block, with a
+        video's frame 0 alone (the temporal upsamplers pass the first step through unchanged)."""
+        if not self.options.block_step:
+            return [z[:, :, i : i + 1] for i in range(z.shape[2])]
+        if not cache and z.shape[2] > 1:  # a new video
+            return [z[:, :, :1], z[:, :, 1:]]
+        return [z]
+
     def __call__(self, latent_bcthw: Tensor, cache: Cache) -> Tensor:
         vae, opt = self.vae, self.options
         p = self.conv2.weight
@@ -313,8 +327,7 @@ class FastDecode:
         outs = []
         with torch.no_grad(), cudnn_benchmark(opt.cudnn_benchmark):
             z = self.conv2(z)
-            for i in range(z.shape[2]):
-                zi = z[:, :, i : i + 1]
+            for zi in self._chunks(z, cache):
                 if opt.compile or opt.cuda_graph:
                     # a known steady signature (from an earlier stream), or this stream reached steady state
                     key = self._key(zi, cache)
