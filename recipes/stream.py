@@ -24,6 +24,7 @@ from pydantic import model_validator
 
 from rcm_kernels.devices import resolve_device
 from rcm_pipelines.components import (
+    WAN_NEGATIVE_PROMPT,
     DiTSpec,
     DType,
     TextEncoder,
@@ -85,6 +86,9 @@ class StreamConfig(RecipeConfig):
             raise ValueError("--text_encoder=file needs --context_file")
         if self.text_encoder == "file" and self.stream.uses_cfg() and self.negative_file is None:
             raise ValueError("--text_encoder=file with --stream.guidance > 1 needs --negative_file")
+        if self.text_encoder == "tiny" and self.stream.uses_cfg() and self.stream.negative_prompt == WAN_NEGATIVE_PROMPT:
+            raise ValueError("--text_encoder=tiny knows only the demo grammar: set --stream.negative_prompt='' "
+                             "(all-zero embedding) or a grammar sentence for CFG")
         if self.video.size is None:
             raise ValueError("--video.size=[W,H] is required (streaming has no resolution preset)")
         if not self.prompts and self.prompt_file is None:

@@ -155,6 +155,7 @@ def test_recipe_two_prompts_cfg_profile(tmp_path):
     ("--stream.guidance=0.5", "stream.guidance"), ("--stream.refresh=sometimes", "stream.refresh"),
     ("--stream.euler_steps=50", "euler_steps"), ("--video.size=null", "video.size"),
     ("--image=x.png", "first_block_frames=1"), ("--dit.config=tiny-i2v-A14B", "I2V network"),
+    ("--stream.guidance=3", "stream.negative_prompt=''"),
 ])
 def test_recipe_rejects_bad_values_before_loading(tmp_path, capsys, flag, field):
     """A bad value is one error line naming the field, raised before anything loads (the DiT path does not
