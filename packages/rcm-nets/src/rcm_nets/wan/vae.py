@@ -316,8 +316,9 @@ class StreamingDecoder:
     ``vae=None`` is the pixel-space case (tiny models generating RGB directly): frames are the latents, clamped.
 
     ``options`` (:class:`~rcm_nets.wan.vae_fast.VAEDecodeOptions`) turns on the fast path: compute dtype,
-    channels-last, cuDNN benchmark, fused RMS-norm + SiLU, compile, CUDA graphs (docs/nets.md, VAE decode
-    fast path). ``None`` (default) is the reference decode. ``clamp=False`` returns the raw decoder output.
+    channels-last, padding inside the convs, whole-block steps, cuDNN benchmark, fused RMS-norm + SiLU,
+    compile, CUDA graphs (docs/nets.md, "VAE streaming decode: fast path"). ``None`` (default) is the
+    reference decode. ``clamp=False`` returns the raw decoder output.
     """
 
     def __init__(self, vae: WanVAE | None = None, options: VAEDecodeOptions | None = None, *, clamp: bool = True):
