@@ -47,7 +47,8 @@ class CausalModelConfig(RecipeConfig):
     teacher: DiTSpec = DiTSpec(path="checkpoints/Wan2.1-T2V-1.3B.pth")
     """The bidirectional teacher (DMD real score, ODE trajectories)."""
     causal_teacher: DiTSpec | None = None
-    """The causal teacher; its weights are read only if a stage needs them before a flow stage trained it."""
+    """The causal teacher; its weights are read only if a stage needs them before a flow stage trained it
+    (None: the teacher's architecture, weights only from a flow stage)."""
     student: DiTSpec | None = None
     """The student; its weights are read only by a stage with init='student'."""
     fake_score: DiTSpec | None = None
@@ -129,6 +130,9 @@ class CausalDistillConfig(RecipeConfig):
     def _check(self) -> CausalDistillConfig:
         arch = {role: dit_config(self.model.spec(role)) for role in causal.ROLES}
         causal.check_causal_stages(self.stages(), arch, cp=self.parallel.mesh.cp)
+        if self.model.causal_teacher is None and "causal_teacher" in causal.first_weights_needed(self.stages()):
+            raise ValueError("a stage needs the causal teacher before any flow stage trains it: run a flow stage "
+                             "first or set model.causal_teacher (its architecture and weights)")
         if self.data.num_frames is None:
             raise ValueError("causal training needs data.num_frames (a whole number of blocks)")
         return self

@@ -114,6 +114,9 @@ def test_missing_weights_are_named_before_training(assets, tmp_path):
     with pytest.raises(MissingFileError, match=r"--model\.causal_teacher\.path"):
         causal_distill.main(_args(assets, tmp_path / "b", "--stage1.iterations=0",
                                   "--model.causal_teacher.path=absent.pth"))
+    with pytest.raises(SystemExit):  # the bidirectional teacher never stands in for a causal one
+        causal_distill.main(_args(assets, tmp_path / "c", "--preset=tiny-causal-rcm", "--stage1.iterations=0"))
+    assert not (tmp_path / "c").exists()
     cfg = causal_distill.PRESETS["causal-tiny-sizes"]
     assert first_weights_needed(cfg.stages()) == ["student", "teacher", "fake_score"]
     assert first_weights_needed(cfg.stages()[1:]) == ["student", "causal_teacher", "teacher", "fake_score"]

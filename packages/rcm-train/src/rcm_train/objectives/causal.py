@@ -708,6 +708,8 @@ class _CausalRun:
         obj, role = sc.objective, sc.trained
 
         def setup() -> StageSetup:
+            for r in [r for r in self._frozen if r not in sc.frozen()]:
+                del self._frozen[r]  # a frozen network this stage does not read: free it
             init = self.latest[role] if sc.init == "previous" else self.weights(sc.init)
             models = {"student": self.nets.build(role, init, "trained")}
             opts = {"student": self.optimizers[role]}
