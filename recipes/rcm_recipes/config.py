@@ -246,7 +246,8 @@ def format_help(cls: type[BaseModel], presets: Mapping[str, Any] | None = None, 
     fixed = [("-h, --help", "show this help and exit"),
              ("--config FILE", "a .yaml/.json file of (partial) values"),
              *([("--preset NAME", f"start from a named config: {', '.join(presets)}")] if presets else []),
-             ("--print-config", "print the resolved config as YAML (a --config file) and exit; nothing runs")]
+             ("--print-config", "print the resolved config as YAML (a --config file) and exit; nothing runs"),
+             ("--debug", "show the traceback of an error (also RCM_DEBUG=1)")]
     lines = [f"usage: {prog} [-h] [--config FILE]{' [--preset NAME]' if presets else ''} [--print-config] "
              "[--FIELD=VALUE ...]", ""]
     if cls.__doc__:
