@@ -49,6 +49,27 @@ def test_fused_reference_path_equals_unfused_bitwise(precision, per_frame):
     assert unfused[2].abs().max() > 1e-3, "vacuous: zero tangent"
 
 
+def test_fused_reference_path_equals_unfused_bitwise_i2v():
+    """i2v: the CLIP image branch (its own k/v projections with qk-norm, no RoPE) through the fused path."""
+    torch.manual_seed(1)
+    net = WanDiT.from_config("tiny-i2v", dtype=torch.float64, num_layers=1)
+    net.init_weights()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    net = net.float()
+    cfg = net.config
+    x = torch.randn(1, cfg.out_dim, 2, 4, 4)
+    kw = dict(y=torch.randn(1, cfg.in_dim - cfg.out_dim, 2, 4, 4), clip_fea=torch.randn(1, 3, 1280))
+    t, ctx, tx, tt = torch.tensor([300.0]), torch.randn(1, 5, cfg.text_dim), torch.randn_like(x), torch.tensor([50.0])
+    out = {}
+    for mode in ("on", "off"):
+        with torch.no_grad(), fused_ops(mode):
+            out[mode] = (net(x, t, ctx, **kw), *net.forward_jvp(x, t, ctx, tx, tt, **kw))
+    for name, a, b in zip(("forward", "jvp primal", "jvp tangent"), out["on"], out["off"]):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max():.3g}"
+
+
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_fused_triton_interpreter_matches_unfused(monkeypatch, per_frame):
     """The kernels (interpreter) inside the network: float32, differences only from reduction order, ~1e-6
