@@ -23,6 +23,7 @@ import torch
 from pydantic import model_validator
 
 from rcm_kernels.devices import resolve_device
+from rcm_nets.wan.vae_fast import VAEDecodeOptions
 from rcm_pipelines.components import (
     WAN_NEGATIVE_PROMPT,
     DiTSpec,
@@ -63,6 +64,8 @@ class StreamConfig(RecipeConfig):
     """The causal DiT; path=random builds seeded random weights (smoke tests, benchmarks)."""
     vae: VAESpec = VAESpec()
     """The Wan VAE; loaded only for latent-space DiTs (pixel-space ones such as tiny-pixel output RGB)."""
+    vae_decode: VAEDecodeOptions = VAEDecodeOptions()
+    """Speed options of the streaming VAE decode (bf16, channels-last, CUDA graph, ...; default: reference)."""
     video: VideoSpec = VideoSpec(size=(32, 32), num_frames=48)
     """Size (required: video.size), frames to generate (rounded up to whole blocks; may be far beyond the
     trained length) and frame rate."""
@@ -151,7 +154,7 @@ def run(cfg: StreamConfig) -> dict:
     texts = prompt_list(cfg)
     ctx, neg = encode(cfg, texts, device)  # before the DiT loads: the two never share the device
     session = StreamSession(cfg.stream, dit=cfg.dit, vae=cfg.vae, device=device,
-                            dtype=resolve_dtype(cfg.dtype, device), init_seed=cfg.seed)
+                            dtype=resolve_dtype(cfg.dtype, device), init_seed=cfg.seed, decode=cfg.vae_decode)
     image = None if cfg.image is None else load_image(cfg.image)
     frames = cfg.video.num_frames or 81
     layout, latent = session.plan(frames, image is not None)

@@ -64,13 +64,13 @@ def test_decode_overlap_hands_block_out_after_the_next_is_made(vae):
             assert pulled[-1] == min(d.index + lag, 2)
 
 
-def _session(tmp_path, device="cpu", **spec):
+def _session(tmp_path, device="cpu", decode=None, **spec):
     torch.manual_seed(0)
     save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
     spec = StreamSpec(**{**dict(frames_per_block=2, first_block_frames=1, times=[0.8], kv_dtype="float32"), **spec})
     return StreamSession(spec, dit=DiTSpec(config="tiny", path="random", overrides={"num_layers": 1}),
                          vae=VAESpec(path=str(tmp_path / "vae.safetensors"), arch={"dim": 4}),
-                         device=torch.device(device), dtype=torch.float32)
+                         device=torch.device(device), dtype=torch.float32, decode=decode)
 
 
 @pytest.mark.slow
@@ -102,6 +102,31 @@ def test_session_passes_cache_options(tmp_path, options):
         assert cache.sink_bank_frames == 3 and cache.int4_group == 16
     else:
         assert cache.key_smoothing == "first_block" and cache.trained_frames == 4
+
+
+@pytest.mark.slow
+def test_session_decode_options_reach_the_decoder(tmp_path, monkeypatch):
+    """VAEDecodeOptions given to the session are the streaming decoder's (block_step: a block's latent frames
+    in one decoder step), and the frames match the reference decode's (float32, other kernel sizes: 1e-4);
+    the default options mean the reference decode (no options passed)."""
+    from rcm_nets.wan.vae_fast import VAEDecodeOptions
+    from rcm_pipelines import stream_session
+
+    seen = []
+
+    class Recording(StreamingDecoder):
+        def __init__(self, vae, options=None, **kw):
+            seen.append(options)
+            super().__init__(vae, options, **kw)
+
+    monkeypatch.setattr(stream_session, "StreamingDecoder", Recording)
+    kw = dict(size=(16, 16), num_frames=9, seeds=[0])
+    ctx = torch.randn(1, 4, 32)
+    ref = torch.cat([d.frames for d in _session(tmp_path, decode=VAEDecodeOptions()).frames(ctx, **kw)], 2)
+    opts = VAEDecodeOptions(block_step=True)
+    got = torch.cat([d.frames for d in _session(tmp_path, decode=opts).frames(ctx, **kw)], 2)
+    assert seen == [None, opts]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ come (overlapped with the next block's DiT on CUDA) and written to mp4 progressi
         ...  # blk.frames [B, 3, f, H, W] on the CPU, in order
     rows = session.write(["a.mp4", "b.mp4"], context, size=..., num_frames=..., seeds=[0, 1])
 
+The VAE decode takes ``rcm_nets.wan.vae_fast.VAEDecodeOptions`` (``decode=``; default: the reference decode).
 Loading goes through :mod:`rcm_pipelines.components` (``load_dit`` / ``load_vae``); a DiT path of ``random``
 builds random weights instead (smoke tests, benchmarks). Pixel-space DiTs (``out_dim`` 3, the tiny test
 models) need no VAE: their output is the video.
@@ -34,6 +35,7 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.configs import WanConfig
 from rcm_nets.wan.vae import StreamingDecoder
+from rcm_nets.wan.vae_fast import VAEDecodeOptions
 
 from .components import DiTSpec, VAESpec, dit_config, load_dit, load_vae
 from .stream_spec import StreamSpec, latent_frames_for
@@ -153,8 +155,9 @@ class StreamSession:
     """The loaded causal DiT and VAE; streams videos of a batch of prompts (see the module docstring)."""
 
     def __init__(self, spec: StreamSpec, *, dit: DiTSpec, vae: VAESpec, device: torch.device,
-                 dtype: torch.dtype, init_seed: int = 0):
+                 dtype: torch.dtype, init_seed: int = 0, decode: VAEDecodeOptions | None = None):
         self.spec, self.device, self.dtype = spec, device, dtype
+        self.decode_options = None if decode == VAEDecodeOptions() else decode  # defaults = the reference decode
         cfg = stream_dit_config(dit)
         self.pixel_space = cfg.out_dim == 3
         self.net = load_stream_dit(dit, device, dtype, init_seed=init_seed)
@@ -229,7 +232,7 @@ class StreamSession:
         CPU there is nothing to overlap, so the default there is off: hand-out right after each block)."""
         if overlap is None:
             overlap = self.spec.overlap_decode and self.device.type == "cuda"
-        decoder = StreamingDecoder(self.vae)
+        decoder = StreamingDecoder(self.vae, self.decode_options if self.vae is not None else None)
         blocks = (self._decoder_input(blk) for blk in self.blocks(context, synchronize=not overlap, **kw))
         return decode_blocks(blocks, decoder, overlap=overlap)
 
