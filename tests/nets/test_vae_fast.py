@@ -233,6 +233,26 @@ def test_steady_state_step_plumbing(monkeypatch):
         assert len(calls) == expected
 
 
+def test_decoders_share_the_fast_path_and_interleave():
+    """Decoders of one VAE with equal options share one FastDecode (one converted copy, one set of compiled
+    steps / graphs); other options, or the VAE moved to another dtype, get their own. Two videos decoded
+    block by block in alternation each equal their own reference decode (each keeps its own cache)."""
+    vae = _tiny(torch.float32)
+    opt = VAEDecodeOptions(fused_norm="torch", conv_padding=True)
+    a, b = StreamingDecoder(vae, opt, clamp=False), StreamingDecoder(vae, VAEDecodeOptions(**opt.model_dump()))
+    assert a._fast is b._fast and StreamingDecoder(vae, VAEDecodeOptions(fused_norm="torch"))._fast is not a._fast
+    la, lb = torch.randn(1, 16, 5, 2, 2), torch.randn(1, 16, 5, 2, 2)
+    ref_a = _stream(StreamingDecoder(vae, clamp=False), la, [3, 2])
+    ref_b = _stream(StreamingDecoder(vae, clamp=False), lb, [3, 2])
+    b = StreamingDecoder(vae, opt, clamp=False)
+    a0, b0 = a(la[:, :, :3]), b(lb[:, :, :3])
+    b1, a1 = b(lb[:, :, 3:]), a(la[:, :, 3:])
+    torch.testing.assert_close(torch.cat([a0, a1], 2), ref_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([b0, b1], 2), ref_b, atol=1e-5, rtol=1e-5)
+    vae.double()
+    assert StreamingDecoder(vae, opt)._fast is not a._fast
+
+
 @pytest.mark.slow
 def test_compiled_steady_step_equals_eager():
     """``compile`` (traced with the aot_eager backend on CPU: no codegen, so same ops, exact): the steady-state
@@ -318,6 +338,28 @@ def test_gpu_graph_and_compile_equal_eager(options, tol):
             out = _stream(dec, latent, [3, 3, 3])
             torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     assert len(dec._fast._steps) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_graph_shared_by_interleaved_videos():
+    """Two videos on one shared CUDA graph, blocks in alternation (a0 b0 a1 b1 a2 b2 a3 b3): each video's cache
+    is handed copies when the other takes the static buffers, so both equal their reference decode
+    (float32, TF32 off, 1e-5); a lost hand-back would mix the two videos (O(0.1))."""
+    vae, _ = _gpu_golden_vae()
+    gen = torch.Generator("cuda").manual_seed(2)
+    la, lb = (torch.randn(1, 16, 12, 6, 10, device="cuda", generator=gen) for _ in range(2))
+    opt = VAEDecodeOptions(cuda_graph=True)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ref_a = _stream(StreamingDecoder(vae, clamp=False), la, [3] * 4)
+        ref_b = _stream(StreamingDecoder(vae, clamp=False), lb, [3] * 4)
+        a, b = StreamingDecoder(vae, opt, clamp=False), StreamingDecoder(vae, opt, clamp=False)
+        out_a, out_b = [], []
+        for i in range(0, 12, 3):
+            out_a.append(a(la[:, :, i : i + 3]))
+            out_b.append(b(lb[:, :, i : i + 3]))
+    assert a._fast is b._fast and len(a._fast._steps) == 1
+    torch.testing.assert_close(torch.cat(out_a, 2), ref_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(out_b, 2), ref_b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

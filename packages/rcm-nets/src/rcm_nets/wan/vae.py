@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._vae_blocks import AttentionBlock, Cache, CausalConv3d, Resample, ResidualBlock, RMSNorm
-from .vae_fast import FastDecode, VAEDecodeOptions
+from .vae_fast import VAEDecodeOptions, shared_fast_decode
 
 __all__ = ["WanVAE", "StreamingDecoder", "VAEDecodeOptions", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
 
@@ -318,12 +318,13 @@ class StreamingDecoder:
     ``options`` (:class:`~rcm_nets.wan.vae_fast.VAEDecodeOptions`) turns on the fast path: compute dtype,
     channels-last, padding inside the convs, whole-block steps, cuDNN benchmark, fused RMS-norm + SiLU,
     compile, CUDA graphs (docs/nets.md, "VAE streaming decode: fast path"). ``None`` (default) is the
-    reference decode. ``clamp=False`` returns the raw decoder output.
+    reference decode; decoders of the same VAE and options share the converted copy, compiled steps and CUDA
+    graphs (``vae_fast.shared_fast_decode``). ``clamp=False`` returns the raw decoder output.
     """
 
     def __init__(self, vae: WanVAE | None = None, options: VAEDecodeOptions | None = None, *, clamp: bool = True):
         self.vae, self.options, self.clamp = vae, options, clamp
-        self._fast = FastDecode(vae, options) if vae is not None and options is not None else None
+        self._fast = shared_fast_decode(vae, options) if vae is not None and options is not None else None
         self.reset()
 
     def reset(self) -> None:

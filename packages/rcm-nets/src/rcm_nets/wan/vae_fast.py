@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from ._vae_blocks import Cache, CausalConv3d, RMSNorm
 
-__all__ = ["VAEDecodeOptions", "FastDecode", "FusedRMSNormSiLU", "rms_norm_silu", "rms_norm_silu_triton"]
+__all__ = ["VAEDecodeOptions", "FastDecode", "shared_fast_decode", "FusedRMSNormSiLU", "rms_norm_silu", "rms_norm_silu_triton"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EPS = 1e-12  # F.normalize's floor on the norm, as in the reference RMSNorm
@@ -220,6 +221,7 @@ class _Graph:
 
     def __init__(self, step: Callable, keys: list[nn.Module], z: Tensor, cache: Cache):
         self.keys, self.device = keys, z.device
+        self.owner: Cache | None = None  # the cache whose state is in the static buffers
         self.z = z.clone()
         self.state = [cache[k].clone() for k in self.keys]
         with torch.cuda.device(self.device):
@@ -242,13 +244,38 @@ class _Graph:
 
     def __call__(self, z: Tensor, cache: Cache) -> Tensor:
         self.z.copy_(z)
+        if self.owner is not None and self.owner is not cache:
+            # another video used the graph last: its cache lives in the static buffers, hand it copies
+            for k, s in zip(self.keys, self.state):
+                if self.owner.get(k) is s:
+                    self.owner[k] = s.clone()
+        self.owner = cache
         for k, s in zip(self.keys, self.state):
-            if cache[k] is not s:  # after a reset / eager steps: load the live cache into the static buffers
+            if cache[k] is not s:  # a new video / eager steps: load the live cache into the static buffers
                 s.copy_(cache[k])
         with torch.cuda.device(self.device):
             self.graph.replay()
         cache.update(zip(self.keys, self.state))  # the cache now lives in the static buffers
         return self.out.clone()
+
+
+_SHARED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, FastDecode]] = weakref.WeakKeyDictionary()
+
+
+def shared_fast_decode(vae: nn.Module, options: VAEDecodeOptions) -> FastDecode:
+    """The :class:`FastDecode` of ``(vae, options)`` at the VAE's current device and dtype, made on first use.
+
+    Every ``StreamingDecoder`` of the same VAE and options shares it, so a new video reuses the converted
+    decoder copy, the compiled steps and the CUDA graphs (videos may interleave: each keeps its own cache).
+    The copy is taken at first use; weights changed in place afterwards are not seen (the VAE is frozen in
+    this project). Dropping the VAE frees its entries.
+    """
+    p = next(vae.parameters())
+    per_vae = _SHARED.setdefault(vae, {})
+    key = (options, p.device, p.dtype)
+    if key not in per_vae:
+        per_vae[key] = FastDecode(vae, options)
+    return per_vae[key]
 
 
 class FastDecode:
@@ -260,12 +287,13 @@ class FastDecode:
     """
 
     def __init__(self, vae: nn.Module, options: VAEDecodeOptions | None = None):
-        self.vae = vae
         self.options = options = options or VAEDecodeOptions()
         device = next(vae.parameters()).device
         if options.cuda_graph and device.type != "cuda":
             raise ValueError(f"VAEDecodeOptions.cuda_graph needs the VAE on a CUDA device, got {device}")
         self.conv2, self.decoder = prepare_decoder(vae.conv2, vae.decoder, options)
+        # the latent statistics, not the VAE itself: a shared FastDecode must not keep its VAE alive
+        self._mean, self._inv_std = vae._latent_stats(device)
         self._steps: dict[tuple, tuple | _Graph] = {}  # steady-state step per input / cache signature
 
     @property
@@ -318,10 +346,8 @@ class FastDecode:
         return [z]
 
     def __call__(self, latent_bcthw: Tensor, cache: Cache) -> Tensor:
-        vae, opt = self.vae, self.options
-        p = self.conv2.weight
-        mean, inv_std = vae._latent_stats(p.device)
-        z = (latent_bcthw.to(p.device).float() / inv_std + mean).to(p.dtype)
+        opt, p = self.options, self.conv2.weight
+        z = (latent_bcthw.to(p.device).float() / self._inv_std + self._mean).to(p.dtype)
         if opt.channels_last:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         outs = []
