@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from ..config import PipelineConfig
+from ..progress import Progress
 
 __all__ = ["ScoreSpec", "VBenchUnavailableError", "VBenchRunError", "INSTALL_HINT", "check_vbench", "run_vbench",
            "worker_command"]
@@ -123,6 +125,28 @@ _OFFLINE_SIGNS = ("wget", "urlopen", "URLError", "ConnectionError", "Temporary f
                   "HTTPError", "Max retries exceeded", "Network is unreachable", "LocalEntryNotFoundError")
 
 
+def _wait_with_progress(proc: subprocess.Popen, out_dir: Path, dimensions: Sequence[str],
+                        timeout_s: float | None, poll_s: float = 5.0) -> int:
+    """Wait for the vbench process (its exit status), showing the finished dimensions (their result files) as
+    progress; past ``timeout_s`` (None: no limit) kill it and raise ``TimeoutExpired``."""
+    done = lambda: sum((out_dir / f"{d}_eval_results.json").is_file() for d in dimensions)  # noqa: E731
+    start = time.monotonic()
+    with Progress(len(dimensions), "vbench dimensions", unit="dimension", initial=done()) as bar:
+        while True:
+            try:
+                code = proc.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                code = None
+            if done() > bar.n:
+                bar.update(done() - bar.n)
+            if code is not None:
+                return code
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(proc.args, timeout_s)
+
+
 def run_vbench(spec: ScoreSpec, *, suite: str, videos_dir: Path, info_json: Path, out_dir: Path,
                dimensions: Sequence[str]) -> Path:
     """Score ``videos_dir`` on ``dimensions``; vbench's ``<dimension>_eval_results.json`` files and the log
@@ -136,18 +160,19 @@ def run_vbench(spec: ScoreSpec, *, suite: str, videos_dir: Path, info_json: Path
     with log.open("a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(spec))
         try:
-            res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(spec), timeout=spec.timeout_s)
+            code = _wait_with_progress(proc, out_dir, dimensions, spec.timeout_s)
         except subprocess.TimeoutExpired:
             raise VBenchRunError(f"vbench did not finish within score.timeout_s={spec.timeout_s} s (log: {log}); "
                                  "finished dimensions are kept, a rerun resumes") from None
-    if res.returncode != 0:
+    if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         hint = ""
         if any(s in line for line in tail for s in _OFFLINE_SIGNS):
             hint = ("\nThis looks like a model download that failed: vbench fetches its models on first use into "
                     "$VBENCH_CACHE_DIR (default ~/.cache/vbench). Run once with network access, or copy that folder "
                     "from a machine that has it and set --score.local=true.")
-        raise VBenchRunError(f"vbench exited with status {res.returncode} (log: {log}); last lines:\n  "
+        raise VBenchRunError(f"vbench exited with status {code} (log: {log}); last lines:\n  "
                              + "\n  ".join(tail) + hint + "\nFinished dimensions are kept; a rerun resumes.")
     return out_dir
