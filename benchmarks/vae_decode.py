@@ -44,6 +44,7 @@ import torch
 
 from rcm_nets.wan import WanVAE
 from rcm_nets.wan.vae import StreamingDecoder, VAEDecodeOptions
+from rcm_nets.wan.vae_fast import release_fast_decode
 
 _BF16 = dict(dtype="bfloat16")
 _CL = dict(_BF16, channels_last=True)
@@ -92,6 +93,8 @@ def run_row(vae: WanVAE, options: VAEDecodeOptions | None, latents: list[torch.T
         frames.append(dec(z))
         _sync(device)
         times.append(time.perf_counter() - tic)
+    del dec
+    release_fast_decode(vae)  # free this row's decoder copy and graph pools before the next row
     err = max((a - b).abs().max().item() for a, b in zip(frames, ref)) if ref is not None else 0.0
     block = statistics.median(times[1:]) if len(times) > 1 else float("nan")
     row = dict(setup_s=setup, first_s=times[0], block_s=block, times_s=times, fps=frames[-1].shape[2] / block,

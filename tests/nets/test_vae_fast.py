@@ -28,6 +28,7 @@ from rcm_nets.wan.vae_fast import (
     FusedRMSNormSiLU,
     cudnn_benchmark,
     fuse_norm_silu,
+    release_fast_decode,
     rms_norm_silu,
     rms_norm_silu_triton,
 )
@@ -251,6 +252,8 @@ def test_decoders_share_the_fast_path_and_interleave():
     torch.testing.assert_close(torch.cat([b0, b1], 2), ref_b, atol=1e-5, rtol=1e-5)
     vae.double()
     assert StreamingDecoder(vae, opt)._fast is not a._fast
+    release_fast_decode(vae)
+    assert StreamingDecoder(vae.float(), opt)._fast is not a._fast  # released: built afresh
 
 
 @pytest.mark.slow

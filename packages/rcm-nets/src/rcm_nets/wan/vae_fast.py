@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ._vae_blocks import Cache, CausalConv3d, RMSNorm
 
-__all__ = ["VAEDecodeOptions", "FastDecode", "shared_fast_decode", "FusedRMSNormSiLU", "rms_norm_silu", "rms_norm_silu_triton"]
+__all__ = ["VAEDecodeOptions", "FastDecode", "shared_fast_decode", "release_fast_decode", "FusedRMSNormSiLU", "rms_norm_silu", "rms_norm_silu_triton"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EPS = 1e-12  # F.normalize's floor on the norm, as in the reference RMSNorm
@@ -276,6 +276,12 @@ def shared_fast_decode(vae: nn.Module, options: VAEDecodeOptions) -> FastDecode:
     if key not in per_vae:
         per_vae[key] = FastDecode(vae, options)
     return per_vae[key]
+
+
+def release_fast_decode(vae: nn.Module) -> None:
+    """Drop the shared fast paths of ``vae`` (converted copies, compiled steps, CUDA graphs and their memory
+    pools) once no ``StreamingDecoder`` uses them any more; the next decoder starts afresh."""
+    _SHARED.pop(vae, None)
 
 
 class FastDecode:
