@@ -107,6 +107,11 @@ CHECKS = {
         "tf_scm", "student", torch.float32)),
     "flow_tf": lambda: compare({"student": 1}, CausalObjectiveConfig(flow="tf", **F64), "flow", "student",
                                torch.float64),
+    # the block-causal full-sequence pass: diffusion forcing and ODE regression (bidirectional teacher ODE)
+    "flow_df": lambda: compare({"student": 1}, CausalObjectiveConfig(flow="df", **F64), "flow", "student",
+                               torch.float64),
+    "ode": lambda: compare({"student": 1, "teacher": 1}, CausalObjectiveConfig(ode=True, ode_steps=4, **F64), "ode",
+                           "student", torch.float64),
     # the cached self-forcing rollout (float32: the KV cache stores at most float32) with head-sharded k/v
     "sf_dmd": lambda: compare({"student": 1, "teacher": 1, "fake_score": 1}, CausalObjectiveConfig(dmd=True, **F32),
                               "sf_dmd", "student", torch.float32),

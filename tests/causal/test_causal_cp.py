@@ -2,11 +2,12 @@
 closures of ``rcm_train.objectives.causal`` with tiny WanDiTs (``_causal_cp_worker.py`` runs both sides in each
 rank; the unparallelized copies are the reference).
 
-* the masked teacher-forcing pass: TF-sCM (primal + tangents through ``forward_jvp``), TF-dCM and the causal
-  teacher's flow matching, float64: loss to 1e-12 and every parameter gradient to 1e-10 relative (the
+* the masked teacher-forcing pass: TF-sCM (primal + tangents through ``forward_jvp``; also with the student
+  activation-checkpointed), TF-dCM and the causal teacher's flow matching, and the block-causal pass (diffusion
+  forcing, ODE regression), float64: loss to 1e-12 and every parameter gradient to 1e-10 relative (the
   exchanges only move numbers; measured ~1e-14);
-* the cached self-forcing rollout with head-sharded k/v in the KV cache (``WanDiT.local_heads``): DMD (plain
-  and replayed backprop with noisy context) and the critic, float32 (the cache stores at most float32): loss
+* the cached self-forcing rollout with head-sharded k/v in the KV cache (``WanDiT.local_heads``): DMD (plain,
+  activation-checkpointed, replayed backprop with noisy context) and the critic, float32 (the cache stores at most float32): loss
   and gradients to 1e-5 relative (per-rank partial gradients summed by FSDP in another order; measured ~4e-7);
 * the TF-sCM pass through the fused Triton masked JVP attention kernel (``TRITON_INTERPRET=1`` on CPU), float32.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-TF = ["tf_scm", "tf_dcm", "flow_tf", "tf_scm_sac"]
+TF = ["tf_scm", "tf_dcm", "flow_tf", "tf_scm_sac", "flow_df", "ode"]
 SF = ["sf_dmd", "sf_dmd_replay", "sf_dmd_sac", "critic"]
 
 
