@@ -38,8 +38,10 @@ def launch_rms_norm_silu(x: Tensor, gamma_c: Tensor, y: Tensor, b: int, p: int, 
     """Normalize ``x`` (strides ``(batch, position, channel)``) into ``y``; ``gamma_c`` is ``[c]``."""
     block_c = triton.next_power_of_2(c)
     if x.is_cuda:
-        block_p = max(1, min(64, 4096 // block_c))
-        num_warps = 8 if block_c >= 256 else 4
+        # channels-last: rows of channels are contiguous, small position tiles suffice; channels-first: each
+        # channel reads BLOCK_P consecutive positions, so keep >= 16 (a full 32-byte sector in 16-bit types)
+        block_p = max(16 if x_strides[1] == 1 else 1, min(64, 4096 // block_c))
+        num_warps = 8 if block_c * block_p >= 4096 else 4
     else:  # the CPU interpreter runs each program in Python (numpy per op): few, large tiles
         block_p, num_warps = min(triton.next_power_of_2(p), max(16, 16384 // block_c)), 1
     grid = (triton.cdiv(p, block_p), b)
