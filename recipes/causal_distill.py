@@ -3,14 +3,11 @@
     uv run recipes/causal_distill.py --preset tiny-causal-rcm --data.shards=... --model.teacher.path=...
     torchrun --nproc-per-node 8 recipes/causal_distill.py --preset causal-14B-to-1.3B      # N GPUs
 
-Up to four stages (``stage1`` .. ``stage4``; ``iterations=0`` skips one), run by
-``rcm_train.objectives.causal.run_causal_stages``, over four networks with their own architecture and weights
-(``model.<role>``: student, causal_teacher, teacher, fake_score). Presets (``configs/causal_distill/``):
-``<size>-causal-rcm`` (causal teacher by teacher forcing, student by TF-dCM, TF-sCM, then self-forcing DMD),
-``<size>-causal-rcm-df`` (diffusion-forcing causal teacher), ``<size>-ode-init`` (ODE regression, then DMD),
-``causal-14B-to-1.3B`` (the released networks: 14B teachers and fake score, 1.3B student) and its CPU twin
-``causal-tiny-sizes``. ``--blocks.i2v=true`` trains causal I2V; ``--parallel.mesh.cp=N`` runs Ulysses context
-parallel (N divides every network's head count). Outputs: docs/causal_training.md, the recipe.
+Up to four stages (``stage1`` .. ``stage4``; ``iterations=0`` skips one) run by ``rcm_train.objectives.causal.
+run_causal_stages`` over four networks with their own architecture and weights (``model.<role>``: student,
+causal_teacher, teacher, fake_score). Presets (``configs/causal_distill/``): ``<size>-causal-rcm``,
+``<size>-causal-rcm-df``, ``<size>-ode-init``, ``causal-14B-to-1.3B`` (14B teachers and fake score, 1.3B
+student) and its CPU twin ``causal-tiny-sizes``. ``--parallel.mesh.cp=N``: Ulysses context parallel.
 """
 
 from __future__ import annotations
@@ -84,8 +81,7 @@ _DEFAULT = [  # the 1.3B staged Causal-rCM schedule (configs/causal_distill/1.3B
        schedule=ScheduleConfig()),
     _S(name="tf_scm", iterations=2000, objective=CausalObjectiveConfig(cm="scm"),
        schedule=ScheduleConfig(tangent_warmup=1000)),
-    _S(name="sf_dmd", iterations=600, objective=CausalObjectiveConfig(dmd=True),
-       schedule=ScheduleConfig(tangent_warmup=0, student_update_freq=6)),
+    _S(name="sf_dmd", iterations=600, objective=CausalObjectiveConfig(dmd=True)),  # 1 student : 5 critic
 ]
 _SHARDS = "datasets/Wan2.1_14B_480p_16:9_Euler-step100_shift-3.0_cfg-5.0_seed-0_250K/shard*.tar"
 
@@ -191,9 +187,9 @@ def run(cfg: CausalDistillConfig) -> dict:
         blocks = cfg.blocks.frame_blocks(cfg.data.num_frames)
         negative = None if cfg.negative_embed_path is None else load_embedding(
             cfg.negative_embed_path, "negative_embed_path", text_len=dit_config(cfg.model.teacher).text_len).to(device)
-        print0(f"causal_distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) "
-               f"{tuple(mesh.world.shape)}, blocks {blocks.sizes}, stages "
-               f"{[(s.name, s.iterations) for s in cfg.stages()]}")
+        stages = [(s.name, s.iterations) for s in cfg.stages()]
+        print0(f"causal_distill: world {dist.get_world_size()} on {device.type}, blocks {blocks.sizes}, mesh "
+               f"(replicate, shard, cp) {tuple(mesh.world.shape)}, stages {stages}")
         return causal.run_causal_stages(
             cfg.stages(), _networks(cfg, mesh, device, BlockLayout(blocks.frames_per_block, blocks.first)),
             blocks=blocks, given_blocks=int(cfg.blocks.i2v), negative_embed=negative,
