@@ -40,7 +40,7 @@ from torch import nn
 
 from rcm_nets.wan import MeanFlowWanDiT, meanflow_student_state_dict
 from rcm_pipelines.video import plot_curves, write_json
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
 from rcm_recipes.pixel_dit import NetConfig, PositionalDiT, build_pixel_dit
 from rcm_recipes.progress import ProgressLogger
@@ -161,15 +161,8 @@ class DemoConfig(RecipeConfig):
         return self
 
 
-PRESETS: dict[str, DemoConfig] = {
-    "default": DemoConfig(),
-    "ci": DemoConfig(
-        out_dir="outputs/demo_ci",
-        teacher=TeacherConfig(iterations=400, batch_size=16),
-        distill=DistillConfig(iterations=40, schedule=ScheduleConfig(tangent_warmup=10, student_update_freq=2)),
-        eval=EvalConfig(num_samples=24, teacher_steps=20),
-    ),
-}
+PRESETS: dict[str, DemoConfig] = load_presets(DemoConfig, "demo")
+"""Named starting points: configs/demo/<name>.yaml (default: the full demo; ci: the reduced run the tests use)."""
 
 
 def _seed(seed: int, stream: str) -> int:

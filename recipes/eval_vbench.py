@@ -48,7 +48,7 @@ from rcm_pipelines.eval.scores import aggregate, dimensions, format_table, load_
 from rcm_pipelines.eval.suite import SuiteEntry, load_suite, plan_videos, rank_slice
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode_texts
 from rcm_pipelines.timing import StageTimer
-from rcm_recipes.config import RecipeConfig, parse_config, run_main
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main
 from rcm_recipes.rundir import open_run
 from rcm_train.runtime import launch_rank_world
 
@@ -122,26 +122,9 @@ class EvalVBenchConfig(RecipeConfig):
         return self
 
 
-def _preset(**kw) -> EvalVBenchConfig:
-    return EvalVBenchConfig.model_validate(kw)
-
-
-_TEACHER_DIR = "outputs/vbench/teacher-t2v-1.3B"
-PRESETS: dict[str, EvalVBenchConfig] = {
-    "teacher-t2v-1.3B": _preset(sampler=SamplerSpec(kind="unipc"), output_dir=_TEACHER_DIR,
-                                dit=DiTSpec(config="t2v-1.3B", path="checkpoints/Wan2.1-T2V-1.3B.pth")),
-    "rcm-t2v-1.3B": _preset(output_dir="outputs/vbench/rcm-t2v-1.3B", baseline=_TEACHER_DIR,
-                            dit=DiTSpec(config="t2v-1.3B", path="checkpoints/rCM_Wan2.1_T2V_1.3B_480p.pt")),
-    "causal-rcm-t2v-1.3B": _preset(
-        sampler=SamplerSpec(kind="causal"), output_dir="outputs/vbench/causal-rcm-t2v-1.3B", baseline=_TEACHER_DIR,
-        dit=DiTSpec(config="t2v-1.3B", path="outputs/causal_distill/1.3B-causal-rcm/student_ema.safetensors")),
-    "teacher-i2v-14B-480p": _preset(
-        suite="i2v", sampler=SamplerSpec(kind="unipc"), output_dir="outputs/vbench/teacher-i2v-14B",
-        prompt_file="VBench/vbench2_beta_i2v/vbench2_i2v_full_info.json",
-        image_dir="VBench/vbench2_beta_i2v/data/crop/16-9",
-        dit=DiTSpec(config="i2v-14B", path="checkpoints/Wan2.1-I2V-14B-480P.pth")),
-}
-"""Named starting points; paths are relative to the working directory (I2V: a VBench clone in ./VBench)."""
+PRESETS: dict[str, EvalVBenchConfig] = load_presets(EvalVBenchConfig, "eval_vbench")
+"""Named starting points: configs/eval_vbench/<name>.yaml; paths are relative to the working directory (I2V: a
+VBench clone in ./VBench)."""
 
 
 # ------------------------------------------------------------------------------------------ stages

@@ -38,7 +38,7 @@ from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec, encode
 from rcm_pipelines.progress import Progress
 from rcm_pipelines.timing import StageTimer
 from rcm_pipelines.video import grid_video, save_video
-from rcm_recipes.config import RecipeConfig, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 
 
 class GenerateConfig(RecipeConfig):
@@ -94,23 +94,9 @@ class GenerateConfig(RecipeConfig):
         return self
 
 
-_I2V_IMAGE = "assets/i2v_input.jpg"
-_TEACHER = SamplerSpec(kind="unipc")
-PRESETS: dict[str, GenerateConfig] = {name: GenerateConfig.model_validate(kw) for name, kw in {
-    "rcm-t2v-1.3B-480p": dict(dit=DiTSpec(config="t2v-1.3B", path="checkpoints/rCM_Wan2.1_T2V_1.3B_480p.pt")),
-    "rcm-t2v-14B-480p": dict(dit=DiTSpec(config="t2v-14B", path="checkpoints/rCM_Wan2.1_T2V_14B_480p.pt")),
-    "rcm-t2v-14B-720p": dict(video=VideoSpec(resolution="720p"), sampler=SamplerSpec(sigma_max=120.0),
-                             dit=DiTSpec(config="t2v-14B", path="checkpoints/rCM_Wan2.1_T2V_14B_720p.pt")),
-    "rcm-i2v-A14B-720p": dict(mode="i2v", image_path=_I2V_IMAGE, video=VideoSpec(resolution="720p"), dit=DiTSpec(
-        config="i2v-A14B", path="checkpoints/Wan2.2-I2V-A14B-high-rCM4.0-merged.pt",
-        low_noise_path="checkpoints/Wan2.2-I2V-A14B-low-rCM1.0-merged.pt")),
-    "teacher-t2v-1.3B": dict(sampler=_TEACHER, dit=DiTSpec(config="t2v-1.3B", path="checkpoints/Wan2.1-T2V-1.3B.pth")),
-    "teacher-t2v-14B": dict(sampler=_TEACHER, dit=DiTSpec(config="t2v-14B", path="checkpoints/Wan2.1-T2V-14B.pth")),
-    "teacher-i2v-A14B": dict(sampler=_TEACHER, mode="i2v", image_path=_I2V_IMAGE, video=VideoSpec(resolution="720p"),
-                             dit=DiTSpec(config="i2v-A14B", path="checkpoints/Wan2.2-I2V-A14B-high.pth",
-                                         low_noise_path="checkpoints/Wan2.2-I2V-A14B-low.pth")),
-}.items()}
-"""Named starting points (docs/recipes_distill_generate.md); paths are relative to the working directory."""
+PRESETS: dict[str, GenerateConfig] = load_presets(GenerateConfig, "generate")
+"""Named starting points: configs/generate/<name>.yaml (docs/recipes_distill_generate.md); paths are relative
+to the working directory."""
 
 
 def _check_files(cfg: GenerateConfig) -> None:

@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import pytest
 import yaml
 
-from rcm_recipes.config import ConfigError, field_paths, resolve_config
+from rcm_recipes.config import ConfigError, field_paths, load_config_file, preset_diff, resolve_config
 
 
 def test_help_lists_every_field(capsys):
@@ -38,6 +38,24 @@ def test_bad_fields_are_named():
     with pytest.raises(ConfigError, match=r"divisible by net\.patch_size"):
         resolve_config(demo.DemoConfig, ["--data.size=18"])
 
+
+
+def test_presets_are_yaml_files_that_config_reads():
+    """Every preset is configs/demo/<name>.yaml holding only values that differ from the defaults; the same file
+    given to --config resolves to the preset. Reference values: the Python presets before the move."""
+    root = Path(demo.__file__).resolve().parents[1] / "configs" / "demo"
+    assert sorted(p.stem for p in root.glob("*.yaml")) == sorted(demo.PRESETS) == ["ci", "default"]
+    base = demo.DemoConfig().model_dump(mode="json")
+    for name, preset in demo.PRESETS.items():
+        data = load_config_file(root / f"{name}.yaml")
+        assert preset_diff(base, data) == data, name  # nothing equal to a default
+        assert resolve_config(demo.DemoConfig, [f"--config={root / name}.yaml"]) == preset, name
+    assert demo.PRESETS["default"] == demo.DemoConfig()
+    ci = demo.PRESETS["ci"]
+    assert (ci.out_dir, ci.teacher.iterations, ci.teacher.batch_size, ci.distill.iterations) == \
+        ("outputs/demo_ci", 400, 16, 40)
+    assert (ci.distill.schedule.tangent_warmup, ci.distill.schedule.student_update_freq) == (10, 2)
+    assert (ci.eval.num_samples, ci.eval.teacher_steps) == (24, 20)
 
 @pytest.mark.slow
 def test_ci_demo_end_to_end(tmp_path):

@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import _fixtures
 import eval_vbench
@@ -28,7 +29,7 @@ from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
 from rcm_pipelines.video import read_video, save_video
-from rcm_recipes.config import ConfigError, resolve_config
+from rcm_recipes.config import ConfigError, load_config_file, preset_diff, resolve_config
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
 
@@ -72,6 +73,33 @@ def _vae(assets):
     load_checkpoint(vae, assets.vae)
     return vae.eval()
 
+
+
+def test_presets_are_yaml_files_that_config_reads():
+    """Every preset is configs/eval_vbench/<name>.yaml holding only values that differ from the defaults; the
+    same file given to --config resolves to the preset. Reference values: the Python presets before the move."""
+    root = Path(eval_vbench.__file__).resolve().parents[1] / "configs" / "eval_vbench"
+    assert sorted(p.stem for p in root.glob("*.yaml")) == sorted(eval_vbench.PRESETS)
+    base = eval_vbench.EvalVBenchConfig().model_dump(mode="json")
+    for name, preset in eval_vbench.PRESETS.items():
+        data = load_config_file(root / f"{name}.yaml")
+        assert preset_diff(base, data) == data, name  # nothing equal to a default
+        assert resolve_config(eval_vbench.EvalVBenchConfig, [f"--config={root / name}.yaml"]) == preset, name
+    teacher = "outputs/vbench/teacher-t2v-1.3B"
+    expect = {  # name: (suite, sampler.kind, dit.config, dit.path, output_dir, baseline)
+        "teacher-t2v-1.3B": ("t2v", "unipc", "t2v-1.3B", "checkpoints/Wan2.1-T2V-1.3B.pth", teacher, None),
+        "rcm-t2v-1.3B": ("t2v", "rcm", "t2v-1.3B", "checkpoints/rCM_Wan2.1_T2V_1.3B_480p.pt",
+                         "outputs/vbench/rcm-t2v-1.3B", teacher),
+        "causal-rcm-t2v-1.3B": ("t2v", "causal", "t2v-1.3B",
+                                "outputs/causal_distill/1.3B-causal-rcm/student_ema.safetensors",
+                                "outputs/vbench/causal-rcm-t2v-1.3B", teacher),
+        "teacher-i2v-14B-480p": ("i2v", "unipc", "i2v-14B", "checkpoints/Wan2.1-I2V-14B-480P.pth",
+                                 "outputs/vbench/teacher-i2v-14B", None),
+    }
+    for name, want in expect.items():
+        c = eval_vbench.PRESETS[name]
+        assert (c.suite, c.sampler.kind, c.dit.config, c.dit.path, c.output_dir, c.baseline) == want, name
+    assert eval_vbench.PRESETS["teacher-i2v-14B-480p"].image_dir == "VBench/vbench2_beta_i2v/data/crop/16-9"
 
 def test_suite_names_seeds_and_rank_split(suite_file, tmp_path):
     entries = load_suite(suite_file)
