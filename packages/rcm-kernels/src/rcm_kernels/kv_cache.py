@@ -52,6 +52,12 @@ generation runs past the trained length; docs/kv_cache.md cites the methods):
 
 Both re-index cached keys, so they need pre-RoPE keys. Memory stays constant: only bookkeeping changes.
 
+No host syncs: the index tensors the bookkeeping hands to attention (visible slots, RoPE positions, the
+block's positions) reach the device through pinned memory without blocking the host. With
+:meth:`KVCache.use_static_indices` they are moreover views of fixed buffers updated in place and writes take
+their slots from a device buffer, so a captured CUDA graph of a cached forward replays for any block of
+the same shape (``rcm_pipelines.streaming``).
+
 Cross-attention k/v (text, once per prompt) do not belong here: :class:`CrossAttentionCache` is a tiny
 per-layer dict the network may use.
 """
@@ -188,6 +194,7 @@ class KVCache:
         self.sink_bank_frames = self._bank
         self._ring = window_frames + (self.max_block_frames if rolling else 0)
         self._allocate(batch, self._bank + self._ring, heads, head_dim, group_size, device)
+        self._static: dict[str, Tensor] | None = None
         self.reset()
 
     def _allocate(self, batch: int, slots: int, h: int, d: int, group_size: int, device) -> None:
@@ -212,6 +219,38 @@ class KVCache:
                 self._k_smooth = torch.ones(n, batch, h, d, device=device)
             self._v_scale = torch.zeros(n, batch, slots * t, h, device=device)
 
+    def use_static_indices(self) -> None:
+        """From now on keep the index tensors in fixed buffers updated in place (stable addresses, what a CUDA
+        graph captures) and write through a device index. Native storage (bf16/fp16/fp32) only. The views
+        handed out earlier (``CacheLayer.frame_slots``) then change at the next commit: do not use this for
+        passes recomputed later (activation checkpointing of a self-forcing rollout)."""
+        if self.quantized:
+            raise ValueError(f"KVCache.use_static_indices: native storage only, not kv_dtype={self.kv_dtype}")
+        if self._static is None:
+            dev, s = self._k.device, self._bank + self._ring
+            self._static = dict(slots=torch.zeros(s, dtype=torch.int32, device=dev),
+                                pos=torch.zeros(s, dtype=torch.long, device=dev),
+                                block_pos=torch.zeros(self.max_block_frames, dtype=torch.long, device=dev),
+                                write_idx=torch.zeros(self.max_block_frames, dtype=torch.long, device=dev))
+            self.reset()
+
+    @property
+    def static_indices(self) -> bool:
+        return self._static is not None
+
+    def _device_ints(self, values: list[int] | tuple[int, ...], dtype: torch.dtype, buf: str | None = None) -> Tensor:
+        """``values`` as a tensor on the storage device without a host sync (pinned host copy); in static mode
+        copied into the front of buffer ``buf`` (the view is returned)."""
+        cpu = torch.tensor(values, dtype=dtype)
+        dev = self._k.device
+        if dev.type == "cuda" and cpu.numel():
+            cpu = cpu.pin_memory()
+        if self._static is None or buf is None:
+            return cpu.to(dev, non_blocking=True)
+        out = self._static[buf][:len(values)]
+        out.copy_(cpu, non_blocking=True)
+        return out
+
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
         """Forget every frame (storage is kept: no reallocation)."""
@@ -220,6 +259,8 @@ class KVCache:
         self._pending: CacheBlock | None = None
         self._pending_written: set[int] = set()
         self.last_block: CacheBlock | None = None
+        self._block_pos: Tensor | None = None  # RoPE positions of the pending block, on the device
+        self._write_idx: Tensor | None = None  # static mode: slots of the pending block, on the device
         self._smooth_frozen = False  # key smoothing factors fixed once a second block begins
         self._refresh_visible()
 
@@ -261,10 +302,9 @@ class KVCache:
     def _refresh_visible(self, next_block: int | None = None) -> None:
         frames = self._visible_frames(self.frames_written)
         self._visible = frames
-        dev = self._k.device
-        self._frame_slots = torch.tensor([self._slot(f) for f in frames], dtype=torch.int32, device=dev)
+        self._frame_slots = self._device_ints([self._slot(f) for f in frames], torch.int32, "slots")
         pos = self._frame_positions(len(frames), next_block or self.max_block_frames)
-        self._positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        self._positions = self._device_ints(pos, torch.long, "pos")
 
     @property
     def num_cached_frames(self) -> int:
@@ -303,7 +343,24 @@ class KVCache:
         slots = tuple(self._slot(f) for f in range(first, first + num_frames))
         self._pending = CacheBlock(self._blocks, first, num_frames, slots, positions)
         self._pending_written = set()
+        self._block_pos = self._device_ints(positions, torch.long, "block_pos")
+        if self._static is not None:
+            self._write_idx = self._device_ints(slots, torch.long, "write_idx")
         return self._pending
+
+    def block_positions(self, block: CacheBlock) -> Tensor:
+        """``block.positions`` as a long tensor ``[n]`` on the storage device (made once per block, no host sync;
+        in static mode a view of a fixed buffer)."""
+        if block == self._pending and self._block_pos is not None:
+            return self._block_pos
+        return self._device_ints(block.positions, torch.long)
+
+    def mark_written(self, block: CacheBlock) -> None:
+        """Record that every layer of the pending ``block`` was written by a replayed CUDA graph (the graph
+        writes the storage; the Python bookkeeping of :meth:`write` ran only at capture)."""
+        if block != self._pending:
+            raise RuntimeError(f"KVCache: block {block.index} is not the pending block")
+        self._pending_written = set(range(self.num_layers))
 
     def commit(self, block: CacheBlock) -> None:
         """Make a fully written pending block visible; the oldest non-sink frames beyond the window drop out."""
@@ -334,7 +391,10 @@ class KVCache:
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"KVCache.write: expected k and v of shape {want} (block of {block.num_frames} "
                              f"frames), got {tuple(k.shape)} and {tuple(v.shape)}")
-        idx = self._slot_index(block.slots)
+        if self._static is not None and block == self._pending:
+            idx = self._write_idx  # from a device buffer: a captured write replays for any block of this size
+        else:
+            idx = self._slot_index(block.slots)
         k5, v5 = k.detach().reshape(b, block.num_frames, t, h, d), v.detach().reshape(b, block.num_frames, t, h, d)
         n = block.num_frames
         if self.kv_dtype == "int4":
@@ -356,6 +416,9 @@ class KVCache:
             self._k[layer][:, idx] = kq.data
             self._v[layer][:, idx] = vq.data.unflatten(1, (n, t))
             self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (n, t))
+        elif isinstance(idx, Tensor):
+            self._k[layer].index_copy_(1, idx, k5.to(self._k.dtype))
+            self._v[layer].index_copy_(1, idx, v5.to(self._v.dtype))
         else:
             self._k[layer][:, idx] = k5.to(self._k.dtype)
             self._v[layer][:, idx] = v5.to(self._v.dtype)
@@ -365,7 +428,7 @@ class KVCache:
     def _slot_index(self, slots: tuple[int, ...]) -> slice | Tensor:
         if all(b == a + 1 for a, b in zip(slots, slots[1:])):
             return slice(slots[0], slots[-1] + 1)
-        return torch.tensor(slots, dtype=torch.long, device=self._k.device)  # the block wraps around the ring
+        return self._device_ints(slots, torch.long)  # the block wraps around the ring
 
     def append(self, ks: list[Tensor], vs: list[Tensor]) -> CacheBlock:
         """Begin, write every layer (``ks[i]``, ``vs[i]``: ``[B, n·T, H, D]``) and commit one block."""

@@ -242,7 +242,7 @@ class WanDiT(nn.Module):
         if block.first_frame != cache.frames_written or block is cache.last_block:
             raise ValueError(f"block {block.index} is not the cache's pending block (begin_block it first)")
         dev = x.device
-        pos = torch.tensor(block.positions, device=dev)
+        pos = cache.block_positions(block).to(dev)  # no host sync (a captured graph reads it in place)
         call = CacheCall(cache, block, write, tuple(cache.layer(i) for i in range(cfg.num_layers)))
         if cache.keys_pre_rope:  # rotate q/k inside the seam; the blocks run with an identity rotation
             hw = (x.shape[3] // ph, x.shape[4] // pw)
