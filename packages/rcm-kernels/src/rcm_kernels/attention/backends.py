@@ -4,18 +4,23 @@ Names:
   * ``"rcm"`` (default): our own autograd Function (Triton on CUDA, reference elsewhere; forward AD works);
   * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, letting torch pick the kernel;
   * ``"cudnn"`` / ``"flash"`` / ``"efficient"`` / ``"math"``: SDPA pinned to one kernel;
-  * ``"flex"``: ``torch.nn.attention.flex_attention`` (compiled) with the mask's Flex ``BlockMask``;
-    ``"flex_fa4"`` the same with the flash-attn-4 CuTeDSL backend (``pip install flash-attn-4``, Hopper+);
-  * ``"flash_attn"``: the ``flash_attn`` package (FA3 ``flash_attn_interface`` when importable, else FA2).
+  * ``"flex"``: ``torch.nn.attention.flex_attention`` with the mask's Flex ``BlockMask`` (compiled to a
+    Triton kernel on CUDA; on CPU torch's eager, unfused path, forward only: torch has no CPU Flex backward);
+    ``"flex_fa4"`` the same with ``kernel_options={"BACKEND": "FLASH"}``, torch's flash-attn-4 CuTeDSL
+    backend (``pip install flash-attn-4 nvidia-cutlass-dsl``; CUDA, Hopper or newer, bf16/fp16);
+  * ``"flash_attn"``: the first importable of FA3 ``flash_attn_interface``, FA2 ``flash_attn`` and
+    flash-attn-4 ``flash_attn.cute`` (unmasked only).
 All take ``[B, L, H, D]`` tensors and return ``[B, Lq, H, D]``; gradients flow through each library's own backward.
 Masks: ``rcm_kernels.blockmask`` masks become a dense boolean ``attn_mask`` for SDPA (efficient/math/cudnn
-kernels accept one; flash does not) and a Flex ``BlockMask`` for Flex; ``flash_attn`` takes no mask.
+kernels accept one; flash does not) and a Flex ``BlockMask`` (``mask.flex(Lq, Lk, device)``: the tile table
+as block lists plus an interval ``mask_mod`` for the partial tiles) for Flex; ``flash_attn`` takes no mask.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -57,42 +62,71 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, name: str) 
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex(name: str):
+    """One compiled ``flex_attention`` per backend name (each keeps its own recompile budget)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, fa4: bool) -> Tensor:
-    from torch.nn.attention.flex_attention import flex_attention  # imported lazily: ~2 s
-
+    name = "flex_fa4" if fa4 else "flex"
     if block_mask is not None and not hasattr(block_mask, "flex"):
-        raise TypeError("backend 'flex' needs a rcm_kernels.blockmask mask (or None), not a dense tensor")
-    bm = None if block_mask is None else block_mask.flex(q.shape[1], k.shape[1], q.device)
+        raise TypeError(f"backend {name!r} needs a rcm_kernels.blockmask mask (or None), not a dense tensor")
     kwargs = {}
     if fa4:
+        if not q.is_cuda:
+            raise ValueError(f"backend 'flex_fa4' runs on CUDA only (got {q.device} tensors); use 'flex' here")
         try:
             import flash_attn.cute  # noqa: F401  (flash-attn-4 ships the CuTeDSL kernels)
         except ImportError as err:
-            raise ImportError("backend 'flex_fa4' needs flash-attn-4: pip install --pre flash-attn-4") from err
+            raise ImportError("backend 'flex_fa4' needs flash-attn-4 (flash_attn.cute): "
+                              "pip install flash-attn-4 nvidia-cutlass-dsl") from err
         kwargs["kernel_options"] = {"BACKEND": "FLASH"}
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    return fn(qh, kh, vh, block_mask=bm, scale=scale, **kwargs).transpose(1, 2)
+    elif q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise NotImplementedError("backend 'flex' has no backward on CPU (torch FlexAttention limitation); "
+                                  "use backend 'rcm' or 'sdpa' for gradients here")
+    from torch.nn.attention.flex_attention import flex_attention  # imported lazily: ~2 s
+
+    bm = None if block_mask is None else block_mask.flex(q.shape[1], k.shape[1], q.device)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views
+    if q.is_cuda:
+        o = _compiled_flex(name)(qh, kh, vh, block_mask=bm, scale=scale, **kwargs)
+    else:
+        with warnings.catch_warnings():  # the eager path warns that it is unfused: that is the point here
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            o = flex_attention(qh, kh, vh, block_mask=bm, scale=scale)
+    return o.transpose(1, 2)
+
+
+def _flash_attn_func():
+    """The first importable ``flash_attn_func``: FA3, FA2, then flash-attn-4's CuTeDSL one."""
+    try:
+        from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
+
+        return flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func  # FA2
+
+        return flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_func  # flash-attn-4 (CuTeDSL, Hopper+)
+
+        return flash_attn_func
+    except ImportError as err:
+        raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn "
+                          "--no-build-isolation (FA2), pip install flash-attn-4 (FA4), or build FA3 "
+                          "from its hopper/ folder") from err
 
 
 def _flash_attn(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask) -> Tensor:
     if block_mask is not None:
         raise ValueError("backend 'flash_attn' takes no block mask; use 'rcm' or 'flex' for masked attention")
-    try:
-        from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
-    except ImportError:
-        try:
-            from flash_attn import flash_attn_func  # FA2
-        except ImportError as err:
-            raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn "
-                              "--no-build-isolation (FA2), or build FA3 from its hopper/ folder") from err
-    o = flash_attn_func(q, k, v, softmax_scale=scale)  # takes [B, L, H, D] directly
+    o = _flash_attn_func()(q, k, v, softmax_scale=scale)  # takes [B, L, H, D] directly
     return o[0] if isinstance(o, tuple) else o
 
 
