@@ -13,7 +13,6 @@ student) and its CPU twin ``causal-tiny-sizes``. ``--parallel.mesh.cp=N``: Ulyss
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -26,7 +25,8 @@ from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import video_kv_cache
 from rcm_pipelines.components import DiTSpec, dit_config, load_embedding, read_dit_state_dict, require_file
 from rcm_pipelines.hooks import CausalSampleHook, SampleConfig
-from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
+from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main
+from rcm_recipes.rundir import open_run
 from rcm_train.data import DataConfig, DeviceData, ShardLoader, first_samples, resolve_shards
 from rcm_train.logging import LoggerConfig
 from rcm_train.objectives import causal
@@ -121,6 +121,8 @@ class CausalDistillConfig(RecipeConfig):
     """Streaming samples of the trained network and its EMA."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    allow_config_change: bool = False
+    """Continue a run directory made with another config (its optimizers and data can never change)."""
 
     @model_validator(mode="after")
     def _check(self) -> CausalDistillConfig:
@@ -174,19 +176,23 @@ def _networks(cfg: CausalDistillConfig, mesh, device: torch.device, layout: Bloc
     return causal.CausalNetworks(build, weights, partial(video_kv_cache, layout=layout), hook)
 
 
+_FREE = ("allow_config_change", "output_dir", "device", "run.logger", "sample.every")
+"""May differ between attempts of one run directory (docs/reliability.md)."""
+
+
 def run(cfg: CausalDistillConfig) -> dict:
     """Run every stage; returns ``{"stages": {name: StageResult}, "student", "student_ema", ...}``."""
     device = resolve_device(cfg.device)
     with process_group(device):
         for role in causal.first_weights_needed(cfg.stages()):  # before anything is written: missing files, named
             require_file(cfg.model.spec(role).path, cfg.model.field(role), "DiT weights")
-        if is_rank0():
-            write_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
+        asked, cfg = cfg, cfg.model_copy(update={"data": resolve_shards(cfg.data)})
         mesh = cfg.parallel.mesh.build()
         blocks = cfg.blocks.frame_blocks(cfg.data.num_frames)
         negative = None if cfg.negative_embed_path is None else load_embedding(
             cfg.negative_embed_path, "negative_embed_path", text_len=dit_config(cfg.model.teacher).text_len).to(device)
+        open_run(cfg.output_dir, asked, allow_changes=cfg.allow_config_change, write=is_rank0(), ignore=_FREE,
+                 frozen=("optimizer", "causal_teacher_optimizer", "fake_score_optimizer", "data"))
         stages = [(s.name, s.iterations) for s in cfg.stages()]
         print0(f"causal_distill: world {dist.get_world_size()} on {device.type}, blocks {blocks.sizes}, mesh "
                f"(replicate, shard, cp) {tuple(mesh.world.shape)}, stages {stages}")

@@ -104,6 +104,13 @@ def test_staged_causal_rcm_runs_end_to_end(assets, tmp_path):
         _args(assets, out, "tiny-causal-rcm")
     )  # a rerun resumes: every stage complete
     assert again["stages"]["sf_dmd"].iteration == 3
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml", "002.yaml"]
+    # a rerun with another student learning rate would keep the restored optimizer's: refused, named
+    from rcm_recipes.rundir import RunConfigMismatch
+
+    with pytest.raises(RunConfigMismatch, match=r"optimizer.lr: .* -> 0.5"):
+        causal_distill.main(_args(assets, out, "tiny-causal-rcm", "--optimizer.lr=0.5", "--allow_config_change=true"))
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml", "002.yaml"]
 
 
 def test_ode_init_i2v_replay_runs(assets, tmp_path):
