@@ -25,6 +25,7 @@ from rcm_pipelines.eval.harness import resolve_prompt_file
 from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
 from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec
+from rcm_pipelines.stream_spec import StreamSpec
 from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
@@ -196,7 +197,8 @@ def test_teacher_and_causal_latents_match_direct_sampling(assets):
                             input_dtype=torch.float32)
     torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)  # same float32 ops; rounding only
     # causal: 2 blocks of 1 latent frame, 2 steps each, fp32 cache of the whole video
-    s = _sampler(assets, SamplerSpec(kind="causal", causal_times=[0.9, 0.5], frames_per_block=1, kv_dtype="float32"))
+    s = _sampler(assets, SamplerSpec(kind="causal", causal=StreamSpec(times=[0.9, 0.5], frames_per_block=1,
+                                                                     kv_dtype="float32")))
     got = s.latent(ctx, None, s.condition(None), seed=9)
     layout = BlockLayout(1)
     cache = make_kv_cache(net, batch=1, height=4, width=4, layout=layout, window_frames=2, rolling=False,
@@ -225,8 +227,8 @@ def test_i2v_plumbing(assets, tmp_path):
                             f"--dit.path={assets.i2v}", "--sampler.num_steps=1", "--dimensions=[\"i2v_subject\"]"])
     assert [p.name for p in res["sample"]["written"]] == ["a cat yawns-0.mp4"]
     res = eval_vbench.main([*base, f"--output_dir={tmp_path / 'causal'}", "--dit.config=tiny",
-                            f"--dit.path={assets.t2v}", "--sampler.kind=causal", "--sampler.causal_times=[0.9]",
-                            "--sampler.frames_per_block=1", "--sampler.kv_dtype=float32"])
+                            f"--dit.path={assets.t2v}", "--sampler.kind=causal", "--sampler.causal.times=[0.9]",
+                            "--sampler.causal.frames_per_block=1", "--sampler.causal.kv_dtype=float32"])
     assert sorted(p.name for p in res["sample"]["written"]) == sorted(f"{e['prompt_en']}-0.mp4" for e in suite)
     assert read_video(res["sample"]["written"][0]).shape == (5, 32, 32, 3)
     with pytest.raises(ConfigError, match="needs image_dir"):

@@ -50,7 +50,7 @@ def test_help_lists_every_field(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for path in field_paths(generate.GenerateConfig):
-        if path not in ("dit", "vae", "text_encoder", "clip", "sampler", "video"):  # groups: their fields are listed
+        if path not in ("dit", "vae", "text_encoder", "clip", "sampler", "sampler.causal", "video"):  # groups
             assert f"--{path} " in text or f"--{path}\n" in text, path
     assert "rcm-i2v-A14B-720p" in text  # presets
 
@@ -99,9 +99,9 @@ def test_out_of_range_values_are_refused_before_loading():
     """Before: stream steps/frames/context noise and video sizes out of range failed only after the models
     loaded, and --mid_t in the wrong order was accepted."""
     for flag, msg in [("--sampler.mid_t=[1.0,1.4]", r"mid_t \[1.0, 1.4\] must be strictly decreasing"),
-                      ("--sampler.causal_times=[0.5,1.5]", r"causal_times .* must be strictly decreasing"),
-                      ("--sampler.context_noise=1.0", r"sampler\.context_noise"),
-                      ("--sampler.frames_per_block=0", r"sampler\.frames_per_block"),
+                      ("--sampler.causal.times=[0.5,1.5]", r"sampler\.causal\.times.* must be strictly decreasing"),
+                      ("--sampler.causal.context_noise=1.0", r"sampler\.causal\.context_noise"),
+                      ("--sampler.causal.frames_per_block=0", r"sampler\.causal\.frames_per_block"),
                       ("--sampler.guidance=-1", r"sampler\.guidance"),
                       ("--video.num_frames=6", r"num_frames must be 1 \+ 4k"),
                       ("--video.size=[30,32]", "positive multiples of 16"),

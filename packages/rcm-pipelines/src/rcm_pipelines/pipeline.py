@@ -9,7 +9,10 @@ Samplers (`SamplerSpec.kind`):
 * ``euler`` / ``unipc``: the bidirectional teacher, N flow steps with classifier-free guidance
   (`generation.teacher_generate`);
 * ``causal``: a causal (streaming) student, block by block with a KV cache holding the whole video
-  (`rcm_pipelines.streaming.stream_generate`); I2V gives the image's latent as the first block.
+  (`rcm_pipelines.streaming.stream_generate`), configured by ``SamplerSpec.causal``: the same
+  :class:`~rcm_pipelines.stream_spec.StreamSpec` as the streaming session (``recipes/stream.py``'s ``--stream.*``
+  is ``--sampler.causal.*`` here); I2V gives the image's latent as the first block (:func:`causal_first_block`,
+  shared with the session).
 
 A prompt's ``num_samples`` videos are one batch drawn from a CPU generator seeded with the prompt's seed
 (initial noise first, then the re-noising draws), so a video's pixels depend on its seed and its batch only,
@@ -34,7 +37,8 @@ from torch import Tensor
 
 from rcm_kernels.blockmask import BlockLayout
 from rcm_losses.schedules import check_schedule
-from rcm_nets.wan.causal import video_kv_cache
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_nets.wan.vae import WanVAE
 
 from .components import (
     WAN_NEGATIVE_PROMPT,
@@ -61,11 +65,17 @@ from .generation import (
     velocity_fn,
     video_size,
 )
-from .streaming import DEFAULT_STREAM_TIMES, stream_generate
+from .stream_spec import StreamSpec
+from .streaming import stream_generate
 from .timing import StageTimer
 from .video import load_image
 
-__all__ = ["SamplerSpec", "VideoSpec", "Condition", "VideoPipeline", "encode_texts"]
+__all__ = ["SamplerSpec", "VideoSpec", "Condition", "VideoPipeline", "causal_first_block", "encode_texts"]
+
+_ROLLING_ONLY = ("trained_frames", "sink_frames", "window_frames", "position_policy", "extrapolation",
+                 "sink_bank_frames")
+"""StreamSpec fields of the rolling cache of long streams; the pipeline's cache holds the whole video, so they
+must keep their defaults under sampler.causal (a set value would be ignored)."""
 
 
 class SamplerSpec(PipelineConfig):
@@ -75,7 +85,7 @@ class SamplerSpec(PipelineConfig):
     """rcm: distilled bidirectional student (1-4 steps, no CFG); euler / unipc: the teacher (N steps + CFG);
     causal: a causal streaming student, block by block with a KV cache."""
     num_steps: int | None = Field(None, ge=1)
-    """Steps; None: 4 for rcm, 50 for the teacher, len(causal_times) for causal."""
+    """Steps; None: 4 for rcm, 50 for the teacher; causal: the steps of block 0 (set by causal.times)."""
     sigma_max: float | None = Field(None, gt=0)
     """Initial EDM noise level; None: 80 for rcm T2V, 200 for rcm I2V, 5000 for the teacher."""
     mid_t: list[float] = [1.5, 1.4, 1.0]
@@ -83,33 +93,29 @@ class SamplerSpec(PipelineConfig):
     ode: bool = False
     """rcm: deterministic RF Euler updates instead of re-noising."""
     guidance: float = Field(5.0, ge=0)
-    """Teacher CFG scale (1 disables the unconditional pass)."""
+    """Teacher CFG scale (1 disables the unconditional pass; causal: causal.guidance)."""
     shift: float = Field(5.0, gt=0)
     """Teacher: Wan time shift of the step schedule."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    """Teacher CFG negative prompt (Wan's default)."""
+    """Teacher CFG negative prompt (Wan's default; causal: causal.negative_prompt)."""
     negative_embed_path: str | None = None
-    """A stored negative-prompt embedding [L, D] used instead of encoding negative_prompt."""
-    causal_times: list[float] = list(DEFAULT_STREAM_TIMES)
-    """causal: RF times of the denoising steps of every block (strictly decreasing in (0, 1])."""
-    frames_per_block: int = Field(3, ge=1)
-    """causal: latent frames per block."""
-    first_block_frames: int | None = Field(None, ge=1)
-    """causal: latent frames of the first block (default frames_per_block; I2V forces 1: the image)."""
-    context_noise: float = Field(0.0, ge=0, lt=1)
-    """causal: RF time of the cache-writing re-run of each block (0 = clean context)."""
-    kv_dtype: Literal["bfloat16", "float16", "float32", "int8", "fp8"] = "bfloat16"
-    """causal: KV cache storage."""
-    timestep_bf16: bool = False
-    """causal: round the network time 1000 t through bf16 (as rcm's causal sampler does)."""
+    """A stored negative-prompt embedding [L, D] used instead of encoding the negative prompt (teacher or causal
+    CFG)."""
+    causal: StreamSpec = StreamSpec()
+    """kind=causal: the streaming spec shared with recipes/stream.py (times, solver, refresh, context_noise,
+    guidance, frames_per_block, first_block_frames, kv_dtype, timestep_bf16, ...; docs/causal.md). The KV cache
+    holds the whole video, so the rolling-cache fields (trained_frames, sink/window frames, position_policy,
+    extrapolation, sink_bank_frames) keep their defaults; I2V: first_block_frames unset or 1 (the image)."""
     boundary: float = Field(0.9, gt=0, lt=1)
     """Two-expert DiTs (dit.low_noise_path set): RF time at which the low-noise expert takes over."""
     offload_experts: bool = True
     """Two-expert DiTs: keep the expert not in use on the CPU."""
 
     def steps(self) -> int:
+        """Denoising steps (causal: of block 0)."""
         if self.kind == "causal":
-            return len(self.causal_times)
+            times = self.causal.block_times()
+            return len(times[0]) if isinstance(times[0], list) else len(times)
         return self.num_steps if self.num_steps is not None else (4 if self.kind == "rcm" else 50)
 
     def sigma(self, mode: str) -> float:
@@ -118,25 +124,32 @@ class SamplerSpec(PipelineConfig):
         return 5000.0 if self.kind in ("euler", "unipc") else (200.0 if mode == "i2v" else 80.0)
 
     def uses_cfg(self) -> bool:
+        if self.kind == "causal":
+            return self.causal.uses_cfg()
         return self.kind in ("euler", "unipc") and self.guidance > 1
+
+    def negative_text(self) -> str:
+        """The CFG negative prompt of this sampler (causal: causal.negative_prompt)."""
+        return self.causal.negative_prompt if self.kind == "causal" else self.negative_prompt
 
     @field_validator("mid_t")
     @classmethod
     def _mid_t(cls, v: list[float]) -> list[float]:
         return check_schedule(v, low=0.0, high=math.pi / 2, what="mid_t") if v else v
 
-    @field_validator("causal_times")
-    @classmethod
-    def _causal_times(cls, v: list[float]) -> list[float]:
-        return check_schedule(v, low=0.0, high=1.0, what="causal_times")
-
     def check(self) -> None:
         """Cross-field checks (called by the recipe's validator); messages name the flag."""
         if self.kind == "rcm" and self.num_steps is not None and not 1 <= self.num_steps <= len(self.mid_t) + 1:
             raise ValueError(f"sampler.num_steps for rcm must be 1..{len(self.mid_t) + 1}, got {self.num_steps}")
-        if self.kind == "causal" and self.num_steps is not None and self.num_steps != len(self.causal_times):
-            raise ValueError(f"sampler.num_steps={self.num_steps} but sampler.causal_times has "
-                             f"{len(self.causal_times)} times: set the times (the steps are their count)")
+        if self.kind == "causal" and self.num_steps is not None and self.num_steps != self.steps():
+            raise ValueError(f"sampler.num_steps={self.num_steps} but sampler.causal.times gives {self.steps()} "
+                             "steps: set the times (the steps are their count)")
+        if self.kind == "causal":
+            default = StreamSpec()
+            for name in _ROLLING_ONLY:
+                if getattr(self.causal, name) != getattr(default, name):
+                    raise ValueError(f"sampler.causal.{name} applies to rolling caches (recipes/stream.py); the "
+                                     "pipeline's KV cache holds the whole video: leave it at its default")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
 
@@ -194,7 +207,7 @@ def encode_texts(spec: TextEncoderSpec, texts: list[str], *, text_len: int, devi
     with timer.stage("load text encoder", "umT5 weights onto the device + tokenizer"):
         encoder = TextEncoder(spec, text_len=text_len, device=device)
     with timer.stage("text encoder", f"tokenize + umT5 forward of {len(texts) + need_neg} prompt(s)"):
-        emb = encoder(texts + ([sampler.negative_prompt] if need_neg else []))
+        emb = encoder(texts + ([sampler.negative_text()] if need_neg else []))
     with timer.stage("free text encoder", "delete umT5, release its device memory"):
         encoder.free()
     neg = None
@@ -202,6 +215,22 @@ def encode_texts(spec: TextEncoderSpec, texts: list[str], *, text_len: int, devi
         neg = emb[len(texts)] if need_neg else load_embedding(sampler.negative_embed_path,
                                                               "sampler.negative_embed_path", text_len=text_len)
     return emb[: len(texts)], neg
+
+
+def causal_first_block(image_chw: Tensor, size: tuple[int, int], vae: WanVAE | None,
+                       device: torch.device) -> Tensor:
+    """Causal I2V: the image ``[3, H, W]`` in [-1, 1] resized (bicubic, clamped) to ``size`` (width, height) as the
+    first block ``[1, C, 1, h, w]`` float32: its VAE latent (on the VAE's device), or with ``vae=None`` (a
+    pixel-space DiT) the pixels themselves on ``device``. The one first-block function of the generation
+    pipeline and the streaming session."""
+    w, h = size
+    img = F.interpolate(image_chw[None].float(), size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+    img = img[:, :, None]
+    if vae is None:
+        return img.to(device)
+    p = next(vae.parameters())
+    with torch.no_grad():
+        return vae.encode(img.to(device=p.device, dtype=p.dtype)).float()
 
 
 class VideoPipeline:
@@ -250,7 +279,7 @@ class VideoPipeline:
         if self.video.adaptive_resolution:
             size = adaptive_size(image.shape[1:], size)
         if self.spec.kind == "causal":
-            return Condition(size, first=self._first_block(image, size))
+            return Condition(size, first=causal_first_block(image, size, self.vae, self.device))
         clip_fea = None
         if self.clip is not None:
             with self.timer.stage("CLIP image encoder", "preprocess + ViT forward of the input image"), torch.no_grad():
@@ -259,14 +288,6 @@ class VideoPipeline:
                                             "[image, zeros] video encoded"):
             y = i2v_condition(self.vae, image, self.frames, *size)
         return Condition(size, y=y, clip_fea=clip_fea)
-
-    def _first_block(self, image_chw: Tensor, size: tuple[int, int]) -> Tensor:
-        """Causal I2V: the VAE latent ``[1, C, 1, H, W]`` of the image resized to ``size`` (as ``stream.py``)."""
-        w, h = size
-        img = F.interpolate(image_chw[None].float(), size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
-        p = next(self.vae.parameters())
-        with torch.no_grad():
-            return self.vae.encode(img[:, :, None].to(device=p.device, dtype=p.dtype)).float()
 
     # ------------------------------------------------------------------------------------------ per video
     def latent(self, context: Tensor, uncond: Tensor | None, cond: Condition, seed: int, *, num_samples: int = 1,
@@ -285,7 +306,7 @@ class VideoPipeline:
             if s.kind == "causal":
                 if num_samples != 1:
                     raise ValueError("sampler.kind=causal makes one video at a time: set num_samples=1")
-                return self._causal(ctx, shape, g, cond.first)
+                return self._causal(ctx, uncond, shape, g, cond.first)
             noise = torch.randn((num_samples, *shape), generator=g, dtype=torch.float32).to(self.device)
             velocity = self._velocity(cond)
             if s.kind == "rcm":
@@ -309,19 +330,32 @@ class VideoPipeline:
         return ExpertSwitch(vel[0], vel[1], boundary=self.spec.boundary, nets=tuple(self.nets), device=self.device,
                             offload=self.spec.offload_experts)
 
-    def _causal(self, ctx: Tensor, shape: tuple[int, int, int, int], g: torch.Generator,
+    def _causal(self, ctx: Tensor, uncond: Tensor | None, shape: tuple[int, int, int, int], g: torch.Generator,
                 first: Tensor | None) -> Tensor:
+        """One video ``[1, C, T, H, W]`` streamed with ``spec.causal``: non-rolling cache(s) of all T frames (two
+        with CFG: ``uncond [L, D]`` the negative prompt); I2V: ``first [1, C, 1, H, W]`` is block 0."""
         c, t, h, w = shape
-        s = self.spec
+        s = self.spec.causal
+        if first is not None and s.first_block_frames not in (None, 1):
+            raise ValueError("causal I2V gives the image as the first block: set sampler.causal.first_block_frames=1 "
+                             f"(or leave it unset), got {s.first_block_frames}")
         layout = BlockLayout(s.frames_per_block, 1 if first is not None else s.first_block_frames)
         if not layout.covers_exactly(t):
             raise ValueError(f"{t} latent frames ({self.frames} px frames) are not whole blocks of {layout}: change "
-                             "video.num_frames or sampler.frames_per_block / first_block_frames")
+                             "video.num_frames or sampler.causal.frames_per_block / first_block_frames")
         net = self.nets[0]
-        cache = video_kv_cache(net, (1, c, t, h, w), self.device, layout=layout, kv_dtype=s.kv_dtype)
-        blocks = stream_generate(net, net.encode_prompt(ctx), cache, num_frames=t, layout=layout,
-                                 latent_shape=(1, c, h, w), generator=g, times=s.causal_times,
-                                 context_noise=s.context_noise, initial_latent=first,
+        cfg = s.uses_cfg()
+        if cfg and uncond is None:
+            raise ValueError(f"sampler.causal.guidance={s.guidance} needs the negative prompt's embedding")
+        caches = [make_kv_cache(net, batch=1, height=h, width=w, layout=layout, window_frames=t, rolling=False,
+                                kv_dtype=s.kv_dtype, group_size=s.group_size, key_smoothing=s.key_smoothing,
+                                device=self.device) for _ in range(1 + cfg)]
+        neg = net.encode_prompt(uncond.to(device=self.device, dtype=self.dtype)[None]) if cfg else None
+        blocks = stream_generate(net, net.encode_prompt(ctx), caches[0], num_frames=t, layout=layout,
+                                 latent_shape=(1, c, h, w), generator=g, times=s.block_times(),
+                                 context_noise=s.context_noise, refresh=s.refresh,
+                                 clean_refresh_blocks=s.clean_refresh_blocks, solver=s.solver, negative=neg,
+                                 uncond_cache=caches[1] if cfg else None, guidance=s.guidance, initial_latent=first,
                                  timestep_dtype=torch.bfloat16 if s.timestep_bf16 else None)
         return torch.cat([b.x0.float() for b in blocks], dim=2)
 
