@@ -150,7 +150,6 @@ def summary(rows: list[dict], cfg: StreamConfig, session: StreamSession, device:
 def run(cfg: StreamConfig) -> dict:
     """Generate, write the videos progressively; returns the timing summary (also in timings.json)."""
     device, out = resolve_device(cfg.device), Path(cfg.out_dir)
-    write_config(cfg, out / "config.yaml")
     texts = prompt_list(cfg)
     ctx, neg = encode(cfg, texts, device)  # before the DiT loads: the two never share the device
     session = StreamSession(cfg.stream, dit=cfg.dit, vae=cfg.vae, device=device,
@@ -162,6 +161,8 @@ def run(cfg: StreamConfig) -> dict:
     print(f"stream: {len(texts)} prompt(s), {latent} latent frames in {layout.num_blocks(latent)} blocks of {layout}, "
           f"{cfg.stream.forwards_per_block(1)} DiT calls per block, sink + window {cfg.stream.cache_frames(layout)} "
           f"frames ({cfg.stream.kv_dtype}), device {device}")
+    (out / "timings.json").unlink(missing_ok=True)  # a stale one would describe another run's videos
+    write_config(cfg, out / "config.yaml")  # after the inputs loaded: describes the videos written next
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with profiled(out / "trace.json" if cfg.profile else None, device):
