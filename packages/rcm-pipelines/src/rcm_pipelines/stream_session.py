@@ -39,7 +39,7 @@ from rcm_nets.wan.vae_fast import VAEDecodeOptions
 from .components import DiTSpec, VAESpec, dit_config, load_dit, load_vae
 from .pipeline import causal_first_block
 from .stream_spec import StreamSpec, latent_frames_for
-from .streaming import StreamBlock, stream_generate
+from .streaming import StepGraphs, StreamBlock, stream_generate
 from .video import VideoWriter
 
 __all__ = ["RANDOM_WEIGHTS", "DecodedBlock", "StreamSession", "decode_blocks", "load_stream_dit", "profiled",
@@ -162,6 +162,9 @@ class StreamSession:
         self.pixel_space = cfg.out_dim == 3
         self.net = load_stream_dit(dit, device, dtype, init_seed=init_seed)
         self.vae = None if self.pixel_space else load_vae(vae, device, dtype)
+        # spec.cuda_graph: graphs kept across videos; they bind to the caches, reused while the geometry holds
+        self.graphs = StepGraphs(self.net) if spec.cuda_graph else None
+        self._cache_key: tuple | None = None
 
     def cache_bytes(self) -> int:
         """Bytes of the KV cache(s) of the last video (two with CFG)."""
@@ -210,7 +213,10 @@ class StreamSession:
         neg = net.encode_prompt(negative.to(device=self.device, dtype=self.dtype)[None].expand(b, -1, -1)) \
             if cfg else None
         first = None if image is None else self.first_block(image, size).expand(b, -1, -1, -1, -1)
-        self.caches = [cache() for _ in range(1 + cfg)]
+        key = (b, lh, lw, layout, sink, window, cfg)
+        if self.graphs is None or key != self._cache_key:
+            self.caches = [cache() for _ in range(1 + cfg)]
+            self._cache_key = key
         return stream_generate(net, net.encode_prompt(ctx), self.caches[0], num_frames=frames, layout=layout,
                                latent_shape=(b, net.config.out_dim, lh, lw),
                                generator=[torch.Generator().manual_seed(int(x)) for x in seeds],
@@ -218,7 +224,8 @@ class StreamSession:
                                clean_refresh_blocks=s.clean_refresh_blocks, solver=s.solver, negative=neg,
                                uncond_cache=self.caches[1] if cfg else None, guidance=s.guidance, initial_latent=first,
                                timestep_dtype=torch.bfloat16 if s.timestep_bf16 else None, record=record,
-                               synchronize=not s.overlap_decode if synchronize is None else synchronize)
+                               synchronize=not s.overlap_decode if synchronize is None else synchronize,
+                               cuda_graph=self.graphs or False)
 
     def frames(self, context: Tensor, *, overlap: bool | None = None, **kw) -> Iterator[DecodedBlock]:
         """:meth:`blocks` decoded block by block (``overlap`` defaults to ``spec.overlap_decode`` on CUDA; on the

@@ -76,6 +76,9 @@ class StreamSpec(PipelineConfig):
     """Round the network time 1000 t through bf16 as rcm does."""
     overlap_decode: bool = True
     """CUDA: decode block n on a side stream while the DiT denoises block n+1 (same frames, in order)."""
+    cuda_graph: bool = False
+    """CUDA: replay CUDA graphs of the DiT calls, one per static shape (cache length, block size, write pass;
+    docs/causal.md). Eager on the CPU, for int8/fp8/int4 or key-smoothed caches and a shape's first call."""
 
     @field_validator("times")
     @classmethod

@@ -18,11 +18,21 @@ With a rolling cache (sink frames + the most recent ``window_frames``) the memor
 blocks; RoPE positions are computed on the fly. ``rcm_nets.wan.vae.StreamingDecoder`` decodes each finished
 block with the VAE's causal feature cache, so pixels come out block by block and equal a whole-video decode.
 
+CUDA graphs (``cuda_graph``, :class:`StepGraphs`): each DiT call of a step (and the cache-writing pass) is
+captured once per static shape: which cache (conditional / CFG's unconditional), visible cache frames F,
+block frames n, write or not. F grows while the window fills, then stays constant, so a video has a handful
+of shapes (c3-3 with 3 sink + 15 window frames: F = 0, 3, ..., 18). The first call of a shape runs eager
+(warm-up: kernel compilation, library handles), the second captures and replays; graphs share one memory
+pool. The per-block inputs (visible slots, RoPE positions, write slots) live in fixed device buffers of the
+cache (``KVCache.use_static_indices``), the latents, times and prompt k/v in static buffers of the graph,
+so a replay reads the current block's values and writes the cache in place.
+
 Layout legend: B batch, C latent channels, n frames of a block, H x W latent size.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +47,9 @@ from rcm_kernels.kv_cache import KVCache
 from rcm_losses.schedules import block_schedule, check_schedule
 from rcm_nets.wan.dit import PromptKV, WanDiT
 
-__all__ = ["DEFAULT_STREAM_TIMES", "StreamBlock", "stream_generate", "wan_timestep"]
+__all__ = ["DEFAULT_STREAM_TIMES", "StepGraphs", "StreamBlock", "stream_generate", "wan_timestep"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_TIMES: tuple[float, ...] = (1600 / 1601, 15 / 16, 5 / 6, 5 / 8)
 """RF times of the 4 denoising steps of a block (the Causal-rCM / Self-Forcing schedule; first =
@@ -109,6 +121,124 @@ class _Timer:
         return time.perf_counter() - start, None
 
 
+class _Graph:
+    """One captured DiT call: static inputs ``x``, ``t``, the output ``out``."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, x: Tensor, t: Tensor, out: Tensor):
+        self.graph, self.x, self.t, self.out = graph, x, t, out
+
+
+def _tensors(prompt: PromptKV | Tensor) -> list[Tensor]:
+    return [x for kv in prompt.layers for x in kv] if isinstance(prompt, PromptKV) else [prompt]
+
+
+def _clone_prompt(prompt: PromptKV | Tensor) -> PromptKV | Tensor:
+    if isinstance(prompt, PromptKV):
+        return PromptKV(tuple(tuple(x.clone() for x in kv) for kv in prompt.layers))
+    return prompt.clone()
+
+
+class StepGraphs:
+    """CUDA graphs of the DiT calls of streaming steps, one per static shape, kept across videos.
+
+    Key of a graph: ``(branch, F, n, write, x shape)`` with branch 0 the conditional cache, 1 CFG's
+    unconditional one, F the visible cache frames, n the block's frames. The first call of a key runs eager
+    (warm-up), the second captures (``torch.cuda.graph``, one shared pool) and replays; later calls copy
+    ``x`` and ``t`` into the static inputs and replay on the current stream. Cache writes inside a graph
+    go to the cache's fixed storage at slots read from its device index buffer, so the cache stays
+    correct; :meth:`rcm_kernels.kv_cache.KVCache.mark_written` then records the write.
+
+    Eager instead (said once in the log): not on CUDA, quantized or key-smoothed cache storage (their
+    writes are not captured), autograd enabled, or a capture that failed.
+    """
+
+    def __init__(self, net: WanDiT):
+        self.net = net
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: set[tuple] = set()
+        self._bound: tuple | None = None
+        self._prompts: list[PromptKV | Tensor] = []
+        self._said: set[str] = set()
+        self.off_reason: str | None = None
+        self._pool = None
+        self.captures = self.replays = 0
+
+    def _say(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            log.warning("cuda_graph: %s", msg)
+
+    @staticmethod
+    def unsupported(device: torch.device, caches: Sequence[KVCache]) -> str | None:
+        """Why a run on ``device`` with ``caches`` cannot be captured (``None``: it can)."""
+        if device.type != "cuda":
+            return f"needs a CUDA device, the net is on {device.type}; running eager"
+        for kv in caches:
+            if kv.quantized or kv.key_smoothing != "none":
+                return (f"kv_dtype={kv.kv_dtype} (key_smoothing={kv.key_smoothing}) writes are not captured; "
+                        "running eager (native bf16/fp16/fp32 caches only)")
+        if torch.is_grad_enabled():
+            return "autograd is enabled; running eager"
+        return None
+
+    def bind(self, caches: Sequence[KVCache], prompts: Sequence[PromptKV | Tensor]) -> bool:
+        """Prepare a video: returns whether graphs are used. Graphs captured for other caches or prompt shapes
+        are dropped; the prompts are copied into the static prompt buffers."""
+        device = next(self.net.parameters()).device
+        reason = self.off_reason or self.unsupported(device, caches)
+        if reason:
+            self._say(reason)
+            return False
+        key = (tuple(id(kv) for kv in caches), tuple(kv.storage()[0].data_ptr() for kv in caches),
+               tuple(tuple((tuple(x.shape), x.dtype) for x in _tensors(p)) for p in prompts))
+        if key != self._bound:
+            self._graphs.clear()
+            self._seen.clear()
+            self._prompts = [_clone_prompt(p) for p in prompts]
+            self._bound = key
+        else:
+            for dst, src in zip(self._prompts, prompts):
+                for a, b in zip(_tensors(dst), _tensors(src)):
+                    a.copy_(b)
+        for kv in caches:
+            kv.use_static_indices()
+        return True
+
+    def __call__(self, branch: int, x: Tensor, t: Tensor, cache: KVCache, block, write: bool) -> Tensor:
+        """The DiT velocity of ``x`` at network times ``t`` for ``block`` (a fresh tensor, not a static buffer)."""
+        key = (branch, cache.num_cached_frames, block.num_frames, write, tuple(x.shape), x.dtype)
+        g = self._graphs.get(key)
+        if g is None and key in self._seen and self.off_reason is None:
+            g = self._capture(key, branch, x, t, cache, block, write)
+        if g is None:
+            self._seen.add(key)
+            return self.net.forward_block(x, t, self._prompts[branch], cache=cache, block=block, write=write)
+        g.x.copy_(x)
+        g.t.copy_(t)
+        g.graph.replay()
+        self.replays += 1
+        if write:
+            cache.mark_written(block)
+        return g.out.clone()
+
+    def _capture(self, key, branch, x, t, cache, block, write) -> _Graph | None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        sx, st = x.clone(), t.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.net.forward_block(sx, st, self._prompts[branch], cache=cache, block=block, write=write)
+        except RuntimeError as err:  # e.g. an op that syncs the host; eager from now on
+            self.off_reason = f"capture failed ({str(err).splitlines()[0]}); running eager"
+            self._say(self.off_reason)
+            self._graphs.clear()
+            return None
+        self.captures += 1
+        self._graphs[key] = g = _Graph(graph, sx, st, out)
+        return g
+
+
 def _noise_fn(generator: torch.Generator | Sequence[torch.Generator], shape: tuple[int, int, int, int],
               device: torch.device):
     """``noise(n) -> [B, C, n, H, W]`` on ``device``: one generator draws the whole batch; a list of B generators
@@ -143,7 +273,7 @@ def stream_generate(net: WanDiT, prompt: PromptKV | Tensor, cache: KVCache, *, n
                     negative: PromptKV | Tensor | None = None, uncond_cache: KVCache | None = None,
                     guidance: float = 1.0, initial_latent: Tensor | None = None,
                     timestep_dtype: torch.dtype | None = None, record: bool = False,
-                    synchronize: bool = True) -> Iterator[StreamBlock]:
+                    synchronize: bool = True, cuda_graph: bool | StepGraphs = False) -> Iterator[StreamBlock]:
     """Generate ``num_frames`` latent frames block by block, yielding each finished :class:`StreamBlock`.
 
     Args:
@@ -173,6 +303,8 @@ def stream_generate(net: WanDiT, prompt: PromptKV | Tensor, cache: KVCache, *, n
         record: keep every step's input and velocity in the yielded blocks (tests, debugging).
         synchronize: time each block with a device sync (default); ``False`` on CUDA records CUDA events
             instead and never blocks the host, so a consumer can overlap other work (the streaming decode).
+        cuda_graph: replay CUDA graphs of the DiT calls (:class:`StepGraphs`; pass one to keep its graphs
+            across videos, ``True`` makes one for this call); eager where capture is impossible (logged once).
     """
     if not layout.covers_exactly(num_frames):
         raise ValueError(f"num_frames={num_frames} is not a whole number of blocks of {layout} "
@@ -195,13 +327,22 @@ def stream_generate(net: WanDiT, prompt: PromptKV | Tensor, cache: KVCache, *, n
                          f"{(b, c, layout.first, h, w)}")
     noise = _noise_fn(generator, latent_shape, device)
     timer = _Timer(device, synchronize)
+    graphs = (StepGraphs(net) if cuda_graph is True else cuda_graph) or None
+    prompts = [prompt] if negative is None else [prompt, negative]
+    if graphs is not None and not graphs.bind(caches, prompts):
+        graphs = None
+
+    def dit(j: int, x: Tensor, ts: Tensor, blk, write: bool) -> Tensor:
+        if graphs is not None:
+            return graphs(j, x, ts, caches[j], blk, write)
+        return net.forward_block(x, ts, prompts[j], cache=caches[j], block=blk, write=write)
 
     def run(x: Tensor, t: float, blks, write: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         ts = wan_timestep(t, b, device, timestep_dtype)
-        v = net.forward_block(x, ts, prompt, cache=cache, block=blks[0], write=write).float()
+        v = dit(0, x, ts, blks[0], write).float()
         if negative is None:
             return v, None
-        v_u = net.forward_block(x, ts, negative, cache=uncond_cache, block=blks[1], write=write).float()
+        v_u = dit(1, x, ts, blks[1], write).float()
         return v_u + guidance * (v - v_u), (v, v_u)
 
     for i in range(layout.num_blocks(num_frames)):

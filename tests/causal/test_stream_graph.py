@@ -1,0 +1,193 @@
+"""CUDA graphs of the streaming DiT step (``stream_generate(cuda_graph=...)``, ``StepGraphs``) and the sync-free
+cache bookkeeping they rely on (``KVCache.use_static_indices``).
+
+The reference everywhere is the plain eager path (the cache's default bookkeeping: fresh index tensors per
+block, slice writes), run on the same tiny net: 9 blocks of 2 frames, sink 2 + window 4 frames, so the visible
+cache length goes 0, 2, 4, 6 and then stays 6 while the ring of slots wraps around."""
+
+import logging
+
+import pytest
+import torch
+
+from rcm_kernels.blockmask import BlockLayout
+from rcm_kernels.kv_cache import KVCache
+from rcm_nets.wan import WanDiT
+from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.stream_spec import StreamSpec
+from rcm_pipelines.streaming import StepGraphs, stream_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: more threads only add contention
+
+LAYOUT = BlockLayout(2)
+BLOCKS = 9
+
+
+def _net(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = WanDiT.from_config("tiny", num_layers=2, device=device, dtype=dtype).eval().requires_grad_(False)
+    net.init_weights(generator=torch.Generator(device=device).manual_seed(0))
+    with torch.no_grad():  # a non-zero head, so the velocity (and the cache it feeds) is not trivially 0
+        net.head.head.weight.normal_(std=net.config.dim**-0.5, generator=torch.Generator(device=device).manual_seed(1))
+    return net
+
+
+def _caches(net, device, cfg, static=False, **opts):
+    opts = {"kv_dtype": "float32", **opts}
+    caches = [make_kv_cache(net, batch=1, height=4, width=4, layout=LAYOUT, window_frames=4, sink_frames=2,
+                            device=device, **opts) for _ in range(1 + cfg)]
+    if static:
+        for kv in caches:
+            kv.use_static_indices()
+    return caches
+
+
+def _run(net, caches, prompts, *, cuda_graph=False, refresh="clean", guidance=1.0, clean_refresh_blocks=0):
+    device = next(net.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(3)
+    cfg = len(caches) == 2
+    blocks = stream_generate(net, prompts[0], caches[0], num_frames=2 * BLOCKS, layout=LAYOUT,
+                             latent_shape=(1, 16, 4, 4), generator=gen, times=(0.9, 0.6), refresh=refresh,
+                             clean_refresh_blocks=clean_refresh_blocks, negative=prompts[1] if cfg else None,
+                             uncond_cache=caches[1] if cfg else None, guidance=guidance, cuda_graph=cuda_graph)
+    return torch.cat([blk.x0 for blk in blocks], 2)
+
+
+def _prompts(net, device, dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(5)
+    return [net.encode_prompt(torch.randn(1, 4, 32, device=device, generator=g, dtype=dtype)) for _ in range(2)]
+
+
+CASES = [dict(), dict(refresh="last_step", clean_refresh_blocks=1, guidance=3.0), dict(guidance=2.0)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["clean", "last_step+cfg", "clean+cfg"])
+def test_static_indices_equal_plain_cpu(case):
+    """The sync-free bookkeeping for graphs (fixed index buffers updated in place, writes through a device
+    slot index, index_copy_) gives exactly the plain path's video (float32, bitwise), for every refresh mode and
+    with CFG; the buffers keep their addresses while the visible length goes 0, 2, 4, 6, 6, ..."""
+    net = _net("cpu")
+    prompts = _prompts(net, "cpu")
+    cfg = case.get("guidance", 1.0) > 1
+    ref = _run(net, _caches(net, "cpu", cfg), prompts, **case)
+    static = _caches(net, "cpu", cfg, static=True)
+    ptr = static[0].layer(0).frame_slots.untyped_storage().data_ptr()
+    out = _run(net, static, prompts, **case)
+    assert torch.equal(out, ref)
+    assert static[0].layer(0).frame_slots.untyped_storage().data_ptr() == ptr and static[0].num_cached_frames == 6
+
+
+def test_static_indices_track_plain_bookkeeping_cpu():
+    """Block by block, the static views hold what the plain cache allocates: visible slots, their positions and
+    the block's positions (infinity_rope: positions recomputed at begin_block)."""
+    kw = dict(batch=1, heads=1, head_dim=4, tokens_per_frame=2, window_frames=4, sink_frames=2,
+              max_block_frames=2, keys_pre_rope=True, extrapolation="infinity_rope", trained_frames=7)
+    plain, static = KVCache(2, **kw), KVCache(2, **kw)
+    static.use_static_indices()
+    k = torch.randn(1, 4, 1, 4)
+    for _ in range(6):
+        blocks = [c.begin_block(2) for c in (plain, static)]
+        assert torch.equal(static.layer(0).frame_slots, plain.layer(0).frame_slots)
+        assert torch.equal(static.frame_positions(), plain.frame_positions())
+        assert static.block_positions(blocks[1]).tolist() == list(blocks[0].positions)
+        for c, blk in zip((plain, static), blocks):
+            for i in range(2):
+                c.write(i, blk, k, k)
+            c.commit(blk)
+    assert torch.equal(static.storage()[0], plain.storage()[0])
+
+
+def test_static_indices_refuse_quantized_and_mark_written_checks_block():
+    c = KVCache(1, batch=1, heads=1, head_dim=4, tokens_per_frame=2, window_frames=4, max_block_frames=2,
+                kv_dtype="int8")
+    with pytest.raises(ValueError, match="native storage only"):
+        c.use_static_indices()
+    blk = c.begin_block(2)
+    with pytest.raises(RuntimeError, match="not written for layers"):
+        c.commit(blk)
+    c.mark_written(blk)
+    c.commit(blk)
+    with pytest.raises(RuntimeError, match="not the pending block"):
+        c.mark_written(blk)
+
+
+def test_cuda_graph_falls_back_on_cpu(caplog):
+    """cuda_graph=True on the CPU: the eager video exactly, no capture, the reason logged once for 9 blocks."""
+    net = _net("cpu")
+    prompts = _prompts(net, "cpu")
+    ref = _run(net, _caches(net, "cpu", True), prompts, guidance=2.0)
+    graphs = StepGraphs(net)
+    with caplog.at_level(logging.WARNING, logger="rcm_pipelines.streaming"):
+        out = _run(net, _caches(net, "cpu", True), prompts, guidance=2.0, cuda_graph=graphs)
+        out2 = _run(net, _caches(net, "cpu", True), prompts, guidance=2.0, cuda_graph=graphs)
+    assert torch.equal(out, ref) and torch.equal(out2, ref)
+    msgs = [r.getMessage() for r in caplog.records if "cuda_graph" in r.getMessage()]
+    assert len(msgs) == 1 and "CUDA device" in msgs[0], msgs
+    assert graphs.captures == graphs.replays == 0
+
+
+def test_unsupported_reasons():
+    """Quantized or key-smoothed caches are not captured (their writes are not graph-safe); native ones are."""
+    net = _net("cpu")
+    cuda = torch.device("cuda")
+    with torch.no_grad():
+        assert StepGraphs.unsupported(cuda, _caches(net, "cpu", False)) is None
+        assert "kv_dtype=int8" in StepGraphs.unsupported(cuda, _caches(net, "cpu", False, kv_dtype="int8"))
+    assert "autograd" in StepGraphs.unsupported(cuda, _caches(net, "cpu", False))
+    assert "CUDA device" in StepGraphs.unsupported(torch.device("cpu"), _caches(net, "cpu", False))
+
+
+def test_spec_option():
+    assert StreamSpec().cuda_graph is False and StreamSpec(cuda_graph=True).cuda_graph is True
+    with pytest.raises(ValueError, match="cuda_graph"):
+        StreamSpec(cuda_graph="maybe")
+
+
+GPU_CASES = [(torch.float32, dict(), {}), (torch.float32, dict(refresh="last_step", clean_refresh_blocks=1,
+                                                                 guidance=3.0), {}),
+             (torch.float32, dict(guidance=2.0), dict(extrapolation="infinity_rope", trained_frames=8)),
+             (torch.bfloat16, dict(guidance=2.0), {})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,case,cache_opts", GPU_CASES, ids=["fp32-clean", "fp32-last_step+cfg",
+                                                                   "fp32-infinity_rope+cfg", "bf16-cfg"])
+def test_graph_equals_eager_gpu(dtype, case, cache_opts):
+    """Graph replay == eager over 9 blocks (window filled and rolled, the ring wrapped), two videos with one
+    StepGraphs (the first mixes eager warm-up, capture and replay; the second replays only), and the caches
+    end equal. Bounds: float32 1e-5; bf16 2e-2 absolute on unit-scale latents (the same kernels run, so the
+    expected difference is 0; the bound only allows for a library picking another algorithm under capture)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = _net("cuda", dtype)
+    prompts = _prompts(net, "cuda", dtype)
+    cfg = case.get("guidance", 1.0) > 1
+    kv = "float32" if dtype == torch.float32 else "bfloat16"
+    eager_caches = _caches(net, "cuda", cfg, kv_dtype=kv, **cache_opts)
+    ref = _run(net, eager_caches, prompts, **case)
+    graphs = StepGraphs(net)
+    caches = _caches(net, "cuda", cfg, kv_dtype=kv, **cache_opts)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for video in range(2):
+        out = _run(net, caches, prompts, cuda_graph=graphs, **case)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+        if video == 0:
+            shapes = graphs.captures
+    assert graphs.off_reason is None and graphs.captures == shapes > 0 and graphs.replays > 0
+    for a, b in zip(caches, eager_caches):
+        torch.testing.assert_close(a.storage()[0].float(), b.storage()[0].float(), atol=tol, rtol=0)
+
+
+@pytest.mark.gpu
+def test_graph_int8_cache_falls_back_gpu(caplog):
+    """An int8 cache on CUDA runs eager (said once) and equals the eager run exactly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = _net("cuda")
+    prompts = _prompts(net, "cuda")
+    ref = _run(net, _caches(net, "cuda", False, kv_dtype="int8"), prompts)
+    graphs = StepGraphs(net)
+    with caplog.at_level(logging.WARNING, logger="rcm_pipelines.streaming"):
+        out = _run(net, _caches(net, "cuda", False, kv_dtype="int8"), prompts, cuda_graph=graphs)
+    assert torch.equal(out, ref) and graphs.captures == 0
+    assert sum("kv_dtype=int8" in r.getMessage() for r in caplog.records) == 1
