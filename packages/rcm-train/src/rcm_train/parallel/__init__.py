@@ -3,9 +3,11 @@
 Fixed order (each step sees the module tree the previous one left):
 1. context parallel: swap the ``rcm_kernels`` attention / sequence seams for Ulysses versions (module swap,
    before any wrapper, so the seams are found by type);
-2. selective activation checkpointing on each element of ``model.blocks`` (inside the FSDP units, so
+2. regional ``torch.compile`` of each element of ``model.blocks`` when ``compile`` is set (inside the
+   checkpoint and FSDP wrappers, which stay eager);
+3. selective activation checkpointing on each element of ``model.blocks`` (inside the FSDP units, so
    recomputation runs on gathered parameters);
-3. FSDP2 ``fully_shard`` per block, then per remaining top-level submodule except ``not_fsdp_units``, then
+4. FSDP2 ``fully_shard`` per block, then per remaining top-level submodule except ``not_fsdp_units``, then
    the root, with a ``MixedPrecisionPolicy``.
 Build big models on the ``meta`` device, parallelize, then ``to_empty`` and initialise or load.
 """
@@ -19,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from .checkpointing import SACMode, apply_sac
+from .checkpointing import SACMode, apply_compile, apply_sac
 from .context_parallel import (
     UlyssesAttention,
     UlyssesSequenceShard,
@@ -30,7 +32,7 @@ from .fsdp import apply_fsdp
 from .mesh import ParallelMesh, build_mesh, init_distributed, mesh_from_megatron, mesh_from_process_groups
 
 __all__ = ["MeshConfig", "ParallelConfig", "parallelize", "ParallelMesh", "build_mesh", "init_distributed",
-           "mesh_from_process_groups", "mesh_from_megatron", "apply_sac", "apply_fsdp", "apply_context_parallel",
+           "mesh_from_process_groups", "mesh_from_megatron", "apply_sac", "apply_compile", "apply_fsdp", "apply_context_parallel",
            "broadcast_from_leader", "UlyssesAttention", "UlyssesSequenceShard"]
 
 class MeshConfig(BaseModel):
@@ -70,10 +72,17 @@ class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     sac: SACMode = "none"
-    """Activation checkpointing of each block: none, block_wise (recompute all) or mm_only (keep matmul and
-    attention outputs, recompute the rest)."""
+    """Activation checkpointing of each block: none, block_wise (recompute all), mm_only (keep matmul and
+    attention outputs, recompute the rest), attention (keep attention outputs with their LSE and the matmuls
+    no wider than their input; recompute the FFN up-projection and elementwise ops) or attn_only (keep
+    attention outputs only)."""
     sac_every_n_blocks: int = 1
     """Checkpoint every n-th block only."""
+    compile: bool = False
+    """Regional torch.compile: compile each block (Module.compile, keys unchanged) before checkpointing and
+    FSDP wrap it. The attention call stays eager (a graph break); forward_jvp and torch.func.jvp work."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend of ``compile`` (aot_eager: CPU tests)."""
     fsdp: bool = True
     """Shard with FSDP2 (needs a mesh); False leaves parameters replicated and unsynchronised."""
     param_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = "bfloat16"
@@ -109,6 +118,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, config: ParallelCon
         if not config.fsdp and any(p.requires_grad for p in model.parameters()):
             warnings.warn("context parallel without FSDP: nothing sums the CP ranks' partial gradients; train "
                           "with fsdp=True (or freeze this network)", stacklevel=2)
+    if config.compile:
+        apply_compile(model, blocks_attr=config.blocks_attr, backend=config.compile_backend)
     apply_sac(model, config.sac, every_n_blocks=config.sac_every_n_blocks, blocks_attr=config.blocks_attr)
     if mesh is not None and config.fsdp:
         children = dict(model.named_children())
