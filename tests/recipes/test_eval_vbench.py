@@ -15,21 +15,24 @@ import eval_vbench
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rcm_kernels.blockmask import BlockLayout
 from rcm_losses import TrigFlowAdapter, flow_euler_sample, rcm_sample
 from rcm_nets.checkpoint import load_checkpoint
 from rcm_nets.wan import Tokenizer, UMT5Encoder, WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.components import DiTSpec, VAESpec
 from rcm_pipelines.eval.harness import resolve_prompt_file
 from rcm_pipelines.eval.score import VBenchRunError, VBenchUnavailableError
 from rcm_pipelines.eval.suite import load_suite, rank_slice, sample_seed
 from rcm_pipelines.pipeline import SamplerSpec, VideoPipeline, VideoSpec
+from rcm_pipelines.stream_session import StreamSession
 from rcm_pipelines.stream_spec import StreamSpec
 from rcm_pipelines.streaming import stream_generate
 from rcm_pipelines.testing import TINY_CLIP, TINY_VAE
 from rcm_pipelines.timing import StageTimer
-from rcm_pipelines.video import read_video, save_video
+from rcm_pipelines.video import load_image, read_video, save_video
 from rcm_recipes.config import ConfigError, load_config_file, preset_diff, resolve_config
 
 _one_thread, assets = _fixtures._one_thread, _fixtures.assets  # shared pytest fixtures (module scope)
@@ -174,6 +177,46 @@ def test_sample_layout_resume_and_seeds(assets, suite_file, tmp_path):
     # float32 rounding may flip a pixel by one level before encoding, which the codec can spread a little
     assert err_same <= 2.0 and err_other > 10.0, (err_same, err_other)
 
+
+def test_causal_spec_cfg_schedules_and_first_block_match_direct_sampling(assets):
+    """sampler.causal is a StreamSpec: CFG (a second cache), per-block times and the last-step refresh reach
+    stream_generate as a direct call with the same values (float32, same ops: 1e-5); causal I2V's block 0 is
+    the image resized bicubically and VAE-encoded (reference computed here), the session's first block too."""
+    ctx, neg = _embed(assets, ["a cat runs", "static blurry"], 16).split(1)
+    net, vae = _net(assets.t2v), _vae(assets)
+    times = [[0.9, 0.6], [0.7]]
+    spec = StreamSpec(times=times, frames_per_block=1, kv_dtype="float32", guidance=2.5, refresh="last_step",
+                      clean_refresh_blocks=1)
+    s = _sampler(assets, SamplerSpec(kind="causal", causal=spec))
+    assert s.spec.steps() == 2 and s.spec.uses_cfg()
+    got = s.latent(ctx, neg[0], s.condition(None), seed=4)
+    layout = BlockLayout(1)
+
+    def direct(**kw):
+        caches = [make_kv_cache(net, batch=1, height=4, width=4, layout=layout, window_frames=2, rolling=False,
+                                kv_dtype="float32") for _ in range(2)]
+        blocks = stream_generate(net, ctx, caches[0], num_frames=2, layout=layout, latent_shape=(1, 16, 4, 4),
+                                 generator=torch.Generator().manual_seed(4), times=times, refresh="last_step",
+                                 clean_refresh_blocks=1, **kw, uncond_cache=caches[1] if kw else None)
+        return torch.cat([b.x0 for b in blocks], dim=2)
+
+    torch.testing.assert_close(got, direct(negative=neg, guidance=2.5), rtol=1e-5, atol=1e-5)
+    assert (got - direct()).abs().max() > 1e-3  # guidance mattered: the check above would see it dropped
+
+    # causal I2V: the image is block 0 (one latent frame)
+    s = _sampler(assets, SamplerSpec(kind="causal", causal=StreamSpec(times=[0.9], frames_per_block=1,
+                                                                      kv_dtype="float32")), mode="i2v")
+    cond = s.condition(Path(assets.image))
+    img = F.interpolate(load_image(assets.image)[None], size=(32, 32), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        ref = vae.encode(img.clamp(-1, 1)[:, :, None]).float()
+    torch.testing.assert_close(cond.first, ref, rtol=1e-6, atol=1e-6)
+    x0 = s.latent(ctx, None, cond, seed=3)
+    assert x0.shape == (1, 16, 2, 4, 4) and torch.equal(x0[:, :, :1], cond.first)
+    session = StreamSession(StreamSpec(first_block_frames=1), dit=DiTSpec(config="tiny", path=str(assets.t2v)),
+                            vae=VAESpec(path=str(assets.vae), arch=TINY_VAE), device=torch.device("cpu"),
+                            dtype=torch.float32)
+    torch.testing.assert_close(session.first_block(load_image(assets.image), (32, 32)), ref, rtol=1e-6, atol=1e-6)
 
 def _sampler(assets, spec, mode="t2v", dit="tiny", path=None):
     from rcm_pipelines.components import CLIPSpec, DiTSpec, VAESpec

@@ -111,6 +111,21 @@ def test_out_of_range_values_are_refused_before_loading():
             resolve_config(generate.GenerateConfig, [flag])
 
 
+def test_causal_sampler_flags_are_the_stream_spec():
+    """--sampler.causal.* is recipes/stream.py's StreamSpec; the rolling-cache fields are refused (the pipeline's
+    cache holds the whole video: a set value would be ignored), and num_steps must agree with the times."""
+    cfg = resolve_config(generate.GenerateConfig, ["--sampler.kind=causal", "--sampler.causal.times=[[0.9,0.5],[0.8]]",
+                                                   "--sampler.causal.guidance=2", "--sampler.causal.kv_dtype=int8"])
+    assert type(cfg.sampler.causal).__name__ == "StreamSpec" and cfg.sampler.causal.kv_dtype == "int8"
+    assert cfg.sampler.steps() == 2 and cfg.sampler.uses_cfg()
+    assert cfg.sampler.negative_text() == cfg.sampler.causal.negative_prompt
+    for flag in ("window_frames=4", "sink_frames=1", "extrapolation=infinity_rope", "trained_frames=8"):
+        with pytest.raises(ConfigError, match=rf"sampler\.causal\.{flag.split('=')[0]} applies to rolling caches"):
+            resolve_config(generate.GenerateConfig, ["--sampler.kind=causal", f"--sampler.causal.{flag}"])
+    with pytest.raises(ConfigError, match=r"sampler\.num_steps=3 but sampler\.causal\.times gives 4 steps"):
+        resolve_config(generate.GenerateConfig, ["--sampler.kind=causal", "--sampler.num_steps=3"])
+    resolve_config(generate.GenerateConfig, ["--sampler.causal.window_frames=4"])  # not causal: unused, accepted
+
 def test_failed_run_leaves_no_sidecar_claiming_the_old_video(assets, tmp_path):
     """Before: <output>.yaml was rewritten before a run that then failed, beside a video it did not describe."""
     out = tmp_path / "v.mp4"
