@@ -124,7 +124,7 @@ def test_flex_fa4_on_cpu_is_one_clear_error():
 def test_flex_fa4_says_how_to_install():
     m, lq, _ = CPU_CASES["block_causal_c1-2"]
     qc = torch.randn(1, lq, 1, 16, device="cuda")
-    with pytest.raises(ImportError, match="pip install flash-attn-4 nvidia-cutlass-dsl") as err:
+    with pytest.raises(ImportError, match="pip install --pre flash-attn-4 nvidia-cutlass-dsl") as err:
         sdpa_like_attention(qc, qc, qc, block_mask=m, backend="flex_fa4")
     assert "\n" not in str(err.value)
 

@@ -7,7 +7,7 @@ Names:
   * ``"flex"``: ``torch.nn.attention.flex_attention`` with the mask's Flex ``BlockMask`` (compiled to a
     Triton kernel on CUDA; on CPU torch's eager, unfused path, forward only: torch has no CPU Flex backward);
     ``"flex_fa4"`` the same with ``kernel_options={"BACKEND": "FLASH"}``, torch's flash-attn-4 CuTeDSL
-    backend (``pip install flash-attn-4 nvidia-cutlass-dsl``; CUDA, Hopper or newer, bf16/fp16);
+    backend (``pip install --pre flash-attn-4 nvidia-cutlass-dsl``; CUDA, Hopper or newer, bf16/fp16);
   * ``"flash_attn"``: the first importable of FA3 ``flash_attn_interface``, FA2 ``flash_attn`` and
     flash-attn-4 ``flash_attn.cute`` (unmasked only).
 All take ``[B, L, H, D]`` tensors and return ``[B, Lq, H, D]``; gradients flow through each library's own backward.
@@ -81,7 +81,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask, fa4: bool) 
             import flash_attn.cute  # noqa: F401  (flash-attn-4 ships the CuTeDSL kernels)
         except ImportError as err:
             raise ImportError("backend 'flex_fa4' needs flash-attn-4 (flash_attn.cute): "
-                              "pip install flash-attn-4 nvidia-cutlass-dsl") from err
+                              "pip install --pre flash-attn-4 nvidia-cutlass-dsl") from err
         kwargs["kernel_options"] = {"BACKEND": "FLASH"}
     elif q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise NotImplementedError("backend 'flex' has no backward on CPU (torch FlexAttention limitation); "
@@ -119,7 +119,7 @@ def _flash_attn_func():
         return flash_attn_func
     except ImportError as err:
         raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn "
-                          "--no-build-isolation (FA2), pip install flash-attn-4 (FA4), or build FA3 "
+                          "--no-build-isolation (FA2), pip install --pre flash-attn-4 (FA4), or build FA3 "
                           "from its hopper/ folder") from err
 
 
