@@ -23,12 +23,21 @@ one's (``--overlap off|on|both``).
 The bidirectional rows run the same network over the whole video at once, 4 steps (RF: ``x0 = x − t·v``,
 re-noise), then decode it with the VAE: there the first frame is available only when everything is done.
 Its attention is quadratic in the length, so by default it runs at 1x and 4x only (``--bidir-factors``).
+CUDA graphs (``--cuda_graph``): every streaming row with native (bf16/fp32) cache storage gets a twin in the
+same process with ``stream_generate(cuda_graph=StepGraphs)`` (``+graph`` in the mode), its ``graph x`` = fps dit
+over the eager row's. The graphs are captured in two warm-up videos of the trained length (first video:
+eager warm-up of each cache length; second: capture) on a cache that all graph rows of a storage type share,
+so the timed rows replay only. int8/fp8 caches are not captured (no graph rows for them).
+``--profile trace.json``: the torch profiler over one steady block (window full, the last block of a 1x
+video; eager, and with ``--cuda_graph`` also replayed to ``trace.graph.json``), a Chrome trace and the
+top-15 CUDA kernels by total time (CPU: the top-15 operators by self time).
 
     python benchmarks/streaming.py                       # full table (several minutes on one H100)
     python benchmarks/streaming.py --quick               # 1x and 4x, bf16 + int8, bidirectional 1x only
     python benchmarks/streaming.py --steps 2 --kv-dtypes bfloat16 --factors 1        # the 2-step goal
     python benchmarks/streaming.py --steps 1 --frames-per-block 1 --factors 1    # frame-wise latency
     python benchmarks/streaming.py --smoke               # tiny sizes, CPU if there is no GPU (does it run?)
+    python benchmarks/streaming.py --steps 2 --kv-dtypes bfloat16 --factors 1 --cuda_graph --profile t.json
     [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--overlap both] [--json streaming.json]
 """
 
@@ -47,8 +56,8 @@ from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
 from rcm_nets.wan.vae import StreamingDecoder
-from rcm_pipelines.stream_session import decode_blocks
-from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, stream_generate, wan_timestep
+from rcm_pipelines.stream_session import decode_blocks, profiled
+from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, StepGraphs, stream_generate, wan_timestep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = DEVICE == "cuda"
@@ -94,21 +103,39 @@ def px_frames(latent_frames: int, first: bool) -> int:
     return 1 + 4 * (latent_frames - 1) if first else 4 * latent_frames
 
 
-def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, kv_dtype: str,
-               overlap: bool = False) -> dict:
-    """One streaming generation, frames delivered to the host block by block; per-block DiT times (CUDA
-    events), delivery times, peak memory. ``overlap``: decode on a side stream while the next block runs."""
-    cfg = net.config
-    _reset()
+_GRAPH_CACHES: dict[str, object] = {}  # kv dtype -> the cache the graph rows share (graphs bind to its storage)
+
+
+def _cache(net, args, layout: BlockLayout, kv_dtype: str, graphs: StepGraphs | None):
     sink = layout.first
     window = args.trained_frames - sink - layout.frames_per_block
+    if graphs is not None and kv_dtype in _GRAPH_CACHES:
+        return _GRAPH_CACHES[kv_dtype]
     cache = make_kv_cache(net, batch=1, height=args.height, width=args.width, layout=layout, window_frames=window,
                           sink_frames=sink, kv_dtype=kv_dtype, device=DEVICE)
-    decoder = StreamingDecoder(vae)
+    if graphs is not None:
+        _GRAPH_CACHES[kv_dtype] = cache
+    return cache
+
+
+def _blocks(net, prompt, args, layout: BlockLayout, latent_frames: int, cache, graphs: StepGraphs | None,
+            synchronize: bool):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    blocks = stream_generate(net, prompt, cache, num_frames=latent_frames, layout=layout,
-                             latent_shape=(1, cfg.out_dim, args.height, args.width), generator=gen,
-                             times=_TIMES[args.steps], refresh=args.refresh, synchronize=not CUDA)
+    return stream_generate(net, prompt, cache, num_frames=latent_frames, layout=layout,
+                           latent_shape=(1, net.config.out_dim, args.height, args.width), generator=gen,
+                           times=_TIMES[args.steps], refresh=args.refresh, synchronize=synchronize,
+                           cuda_graph=graphs or False)
+
+
+def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, kv_dtype: str,
+               overlap: bool = False, graphs: StepGraphs | None = None) -> dict:
+    """One streaming generation, frames delivered to the host block by block; per-block DiT times (CUDA
+    events), delivery times, peak memory. ``overlap``: decode on a side stream while the next block runs;
+    ``graphs``: replay the DiT calls' CUDA graphs (on the cache the graph rows of ``kv_dtype`` share)."""
+    _reset()
+    cache = _cache(net, args, layout, kv_dtype, graphs)
+    decoder = StreamingDecoder(vae)
+    blocks = _blocks(net, prompt, args, layout, latent_frames, cache, graphs, synchronize=not CUDA)
 
     def to_vae(blocks):
         for blk in blocks:
@@ -123,12 +150,54 @@ def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, 
         frames.append(px_frames(d.block.x0.shape[2], d.index == 0))
         del d
     rest = sum(frames[1:])
-    return dict(mode="stream+ovl" if overlap else "stream", kv_dtype=kv_dtype, latent_frames=latent_frames,
+    mode = ("stream+ovl" if overlap else "stream") + ("+graph" if graphs is not None else "")
+    return dict(mode=mode, kv_dtype=kv_dtype, latent_frames=latent_frames,
                 px_frames=sum(frames), blocks=len(dit), ttfb_dit_s=dit[0], ttfb_s=done[0],
                 steady_fps_dit=rest / sum(dit[1:]) if len(dit) > 1 else math.nan,
                 steady_fps=rest / (done[-1] - done[0]) if len(done) > 1 else math.nan,
                 overall_fps=sum(frames) / done[-1], mean_block_dit_s=sum(dit) / len(dit),
                 peak_gib=_peak_gib(), cache_gib=cache.nbytes() / 2**30)
+
+
+def top_kernels(prof, k: int = 15) -> list[dict]:
+    """The ``k`` CUDA kernels with the largest total time in a profile (CPU run: the operators by self time)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list] = {}
+    if CUDA:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                t = totals.setdefault(e.name, [0.0, 0])
+                t[0] += e.time_range.elapsed_us()
+                t[1] += 1
+    else:
+        for e in prof.key_averages():
+            totals[e.key] = [e.self_cpu_time_total, e.count]
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:k]
+    whole = sum(t for t, _ in totals.values()) or 1.0
+    return [dict(name=n, total_ms=t / 1e3, calls=c, share=t / whole) for n, (t, c) in rows]
+
+
+def profile_block(net, prompt, args, layout: BlockLayout, kv_dtype: str, path: str,
+                  graphs: StepGraphs | None) -> list[dict]:
+    """Profile the last block of a 1x video (window full): Chrome trace at ``path``, top-15 kernels printed."""
+    n = layout.block_start(layout.num_blocks(args.trained_frames))
+    cache = _cache(net, args, layout, kv_dtype, graphs)
+    it = _blocks(net, prompt, args, layout, n, cache, graphs, synchronize=True)
+    for _ in range(layout.num_blocks(n) - 1):
+        next(it)
+    with profiled(path, torch.device(DEVICE)) as prof:
+        blk = next(it)
+        _sync()
+    it.close()
+    top = top_kernels(prof)
+    what = "CUDA kernels" if CUDA else "operators (self CPU time)"
+    print(f"\nprofile of block {blk.index} ({'graph replay' if graphs is not None else 'eager'}, kv {kv_dtype}): "
+          f"top-{len(top)} {what}; trace {path}")
+    print(f"{'ms':>9}{'share':>7}{'calls':>7}  name")
+    for r in top:
+        print(f"{r['total_ms']:>9.3f}{r['share']:>7.1%}{r['calls']:>7}  {r['name'][:110]}")
+    return top
 
 
 def bidirectional_run(net, vae, ctx, args, latent_frames: int) -> dict:
@@ -163,16 +232,18 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(rows: list[dict], vae: bool) -> None:
-    hdr = (f"{'mode':<14}{'kv':<9}{'lat':>5}{'px':>6}{'TTFB dit s':>11}{'TTFB s':>9}{'fps dit':>9}"
-           f"{'fps' + ('+vae' if vae else ''):>9}{'overall':>9}{'ovl x':>7}{'peak GiB':>10}{'cache GiB':>10}")
+    hdr = (f"{'mode':<18}{'kv':<9}{'lat':>5}{'px':>6}{'TTFB dit s':>11}{'TTFB s':>9}{'fps dit':>9}"
+           f"{'fps' + ('+vae' if vae else ''):>9}{'overall':>9}{'ovl x':>7}{'graph x':>8}{'peak GiB':>10}"
+           f"{'cache GiB':>10}")
     print(hdr)
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:<14}{r['kv_dtype']:<9}{r['latent_frames']:>5}  {r['error']}")
+            print(f"{r['mode']:<18}{r['kv_dtype']:<9}{r['latent_frames']:>5}  {r['error']}")
             continue
-        print(f"{r['mode']:<14}{r['kv_dtype']:<9}{r['latent_frames']:>5}{r['px_frames']:>6}"
+        print(f"{r['mode']:<18}{r['kv_dtype']:<9}{r['latent_frames']:>5}{r['px_frames']:>6}"
               f"{_fmt(r['ttfb_dit_s'], '.3f'):>11}{_fmt(r['ttfb_s'], '.3f'):>9}{_fmt(r['steady_fps_dit'], '.2f'):>9}"
               f"{_fmt(r['steady_fps'], '.2f'):>9}{_fmt(r['overall_fps'], '.2f'):>9}{_fmt(r.get('overlap_x'), '.2f'):>7}"
+              f"{_fmt(r.get('graph_x'), '.2f'):>8}"
               f"{_fmt(r['peak_gib'], '.2f'):>10}"
               f"{r['cache_gib']:>10.3f}")
 
@@ -209,6 +280,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes (does it run? CPU when there is no GPU): 1-layer tiny DiT, 4x4 latents, "
                          "dim-4 VAE, blocks of 2, trained 6 frames, 1x and 2x")
+    ap.add_argument("--cuda-graph", "--cuda_graph", dest="cuda_graph", action="store_true",
+                    help="also replay CUDA graphs of the DiT calls (native caches): +graph rows, graph x = ratio")
+    ap.add_argument("--profile", default=None, metavar="TRACE.json",
+                    help="profile one steady block: Chrome trace + top-15 CUDA kernels by total time")
     ap.add_argument("--json", default="streaming.json")
     args = ap.parse_args()
     if args.smoke:
@@ -240,18 +315,39 @@ def main() -> None:
           f"timed: DiT per block{'' if args.no_vae else ' + streaming VAE decode'}")
     rows = []
     overlaps = {"off": [False], "on": [True], "both": [False, True]}[args.overlap]
+    graphs = StepGraphs(net) if args.cuda_graph else None
+    profiles = {}
     for kv in args.kv_dtypes:
+        native = kv in ("bfloat16", "float16", "float32")
+        use = [None] + ([graphs] if graphs is not None and native else [])
+        if graphs is not None and not native:
+            print(f"(no +graph rows for kv {kv}: quantized caches are not captured)")
         for ov in overlaps:  # warm-up: kernels, allocator, side stream
             stream_run(net, vae, prompt, args, layout, layout.block_start(2), kv, ov)
+        if len(use) == 2:  # graph warm-up: each cache length eager once, then captured
+            for _ in range(2):
+                stream_run(net, vae, prompt, args, layout, length(1), kv, False, graphs)
         for f in args.factors:
             n = length(f)
             for ov in overlaps:
-                rows.append(_guard(lambda n=n, kv=kv, ov=ov: stream_run(net, vae, prompt, args, layout, n, kv, ov),
-                                   "stream+ovl" if ov else "stream", kv, n))
-                rows[-1]["factor"] = f
-                if ov and len(overlaps) == 2 and "error" not in rows[-1] and "error" not in rows[-2]:
-                    rows[-1]["overlap_x"] = rows[-1]["overall_fps"] / rows[-2]["overall_fps"]
-                print_table(rows[-1:], vae is not None)
+                for gr in use:
+                    mode = ("stream+ovl" if ov else "stream") + ("+graph" if gr is not None else "")
+                    rows.append(_guard(lambda n=n, kv=kv, ov=ov, gr=gr: stream_run(net, vae, prompt, args, layout,
+                                                                                  n, kv, ov, gr), mode, kv, n))
+                    rows[-1]["factor"] = f
+                    if gr is not None and "error" not in rows[-1] and "error" not in rows[-2]:
+                        rows[-1]["graph_x"] = rows[-1]["steady_fps_dit"] / rows[-2]["steady_fps_dit"]
+                    print_table(rows[-1:], vae is not None)
+            if len(overlaps) == 2:  # the overlap ratio: same graph setting, overlap on over off
+                tail = rows[-2 * len(use):]
+                for a, b in zip(tail[:len(use)], tail[len(use):]):
+                    if "error" not in a and "error" not in b:
+                        b["overlap_x"] = b["overall_fps"] / a["overall_fps"]
+        if args.profile and kv == args.kv_dtypes[0]:
+            profiles["eager"] = profile_block(net, prompt, args, layout, kv, args.profile, None)
+            if len(use) == 2:
+                gpath = args.profile[:-5] + ".graph.json" if args.profile.endswith(".json") else args.profile + ".graph"
+                profiles["graph"] = profile_block(net, prompt, args, layout, kv, gpath, graphs)
     if args.bidir_factors:
         bidirectional_run(net, vae, ctx, args, layout.block_start(1))  # warm-up
     for f in args.bidir_factors:
@@ -265,7 +361,7 @@ def main() -> None:
                 python=platform.python_version(), config=args.config, num_layers=cfg.num_layers,
                 latent_hw=[args.height, args.width], layout=[layout.first, layout.frames_per_block],
                 steps=args.steps, times=list(_TIMES[args.steps]), refresh=args.refresh, overlap=args.overlap,
-                smoke=args.smoke,
+                smoke=args.smoke, cuda_graph=args.cuda_graph, profile=args.profile,
                 trained_frames=args.trained_frames, sink_frames=layout.first,
                 window_frames=args.trained_frames - layout.first - layout.frames_per_block,
                 vae_decode=vae is not None, weights_and_prompt_gib=weights_gib,
@@ -273,7 +369,7 @@ def main() -> None:
                        "are on the host" + ("" if args.no_vae else " (streaming VAE decode, overlapped with the next "
                        "block's DiT in stream+ovl rows)") + "; text encoding and mp4 writing excluded"))
     with open(args.json, "w") as fh:
-        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+        json.dump(dict(meta=meta, rows=rows, profiles=profiles), fh, indent=1)
     print(f"wrote {args.json}")
 
 
