@@ -14,6 +14,7 @@ than ours). ``max_abs_vs_rcm``: largest output difference from our kernel (bf16 
 that cannot run a row records the first line of its error instead.
 
     PYTHONPATH=packages/rcm-kernels/src python3 benchmarks/masked_attention.py --json masked_attention.json
+    ... --masks teacher_forcing --providers rcm,flex_fa4   # a subset (each row compiles its kernels first)
     python3 benchmarks/masked_attention.py --smoke   # CPU, tiny shapes: checks the script end to end
 """
 
@@ -37,6 +38,7 @@ from rcm_kernels.attention.backends import sdpa_like_attention
 FULL = dict(batch=1, heads=12, head_dim=128, tokens_per_frame=1560, frames=21, frames_per_block=3)
 SMOKE = dict(batch=1, heads=2, head_dim=16, tokens_per_frame=5, frames=6, frames_per_block=2)
 PROVIDERS = ("rcm", "flex", "flex_fa4", "sdpa_cudnn")
+MASKS = ("block_causal", "teacher_forcing")
 _DENSE: dict[int, tuple] = {}  # id(mask) -> (mask, dense bool mask): sdpa_cudnn's input, built once
 
 
@@ -106,15 +108,16 @@ def _row(provider: str, mode: str, q, k, v, d_out, mask, rep_ms: int) -> tuple[d
         return {"ms": None, "peak_extra_mib": None, "error": _first_line(err)}, None
 
 
-def run(smoke: bool, providers: list[str], rep_ms: int) -> tuple[list[dict], dict]:
+def run(smoke: bool, providers: list[str], rep_ms: int, mask_kinds: tuple[str, ...] = MASKS
+        ) -> tuple[list[dict], dict]:
     g = SMOKE if smoke else FULL
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16
     blocks = g["frames"] // g["frames_per_block"]
-    masks = {"block_causal_c3-3": block_causal(blocks, g["frames_per_block"], g["tokens_per_frame"]),
-             "teacher_forcing_c3-3": teacher_forcing(blocks, g["frames_per_block"], g["tokens_per_frame"])}
-    if smoke:
-        masks = {k.replace("c3-3", "c2-2"): m for k, m in masks.items()}
+    make = {"block_causal": block_causal, "teacher_forcing": teacher_forcing}
+    tag = f"c{g['frames_per_block']}-{g['frames_per_block']}"
+    masks = {f"{kind}_{tag}": make[kind](blocks, g["frames_per_block"], g["tokens_per_frame"])
+             for kind in mask_kinds}
     rows = []
     for mask_name, mask in masks.items():
         L = mask.num_tokens
@@ -175,16 +178,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write rows and metadata here")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (fp32): checks the script runs")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
+    ap.add_argument("--masks", default=",".join(MASKS), help=f"comma list from {MASKS}")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per row (ms)")
     args = ap.parse_args(argv)
     providers = [p for p in args.providers.split(",") if p]
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or "rcm" not in providers:
         sys.exit(f"masked_attention benchmark: --providers must include 'rcm' and be from {PROVIDERS}, got {bad}")
+    mask_kinds = tuple(m for m in args.masks.split(",") if m)
+    if not mask_kinds or any(m not in MASKS for m in mask_kinds):
+        sys.exit(f"masked_attention benchmark: --masks must be from {MASKS}, got {args.masks!r}")
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("masked_attention benchmark: needs a CUDA device (or --smoke for the CPU check)")
     providers = ["rcm"] + [p for p in providers if p != "rcm"]  # ratios need ours first
-    rows, meta = run(args.smoke, providers, args.rep_ms)
+    rows, meta = run(args.smoke, providers, args.rep_ms, mask_kinds)
     print(table(rows))
     print(json.dumps(meta))
     if args.json:
