@@ -153,9 +153,9 @@ GPU_CASES = [(torch.float32, dict(), {}), (torch.float32, dict(refresh="last_ste
 @pytest.mark.parametrize("dtype,case,cache_opts", GPU_CASES, ids=["fp32-clean", "fp32-last_step+cfg",
                                                                    "fp32-infinity_rope+cfg", "bf16-cfg"])
 def test_graph_equals_eager_gpu(dtype, case, cache_opts):
-    """Graph replay == eager over 9 blocks (window filled and rolled, the ring wrapped), two videos with one
-    StepGraphs (the first mixes eager warm-up, capture and replay; the second replays only), and the caches
-    end equal. Bounds: float32 1e-5; bf16 2e-2 absolute on unit-scale latents (the same kernels run, so the
+    """Graph replay == eager over 9 blocks (window filled and rolled, the ring wrapped), three videos with one
+    StepGraphs (the first two mix eager warm-up, capture and replay; the third replays every DiT call), and
+    the caches end equal. Bounds: float32 1e-5; bf16 2e-2 absolute on unit-scale latents (the same kernels run, so the
     expected difference is 0; the bound only allows for a library picking another algorithm under capture)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -168,12 +168,17 @@ def test_graph_equals_eager_gpu(dtype, case, cache_opts):
     graphs = StepGraphs(net)
     caches = _caches(net, "cuda", cfg, kv_dtype=kv, **cache_opts)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for video in range(2):
+    for video in range(3):
+        replays = graphs.replays
         out = _run(net, caches, prompts, cuda_graph=graphs, **case)
         torch.testing.assert_close(out, ref, atol=tol, rtol=0)
-        if video == 0:
+        if video == 1:
             shapes = graphs.captures
-    assert graphs.off_reason is None and graphs.captures == shapes > 0 and graphs.replays > 0
+    # every shape is captured by the end of the second video; the third only replays (every DiT call)
+    clean = [case.get("refresh", "clean") == "clean" or i < case.get("clean_refresh_blocks", 0) for i in range(BLOCKS)]
+    calls = (1 + cfg) * sum(2 + c for c in clean)  # 2 steps (+ the clean refresh pass) per block and branch
+    assert graphs.off_reason is None and graphs.captures == shapes == len(graphs._graphs) > 0
+    assert graphs.replays - replays == calls
     for a, b in zip(caches, eager_caches):
         torch.testing.assert_close(a.storage()[0].float(), b.storage()[0].float(), atol=tol, rtol=0)
 
