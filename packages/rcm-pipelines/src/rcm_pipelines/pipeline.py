@@ -356,7 +356,8 @@ class VideoPipeline:
                                  context_noise=s.context_noise, refresh=s.refresh,
                                  clean_refresh_blocks=s.clean_refresh_blocks, solver=s.solver, negative=neg,
                                  uncond_cache=caches[1] if cfg else None, guidance=s.guidance, initial_latent=first,
-                                 timestep_dtype=torch.bfloat16 if s.timestep_bf16 else None)
+                                 timestep_dtype=torch.bfloat16 if s.timestep_bf16 else None,
+                                 cuda_graph=s.cuda_graph)  # graphs of this video's caches (captured per video)
         return torch.cat([b.x0.float() for b in blocks], dim=2)
 
     def decode(self, latent: Tensor) -> Tensor:
