@@ -302,6 +302,10 @@ class VideoPipeline:
         calls = s.steps() * (2 if s.uses_cfg() else 1)
         what = (f"{s.steps()} {s.kind} steps = {calls} DiT forward calls on a batch of {num_samples}, "
                 f"latent {list(shape)}")
+        if s.kind == "causal":
+            what = (f"causal, block by block: {s.causal.forwards_per_block(0)} DiT forward calls for block 0 (steps"
+                    f"{' + cache pass' if s.causal.refresh == 'clean' else ''}{', x2 CFG' if s.uses_cfg() else ''}), "
+                    f"latent {list(shape)}")
         with self.timer.stage("DiT steps", what):
             if s.kind == "causal":
                 if num_samples != 1:
