@@ -9,11 +9,14 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rcm_kernels.blockmask import BlockLayout
 from rcm_kernels.kv_cache import KVCache
-from rcm_nets.wan import WanDiT
+from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
+from rcm_pipelines.components import DiTSpec, VAESpec
+from rcm_pipelines.stream_session import StreamSession
 from rcm_pipelines.stream_spec import StreamSpec
 from rcm_pipelines.streaming import StepGraphs, stream_generate
 
@@ -42,14 +45,16 @@ def _caches(net, device, cfg, static=False, **opts):
     return caches
 
 
-def _run(net, caches, prompts, *, cuda_graph=False, refresh="clean", guidance=1.0, clean_refresh_blocks=0):
+def _run(net, caches, prompts, *, cuda_graph=False, refresh="clean", guidance=1.0, clean_refresh_blocks=0,
+         synchronize=True):
     device = next(net.parameters()).device
     gen = torch.Generator(device=device).manual_seed(3)
     cfg = len(caches) == 2
     blocks = stream_generate(net, prompts[0], caches[0], num_frames=2 * BLOCKS, layout=LAYOUT,
                              latent_shape=(1, 16, 4, 4), generator=gen, times=(0.9, 0.6), refresh=refresh,
                              clean_refresh_blocks=clean_refresh_blocks, negative=prompts[1] if cfg else None,
-                             uncond_cache=caches[1] if cfg else None, guidance=guidance, cuda_graph=cuda_graph)
+                             uncond_cache=caches[1] if cfg else None, guidance=guidance, cuda_graph=cuda_graph,
+                             synchronize=synchronize)
     return torch.cat([blk.x0 for blk in blocks], 2)
 
 
@@ -196,3 +201,50 @@ def test_graph_int8_cache_falls_back_gpu(caplog):
         out = _run(net, _caches(net, "cuda", False, kv_dtype="int8"), prompts, cuda_graph=graphs)
     assert torch.equal(out, ref) and graphs.captures == 0
     assert sum("kv_dtype=int8" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.gpu
+def test_no_host_sync_per_block_gpu():
+    """Neither the eager blocks nor the graph replays make a synchronizing CUDA call (cache bookkeeping via
+    pinned non-blocking copies, block positions from the cache): ``torch.cuda.set_sync_debug_mode("error")``
+    raises on one (a blocking H2D copy, ``.item()``, ``nonzero``, a stream or device sync). CFG, 9 blocks,
+    ``synchronize=False`` (CUDA-event timing); shapes are captured before the checked runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = _net("cuda")
+    prompts = _prompts(net, "cuda")
+    graphs = StepGraphs(net)
+    caches, eager = _caches(net, "cuda", True), _caches(net, "cuda", True)
+    for _ in range(2):
+        _run(net, caches, prompts, cuda_graph=graphs, guidance=2.0)
+    _run(net, eager, prompts, guidance=2.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = _run(net, eager, prompts, guidance=2.0, synchronize=False)
+        b = _run(net, caches, prompts, cuda_graph=graphs, guidance=2.0, synchronize=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_session_cuda_graph_cpu(tmp_path):
+    """StreamSession with spec.cuda_graph on the CPU: the same latents as without (eager fallback, bitwise),
+    video after video, and it keeps its caches across videos of one geometry (graphs bind to their storage)."""
+    save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
+
+    def session(**kw):
+        spec = StreamSpec(frames_per_block=2, first_block_frames=1, times=[0.8], kv_dtype="float32", **kw)
+        return StreamSession(spec, dit=DiTSpec(config="tiny", path="random", overrides={"num_layers": 1}),
+                             vae=VAESpec(path=str(tmp_path / "vae.safetensors"), arch={"dim": 4}),
+                             device=torch.device("cpu"), dtype=torch.float32)
+
+    ctx = torch.randn(1, 4, 32)
+    kw = dict(size=(16, 16), num_frames=13, seeds=[0])
+    ref = torch.cat([b.x0 for b in session().blocks(ctx, **kw)], 2)
+    s = session(cuda_graph=True)
+    first = torch.cat([b.x0 for b in s.blocks(ctx, **kw)], 2)
+    caches = list(s.caches)
+    second = torch.cat([b.x0 for b in s.blocks(ctx, **kw)], 2)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    assert s.caches == caches and s.graphs is not None and s.graphs.captures == 0
