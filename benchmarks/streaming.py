@@ -23,11 +23,10 @@ one's (``--overlap off|on|both``).
 The bidirectional rows run the same network over the whole video at once, 4 steps (RF: ``x0 = x − t·v``,
 re-noise), then decode it with the VAE: there the first frame is available only when everything is done.
 Its attention is quadratic in the length, so by default it runs at 1x and 4x only (``--bidir-factors``).
-CUDA graphs (``--cuda_graph``): every streaming row with native (bf16/fp32) cache storage gets a twin in the
-same process with ``stream_generate(cuda_graph=StepGraphs)`` (``+graph`` in the mode), its ``graph x`` = fps dit
+CUDA graphs (``--cuda_graph``): every streaming row gets a twin in the same process with ``stream_generate(cuda_graph=StepGraphs)`` (``+graph`` in the mode), its ``graph x`` = fps dit
 over the eager row's. The graphs are captured in two warm-up videos of the trained length (first video:
 eager warm-up of each cache length; second: capture) on a cache that all graph rows of a storage type share,
-so the timed rows replay only. int8/fp8 caches are not captured (no graph rows for them).
+so the timed rows replay only.
 ``--profile trace.json``: the torch profiler over one steady block (window full, the last block of a 1x
 video; eager, and with ``--cuda_graph`` also replayed to ``trace.graph.json``), a Chrome trace and the
 top-15 CUDA kernels by total time (CPU: the top-15 operators by self time).
@@ -281,7 +280,7 @@ def main() -> None:
                     help="tiny sizes (does it run? CPU when there is no GPU): 1-layer tiny DiT, 4x4 latents, "
                          "dim-4 VAE, blocks of 2, trained 6 frames, 1x and 2x")
     ap.add_argument("--cuda-graph", "--cuda_graph", dest="cuda_graph", action="store_true",
-                    help="also replay CUDA graphs of the DiT calls (native caches): +graph rows, graph x = ratio")
+                    help="also replay CUDA graphs of the DiT calls: +graph rows, graph x = fps dit ratio")
     ap.add_argument("--profile", default=None, metavar="TRACE.json",
                     help="profile one steady block: Chrome trace + top-15 CUDA kernels by total time")
     ap.add_argument("--json", default="streaming.json")
@@ -318,10 +317,7 @@ def main() -> None:
     graphs = StepGraphs(net) if args.cuda_graph else None
     profiles = {}
     for kv in args.kv_dtypes:
-        native = kv in ("bfloat16", "float16", "float32")
-        use = [None] + ([graphs] if graphs is not None and native else [])
-        if graphs is not None and not native:
-            print(f"(no +graph rows for kv {kv}: quantized caches are not captured)")
+        use = [None] + ([graphs] if graphs is not None else [])
         for ov in overlaps:  # warm-up: kernels, allocator, side stream
             stream_run(net, vae, prompt, args, layout, layout.block_start(2), kv, ov)
         if len(use) == 2:  # graph warm-up: each cache length eager once, then captured

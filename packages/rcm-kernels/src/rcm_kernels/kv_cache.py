@@ -221,11 +221,9 @@ class KVCache:
 
     def use_static_indices(self) -> None:
         """From now on keep the index tensors in fixed buffers updated in place (stable addresses, what a CUDA
-        graph captures) and write through a device index. Native storage (bf16/fp16/fp32) only. The views
+        graph captures) and write through a device index (any storage format). The views
         handed out earlier (``CacheLayer.frame_slots``) then change at the next commit: do not use this for
         passes recomputed later (activation checkpointing of a self-forcing rollout)."""
-        if self.quantized:
-            raise ValueError(f"KVCache.use_static_indices: native storage only, not kv_dtype={self.kv_dtype}")
         if self._static is None:
             dev, s = self._k.device, self._bank + self._ring
             self._static = dict(slots=torch.zeros(s, dtype=torch.int32, device=dev),
@@ -399,29 +397,26 @@ class KVCache:
         n = block.num_frames
         if self.kv_dtype == "int4":
             kq, vq = quantize_int4_keys(k5, self.int4_group), quantize_int4_values(v5.flatten(1, 2), self.int4_group)
-            self._k[layer][:, idx] = kq.data
-            self._k_scale[layer][:, idx] = kq.scale
-            self._v[layer][:, idx] = vq.data.unflatten(1, (n, t))
-            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (n, t))
+            _put(self._k[layer], idx, kq.data)
+            _put(self._k_scale[layer], idx, kq.scale)
+            _put(self._v[layer], idx, vq.data.unflatten(1, (n, t)))
+            _put(self._v_scale[layer].unflatten(1, (-1, t)), idx, vq.scale.unflatten(1, (n, t)))
         elif self.quantized:
             if self._k_smooth is not None:
                 if not self._smooth_frozen:  # the first block (re)defines the factors; later ones reuse them
                     self._k_smooth[layer] = smoothing_factors(k5)
                 kq = quantize_keys_smoothed(k5, self._k_smooth[layer], self.kv_dtype)
-                self._k_scale[layer].unflatten(1, (-1, t))[:, idx] = kq.scale
+                _put(self._k_scale[layer].unflatten(1, (-1, t)), idx, kq.scale)
             else:
                 kq = quantize_keys(k5, self.kv_dtype)
-                self._k_scale[layer][:, idx] = kq.scale
+                _put(self._k_scale[layer], idx, kq.scale)
             vq = quantize_values(v5.flatten(1, 2), self.kv_dtype)
-            self._k[layer][:, idx] = kq.data
-            self._v[layer][:, idx] = vq.data.unflatten(1, (n, t))
-            self._v_scale[layer].unflatten(1, (-1, t))[:, idx] = vq.scale.unflatten(1, (n, t))
-        elif isinstance(idx, Tensor):
-            self._k[layer].index_copy_(1, idx, k5.to(self._k.dtype))
-            self._v[layer].index_copy_(1, idx, v5.to(self._v.dtype))
+            _put(self._k[layer], idx, kq.data)
+            _put(self._v[layer], idx, vq.data.unflatten(1, (n, t)))
+            _put(self._v_scale[layer].unflatten(1, (-1, t)), idx, vq.scale.unflatten(1, (n, t)))
         else:
-            self._k[layer][:, idx] = k5.to(self._k.dtype)
-            self._v[layer][:, idx] = v5.to(self._v.dtype)
+            _put(self._k[layer], idx, k5.to(self._k.dtype))
+            _put(self._v[layer], idx, v5.to(self._v.dtype))
         if block == self._pending:
             self._pending_written.add(layer)
 
@@ -456,6 +451,18 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache (codes and scales of all layers), constant over its lifetime."""
         return sum(x.numel() * x.element_size() for x in self.storage())
+
+
+def _put(dst: Tensor, idx: slice | Tensor, src: Tensor) -> None:
+    """``dst[:, idx] = src`` in place: a slice copy, or ``index_copy_`` along dim 1 for a device index (no host
+    sync; a captured CUDA graph reads the index at replay)."""
+    if isinstance(idx, Tensor):
+        src = src.to(dst.dtype)
+        if dst.dtype.is_floating_point and dst.element_size() == 1:  # no fp8 index_copy_: copy the bytes
+            dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+        dst.index_copy_(1, idx, src)
+    else:
+        dst[:, idx] = src
 
 
 def _check_format(kv_dtype: str, head_dim: int, group_size: int, key_smoothing: str) -> None:

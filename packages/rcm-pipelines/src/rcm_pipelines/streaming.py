@@ -148,8 +148,9 @@ class StepGraphs:
     go to the cache's fixed storage at slots read from its device index buffer, so the cache stays
     correct; :meth:`rcm_kernels.kv_cache.KVCache.mark_written` then records the write.
 
-    Eager instead (said once in the log): not on CUDA, quantized or key-smoothed cache storage (their
-    writes are not captured), autograd enabled, or a capture that failed.
+    Every cache storage format is captured (int8/fp8/int4 quantize on write inside the graph; key smoothing's
+    factors are set by block 0, whose cache length 0 is its own graph). Eager instead (said once in the log):
+    not on CUDA, autograd enabled, or a capture that failed.
     """
 
     def __init__(self, net: WanDiT):
@@ -173,10 +174,8 @@ class StepGraphs:
         """Why a run on ``device`` with ``caches`` cannot be captured (``None``: it can)."""
         if device.type != "cuda":
             return f"needs a CUDA device, the net is on {device.type}; running eager"
-        for kv in caches:
-            if kv.quantized or kv.key_smoothing != "none":
-                return (f"kv_dtype={kv.kv_dtype} (key_smoothing={kv.key_smoothing}) writes are not captured; "
-                        "running eager (native bf16/fp16/fp32 caches only)")
+        if any(kv.storage()[0].device != device for kv in caches):
+            return "the KV cache is not on the net's device; running eager"
         if torch.is_grad_enabled():
             return "autograd is enabled; running eager"
         return None
