@@ -78,7 +78,7 @@ class StreamSpec(PipelineConfig):
     """CUDA: decode block n on a side stream while the DiT denoises block n+1 (same frames, in order)."""
     cuda_graph: bool = False
     """CUDA: replay CUDA graphs of the DiT calls, one per static shape (cache length, block size, write pass;
-    docs/causal.md). Eager on the CPU, for int8/fp8/int4 or key-smoothed caches and a shape's first call."""
+    docs/causal.md); the session keeps them across videos. Eager on the CPU and for a shape's first call."""
 
     @field_validator("times")
     @classmethod
