@@ -239,3 +239,29 @@ def test_session_cuda_graph_cpu(tmp_path):
     second = torch.cat([b.x0 for b in s.blocks(ctx, **kw)], 2)
     assert torch.equal(first, ref) and torch.equal(second, ref)
     assert s.caches == caches and s.graphs is not None and s.graphs.captures == 0
+
+
+@pytest.mark.gpu
+def test_session_cuda_graph_gpu(tmp_path):
+    """StreamSession on CUDA with spec.cuda_graph (float32, decode overlap on): three videos give the latents of
+    a session without graphs (1e-5), and the third replays (no new capture)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    save_file(WanVAE(dim=4).state_dict(), tmp_path / "vae.safetensors")
+
+    def session(**kw):
+        spec = StreamSpec(frames_per_block=2, first_block_frames=1, times=[0.8, 0.5], kv_dtype="float32",
+                          trained_frames=6, **kw)
+        return StreamSession(spec, dit=DiTSpec(config="tiny", path="random", overrides={"num_layers": 2}),
+                             vae=VAESpec(path=str(tmp_path / "vae.safetensors"), arch={"dim": 4}),
+                             device=torch.device("cuda"), dtype=torch.float32)
+
+    ctx = torch.randn(1, 4, 32)
+    kw = dict(size=(16, 16), num_frames=29, seeds=[0])
+    ref = torch.cat([d.frames for d in session().frames(ctx, **kw)], 2)
+    s = session(cuda_graph=True)
+    for _ in range(3):
+        captures = s.graphs.captures
+        out = torch.cat([d.frames for d in s.frames(ctx, **kw)], 2)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert s.graphs.captures == captures > 0 and s.graphs.replays > 0
