@@ -25,7 +25,14 @@ MFU = FLOPs of the global batch / (iteration time x GPUs x peak dense bf16 FLOP/
 for H100/H200 SXM, or ``--peak-tflops``). tokens/s = global samples x L / time. Peak memory: the allocator
 peak of rank 0 during the timed iterations (weights, optimizer state and activations; GiB).
 
+``--compile`` compiles every block of the three networks (regional ``torch.compile``, ``ParallelConfig.compile``).
+``--compare`` runs the old path (``--baseline``, default ``block_wise`` SAC, eager) and then each new case
+(``--sac`` modes, with ``--compile`` if given) in the same process, same inputs, and prints new / old ratios of
+s/it, MFU and peak memory per phase (warmup 1, 3 timed iterations unless given). ``--smoke``: a CPU run of the
+whole script on the tiny config (gloo, Dynamo backend ``aot_eager``), for the test suite; numbers meaningless.
+
     python benchmarks/train_step.py [--sac mm_only,block_wise] [--frames 21] [--json train_step.json]
+    python benchmarks/train_step.py --compare --sac attention,block_wise --compile   # old vs new, one process
     torchrun --nproc_per_node 2 benchmarks/train_step.py --cp 2      # or --cp 1: FSDP over 2 GPUs
 """
 
@@ -97,17 +104,18 @@ def _stepper(models, batch, optimizers, objective, ctx):
     return lambda: train_step(models, [batch], optimizers, objective, ctx)
 
 
-def run_case(args, frames: int, sac: str) -> list[dict]:
+def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
     world = dist.get_world_size()
     mesh = build_mesh(1, -1, args.cp)
     cfg = get_config(args.config)
-    par = dict(param_dtype="bfloat16")
+    comp = dict(compile=compiled, compile_backend=args.compile_backend)
+    par = dict(param_dtype="bfloat16", **comp)
     models = {
         "student": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
                          precision="student", trainable=True, seed=0),
         "fake_score": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
                             precision="teacher", trainable=True, seed=1),
-        "teacher": build(args.config, mesh, ParallelConfig(param_dtype=None), dtype=torch.bfloat16,
+        "teacher": build(args.config, mesh, ParallelConfig(param_dtype=None, **comp), dtype=torch.bfloat16,
                          precision="teacher", trainable=False, seed=2),
     }
     oc = OptimizerConfig(lr=1e-6, warmup_steps=0)
@@ -130,7 +138,8 @@ def run_case(args, frames: int, sac: str) -> list[dict]:
                           torch.Generator(device=DEVICE).manual_seed(mesh.dp_rank), has_critic=True)
         step = _stepper(models, batch, {n: optimizers[n] for n in trained}, objective, ctx)
         row = dict(phase=phase, config=args.config, frames=frames, tokens=tokens, world=world, dp=mesh.dp_size,
-                   cp=mesh.cp_size, sac=sac, sim_steps=args.sim_steps, batch_per_dp_rank=args.batch)
+                   cp=mesh.cp_size, sac=sac, compile=compiled, sim_steps=args.sim_steps,
+                   batch_per_dp_rank=args.batch)
         try:
             ms, peak_gib = _time(step, args.warmup, args.iters)
         except torch.OutOfMemoryError:
@@ -145,7 +154,7 @@ def run_case(args, frames: int, sac: str) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    head = f"{'phase':<8}{'frames':>7}{'GPUs':>5}{'dp':>4}{'cp':>4}{'sac':>12}{'ms':>10}{'tok/s':>10}" \
+    head = f"{'phase':<8}{'frames':>7}{'GPUs':>5}{'dp':>4}{'cp':>4}{'sac':>12}{'compile':>8}{'ms':>10}{'tok/s':>10}" \
            f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"
     print(head)
     for r in rows:
@@ -154,8 +163,40 @@ def _print(rows: list[dict]) -> None:
         tf = "-" if r["ms"] is None else f"{r['tflops_per_gpu']:.0f}"
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         pk = r["peak_gib"] if isinstance(r["peak_gib"], str) else "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"{r['phase']:<8}{r['frames']:>7}{r['world']:>5}{r['dp']:>4}{r['cp']:>4}{r['sac']:>12}{ms:>10}"
+        print(f"{r['phase']:<8}{r['frames']:>7}{r['world']:>5}{r['dp']:>4}{r['cp']:>4}{r['sac']:>12}"
+              f"{'yes' if r.get('compile') else 'no':>8}{ms:>10}"
               f"{tps:>10}{tf:>9}{mfu:>7}{pk:>10}")
+
+
+def _label(r: dict) -> str:
+    return f"{r['sac']}{'+compile' if r.get('compile') else ''}"
+
+
+def compare_rows(rows: list[dict], baseline: tuple[str, bool]) -> list[dict]:
+    """New / old ratios per (frames, phase): s/it (< 1 is faster), MFU (> 1 is better), peak memory."""
+    def ok(r):
+        return r is not None and r["ms"] is not None
+
+    out = []
+    for r in rows:
+        if (r["sac"], r["compile"]) == baseline:
+            continue
+        old = next((b for b in rows if (b["sac"], b["compile"]) == baseline and b["phase"] == r["phase"]
+                    and b["frames"] == r["frames"]), None)
+        ratio = dict(phase=r["phase"], frames=r["frames"], new=_label(r), old=None if old is None else _label(old))
+        if ok(r) and ok(old):
+            ratio["s_per_it"] = r["ms"] / old["ms"]
+            ratio["mfu"] = None if r.get("mfu") is None else r["mfu"] / old["mfu"]
+            ratio["peak"] = None if r["peak_gib"] is None else r["peak_gib"] / old["peak_gib"]
+        out.append(ratio)
+    return out
+
+
+def _print_ratios(ratios: list[dict]) -> None:
+    print(f"{'phase':<8}{'frames':>7}{'new':>22}{'old':>22}{'s/it x':>9}{'MFU x':>8}{'peak x':>8}")
+    for q in ratios:
+        cells = [("-" if q.get(k) is None else f"{q[k]:.3f}") for k in ("s_per_it", "mfu", "peak")]
+        print(f"{q['phase']:<8}{q['frames']:>7}{q['new']:>22}{q['old'] or '-':>22}{cells[0]:>9}{cells[1]:>8}{cells[2]:>8}")
 
 
 def main() -> None:
@@ -169,13 +210,34 @@ def main() -> None:
     ap.add_argument("--cp", type=int, default=1, help="Ulysses context-parallel size")
     ap.add_argument("--sac", default="block_wise", help="student and fake-score activation checkpointing, comma-separated list")
     ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of every block (new path)")
+    ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the old path (--baseline, eager) in this process first and print new/old ratios")
+    ap.add_argument("--baseline", default="block_wise", help="SAC mode of the old path in --compare")
+    ap.add_argument("--smoke", action="store_true", help="CPU run of the script on the tiny config (tests)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 2; 1 with --compare)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of one GPU")
     ap.add_argument("--json", default="train_step.json")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a functional smoke run of this script (tiny config, gloo), no meaningful numbers")
     args = ap.parse_args()
+    if args.warmup is None:
+        args.warmup = 1 if args.compare else 2
+    if args.smoke:  # tiny net, 2 latent frames of 8 x 8, no timing value
+        args.device, args.config, args.frames, args.height, args.width = "cpu", "tiny", "2", 8, 8
+        args.text_rows, args.warmup, args.iters, args.compile_backend = 16, 0, 1, "aot_eager"
+    sacs = args.sac.split(",")
+    if args.compare:
+        cases = [(args.baseline, False)] + [(s, args.compile) for s in sacs if (s, args.compile) != (args.baseline, False)]
+    else:
+        cases = [(s, args.compile) for s in sacs]
+    from rcm_train.parallel.checkpointing import SAC_MODES
+
+    bad = [s for s, _ in cases if s not in SAC_MODES]
+    if bad:
+        raise SystemExit(f"--sac / --baseline: unknown mode(s) {bad}; choose from {', '.join(SAC_MODES)}")
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -184,8 +246,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the reference trainer enables TF32 (student fp32 FFN)
     rows = []
     for frames in map(int, args.frames.split(",")):
-        for sac in args.sac.split(","):
-            rows += run_case(args, frames, sac)
+        for sac, compiled in cases:
+            rows += run_case(args, frames, sac, compiled)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     if dist.get_rank() == 0:
@@ -195,8 +257,13 @@ def main() -> None:
                     text_rows=args.text_rows, latent_hw=[args.height, args.width])
         print(f"rCM train step, {args.config}, {meta['device']} x {meta['gpus']}")
         _print(rows)
+        result = dict(meta=meta, rows=rows)
+        if args.compare:
+            result["ratios"] = compare_rows(rows, (args.baseline, False))
+            print(f"new / old (old = {args.baseline}, eager; same process, same inputs)")
+            _print_ratios(result["ratios"])
         with open(args.json, "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+            json.dump(result, fh, indent=1)
         print(f"wrote {args.json}")
     dist.destroy_process_group()
 
