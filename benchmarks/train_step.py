@@ -32,7 +32,7 @@ s/it, MFU and peak memory per phase (warmup 1, 3 timed iterations unless given).
 whole script on the tiny config (gloo, Dynamo backend ``aot_eager``), for the test suite; numbers meaningless.
 
     python benchmarks/train_step.py [--sac mm_only,block_wise] [--frames 21] [--json train_step.json]
-    python benchmarks/train_step.py --compare --sac attention,block_wise --compile   # old vs new, one process
+    python benchmarks/train_step.py --compare --sac attention,attention+compile,block_wise+compile  # old vs new
     torchrun --nproc_per_node 2 benchmarks/train_step.py --cp 2      # or --cp 1: FSDP over 2 GPUs
 """
 
@@ -44,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from datetime import date
 
 import torch
@@ -208,7 +209,9 @@ def main() -> None:
     ap.add_argument("--text-rows", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
     ap.add_argument("--cp", type=int, default=1, help="Ulysses context-parallel size")
-    ap.add_argument("--sac", default="block_wise", help="student and fake-score activation checkpointing, comma-separated list")
+    ap.add_argument("--sac", default="block_wise",
+                    help="student and fake-score activation checkpointing, comma-separated list; a mode ending in "
+                         "+compile also compiles the blocks (e.g. attention,attention+compile)")
     ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of every block (new path)")
     ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
@@ -228,11 +231,8 @@ def main() -> None:
     if args.smoke:  # tiny net, 2 latent frames of 8 x 8, no timing value
         args.device, args.config, args.frames, args.height, args.width = "cpu", "tiny", "2", 8, 8
         args.text_rows, args.warmup, args.iters, args.compile_backend = 16, 0, 1, "aot_eager"
-    sacs = args.sac.split(",")
-    if args.compare:
-        cases = [(args.baseline, False)] + [(s, args.compile) for s in sacs if (s, args.compile) != (args.baseline, False)]
-    else:
-        cases = [(s, args.compile) for s in sacs]
+    new = [(s.removesuffix("+compile"), args.compile or s.endswith("+compile")) for s in args.sac.split(",")]
+    cases = [(args.baseline, False)] + [c for c in new if c != (args.baseline, False)] if args.compare else new
     from rcm_train.parallel.checkpointing import SAC_MODES
 
     bad = [s for s, _ in cases if s not in SAC_MODES]
@@ -247,7 +247,13 @@ def main() -> None:
     rows = []
     for frames in map(int, args.frames.split(",")):
         for sac, compiled in cases:
-            rows += run_case(args, frames, sac, compiled)
+            try:
+                rows += run_case(args, frames, sac, compiled)
+            except Exception as err:  # noqa: BLE001  (a failing new path must not lose the other rows)
+                traceback.print_exc()
+                rows += [dict(phase=p, config=args.config, frames=frames, world=dist.get_world_size(), dp=0, cp=args.cp,
+                              sac=sac, compile=compiled, ms=None, peak_gib=f"ERR {type(err).__name__}")
+                         for p in ("student", "critic")]
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     if dist.get_rank() == 0:

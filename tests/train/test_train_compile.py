@@ -80,3 +80,33 @@ def test_compile_bad_arguments():
         apply_compile(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="compile_backend"):
         ParallelConfig(compile=True, compile_backend="cudagraphs")
+
+
+@pytest.mark.slow  # ~1 min: builds and steps the three tiny networks twice (eager, then compiled)
+def test_train_step_benchmark_smoke_compare(tmp_path):
+    """``benchmarks/train_step.py --smoke --compare``: old path and the new one in one process, ratios written."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ts.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_step.py"), "--smoke", "--compare",
+                           "--sac", "attention", "--compile", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    cases = {(r["sac"], r["compile"], r["phase"]) for r in result["rows"]}
+    assert cases == {(s, c, p) for s, c in (("block_wise", False), ("attention", True)) for p in ("student", "critic")}
+    assert all(r["ms"] > 0 for r in result["rows"])
+    ratios = result["ratios"]
+    assert [(q["phase"], q["new"], q["old"]) for q in ratios] == [("student", "attention+compile", "block_wise"),
+                                                                  ("critic", "attention+compile", "block_wise")]
+    for q in ratios:
+        assert q["s_per_it"] == pytest.approx(
+            next(r["ms"] for r in result["rows"] if r["compile"] and r["phase"] == q["phase"])
+            / next(r["ms"] for r in result["rows"] if not r["compile"] and r["phase"] == q["phase"]))
+    assert "new / old" in proc.stdout
