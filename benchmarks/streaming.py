@@ -37,7 +37,7 @@ top-15 CUDA kernels by total time (CPU: the top-15 operators by self time).
     python benchmarks/streaming.py --steps 1 --frames-per-block 1 --factors 1    # frame-wise latency
     python benchmarks/streaming.py --smoke               # tiny sizes, CPU if there is no GPU (does it run?)
     python benchmarks/streaming.py --steps 2 --kv-dtypes bfloat16 --factors 1 --cuda_graph --profile t.json
-    [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--overlap both] [--json streaming.json]
+    [--vae-fast (the fast streaming VAE decode)] [--no-vae] [--layers N (smoke test)] [--refresh last_step] [--overlap both] [--json streaming.json]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch
 from rcm_kernels.blockmask import BlockLayout
 from rcm_nets.wan import WanDiT, WanVAE
 from rcm_nets.wan.causal import make_kv_cache
-from rcm_nets.wan.vae import StreamingDecoder
+from rcm_nets.wan.vae import StreamingDecoder, VAEDecodeOptions
 from rcm_pipelines.stream_session import decode_blocks, profiled
 from rcm_pipelines.streaming import DEFAULT_STREAM_TIMES, StepGraphs, stream_generate, wan_timestep
 
@@ -102,6 +102,9 @@ def px_frames(latent_frames: int, first: bool) -> int:
     return 1 + 4 * (latent_frames - 1) if first else 4 * latent_frames
 
 
+VAE_OPTIONS: VAEDecodeOptions | None = None
+"""The streaming decoder's speed options (``--vae-fast``: ``VAEDecodeOptions.fastest()``; default: the plain decode)."""
+
 _GRAPH_CACHES: dict[str, object] = {}  # kv dtype -> the cache the graph rows share (graphs bind to its storage)
 
 
@@ -133,7 +136,7 @@ def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, 
     ``graphs``: replay the DiT calls' CUDA graphs (on the cache the graph rows of ``kv_dtype`` share)."""
     _reset()
     cache = _cache(net, args, layout, kv_dtype, graphs)
-    decoder = StreamingDecoder(vae)
+    decoder = StreamingDecoder(vae, options=VAE_OPTIONS)
     blocks = _blocks(net, prompt, args, layout, latent_frames, cache, graphs, synchronize=not CUDA)
 
     def to_vae(blocks):
@@ -273,6 +276,8 @@ def main() -> None:
     ap.add_argument("--bidir-factors", type=float, nargs="*", default=[1, 4],
                     help="lengths for the bidirectional sampler (quadratic attention: 10x takes very long)")
     ap.add_argument("--no-vae", action="store_true", help="DiT only (no VAE decode)")
+    ap.add_argument("--vae-fast", action="store_true",
+                    help="decode with VAEDecodeOptions.fastest() (bf16, channels-last, fused norm, block step)")
     ap.add_argument("--quick", action="store_true", help="factors 1 4, kv bf16 int8, bidirectional 1x only")
     ap.add_argument("--overlap", choices=["off", "on", "both"], default="both",
                     help="decode overlap rows: sequential only, overlapped only, or both (same process, ratio)")
@@ -285,6 +290,8 @@ def main() -> None:
                     help="profile one steady block: Chrome trace + top-15 CUDA kernels by total time")
     ap.add_argument("--json", default="streaming.json")
     args = ap.parse_args()
+    global VAE_OPTIONS
+    VAE_OPTIONS = VAEDecodeOptions.fastest() if args.vae_fast and CUDA else None
     if args.smoke:
         args.config, args.layers, args.height, args.width = "tiny", 1, 4, 4
         args.frames_per_block, args.trained_frames, args.factors, args.bidir_factors = 2, 6, [1, 2], [1]
@@ -361,6 +368,7 @@ def main() -> None:
                 trained_frames=args.trained_frames, sink_frames=layout.first,
                 window_frames=args.trained_frames - layout.first - layout.frames_per_block,
                 vae_decode=vae is not None, weights_and_prompt_gib=weights_gib,
+                vae_options=None if VAE_OPTIONS is None else VAE_OPTIONS.model_dump(),
                 timed=("per block: DiT (denoising steps + cache refresh, CUDA events) and wall clock until the frames "
                        "are on the host" + ("" if args.no_vae else " (streaming VAE decode, overlapped with the next "
                        "block's DiT in stream+ovl rows)") + "; text encoding and mp4 writing excluded"))
