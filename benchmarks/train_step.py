@@ -39,6 +39,7 @@ whole script on the tiny config (gloo, Dynamo backend ``aot_eager``), for the te
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -107,6 +108,8 @@ def _stepper(models, batch, optimizers, objective, ctx):
 
 def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
     world = dist.get_world_size()
+    # memory still held from an earlier case (should be ~0: otherwise later peaks are inflated)
+    left_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
     mesh = build_mesh(1, -1, args.cp)
     cfg = get_config(args.config)
     comp = dict(compile=compiled, compile_backend=args.compile_backend)
@@ -140,7 +143,7 @@ def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
         step = _stepper(models, batch, {n: optimizers[n] for n in trained}, objective, ctx)
         row = dict(phase=phase, config=args.config, frames=frames, tokens=tokens, world=world, dp=mesh.dp_size,
                    cp=mesh.cp_size, sac=sac, compile=compiled, sim_steps=args.sim_steps,
-                   batch_per_dp_rank=args.batch)
+                   batch_per_dp_rank=args.batch, gib_left_from_earlier_cases=left_gib)
         try:
             ms, peak_gib = _time(step, args.warmup, args.iters)
         except torch.OutOfMemoryError:
@@ -254,6 +257,7 @@ def main() -> None:
                 rows += [dict(phase=p, config=args.config, frames=frames, world=dist.get_world_size(), dp=0, cp=args.cp,
                               sac=sac, compile=compiled, ms=None, peak_gib=f"ERR {type(err).__name__}")
                          for p in ("student", "critic")]
+            gc.collect()  # FSDP hooks make reference cycles: free this case's networks before the next
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     if dist.get_rank() == 0:
