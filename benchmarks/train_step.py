@@ -25,14 +25,16 @@ MFU = FLOPs of the global batch / (iteration time x GPUs x peak dense bf16 FLOP/
 for H100/H200 SXM, or ``--peak-tflops``). tokens/s = global samples x L / time. Peak memory: the allocator
 peak of rank 0 during the timed iterations (weights, optimizer state and activations; GiB).
 
-``--compile`` compiles every block of the three networks (regional ``torch.compile``, ``ParallelConfig.compile``).
+``--compile`` compiles every block of the three networks (regional ``torch.compile``, ``ParallelConfig.compile``);
+per case, a ``--sac`` entry may end in ``+compile`` and/or ``+unfused`` (the network's fused norm / modulation
+kernels off, ``rcm_nets.wan._ops.fused_ops("off")``, so a compiled block hands those ops to Inductor).
 ``--compare`` runs the old path (``--baseline``, default ``block_wise`` SAC, eager) and then each new case
 (``--sac`` modes, with ``--compile`` if given) in the same process, same inputs, and prints new / old ratios of
 s/it, MFU and peak memory per phase (warmup 1, 3 timed iterations unless given). ``--smoke``: a CPU run of the
 whole script on the tiny config (gloo, Dynamo backend ``aot_eager``), for the test suite; numbers meaningless.
 
     python benchmarks/train_step.py [--sac mm_only,block_wise] [--frames 21] [--json train_step.json]
-    python benchmarks/train_step.py --compare --sac attention,attention+compile,block_wise+compile  # old vs new
+    python benchmarks/train_step.py --compare --sac attention,attention+compile,attention+compile+unfused
     torchrun --nproc_per_node 2 benchmarks/train_step.py --cp 2      # or --cp 1: FSDP over 2 GPUs
 """
 
@@ -106,7 +108,15 @@ def _stepper(models, batch, optimizers, objective, ctx):
     return lambda: train_step(models, [batch], optimizers, objective, ctx)
 
 
-def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
+def run_case(args, frames: int, sac: str, compiled: bool = False, unfused: bool = False) -> list[dict]:
+    """One (SAC mode, compile, unfused) case: builds its networks and times both phases."""
+    from rcm_nets.wan._ops import fused_ops
+
+    with fused_ops("off" if unfused else "auto"):
+        return _run_case(args, frames, sac, compiled, unfused)
+
+
+def _run_case(args, frames: int, sac: str, compiled: bool, unfused: bool) -> list[dict]:
     world = dist.get_world_size()
     # memory still held from an earlier case (should be ~0: otherwise later peaks are inflated)
     left_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
@@ -142,7 +152,7 @@ def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
                           torch.Generator(device=DEVICE).manual_seed(mesh.dp_rank), has_critic=True)
         step = _stepper(models, batch, {n: optimizers[n] for n in trained}, objective, ctx)
         row = dict(phase=phase, config=args.config, frames=frames, tokens=tokens, world=world, dp=mesh.dp_size,
-                   cp=mesh.cp_size, sac=sac, compile=compiled, sim_steps=args.sim_steps,
+                   cp=mesh.cp_size, sac=sac, compile=compiled, unfused=unfused, sim_steps=args.sim_steps,
                    batch_per_dp_rank=args.batch, gib_left_from_earlier_cases=left_gib)
         try:
             ms, peak_gib = _time(step, args.warmup, args.iters)
@@ -158,7 +168,7 @@ def run_case(args, frames: int, sac: str, compiled: bool = False) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    head = f"{'phase':<8}{'frames':>7}{'GPUs':>5}{'dp':>4}{'cp':>4}{'sac':>12}{'compile':>8}{'ms':>10}{'tok/s':>10}" \
+    head = f"{'phase':<8}{'frames':>7}{'GPUs':>5}{'dp':>4}{'cp':>4}{'case':>28}{'ms':>10}{'tok/s':>10}" \
            f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"
     print(head)
     for r in rows:
@@ -167,25 +177,37 @@ def _print(rows: list[dict]) -> None:
         tf = "-" if r["ms"] is None else f"{r['tflops_per_gpu']:.0f}"
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         pk = r["peak_gib"] if isinstance(r["peak_gib"], str) else "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"{r['phase']:<8}{r['frames']:>7}{r['world']:>5}{r['dp']:>4}{r['cp']:>4}{r['sac']:>12}"
-              f"{'yes' if r.get('compile') else 'no':>8}{ms:>10}"
+        print(f"{r['phase']:<8}{r['frames']:>7}{r['world']:>5}{r['dp']:>4}{r['cp']:>4}{_label(r):>28}{ms:>10}"
               f"{tps:>10}{tf:>9}{mfu:>7}{pk:>10}")
 
 
+def _key(r: dict) -> tuple[str, bool, bool]:
+    return r["sac"], bool(r.get("compile")), bool(r.get("unfused"))
+
+
 def _label(r: dict) -> str:
-    return f"{r['sac']}{'+compile' if r.get('compile') else ''}"
+    return f"{r['sac']}{'+compile' if r.get('compile') else ''}{'+unfused' if r.get('unfused') else ''}"
 
 
-def compare_rows(rows: list[dict], baseline: tuple[str, bool]) -> list[dict]:
+def parse_case(entry: str, compile_all: bool) -> tuple[str, bool, bool]:
+    """``mode[+compile][+unfused]`` -> (SAC mode, compile, unfused)."""
+    mode, *flags = entry.split("+")
+    bad = set(flags) - {"compile", "unfused"}
+    if bad:
+        raise SystemExit(f"--sac entry {entry!r}: unknown suffix(es) {sorted(bad)}; use +compile and/or +unfused")
+    return mode, compile_all or "compile" in flags, "unfused" in flags
+
+
+def compare_rows(rows: list[dict], baseline: tuple[str, bool, bool]) -> list[dict]:
     """New / old ratios per (frames, phase): s/it (< 1 is faster), MFU (> 1 is better), peak memory."""
     def ok(r):
         return r is not None and r["ms"] is not None
 
     out = []
     for r in rows:
-        if (r["sac"], r["compile"]) == baseline:
+        if _key(r) == baseline:
             continue
-        old = next((b for b in rows if (b["sac"], b["compile"]) == baseline and b["phase"] == r["phase"]
+        old = next((b for b in rows if _key(b) == baseline and b["phase"] == r["phase"]
                     and b["frames"] == r["frames"]), None)
         ratio = dict(phase=r["phase"], frames=r["frames"], new=_label(r), old=None if old is None else _label(old))
         if ok(r) and ok(old):
@@ -197,10 +219,10 @@ def compare_rows(rows: list[dict], baseline: tuple[str, bool]) -> list[dict]:
 
 
 def _print_ratios(ratios: list[dict]) -> None:
-    print(f"{'phase':<8}{'frames':>7}{'new':>22}{'old':>22}{'s/it x':>9}{'MFU x':>8}{'peak x':>8}")
+    print(f"{'phase':<8}{'frames':>7}{'new':>28}{'old':>22}{'s/it x':>9}{'MFU x':>8}{'peak x':>8}")
     for q in ratios:
         cells = [("-" if q.get(k) is None else f"{q[k]:.3f}") for k in ("s_per_it", "mfu", "peak")]
-        print(f"{q['phase']:<8}{q['frames']:>7}{q['new']:>22}{q['old'] or '-':>22}{cells[0]:>9}{cells[1]:>8}{cells[2]:>8}")
+        print(f"{q['phase']:<8}{q['frames']:>7}{q['new']:>28}{q['old'] or '-':>22}{cells[0]:>9}{cells[1]:>8}{cells[2]:>8}")
 
 
 def main() -> None:
@@ -213,8 +235,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
     ap.add_argument("--cp", type=int, default=1, help="Ulysses context-parallel size")
     ap.add_argument("--sac", default="block_wise",
-                    help="student and fake-score activation checkpointing, comma-separated list; a mode ending in "
-                         "+compile also compiles the blocks (e.g. attention,attention+compile)")
+                    help="student and fake-score activation checkpointing, comma-separated list; suffixes: +compile "
+                         "(compile the blocks), +unfused (RCM fused norm kernels off, e.g. for Inductor to fuse "
+                         "the norms itself): attention,attention+compile,attention+compile+unfused")
     ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of every block (new path)")
     ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
@@ -234,11 +257,12 @@ def main() -> None:
     if args.smoke:  # tiny net, 2 latent frames of 8 x 8, no timing value
         args.device, args.config, args.frames, args.height, args.width = "cpu", "tiny", "2", 8, 8
         args.text_rows, args.warmup, args.iters, args.compile_backend = 16, 0, 1, "aot_eager"
-    new = [(s.removesuffix("+compile"), args.compile or s.endswith("+compile")) for s in args.sac.split(",")]
-    cases = [(args.baseline, False)] + [c for c in new if c != (args.baseline, False)] if args.compare else new
+    new = [parse_case(s, args.compile) for s in args.sac.split(",")]
+    base = (args.baseline, False, False)
+    cases = [base] + [c for c in new if c != base] if args.compare else new
     from rcm_train.parallel.checkpointing import SAC_MODES
 
-    bad = [s for s, _ in cases if s not in SAC_MODES]
+    bad = [c[0] for c in cases if c[0] not in SAC_MODES]
     if bad:
         raise SystemExit(f"--sac / --baseline: unknown mode(s) {bad}; choose from {', '.join(SAC_MODES)}")
     global DEVICE
@@ -249,13 +273,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the reference trainer enables TF32 (student fp32 FFN)
     rows = []
     for frames in map(int, args.frames.split(",")):
-        for sac, compiled in cases:
+        for sac, compiled, unfused in cases:
             try:
-                rows += run_case(args, frames, sac, compiled)
+                rows += run_case(args, frames, sac, compiled, unfused)
             except Exception as err:  # noqa: BLE001  (a failing new path must not lose the other rows)
                 traceback.print_exc()
                 rows += [dict(phase=p, config=args.config, frames=frames, world=dist.get_world_size(), dp=0, cp=args.cp,
-                              sac=sac, compile=compiled, ms=None, peak_gib=f"ERR {type(err).__name__}")
+                              sac=sac, compile=compiled, unfused=unfused, ms=None, peak_gib=f"ERR {type(err).__name__}")
                          for p in ("student", "critic")]
             gc.collect()  # FSDP hooks make reference cycles: free this case's networks before the next
             if DEVICE == "cuda":
@@ -269,7 +293,7 @@ def main() -> None:
         _print(rows)
         result = dict(meta=meta, rows=rows)
         if args.compare:
-            result["ratios"] = compare_rows(rows, (args.baseline, False))
+            result["ratios"] = compare_rows(rows, base)
             print(f"new / old (old = {args.baseline}, eager; same process, same inputs)")
             _print_ratios(result["ratios"])
         with open(args.json, "w") as fh:
