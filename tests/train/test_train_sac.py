@@ -136,3 +136,32 @@ def test_sac_bad_arguments():
         apply_sac(torch.nn.Linear(2, 2), "block_wise")
     with pytest.raises(ValueError, match="every_n_blocks"):
         apply_sac(tiny_dit(), "mm_only", every_n_blocks=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, reruns", [("block_wise", 3), ("mm_only", 0), ("attention", 0), ("attn_only", 0)])
+def test_attention_policy_keeps_triton_attention_gpu(mode, reruns):
+    """On CUDA the attention is our Triton op ``rcm_kernels::jvp_attn_fwd`` (outputs out, tangent, LSE): the
+    selective modes keep it (it does not run again in backward), block_wise reruns it once per block.
+    Gradients equal no checkpointing (fp32; rtol 1e-5: recomputed matmuls may pick other GPU kernels)."""
+    import rcm_kernels.attention.triton_jvp  # noqa: F401  (registers the op)
+
+    def run(m):
+        model = tiny_dit(dim=64, heads=2, depth=3).cuda()  # head dim 32: the Triton kernel's range
+        apply_sac(model, m)
+        g = torch.Generator(device="cuda").manual_seed(5)
+        x, t = torch.randn(2, 40, 4, device="cuda", generator=g), torch.rand(2, device="cuda", generator=g)
+        with _OpCounter() as fwd:
+            loss = (model(x, t) ** 2).sum()
+        with _OpCounter() as bwd:
+            loss.backward()
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
+        op = torch.ops.rcm_kernels.jvp_attn_fwd.default
+        return grads, fwd.counts[op], bwd.counts[op]
+
+    ref, ref_fwd, ref_bwd = run("none")
+    assert (ref_fwd, ref_bwd) == (3, 0), "the attention did not run as the Triton op"
+    grads, n_fwd, n_bwd = run(mode)
+    assert (n_fwd, n_bwd) == (3, reruns)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
