@@ -223,6 +223,7 @@ def test_causal_spec_cfg_schedules_and_first_block_match_direct_sampling(assets)
 def test_causal_cuda_graph_matches_eager_cuda(assets):
     """sampler.causal.cuda_graph reaches stream_generate: CUDA-graph replays give the eager latents (float32
     cache, same kernels replayed: 1e-5)."""
+    pytest.importorskip("ftfy", reason="the umT5 prompt cleaning needs ftfy (rcm-nets[tokenizer])")
     ctx, neg = _embed(assets, ["a cat runs", "static blurry"], 16).split(1)
     out = []
     for graph in (False, True):
