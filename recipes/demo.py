@@ -7,7 +7,7 @@
 1. Data: procedural videos of a colored square or disk moving left/right/up/down, prompted by
    "a {color} {shape} moving {direction}" and embedded by a tiny fixed text encoder (`rcm_recipes.shapes`).
 2. Teacher: a tiny pixel-space `WanDiT` trained with flow matching (with prompt dropout for CFG) by the
-   `rcm_train` loop.
+   `rcm_train` loop (the three trainings are in `rcm_recipes.demo_train`).
 3. Distillation: rCM (sCM with the network's JVP path + DMD against a fake score trained in critic
    phases), `rcm_train.objectives.RCMObjective` in the same `rcm_train` loop.
 4. Evaluation: teacher (Euler + CFG, 50 and 4 steps) and student (1, 2, 4 steps) on the same prompts and
@@ -27,99 +27,29 @@ import os
 # 5-10x slower (measured); on an idle one passive waiting costs nothing measurable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import copy
 import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from rcm_nets.wan import MeanFlowWanDiT, meanflow_student_state_dict
 from rcm_pipelines.video import plot_curves, write_json
 from rcm_recipes.config import RecipeConfig, load_presets, parse_config, run_main, write_config
 from rcm_recipes.demo_eval import EvalConfig, evaluate_methods, summarize
-from rcm_recipes.pixel_dit import NetConfig, PositionalDiT, build_pixel_dit
-from rcm_recipes.progress import ProgressLogger
-from rcm_recipes.shapes import ShapesConfig, TextConfig, TinyTextEncoder, shape_batches
-from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
-from rcm_train.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
-from rcm_train.objectives.meanflow import MeanFlowObjective, MeanFlowObjectiveConfig
-from rcm_train.trainer import (
-    OptimizerConfig,
-    ScheduleConfig,
-    TrainConfig,
-    TrainParts,
-    build_optimizer,
-    build_scheduler,
-    train,
+from rcm_recipes.demo_train import (
+    DistillConfig,
+    MeanFlowConfig,
+    TeacherConfig,
+    distill,
+    distill_meanflow,
+    seed_for,
+    train_teacher,
 )
-
-
-class TeacherConfig(RecipeConfig):
-    """Flow-matching training of the teacher."""
-
-    iterations: int = 2000
-    """Training iterations."""
-    batch_size: int = 32
-    """Videos per iteration."""
-    optimizer: OptimizerConfig = OptimizerConfig(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=100,
-                                                 warmup_start=0.01)
-    """AdamW and LR warmup."""
-    clip_norm: float | None = 1.0
-    """Gradient-norm clip."""
-    ema_rate: float = 0.1
-    """Power-EMA rate of the weights used afterwards (EDM2 sigma_rel)."""
-    objective: FlowMatchingConfig = FlowMatchingConfig(logit_mean=1.5)
-    """Flow-matching time distribution and prompt dropout (times lean to high noise, where the shape's
-    position and path are decided)."""
-
-
-class DistillConfig(RecipeConfig):
-    """rCM distillation of the teacher into a few-step student."""
-
-    iterations: int = 200
-    """Raw iterations (student and critic phases together)."""
-    batch_size: int = 16
-    """Videos per iteration."""
-    schedule: ScheduleConfig = ScheduleConfig(tangent_warmup=40, student_update_freq=2)
-    """sCM-only warmup, then one student iteration every student_update_freq (the others train the critic)."""
-    student_optimizer: OptimizerConfig = OptimizerConfig(lr=2e-4, betas=(0.0, 0.999), weight_decay=0.01,
-                                                         warmup_steps=20)
-    """Student AdamW (no momentum, as the reference)."""
-    critic_optimizer: OptimizerConfig = OptimizerConfig(lr=2e-4, betas=(0.0, 0.999), weight_decay=0.01,
-                                                        warmup_steps=20)
-    """Fake-score AdamW."""
-    clip_norm: float | None = 1.0
-    """Gradient-norm clip."""
-    ema_rate: float | None = 0.05
-    """Power-EMA rate of the student used for sampling (None: sample the raw student)."""
-    objective: RCMObjectiveConfig = RCMObjectiveConfig(
-        guidance=3.0, p_g_mean=0.0, p_d_shift=2.0, input_dtype="float32", timestep_dtype=None
-    )
-    """The rCM objective (sCM + DMD); the networks run in float32 with exact timesteps on CPU."""
-
-
-class MeanFlowConfig(RecipeConfig):
-    """MeanFlow distillation of the teacher into a 1-2 step student (optional: --meanflow.enabled=true)."""
-
-    enabled: bool = False
-    """Also train and evaluate a MeanFlow student (adds about a quarter to the demo's time on 2 cores)."""
-    iterations: int = 200
-    """Iterations (every one is a student iteration: there is no critic)."""
-    batch_size: int = 16
-    """Videos per iteration."""
-    optimizer: OptimizerConfig = OptimizerConfig(lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=20)
-    """Student AdamW."""
-    clip_norm: float | None = 1.0
-    """Gradient-norm clip."""
-    ema_rate: float | None = 0.05
-    """Power-EMA rate of the student used for sampling (None: sample the raw student)."""
-    objective: MeanFlowObjectiveConfig = MeanFlowObjectiveConfig(guidance=3.0, input_dtype="float32")
-    """The MeanFlow objective (exact JVP; the teacher's CFG velocity as v)."""
+from rcm_recipes.pixel_dit import NetConfig, build_pixel_dit
+from rcm_recipes.shapes import ShapesConfig, TextConfig, TinyTextEncoder, shape_batches
 
 
 class DemoConfig(RecipeConfig):
@@ -166,74 +96,17 @@ PRESETS: dict[str, DemoConfig] = load_presets(DemoConfig, "demo")
 
 
 def _seed(seed: int, stream: str) -> int:
-    """Independent, reproducible seeds per use (data, init, eval, ...)."""
-    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+    return seed_for(seed, stream)
+
+
+def _batches(cfg: DemoConfig, encoder: TinyTextEncoder, batch_size: int, stream: str):
+    return shape_batches(cfg.data, encoder, batch_size, torch.Generator().manual_seed(_seed(cfg.seed, stream)))
 
 
 def build_net(cfg: DemoConfig) -> nn.Module:
     """The tiny pixel-space WanDiT of the demo (`rcm_recipes.pixel_dit`)."""
     return build_pixel_dit(cfg.net, text_dim=cfg.text.dim, text_len=cfg.text.length, frames=cfg.data.frames,
                            size=cfg.data.size, seed=_seed(cfg.seed, "init"))
-
-
-def _frozen_copy(net: nn.Module) -> nn.Module:
-    return copy.deepcopy(net).requires_grad_(False).eval()
-
-
-def _fit(cfg: DemoConfig, encoder: TinyTextEncoder, title: str, models: dict[str, nn.Module], optimizers: dict,
-         objective, loop: TrainConfig, *, batch_size: int, sampled: str, seeds: tuple[str, str],
-         keep: tuple[str, ...] = ("loss",)) -> tuple[nn.Module, dict]:
-    """Train the ``models`` named in ``optimizers`` (name -> OptimizerConfig) with ``objective`` on shape batches
-    by the rcm_train loop (``seeds``: the seed streams of the data and of the loop). Returns network ``sampled``
-    (its EMA copy when ``loop.ema_rate`` is set) and the loss curves."""
-    opts = {k: build_optimizer(models[k], c) for k, c in optimizers.items()}
-    parts = TrainParts(models=models, optimizers=opts,
-                       schedulers={k: build_scheduler(o, optimizers[k]) for k, o in opts.items()},
-                       ema={sampled: _frozen_copy(models[sampled])} if loop.ema_rate is not None else {})
-    data = shape_batches(cfg.data, encoder, batch_size, torch.Generator().manual_seed(_seed(cfg.seed, seeds[0])))
-    logger = ProgressLogger(title, loop.max_iter, keep=keep, disable=not cfg.progress)
-    train(parts, objective, data, loop.model_copy(update={"seed": _seed(cfg.seed, seeds[1]), "checkpoint_every": 0}),
-          logger=logger)
-    return (parts.ema[sampled] if parts.ema else models[sampled].eval()), logger.curves
-
-
-def train_teacher(cfg: DemoConfig, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
-    """Flow-matching teacher; returns its EMA weights and the loss curves."""
-    tc = cfg.teacher
-    loop = TrainConfig(max_iter=tc.iterations, clip_norm=tc.clip_norm, ema_rate=tc.ema_rate,
-                       student_models=["teacher"], critic_models=[])
-    return _fit(cfg, encoder, "teacher (flow matching)", {"teacher": build_net(cfg)}, {"teacher": tc.optimizer},
-                FlowMatchingObjective(tc.objective), loop, batch_size=tc.batch_size, sampled="teacher",
-                seeds=("data", "teacher"))
-
-
-def distill(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
-    """rCM distillation (sCM + DMD + critic) from the teacher; returns the student used for sampling
-    (its EMA unless `distill.ema_rate` is None) and the loss curves."""
-    dc = cfg.distill
-    models = {"student": copy.deepcopy(teacher).requires_grad_(True).train(), "teacher": teacher,
-              "fake_score": copy.deepcopy(teacher).requires_grad_(True).train()}
-    objective = RCMObjective(dc.objective, negative_embed=torch.zeros(cfg.text.length, cfg.text.dim))
-    loop = TrainConfig(max_iter=dc.iterations, clip_norm=dc.clip_norm, ema_rate=dc.ema_rate, schedule=dc.schedule)
-    return _fit(cfg, encoder, "rCM distillation", models,
-                {"student": dc.student_optimizer, "fake_score": dc.critic_optimizer}, objective, loop,
-                batch_size=dc.batch_size, sampled="student", seeds=("distill-data", "distill"), keep=("loss", "g_norm"))
-
-
-def distill_meanflow(cfg: DemoConfig, teacher: nn.Module, encoder: TinyTextEncoder) -> tuple[nn.Module, dict]:
-    """MeanFlow distillation: a MeanFlowWanDiT student starting as the teacher (zero interval embedding)."""
-    mc = cfg.meanflow
-    dit = MeanFlowWanDiT(teacher.dit.config)
-    gen = torch.Generator().manual_seed(_seed(cfg.seed, "meanflow-init"))
-    dit.load_state_dict(meanflow_student_state_dict(teacher.dit.state_dict(), generator=gen))
-    student = PositionalDiT(dit, cfg.data.frames, cfg.data.size, cfg.data.size, scale=0.0)
-    student.position.data.copy_(teacher.position.data)
-    objective = MeanFlowObjective(mc.objective, negative_embed=torch.zeros(cfg.text.length, cfg.text.dim))
-    loop = TrainConfig(max_iter=mc.iterations, clip_norm=mc.clip_norm, ema_rate=mc.ema_rate,
-                       student_models=["student"], critic_models=[])
-    return _fit(cfg, encoder, "MeanFlow distillation", {"student": student.requires_grad_(True).train(),
-                                                        "teacher": teacher}, {"student": mc.optimizer}, objective,
-                loop, batch_size=mc.batch_size, sampled="student", seeds=("mf-data", "meanflow"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -246,17 +119,23 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = TinyTextEncoder(cfg.text.dim, cfg.text.length, seed=_seed(cfg.seed, "text"))
     times = {}
     t0 = time.perf_counter()
-    teacher, teacher_curves = train_teacher(cfg, encoder)
+    negative = torch.zeros(cfg.text.length, cfg.text.dim)  # the tiny encoder's empty prompt
+    teacher, teacher_curves = train_teacher(cfg.teacher, build_net(cfg), _batches(cfg, encoder, cfg.teacher.batch_size,
+                                            "data"), seed=_seed(cfg.seed, "teacher"), progress=cfg.progress)
     times["teacher_training"] = time.perf_counter() - t0
     save_file(teacher.state_dict(), out / "teacher.safetensors")
     t1 = time.perf_counter()
-    student, distill_curves = distill(cfg, teacher, encoder)
+    student, distill_curves = distill(cfg.distill, teacher, _batches(cfg, encoder, cfg.distill.batch_size,
+                                      "distill-data"), negative=negative, seed=_seed(cfg.seed, "distill"),
+                                      progress=cfg.progress)
     times["distillation"] = time.perf_counter() - t1
     save_file(student.state_dict(), out / "student.safetensors")
     meanflow, mf_curves = None, {}
     if cfg.meanflow.enabled:
         t_mf = time.perf_counter()
-        meanflow, mf_curves = distill_meanflow(cfg, teacher, encoder)
+        meanflow, mf_curves = distill_meanflow(
+            cfg.meanflow, teacher, _batches(cfg, encoder, cfg.meanflow.batch_size, "mf-data"), negative=negative,
+            seed=_seed(cfg.seed, "meanflow"), init_seed=_seed(cfg.seed, "meanflow-init"), progress=cfg.progress)
         times["meanflow_distillation"] = time.perf_counter() - t_mf
         save_file(meanflow.state_dict(), out / "meanflow_student.safetensors")
     t2 = time.perf_counter()
