@@ -284,9 +284,10 @@ def _format_validation_error(cls: type[BaseModel], err: ValidationError, source:
         if e["type"] == "extra_forbidden":
             lines.append(_unknown_field_message(cls, loc, source))
         else:
-            dotted = ".".join(map(str, loc)) or "<root>"
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-            lines.append(f"field '{dotted}': {e['msg']}{got}")
+            msg = e["msg"].removeprefix("Value error, ")  # a validator's own message names its field(s)
+            # a cross-field check sees the whole (sub)config as input: its message already says what is wrong
+            got = "" if e["type"] == "missing" or isinstance(e["input"], Mapping) else f" (got {e['input']!r})"
+            lines.append(f"field '{'.'.join(map(str, loc))}': {msg}{got}" if loc else f"{msg}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
