@@ -20,7 +20,7 @@ from torch import Tensor
 
 Pair = tuple[Tensor, Tensor | None]
 
-__all__ = ["island", "mod_rows", "layer_norm_modulate_reference", "rms_norm_rope_reference",
+__all__ = ["island", "mod_rows", "rotate_pairs", "layer_norm_modulate_reference", "rms_norm_rope_reference",
            "rope_reference", "gated_residual_reference", "gelu_tanh_reference"]
 
 
@@ -83,12 +83,17 @@ def layer_norm_modulate_reference(x: Tensor, tx: Tensor | None, shift: Tensor | 
         return y, ty.to(od)
 
 
-def _rotate(x_blhd: Tensor, cos_lp: Tensor, sin_lp: Tensor) -> Tensor:
-    """Rotate interleaved pairs of ``x [B, L, H, D]`` by ``cos``/``sin [L, D/2]`` in their dtype; ``x.dtype`` out."""
-    c, s = cos_lp[None, :, None, :], sin_lp[None, :, None, :]
-    xf = x_blhd.to(cos_lp.dtype).unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of ``x [..., D]`` by ``cos``/``sin`` broadcastable to ``[..., D/2]`` (e.g.
+    ``[1, L, 1, D/2]`` for ``x [B, L, H, D]``), computed in their dtype; result in ``x.dtype``."""
+    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))  # [..., D/2, 2]
     a, b = xf[..., 0], xf[..., 1]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x_blhd.dtype)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def _rotate(x_blhd: Tensor, cos_lp: Tensor, sin_lp: Tensor) -> Tensor:
+    """:func:`rotate_pairs` of ``x [B, L, H, D]`` by ``cos``/``sin [L, D/2]``."""
+    return rotate_pairs(x_blhd, cos_lp[None, :, None, :], sin_lp[None, :, None, :])
 
 
 def rope_reference(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor) -> Pair:

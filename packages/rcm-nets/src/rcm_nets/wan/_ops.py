@@ -19,7 +19,6 @@ and tangent in one pass, same precision) when :func:`use_fused` says so, else th
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rcm_kernels.fused.reference import gelu_tanh_reference, island, mod_rows
 
 Pair = tuple[Tensor, Tensor | None]
 
@@ -53,11 +54,6 @@ def fused_ops(mode: str) -> Iterator[None]:
         yield
     finally:
         fused_ops_mode = old
-
-
-def island(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the fp32 islands for parameters of ``dtype``: float32, or float64 when params are float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def add(*terms: Tensor | None) -> Tensor | None:
@@ -95,24 +91,16 @@ def silu(x: Tensor, tx: Tensor | None) -> Pair:
         return y, tx * (s * (1 + x * (1 - s)))
 
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
 def gelu_tanh(x: Tensor, tx: Tensor | None) -> Pair:
-    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``; derivative written out.
+    """tanh-approximate GELU ``½x(1 + tanh u)``, ``u = c(x + 0.044715x³)``; derivative written out
+    (``rcm_kernels.fused.reference.gelu_tanh_reference``, evaluated op by op in ``x.dtype``).
 
     Fused (one pass, the derivative in float32, rounded once) when :func:`use_fused`."""
     if use_fused(x):
         from rcm_kernels.fused import gelu_tanh as fused
 
         return fused(x, tx)
-    y = F.gelu(x, approximate="tanh")
-    if tx is None:
-        return y, None
-    with torch.no_grad():
-        th = torch.tanh(_GELU_C * (x + 0.044715 * x**3))
-        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-        return y, tx * d
+    return gelu_tanh_reference(x, tx)
 
 
 def layer_norm(x: Tensor, tx: Tensor | None, eps: float, weight: Tensor | None = None,
@@ -181,11 +169,6 @@ def gated(y: Tensor, ty: Tensor | None, gate: Tensor, tgate: Tensor | None,
                         None if tgate is None else y.to(dtype) * tgate.to(dtype))
 
 
-def _rows(m: Tensor | None, index: Tensor | None) -> Tensor | None:
-    """Per-token rows ``m[:, index]`` of modulation rows ``m [B, Tm, C]`` (``m`` itself without ``index``)."""
-    return m if m is None or index is None else m[:, index]
-
-
 def layer_norm_modulate(x: Tensor, tx: Tensor | None, eps: float, shift: Tensor | None = None,
                         tshift: Tensor | None = None, scale: Tensor | None = None, tscale: Tensor | None = None, *,
                         index: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -202,8 +185,8 @@ def layer_norm_modulate(x: Tensor, tx: Tensor | None, eps: float, shift: Tensor 
                      out_dtype=out_dtype)
     y, ty = layer_norm(x, tx, eps, weight, bias)
     if scale is not None:
-        y, ty = modulate(y, ty, _rows(shift, index), _rows(tshift, index), _rows(scale, index),
-                         _rows(tscale, index))
+        y, ty = modulate(y, ty, mod_rows(shift, index), mod_rows(tshift, index), mod_rows(scale, index),
+                         mod_rows(tscale, index))
     return (y, ty) if out_dtype is None else (y.to(out_dtype), cast(ty, out_dtype))
 
 
@@ -221,7 +204,7 @@ def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, g
     if gate is None:
         g, tg = y.to(compute), cast(ty, compute)
     else:
-        g, tg = gated(y, ty, _rows(gate, index), _rows(tgate, index), compute)
+        g, tg = gated(y, ty, mod_rows(gate, index), mod_rows(tgate, index), compute)
     return (x.to(compute) + g).to(od), cast(add(cast(tx, compute), tg), od)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rcm_kernels.fused.reference import rotate_pairs
+
 from ._ops import Pair, use_fused
 
 __all__ = ["rope_split", "rope_angles", "rope_cos_sin", "apply_rope"]
@@ -53,12 +55,6 @@ def rope_cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return torch.cos(angles).to(dtype)[None, :, None, :], torch.sin(angles).to(dtype)[None, :, None, :]
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    a, b = xf[..., 0], xf[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
-
-
 def apply_rope(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor) -> Pair:
     """Rotate interleaved pairs of ``x [B, L, H, D]`` in the dtype of ``cos``; result in ``x.dtype``.
 
@@ -69,8 +65,8 @@ def apply_rope(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor) -> Pair:
         from rcm_kernels.fused import apply_rope as fused
 
         return fused(x, tx, cos[0, :, 0], sin[0, :, 0])
-    y = _rotate(x, cos, sin)
+    y = rotate_pairs(x, cos, sin)
     if tx is None:
         return y, None
     with torch.no_grad():
-        return y, _rotate(tx, cos, sin)
+        return y, rotate_pairs(tx, cos, sin)
