@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from datetime import date
 
 import torch
+from _common import random_wan, wall_time
 
 from rcm_losses.meanflow import meanflow_tangent, rf_add_noise, teacher_velocity
 from rcm_nets.wan import WanDiT, get_config
 from rcm_nets.wan.meanflow import MeanFlowWanDiT
 from rcm_train.objectives.meanflow import MeanFlowObjective, MeanFlowObjectiveConfig, meanflow_adapter
-from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize
+from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed
 from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step
 
 NOT_UNITS = ["patch_embedding", "time_embedding", "time_projection", "text_embedding", "interval_embedding"]
@@ -42,34 +41,13 @@ NOT_UNITS = ["patch_embedding", "time_embedding", "time_projection", "text_embed
 
 def build(cls, name: str, mesh, parallel: ParallelConfig, *, dtype, precision: str, trainable: bool, seed: int,
           device: str):
-    """Random weights: meta build, parallelize, materialize, Wan init with a nonzero head."""
-    with torch.device("meta"):
-        net = cls(get_config(name, precision=precision), dtype=dtype)
-    parallelize(net, mesh, parallel)
-    net.to_empty(device=device)
-    torch.manual_seed(seed)
-    net.init_weights()
-    with torch.no_grad():
-        net.head.head.weight.normal_(std=net.config.dim**-0.5)
-        if isinstance(net, MeanFlowWanDiT):  # a trained student depends on r: give the interval MLP weights
+    """Random weights (``_common.random_wan``); a MeanFlow student also gets interval-MLP weights."""
+    net = random_wan(cls, name, mesh, parallel, dtype=dtype, precision=precision, trainable=trainable, seed=seed,
+                     device=device)
+    if isinstance(net, MeanFlowWanDiT):  # a trained student depends on r: give the interval MLP weights
+        with torch.no_grad():
             net.interval_embedding[2].weight.normal_(std=0.02)
-    return net.requires_grad_(trainable)
-
-
-def _time(fn, warmup: int, iters: int, cuda: bool) -> tuple[float, float | None]:
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    return net
 
 
 def run(args) -> dict:
@@ -97,7 +75,7 @@ def run(args) -> dict:
         step = lambda obj=obj, ctx=ctx: train_step({"student": student, "teacher": teacher}, [batch], opt, obj, ctx)  # noqa: E731
         row = dict(mode=mode, config=args.config, frames=args.frames, tokens=tokens, sac=args.sac, batch=args.batch)
         try:
-            ms, peak = _time(step, args.warmup, args.iters, cuda)
+            ms, peak = wall_time(step, args.warmup, args.iters, cuda)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append({**row, "ms": None, "peak_gib": "OOM"})

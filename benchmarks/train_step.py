@@ -44,19 +44,18 @@ import argparse
 import gc
 import json
 import platform
-import statistics
 import sys
-import time
 import traceback
 from datetime import date
 
 import torch
 import torch.distributed as dist
+from _common import random_wan, wall_time
 
 from rcm_nets.wan import WanDiT, get_config
 from rcm_nets.wan.flops import dit_flops
 from rcm_train.objectives import RCMObjective, RCMObjectiveConfig
-from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize
+from rcm_train.parallel import ParallelConfig, build_mesh, init_distributed
 from rcm_train.trainer import OptimizerConfig, ScheduleConfig, StepContext, build_optimizer, train_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
@@ -74,34 +73,14 @@ def iteration_flops(cfg, tokens: int, text_rows: int, sim_steps: int) -> dict[st
 
 def build(name: str, mesh, parallel: ParallelConfig, *, dtype: torch.dtype, precision: str, trainable: bool,
           seed: int) -> WanDiT:
-    """Random weights: meta build, parallelize, materialize, Wan init (non-zero head)."""
-    with torch.device("meta"):
-        net = WanDiT(get_config(name, precision=precision), dtype=dtype)
-    parallelize(net, mesh, parallel)
-    net.to_empty(device=DEVICE)
-    torch.manual_seed(seed)  # DTensor random init follows the global generator (same on every rank)
-    net.init_weights()
-    with torch.no_grad():
-        net.head.head.weight.normal_(std=net.config.dim**-0.5)
-    return net.requires_grad_(trainable)
+    """A random-weight WanDiT on the benchmark's device (``_common.random_wan``)."""
+    return random_wan(WanDiT, name, mesh, parallel, dtype=dtype, precision=precision, trainable=trainable, seed=seed,
+                      device=DEVICE)
 
 
 def _time(fn, warmup: int, iters: int) -> tuple[float, float | None]:
     """(median ms, peak GiB); on CPU (``--device cpu``, a smoke run of the script) wall time and no memory."""
-    cuda = torch.cuda.is_available() and DEVICE == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    return wall_time(fn, warmup, iters, cuda=torch.cuda.is_available() and DEVICE == "cuda")
 
 
 def _stepper(models, batch, optimizers, objective, ctx):
