@@ -12,38 +12,23 @@ from pathlib import Path
 import causal_distill
 import pytest
 import torch
+from _causal_assets import tiny_net, write_data
 from safetensors.torch import load_file
-from torch import nn
 
-from rcm_nets.wan import WanDiT
 from rcm_nets.wan.configs import get_config
-from rcm_train.data import ShardWriter
 from rcm_train.objectives.causal import CausalObjectiveConfig, CausalStageConfig, check_causal_stages
 
-C, T, H, W = 16, 5, 4, 4
 NARROW = dict(dim=32, ffn_dim=64, num_heads=2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _net(seed: int, **overrides) -> WanDiT:
-    net = WanDiT(get_config("tiny", **overrides))
-    g = torch.Generator().manual_seed(seed)
-    net.init_weights(generator=g)
-    nn.init.normal_(net.head.head.weight, std=0.05, generator=g)
-    return net
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("sizes_assets")
-    torch.save(_net(0).state_dict(), d / "wide.pth")
-    torch.save(_net(1, **NARROW).state_dict(), d / "narrow.pth")
-    g = torch.Generator().manual_seed(0)
-    with ShardWriter(d / "data", 4, 2) as w:
-        for i in w.pending():
-            w.write(i, torch.randn(C, T, H, W, generator=g), torch.randn(6, 32, generator=g), f"prompt {i}")
-    torch.save(torch.zeros(16, 32), d / "negative.pt")
+    torch.save(tiny_net(0).state_dict(), d / "wide.pth")
+    torch.save(tiny_net(1, **NARROW).state_dict(), d / "narrow.pth")
+    write_data(d)
     return d
 
 

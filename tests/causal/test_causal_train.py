@@ -11,15 +11,12 @@ from pathlib import Path
 import causal_distill
 import pytest
 import torch
-from torch import nn
+from _causal_assets import C, H, T, W, tiny_net, write_data
 
 from rcm_kernels.blockmask import BlockLayout, teacher_forcing
 from rcm_losses import TrigFlowAdapter
 from rcm_losses.causal import FrameBlocks, self_forcing_rollout, teacher_forcing_velocity
-from rcm_nets.wan import WanDiT
 from rcm_nets.wan.causal import make_kv_cache, video_kv_cache
-from rcm_nets.wan.configs import get_config
-from rcm_train.data import ShardWriter
 from rcm_train.objectives import causal as causal_driver
 from rcm_train.objectives.causal import (
     CachedBlocks,
@@ -30,30 +27,17 @@ from rcm_train.objectives.causal import (
 from rcm_train.stages import StageResult
 from rcm_train.trainer import ScheduleConfig, StepContext
 
-C, T, H, W = 16, 5, 4, 4  # tiny latents: 5 frames as c1-2 blocks, 2x2 tokens per frame
 EXACT = dict(input_dtype=None, timestep_dtype=None)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (root conftest)
 
 
-def tiny_net(seed: int) -> WanDiT:
-    net = WanDiT(get_config("tiny"))
-    g = torch.Generator().manual_seed(seed)
-    net.init_weights(generator=g)
-    nn.init.normal_(net.head.head.weight, std=0.05, generator=g)  # a zero head would output exactly 0
-    return net
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("causal_assets")
     torch.save(tiny_net(0).state_dict(), d / "teacher.pth")
-    g = torch.Generator().manual_seed(0)
-    with ShardWriter(d / "data", 4, 2) as w:
-        for i in w.pending():
-            w.write(i, torch.randn(C, T, H, W, generator=g), torch.randn(6, 32, generator=g), f"prompt {i}")
-    torch.save(torch.zeros(16, 32), d / "negative.pt")
+    write_data(d)
     return d
 
 
