@@ -102,8 +102,11 @@ def px_frames(latent_frames: int, first: bool) -> int:
     return 1 + 4 * (latent_frames - 1) if first else 4 * latent_frames
 
 
-VAE_OPTIONS: VAEDecodeOptions | None = None
-"""The streaming decoder's speed options (``--vae-fast``: ``VAEDecodeOptions.fastest()``; default: the plain decode)."""
+def vae_options(args) -> VAEDecodeOptions | None:
+    """The streaming decoder's speed options: ``VAEDecodeOptions.fastest()`` with ``--vae-fast`` on CUDA, else the
+    plain decode."""
+    return VAEDecodeOptions.fastest() if args.vae_fast and CUDA else None
+
 
 _GRAPH_CACHES: dict[str, object] = {}  # kv dtype -> the cache the graph rows share (graphs bind to its storage)
 
@@ -136,7 +139,7 @@ def stream_run(net, vae, prompt, args, layout: BlockLayout, latent_frames: int, 
     ``graphs``: replay the DiT calls' CUDA graphs (on the cache the graph rows of ``kv_dtype`` share)."""
     _reset()
     cache = _cache(net, args, layout, kv_dtype, graphs)
-    decoder = StreamingDecoder(vae, options=VAE_OPTIONS)
+    decoder = StreamingDecoder(vae, options=vae_options(args))
     blocks = _blocks(net, prompt, args, layout, latent_frames, cache, graphs, synchronize=not CUDA)
 
     def to_vae(blocks):
@@ -290,8 +293,6 @@ def main() -> None:
                     help="profile one steady block: Chrome trace + top-15 CUDA kernels by total time")
     ap.add_argument("--json", default="streaming.json")
     args = ap.parse_args()
-    global VAE_OPTIONS
-    VAE_OPTIONS = VAEDecodeOptions.fastest() if args.vae_fast and CUDA else None
     if args.smoke:
         args.config, args.layers, args.height, args.width = "tiny", 1, 4, 4
         args.frames_per_block, args.trained_frames, args.factors, args.bidir_factors = 2, 6, [1, 2], [1]
@@ -368,7 +369,7 @@ def main() -> None:
                 trained_frames=args.trained_frames, sink_frames=layout.first,
                 window_frames=args.trained_frames - layout.first - layout.frames_per_block,
                 vae_decode=vae is not None, weights_and_prompt_gib=weights_gib,
-                vae_options=None if VAE_OPTIONS is None else VAE_OPTIONS.model_dump(),
+                vae_options=None if vae_options(args) is None else vae_options(args).model_dump(),
                 timed=("per block: DiT (denoising steps + cache refresh, CUDA events) and wall clock until the frames "
                        "are on the host" + ("" if args.no_vae else " (streaming VAE decode, overlapped with the next "
                        "block's DiT in stream+ovl rows)") + "; text encoding and mp4 writing excluded"))

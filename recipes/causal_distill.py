@@ -186,13 +186,15 @@ def run(cfg: CausalDistillConfig) -> dict:
     with process_group(device):
         for role in causal.first_weights_needed(cfg.stages()):  # before anything is written: missing files, named
             require_file(cfg.model.spec(role).path, cfg.model.field(role), "DiT weights")
-        asked, cfg = cfg, cfg.model_copy(update={"data": resolve_shards(cfg.data)})
+        check_run = partial(open_run, cfg.output_dir, cfg, allow_changes=cfg.allow_config_change, ignore=_FREE,
+                            frozen=("optimizer", "causal_teacher_optimizer", "fake_score_optimizer", "data"))
+        check_run(write=False)  # a mismatched run directory is refused before anything loads
+        cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
         mesh = cfg.parallel.mesh.build()
         blocks = cfg.blocks.frame_blocks(cfg.data.num_frames)
         negative = None if cfg.negative_embed_path is None else load_embedding(
             cfg.negative_embed_path, "negative_embed_path", text_len=dit_config(cfg.model.teacher).text_len).to(device)
-        open_run(cfg.output_dir, asked, allow_changes=cfg.allow_config_change, write=is_rank0(), ignore=_FREE,
-                 frozen=("optimizer", "causal_teacher_optimizer", "fake_score_optimizer", "data"))
+        check_run(write=is_rank0())
         stages = [(s.name, s.iterations) for s in cfg.stages()]
         print0(f"causal_distill: world {dist.get_world_size()} on {device.type}, blocks {blocks.sizes}, mesh "
                f"(replicate, shard, cp) {tuple(mesh.world.shape)}, stages {stages}")

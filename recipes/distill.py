@@ -212,10 +212,12 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"stages": {name: StageResult}, "student": path, "student_ema": path}``."""
     device = resolve_device(cfg.device)
     with process_group(device):
-        out, asked = Path(cfg.output_dir), cfg
+        out = Path(cfg.output_dir)
+        check_run = partial(open_run, out, cfg, allow_changes=cfg.allow_config_change, frozen=_FROZEN, ignore=_FREE)
+        check_run(write=False)  # a mismatched run directory is refused before the teacher loads
         cfg = cfg.model_copy(update={"data": resolve_shards(cfg.data)})
         r = _Shared.load(cfg, device)  # every input is checked before the run directory is touched
-        open_run(out, asked, allow_changes=cfg.allow_config_change, write=is_rank0(), frozen=_FROZEN, ignore=_FREE)
+        check_run(write=is_rank0())
         print0(f"distill: world {dist.get_world_size()} on {device.type}, mesh (replicate, shard, cp) = "
                f"{r.mesh.shape}, stages {[(s.name, s.iterations) for s in cfg.stages()]}")
         data = lambda: DeviceData(ShardLoader(cfg.data, rank=r.mesh.dp_rank, world_size=r.mesh.dp_size), device)

@@ -262,7 +262,7 @@ def test_run_directory_never_lies(files, tmp_path):
     with pytest.raises(RunConfigMismatch, match=r"1 field\(s\) differ: stage1.iterations: 1 -> 2.*allow_config_change"):
         distill.main(_args(files, out, "--stage1.iterations=2", "--sample.every=0"))
     with pytest.raises(MissingFileError, match="model.path"):  # fails before the directory is touched
-        distill.main(_args(files, out, *base, teacher="absent.safetensors"))
+        distill.main(_args(files, out, *base, "--allow_config_change=true", teacher="absent.safetensors"))
     assert (out / "config.yaml").read_bytes() == stored
     assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml"]
     res = distill.main(_args(files, out, "--stage1.iterations=2", "--sample.every=0", "--allow_config_change=true"))
