@@ -20,7 +20,7 @@ from torch import Tensor
 
 Pair = tuple[Tensor, Tensor | None]
 
-__all__ = ["island", "mod_rows", "rotate_pairs", "layer_norm_modulate_reference", "rms_norm_rope_reference",
+__all__ = ["island", "mod_rows", "add_tangents", "rotate_pairs", "layer_norm_modulate_reference", "rms_norm_rope_reference",
            "rope_reference", "gated_residual_reference", "gelu_tanh_reference"]
 
 
@@ -34,7 +34,8 @@ def mod_rows(m: Tensor | None, index: Tensor | None) -> Tensor | None:
     return m if m is None or index is None else m[:, index]
 
 
-def _add(*terms: Tensor | None) -> Tensor | None:
+def add_tangents(*terms: Tensor | None) -> Tensor | None:
+    """Sum of the non-None terms (None if all are None): combines partial tangents."""
     out = None
     for t in terms:
         if t is not None:
@@ -78,7 +79,7 @@ def layer_norm_modulate_reference(x: Tensor, tx: Tensor | None, shift: Tensor | 
     if tn is None and tshift is None and tscale is None:
         return y, None
     with torch.no_grad():
-        ty = _add(None if tn is None else tn.to(scale.dtype) * (1 + scale),
+        ty = add_tangents(None if tn is None else tn.to(scale.dtype) * (1 + scale),
                   None if tscale is None else nf * tscale, tshift)
         return y, ty.to(od)
 
@@ -144,8 +145,8 @@ def gated_residual_reference(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor
         return out, None
     with torch.no_grad():
         tyc = None if ty is None else ty.to(compute)
-        tg = _add(tyc if g is None or tyc is None else tyc * g, None if tgate is None else yc * tgate.to(compute))
-        return out, _add(None if tx is None else tx.to(compute), tg).to(od)
+        tg = add_tangents(tyc if g is None or tyc is None else tyc * g, None if tgate is None else yc * tgate.to(compute))
+        return out, add_tangents(None if tx is None else tx.to(compute), tg).to(od)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)

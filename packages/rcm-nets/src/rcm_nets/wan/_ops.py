@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rcm_kernels.fused.reference import add_tangents as add
 from rcm_kernels.fused.reference import gelu_tanh_reference, island, mod_rows
 
 Pair = tuple[Tensor, Tensor | None]
@@ -54,15 +55,6 @@ def fused_ops(mode: str) -> Iterator[None]:
         yield
     finally:
         fused_ops_mode = old
-
-
-def add(*terms: Tensor | None) -> Tensor | None:
-    """Sum of the non-None terms (None if all are None): combines partial tangents."""
-    out = None
-    for t in terms:
-        if t is not None:
-            out = t if out is None else out + t
-    return out
 
 
 def cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
