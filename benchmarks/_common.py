@@ -44,3 +44,148 @@ def wall_time(fn, warmup: int, iters: int, cuda: bool) -> tuple[float, float | N
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
+# ------------------------------------------------------------------------------------------ profiles
+KERNEL_CATEGORIES = ("gemm", "attention fwd", "JVP attention", "attention bwd", "fused norm/mod/rope",
+                     "elementwise / other Triton", "communication", "memcpy/memset", "other")
+"""Device-time categories of :func:`kernel_category`, in table order."""
+
+FUSED_KERNELS = ("_ln_mod_fwd", "_rms_rope_fwd", "_gated_fwd", "_gelu_fwd")
+"""Triton kernels of ``rcm_kernels.fused`` (modulated LayerNorm, RMSNorm + RoPE, gated residual, GELU)."""
+ATTN_FWD_KERNELS = ("_jvp_attn_fwd", "_cache_attn_fwd")
+"""Triton attention forward kernels of ``rcm_kernels.attention`` (with or without a tangent: one kernel)."""
+ATTN_BWD_KERNELS = ("_bwd_delta", "_bwd_dkdv", "_bwd_dq")
+"""Triton attention backward kernels of ``rcm_kernels.attention.triton_jvp``."""
+
+_LIB_ATTN_BWD = ("flash_bwd", "flashattnbwd", "fmha_cutlassb", "flash_bprop", "attention_backward", "attn_bwd")
+_LIB_ATTN_FWD = ("flash_fwd", "flashattnfwd", "fmha_cutlassf", "flash_fprop", "attention_forward", "attn_fwd")
+_GEMM = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "gemv", "splitkreduce", "triton_tem_fused_mm",
+         "triton_tem_fused_addmm", "triton_tem_fused_bmm")
+_ELEMENTWISE = ("triton_", "elementwise_kernel", "reduce_kernel", "vectorized_")
+
+
+def kernel_category(name: str, *, jvp: bool = False) -> str:
+    """One of :data:`KERNEL_CATEGORIES` for a device kernel (or memcpy) name as the profiler records it.
+
+    Our Triton kernels are matched by function name (``_jvp_attn_fwd`` is the attention forward with or
+    without a tangent, so ``jvp=True``, for a kernel launched inside a JVP pass, makes it ``JVP attention``);
+    library kernels by name fragments: SDPA / flash-attn / cuDNN attention, cuBLAS / CUTLASS / nvjet GEMMs,
+    Inductor ``triton_*`` kernels and aten elementwise / reduction kernels, NCCL."""
+    low = name.lower()
+    if low.startswith(("memcpy", "memset")):
+        return "memcpy/memset"
+    if "nccl" in low:
+        return "communication"
+    if name.startswith(ATTN_FWD_KERNELS):
+        return "JVP attention" if jvp else "attention fwd"
+    if name.startswith(ATTN_BWD_KERNELS) or any(s in low for s in _LIB_ATTN_BWD):
+        return "attention bwd"
+    if any(s in low for s in _LIB_ATTN_FWD):
+        return "attention fwd"
+    if name.startswith(FUSED_KERNELS):
+        return "fused norm/mod/rope"
+    if any(s in low for s in _GEMM):
+        return "gemm"
+    if any(s in low for s in _ELEMENTWISE):
+        return "elementwise / other Triton"
+    return "other"
+
+
+def _innermost(ranges: list[tuple[float, float, str]], points: list[float]) -> list[str | None]:
+    """Label of the innermost of the (properly nested) ``(start, end, label)`` ranges holding each of the
+    sorted ``points`` (None: no range), by one sweep."""
+    order = sorted(ranges, key=lambda r: (r[0], -r[1]))
+    out, stack, i = [], [], 0
+    for t in points:
+        while i < len(order) and order[i][0] <= t:
+            while stack and stack[-1][1] < order[i][0]:
+                stack.pop()
+            stack.append(order[i])
+            i += 1
+        while stack and stack[-1][1] < t:
+            stack.pop()
+        out.append(stack[-1][2] if stack else None)
+    return out
+
+
+def trace_breakdown(trace: dict, stage_of, root: str) -> dict:
+    """Where one profiled iteration spent its time, from its Chrome trace (``prof.export_chrome_trace``).
+
+    ``stage_of(range name) -> stage | None`` names the stage of a host range (``record_function`` or operator;
+    None: not a stage boundary); ``root`` is the name of the range around the iteration. Device kernels (CUDA
+    runs) go to the stage of their launch, i.e. the innermost stage range around the launch call on the
+    launching thread (the autograd thread in backward), and to a :func:`kernel_category`; ``ms`` of a stage is
+    then the summed device time of its kernels. Without device kernels (CPU runs) the root range's host
+    wall time is split: each instant goes to the innermost stage range of the root's thread, the rest to
+    ``other``. Returns ``{basis, wall_ms, stages: {stage: ms}, categories: {category: ms},
+    stage_categories: {stage: {category: ms}}, device_busy_ms}`` (dicts by decreasing ms)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    top = next((e for e in events if e["name"] == root), None)
+    if top is None:
+        raise ValueError(f"the trace has no range named {root!r}")
+    t0, t1 = top["ts"], top["ts"] + top["dur"]
+    host: dict[object, list] = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and (stage := stage_of(e["name"])) is not None:
+            host.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"], stage))
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    stages: dict[str, float] = {}
+    cats: dict[str, float] = {}
+    cross: dict[str, dict[str, float]] = {}
+    if device:
+        launch = {e["args"]["correlation"]: e for e in events
+                  if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        where: dict[int, str] = {}
+        for tid, ranges in host.items():
+            calls = sorted((e["ts"], c) for c, e in launch.items() if e["tid"] == tid)
+            where.update(zip((c for _, c in calls), _innermost(ranges, [t for t, _ in calls])))
+        for k in device:
+            stage = where.get(k.get("args", {}).get("correlation")) or "other"
+            cat = kernel_category(k["name"], jvp="jvp" in stage)
+            ms = k["dur"] / 1e3
+            stages[stage] = stages.get(stage, 0.0) + ms
+            cats[cat] = cats.get(cat, 0.0) + ms
+            cross.setdefault(stage, {})[cat] = cross.setdefault(stage, {}).get(cat, 0.0) + ms
+        spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in device)
+        busy, end = 0.0, -float("inf")
+        for a, b in spans:  # union of the kernel intervals (streams overlap)
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        basis, busy_ms = "device kernel time", busy / 1e3
+    else:
+        ranges = [(max(a, t0), min(b, t1), s) for a, b, s in host.get(top["tid"], []) if b > t0 and a < t1]
+        cuts = sorted({t0, t1, *(a for a, _, _ in ranges), *(b for _, b, _ in ranges)})
+        mids = [(a + b) / 2 for a, b in zip(cuts, cuts[1:])]
+        for (a, b), stage in zip(zip(cuts, cuts[1:]), _innermost(ranges, mids)):
+            stages[stage or "other"] = stages.get(stage or "other", 0.0) + (b - a) / 1e3
+        basis, busy_ms = "host wall time", None
+
+    def desc(d):
+        return dict(sorted(d.items(), key=lambda kv: -kv[1]))
+
+    return dict(basis=basis, wall_ms=(t1 - t0) / 1e3, stages=desc(stages), categories=desc(cats),
+                stage_categories={s: desc(cross[s]) for s in desc(stages) if s in cross}, device_busy_ms=busy_ms)
+
+
+_SHORT = {"gemm": "gemm", "attention fwd": "attn", "JVP attention": "jvp-attn", "attention bwd": "attn-bwd",
+          "fused norm/mod/rope": "fused", "elementwise / other Triton": "elemwise", "communication": "comm",
+          "memcpy/memset": "memcpy", "other": "other"}
+
+
+def print_breakdown(title: str, b: dict) -> None:
+    """The stage table (ms, % of the summed stages; per kernel category on device runs) and the category
+    table of a :func:`trace_breakdown`."""
+    total = sum(b["stages"].values()) or 1.0
+    busy = "" if b["device_busy_ms"] is None else f", device busy {b['device_busy_ms']:.1f} ms"
+    print(f"\n{title}: {b['basis']} by stage (iteration wall {b['wall_ms']:.1f} ms{busy})")
+    cats = [c for c in KERNEL_CATEGORIES if c in b["categories"]]
+    print(f"{'stage':<30}{'ms':>10}{'%':>7}" + "".join(f"{_SHORT[c]:>10}" for c in cats))
+    for stage, ms in b["stages"].items():
+        row = b["stage_categories"].get(stage, {})
+        print(f"{stage:<30}{ms:>10.2f}{100 * ms / total:>6.1f}%" + "".join(f"{row.get(c, 0.0):>10.2f}" for c in cats))
+    if cats:
+        whole = sum(b["categories"].values())
+        print(f"{'kernel category':<30}{'ms':>10}{'%':>7}")
+        for c in cats:
+            print(f"{c:<30}{b['categories'][c]:>10.2f}{100 * b['categories'][c] / whole:>6.1f}%")

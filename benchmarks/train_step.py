@@ -28,6 +28,10 @@ peak of rank 0 during the timed iterations (weights, optimizer state and activat
 ``--compile`` compiles every block of the three networks (regional ``torch.compile``, ``ParallelConfig.compile``);
 per case, a ``--sac`` entry may end in ``+compile`` and/or ``+unfused`` (the network's fused norm / modulation
 kernels off, ``rcm_nets.wan._ops.fused_ops("off")``, so a compiled block hands those ops to Inductor).
+``--profile DIR``: after the timed iterations, one more iteration per phase runs under ``torch.profiler``
+(CPU + CUDA): Chrome traces ``DIR/<phase>.json`` and a breakdown by stage (teacher / student / fake-score
+forward, student ``forward_jvp``, backward, SAC recompute, optimizer, other) and, on GPU, by kernel category
+(``_common.kernel_category``), printed and written to the JSON row under ``profile`` (docs/train.md, Benchmark).
 ``--compare`` runs the old path (``--baseline``, default ``block_wise`` SAC, eager) and then each new case
 (``--sac`` modes, with ``--compile`` if given) in the same process, same inputs, and prints new / old ratios of
 s/it, MFU and peak memory per phase (warmup 1, 3 timed iterations unless given). ``--smoke``: a CPU run of the
@@ -41,16 +45,19 @@ whole script on the tiny config (gloo, Dynamo backend ``aot_eager``), for the te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import platform
 import sys
+import time
 import traceback
 from datetime import date
 
 import torch
 import torch.distributed as dist
-from _common import random_wan, wall_time
+from _common import print_breakdown, random_wan, trace_breakdown, wall_time
 
 from rcm_nets.wan import WanDiT, get_config
 from rcm_nets.wan.flops import dit_flops
@@ -85,6 +92,93 @@ def _time(fn, warmup: int, iters: int) -> tuple[float, float | None]:
 
 def _stepper(models, batch, optimizers, objective, ctx):
     return lambda: train_step(models, [batch], optimizers, objective, ctx)
+
+
+# ------------------------------------------------------------------------------------------ --profile
+_MARK = "rcm: "  # prefix of the stage ranges this script adds
+_ROOT = "rcm: iteration"
+
+
+def stage_of(name: str) -> str | None:
+    """The stage of a host range of the profiled iteration (None: not a stage): our ``rcm: <stage>`` ranges,
+    the autograd engine's nodes and FSDP's backward hooks (``backward``), the optimizer's step and zero_grad."""
+    if name.startswith(_MARK) and name != _ROOT:
+        return name.removeprefix(_MARK)
+    if name.startswith("autograd::engine::evaluate_function") or (name.startswith("FSDP::") and "backward" in name):
+        return "backward"
+    if name.startswith(("Optimizer.step#", "Optimizer.zero_grad#")):
+        return "optimizer"
+    return None
+
+
+def _marked_forward(name: str, forward):
+    def call(*args, tangents=None, **kwargs):
+        mode = " forward_jvp" if tangents is not None else " forward" if torch.is_grad_enabled() else " forward (no grad)"
+        with torch.profiler.record_function(_MARK + name + mode):
+            return forward(*args, tangents=tangents, **kwargs)
+    return call
+
+
+def _marked_checkpoint(checkpoint_fn):
+    def recomputed(fn):  # the checkpointed block; called again inside backward to recompute its activations
+        def call(*args, **kwargs):
+            if torch._C._current_graph_task_id() == -1:  # the forward itself
+                return fn(*args, **kwargs)
+            with torch.profiler.record_function(_MARK + "recompute (SAC)"):
+                return fn(*args, **kwargs)
+        return call
+    return lambda fn, *args, **kwargs: checkpoint_fn(recomputed(fn), *args, **kwargs)
+
+
+@contextlib.contextmanager
+def stage_ranges(models: dict):
+    """While open: every call of a network is a ``rcm: <name> forward[_jvp| (no grad)]`` range and every
+    activation recomputation of a checkpointed block (SAC) inside backward an ``rcm: recompute (SAC)`` one
+    (instance attributes set on the networks and their checkpoint wrappers, removed on exit)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    patched = []
+    for name, net in models.items():
+        net.forward = _marked_forward(name, net.forward)
+        patched.append((net, "forward"))
+        for m in net.modules():
+            if isinstance(m, CheckpointWrapper):
+                m.checkpoint_fn, m._rcm_checkpoint_fn = _marked_checkpoint(m.checkpoint_fn), m.checkpoint_fn
+                patched.append((m, "checkpoint_fn"))
+    try:
+        yield
+    finally:
+        for obj, attr in patched:
+            if attr == "forward":
+                del obj.forward  # back to the class's method
+            else:
+                obj.checkpoint_fn = obj._rcm_checkpoint_fn
+                del obj._rcm_checkpoint_fn
+
+
+def profile_phase(step, models: dict, path: str) -> dict:
+    """One ``step()`` under the torch profiler with :func:`stage_ranges`: Chrome trace at ``path`` (rank 0)
+    and its :func:`_common.trace_breakdown`, plus ``measured_ms`` (host wall clock of the step, synced)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = DEVICE == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with stage_ranges(models), profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        with record_function(_ROOT):
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        measured = (time.perf_counter() - t0) * 1e3
+    if dist.get_rank() != 0:
+        return {}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    with open(path) as fh:
+        out = trace_breakdown(json.load(fh), stage_of, _ROOT)
+    return dict(trace=path, measured_ms=measured, **out)
 
 
 def run_case(args, frames: int, sac: str, compiled: bool = False, unfused: bool = False) -> list[dict]:
@@ -140,6 +234,16 @@ def _run_case(args, frames: int, sac: str, compiled: bool, unfused: bool) -> lis
             rows.append({**row, "ms": None, "peak_gib": "OOM"})
             continue
         total = fl[phase] * samples
+        if args.profile:
+            multi = len(args.cases) > 1 or "," in args.frames
+            path = os.path.join(args.profile, f"{phase}-{_label(row)}-{frames}f.json" if multi else f"{phase}.json")
+            try:
+                row["profile"] = profile_phase(step, models, path)
+            except Exception as err:  # noqa: BLE001  (the timed row stands without its profile)
+                traceback.print_exc()
+                row["profile"] = {"error": f"{type(err).__name__}: {err}"}
+            if "stages" in row["profile"]:
+                print_breakdown(f"{phase} iteration, {_label(row)}, {frames} frames", row["profile"])
         rows.append({**row, "ms": ms, "tokens_per_s": samples * tokens / ms * 1e3, "flops": total,
                      "tflops_per_gpu": total / world / ms / 1e9,
                      "mfu": None if peak is None else total / (ms / 1e3) / world / peak, "peak_gib": peak_gib})
@@ -228,6 +332,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of one GPU")
     ap.add_argument("--json", default="train_step.json")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing, profile one more iteration per phase: Chrome traces DIR/<phase>.json and "
+                         "a breakdown by stage and kernel category (printed and in the JSON rows)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a functional smoke run of this script (tiny config, gloo), no meaningful numbers")
     args = ap.parse_args()
@@ -239,6 +346,7 @@ def main() -> None:
     new = [parse_case(s, args.compile) for s in args.sac.split(",")]
     base = (args.baseline, False, False)
     cases = [base] + [c for c in new if c != base] if args.compare else new
+    args.cases = cases
     from rcm_train.parallel.checkpointing import SAC_MODES
 
     bad = [c[0] for c in cases if c[0] not in SAC_MODES]
