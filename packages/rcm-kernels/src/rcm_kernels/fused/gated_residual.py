@@ -5,6 +5,12 @@ One program handles one token row: it gathers the gate row of its sample (and fr
 computes ``y·gate`` and the sum in the ``compute`` dtype (each step rounded to it, as the unfused bf16 or
 float32 math does) and writes the result in ``out_dtype``; with tangents it writes ``ẋ + ẏ·gate + y·ġate``.
 Legend: B batch, L tokens, C width, Tm gate rows.
+
+Backward (:func:`_gated_bwd`), autograd through the twin with its roundings: with ``ḡ`` the output gradient
+rounded to ``compute``, ``∂x = ḡ`` (in ``x.dtype``; returned as the incoming gradient itself when that cast
+pair is exact), ``∂y = ḡ·gate`` (rounded to ``compute``), ``∂gate = Σ ḡ·y`` over the tokens of each gate row
+(each product rounded to ``compute``, summed in float32 as per-program partials, then ``torch.sum``).
+``gate=None``: ``∂x``, ``∂y`` are ``ḡ`` cast, in torch.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from ._launch import OPTS, TL, num_warps, rows
+from ._launch import OPTS, TL, chunk_range, num_warps, row_split, rows
 from .reference import Pair, gated_residual_reference
 
 __all__ = ["gated_residual"]
@@ -58,6 +64,66 @@ def _gated_fwd(X, TX, Yb, TYb, G, TG, IDX, OUT, TOUT, L, C, s_gb, s_gt, s_tgb, s
         if HAS_TX:
             tg = tl.load(TX + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE) + tg
         tl.store(TOUT + row * C + offs, tg.to(CDT).to(TOUT.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _gated_bwd(GO, Yb, G, ORDER, BOUNDS, DX, DY, PG, L, C, K, s_gb, s_gt, CDT: tl.constexpr, WIDE: tl.constexpr,
+               HAS_IDX: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, NEED_G: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # sample
+    t = tl.program_id(1)  # gate row
+    k = tl.program_id(2)  # chunk of that row's tokens
+    offs = tl.arange(0, BLOCK_C)
+    msk = offs < C
+    g = tl.load(G + b * s_gb + t * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
+    acc = tl.zeros([BLOCK_C], dtype=WIDE)
+    s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
+    for pos in range(s, e):
+        if HAS_IDX:
+            row = b * L + tl.load(ORDER + pos)
+        else:
+            row = b * L + pos
+        go = tl.load(GO + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
+        if NEED_DX:
+            tl.store(DX + row * C + offs, go.to(DX.dtype.element_ty), mask=msk)
+        if NEED_DY:
+            tl.store(DY + row * C + offs, (go * g).to(CDT).to(DY.dtype.element_ty), mask=msk)
+        if NEED_G:
+            y = tl.load(Yb + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
+            acc += (go * y).to(CDT).to(WIDE)
+    if NEED_G:
+        tl.store(PG + ((b * tl.num_programs(1) + t) * K + k) * C + offs, acc, mask=msk)
+
+
+def _triton_bwd(gout, need, x, tx, y, ty, gate, tgate, *, compute, index=None, out_dtype=None):
+    """Gradients of ``(x, tx, y, ty, gate, tgate)`` (None where not needed)."""
+    nx, ny, ng = need[0], need[2], need[4]
+    exact = torch.promote_types(gout.dtype, compute) == compute  # ḡ = the incoming gradient, widened
+
+    def cast(dt):  # ḡ in dt, the incoming tensor itself when that is exact
+        return gout if exact and gout.dtype == dt else gout.to(compute).to(dt)
+
+    if gate is None:
+        return cast(x.dtype) if nx else None, None, cast(y.dtype) if ny else None, None, None, None
+    alias = nx and exact and gout.dtype == x.dtype
+    kernel_dx = nx and not alias
+    if not (kernel_dx or ny or ng):
+        return gout if alias else None, None, None, None, None, None
+    b, length, c = x.shape
+    gout, y = gout.contiguous(), y.contiguous()
+    tm = gate.shape[1]
+    order, bounds, chunks = row_split(x, index, tm)
+    wide = torch.float64 if compute == torch.float64 else torch.float32
+    dx = gout if alias else torch.empty(b, length, c, dtype=x.dtype, device=x.device) if kernel_dx else None
+    dy = torch.empty_like(y) if ny else None
+    pg = torch.empty(b, tm, chunks, c, dtype=wide, device=x.device) if ng else None  # partial sums
+    g, s_gb, s_gt = rows(gate)
+    block = triton.next_power_of_2(c)
+    _gated_bwd[(b, tm, chunks)](
+        gout, y, g, order, bounds, dx if kernel_dx else None, dy, pg, length, c, chunks, s_gb, s_gt,
+        CDT=TL[compute], WIDE=TL[wide], HAS_IDX=order is not None, NEED_DX=kernel_dx, NEED_DY=ny, NEED_G=ng,
+        BLOCK_C=block, num_warps=num_warps(block), **OPTS)
+    return dx, None, dy, None, pg.sum(2).to(gate.dtype) if ng else None, None
 
 
 def _triton_fwd(x, tx, y, ty, gate, tgate, *, compute, index=None, out_dtype=None) -> Pair:
@@ -110,4 +176,5 @@ def gated_residual(x: Tensor, tx: Tensor | None, y: Tensor, ty: Tensor | None, g
     ok = (lambda: None if compute in TL and x.shape[-1] <= 65536 else f"compute dtype {compute} or width")
     if resolve_impl(x, impl, ok) == "reference":
         return gated_residual_reference(*args, **kw)
-    return fused_apply(_triton_fwd, gated_residual_reference, args, (True, False, True, False, True, False), kw)
+    return fused_apply(_triton_fwd, gated_residual_reference, args, (True, False, True, False, True, False), kw,
+                       _triton_bwd)

@@ -5,6 +5,14 @@ One program normalizes one token row ``x [C]`` in the island dtype, rounds the n
 (the Wan precision), gathers the modulation row of its sample (and frame, through ``index``), and writes the
 output in ``out_dtype``; with a tangent it also writes ``ṅ·(1 + scale) + n·scalė + shifṫ`` from the same
 statistics. Legend: B batch, L tokens, C width, Tm modulation rows.
+
+Backward (:func:`_ln_mod_bwd`, autograd through the twin written out, casts included): with ``g`` the output
+gradient in ``scale``'s dtype, ``n̂ = (x − μ)·r`` and ``n`` the rounded (affine) LN output,
+``∂shift = Σ g``, ``∂scale = Σ g·n`` (sums over the tokens of a modulation row), ``ĝ = g·(1 + scale)``
+rounded to ``x.dtype``; affine: ``∂weight = Σ ĝ·n̂``, ``∂bias = Σ ĝ`` (over all tokens), ``ĝ ← ĝ·weight``;
+``∂x = r·(ĝ − mean ĝ − n̂·mean(ĝ·n̂))``. ``μ`` and ``r`` are recomputed from the row (nothing but the inputs
+is saved); the sums are per-program partials (programs = modulation row × chunk of its tokens) added up by
+``torch.sum``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from ._launch import OPTS, TL, num_warps, rows
+from ._launch import OPTS, TL, chunk_range, num_warps, row_split, rows
 from .reference import Pair, island, layer_norm_modulate_reference
 
 __all__ = ["layer_norm_modulate"]
@@ -74,6 +82,69 @@ def _ln_mod_fwd(X, TX, W, BIAS, SH, TSH, SC, TSC, IDX, Y, TY, L, C, eps,
     tl.store(Y + row * C + offs, y.to(Y.dtype.element_ty), mask=msk)
 
 
+@triton.jit
+def _ln_mod_bwd(X, GY, W, BIAS, SC, ORDER, BOUNDS, DX, PSH, PSC, PW, PB, L, C, K, eps, s_scb, s_sct,
+                ISL: tl.constexpr, MDT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                HAS_MOD: tl.constexpr, HAS_IDX: tl.constexpr, NEED_DX: tl.constexpr, NEED_MOD: tl.constexpr,
+                NEED_AFF: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # sample
+    t = tl.program_id(1)  # modulation row
+    k = tl.program_id(2)  # chunk of that row's tokens
+    offs = tl.arange(0, BLOCK_C)
+    msk = offs < C
+    if HAS_W:
+        w = tl.load(W + offs, mask=msk, other=0.0).to(ISL)
+    if HAS_B:
+        bias = tl.load(BIAS + offs, mask=msk, other=0.0).to(ISL)
+    if HAS_MOD:
+        sc1 = 1.0 + tl.load(SC + b * s_scb + t * s_sct + offs, mask=msk, other=0.0).to(MDT)
+    acc_sh = tl.zeros([BLOCK_C], dtype=MDT)
+    acc_sc = tl.zeros([BLOCK_C], dtype=MDT)
+    acc_w = tl.zeros([BLOCK_C], dtype=ISL)
+    acc_b = tl.zeros([BLOCK_C], dtype=ISL)
+    s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
+    for pos in range(s, e):
+        if HAS_IDX:
+            row = b * L + tl.load(ORDER + pos)
+        else:
+            row = b * L + pos
+        x_raw = tl.load(X + row * C + offs, mask=msk, other=0.0)
+        x = x_raw.to(ISL)
+        mu = tl.sum(x, axis=0) / C
+        d = tl.where(msk, x - mu, 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        n = d * r  # n̂, unrounded
+        gy = tl.load(GY + row * C + offs, mask=msk, other=0.0)
+        if HAS_MOD:
+            g = gy.to(MDT)
+            if NEED_MOD:
+                na = n
+                if HAS_W:
+                    na = na * w
+                if HAS_B:
+                    na = na + bias
+                acc_sh += g
+                acc_sc += g * na.to(x_raw.dtype).to(MDT)  # n as the forward rounded it
+            gn = (g * sc1).to(x_raw.dtype).to(ISL)
+        else:
+            gn = gy.to(x_raw.dtype).to(ISL)
+        if NEED_AFF:
+            acc_w += gn * n
+            acc_b += gn
+        if HAS_W:
+            gn = gn * w
+        if NEED_DX:
+            dx = r * (gn - tl.sum(gn, axis=0) / C - n * (tl.sum(gn * n, axis=0) / C))
+            tl.store(DX + row * C + offs, dx.to(x_raw.dtype), mask=msk)
+    part = ((b * tl.num_programs(1) + t) * K + k) * C + offs
+    if NEED_MOD:
+        tl.store(PSH + part, acc_sh, mask=msk)
+        tl.store(PSC + part, acc_sc, mask=msk)
+    if NEED_AFF:
+        tl.store(PW + part, acc_w, mask=msk)
+        tl.store(PB + part, acc_b, mask=msk)
+
+
 def _triton_fwd(x, tx, shift, tshift, scale, tscale, *, eps, weight=None, bias=None, index=None,
                 out_dtype=None) -> Pair:
     b, length, c = x.shape
@@ -94,6 +165,35 @@ def _triton_fwd(x, tx, shift, tshift, scale, tscale, *, eps, weight=None, bias=N
         HAS_B=bias is not None, HAS_MOD=has_mod, HAS_TSH=tshift is not None, HAS_TSC=tscale is not None,
         HAS_IDX=index is not None, HAS_TY=has_ty, BLOCK_C=block, num_warps=num_warps(block), **OPTS)
     return y, ty
+
+
+def _triton_bwd(gy, need, x, tx, shift, tshift, scale, tscale, weight, bias, *, eps, index=None, out_dtype=None):
+    """Gradients of ``(x, tx, shift, tshift, scale, tscale, weight, bias)`` (None where not needed)."""
+    nx, nsh, nsc, nw, nb = need[0], need[2], need[4], need[6], need[7]
+    b, length, c = x.shape
+    x, gy = x.contiguous(), gy.contiguous()
+    has_mod = scale is not None
+    tm = scale.shape[1] if has_mod else 1
+    order, bounds, chunks = row_split(x, index if has_mod else None, tm)
+    isl = island(x.dtype)
+    mdt = scale.dtype if has_mod else isl
+    need_mod, need_aff = nsh or nsc, nw or nb
+    dx = torch.empty_like(x) if nx else None
+    part = lambda on, dt: torch.empty(b, tm, chunks, c, dtype=dt, device=x.device) if on else None  # noqa: E731
+    psh, psc = part(need_mod, mdt), part(need_mod, mdt)
+    pw, pb = part(need_aff, isl), part(need_aff, isl)  # partial sums [B, Tm, chunks, C]
+    sc, s_scb, s_sct = rows(scale)
+    block = triton.next_power_of_2(c)
+    _ln_mod_bwd[(b, tm, chunks)](
+        x, gy, weight, bias, sc, order, bounds, dx, psh, psc, pw, pb, length, c, chunks, eps, s_scb, s_sct,
+        ISL=TL[isl], MDT=TL[mdt], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod,
+        HAS_IDX=order is not None, NEED_DX=nx, NEED_MOD=need_mod, NEED_AFF=need_aff, BLOCK_C=block,
+        num_warps=num_warps(block), **OPTS)
+    dsh = psh.sum(2).to(shift.dtype) if nsh else None  # [B, Tm, C]
+    dsc = psc.sum(2).to(scale.dtype) if nsc else None
+    dw = pw.sum((0, 1, 2)).to(weight.dtype) if nw else None
+    db = pb.sum((0, 1, 2)).to(bias.dtype) if nb else None
+    return dx, None, dsh, None, dsc, None, dw, db
 
 
 def _check(x, tx, shift, tshift, scale, tscale, weight, bias, index) -> None:
@@ -144,7 +244,7 @@ def layer_norm_modulate(x: Tensor, tx: Tensor | None, shift: Tensor | None, tshi
     args = (x, tx, shift, tshift, scale, tscale, weight, bias)
     if resolve_impl(x, impl, lambda: _unsupported(x, shift, scale)) == "reference":
         return _reference(*args, **kw)
-    return fused_apply(_fast, _reference, args, (True, False, True, False, True, False, True, True), kw)
+    return fused_apply(_fast, _reference, args, (True, False, True, False, True, False, True, True), kw, _triton_bwd)
 
 
 def _fast(x, tx, shift, tshift, scale, tscale, weight, bias, **kw) -> Pair:

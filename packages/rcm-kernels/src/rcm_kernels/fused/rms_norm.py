@@ -7,6 +7,12 @@ one complex number of head ``p // (D/2)``, rotated by the angle of pair ``p % (D
 ``sin [L, D/2]``, the same for every head). RMSNorm needs the whole row, so it is computed first from both
 halves; the rotation is linear, so the tangent is normalized the RMSNorm way and rotated the same way.
 Legend: B batch, L tokens, C width = H·D, H heads, D head dim.
+
+Backward (:func:`_rms_rope_bwd`), autograd through the twin with its roundings: the output gradient is rotated
+back, ``(ĝₑ, ĝₒ) = (gₑ·cos + gₒ·sin, gₒ·cos − gₑ·sin)`` in the ``cos`` dtype and rounded to ``x.dtype``; with
+``n`` the rounded normalized row and ``n̂ = x·r`` unrounded, ``∂weight = Σ ĝ·n`` over all tokens (products
+rounded to ``x.dtype``, per-program partials summed by ``torch.sum``), ``ĝ ← ĝ·weight`` (rounded), and
+``∂x = r·(ĝ − n̂·mean(ĝ·n̂))`` with ``r`` recomputed from the row. RoPE alone: ``∂x`` is the back-rotation.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from ._launch import OPTS, TL, num_warps
+from ._launch import OPTS, TL, num_warps, row_split
 from .reference import Pair, island, rms_norm_rope_reference
 
 __all__ = ["rms_norm_rope"]
@@ -67,6 +73,50 @@ def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, s_cos, s_sin, eps, HALF_D: tl
         tl.store(TY + row * C + offs, tl.interleave(tye, tyo), mask=msk)
 
 
+@triton.jit
+def _rms_rope_bwd(X, GY, W, COS, SIN, DX, PW, L, C, K, s_cos, s_sin, eps, HALF_D: tl.constexpr,
+                  ISL: tl.constexpr, RDT: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                  NEED_DX: tl.constexpr, NEED_W: tl.constexpr, BLOCK_P: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # sample
+    k = tl.program_id(1)  # chunk of its tokens
+    offs = tl.arange(0, 2 * BLOCK_P)
+    msk = offs < C
+    p = tl.arange(0, BLOCK_P)
+    if NORM:
+        we, wo = tl.split(tl.reshape(tl.load(W + offs, mask=msk, other=0.0).to(ISL), (BLOCK_P, 2)))
+    acc_e = tl.zeros([BLOCK_P], dtype=ISL)
+    acc_o = tl.zeros([BLOCK_P], dtype=ISL)
+    n_rows = (L + K - 1) // K
+    for lt in range(k * n_rows, tl.minimum(k * n_rows + n_rows, L)):
+        row = b * L + lt
+        g_raw = tl.load(GY + row * C + offs, mask=msk, other=0.0)
+        xdt = g_raw.dtype
+        ge, go = tl.split(tl.reshape(g_raw, (BLOCK_P, 2)))
+        if ROPE:  # the transposed rotation
+            j = p % HALF_D
+            pm = p < C // 2
+            c = tl.load(COS + lt * s_cos + j, mask=pm, other=0.0).to(RDT)
+            sn = tl.load(SIN + lt * s_sin + j, mask=pm, other=0.0).to(RDT)
+            a, bb = ge.to(RDT), go.to(RDT)
+            ge, go = (a * c + bb * sn).to(xdt), (bb * c - a * sn).to(xdt)
+        if NORM:
+            xe, xo = tl.split(tl.reshape(tl.load(X + row * C + offs, mask=msk, other=0.0).to(ISL), (BLOCK_P, 2)))
+            r = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / C + eps)
+            ne, no = xe * r, xo * r
+            if NEED_W:  # ∂weight terms: ĝ·n, n rounded as the forward did, the product rounded to x.dtype
+                acc_e += (ge.to(ISL) * ne.to(xdt).to(ISL)).to(xdt).to(ISL)
+                acc_o += (go.to(ISL) * no.to(xdt).to(ISL)).to(xdt).to(ISL)
+            if NEED_DX:
+                ge = (ge.to(ISL) * we).to(xdt).to(ISL)
+                go = (go.to(ISL) * wo).to(xdt).to(ISL)
+                m = (tl.sum(ge * ne, axis=0) + tl.sum(go * no, axis=0)) / C
+                ge, go = r * (ge - ne * m), r * (go - no * m)
+        if NEED_DX:
+            tl.store(DX + row * C + offs, tl.interleave(ge, go).to(xdt), mask=msk)
+    if NEED_W:
+        tl.store(PW + (b * K + k) * C + offs, tl.interleave(acc_e, acc_o), mask=msk)
+
+
 def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> Pair:
     """Launch the kernel on ``x [B, L, C]``; ``weight`` None skips the norm (RoPE only). ``[B, L, H, D]`` out."""
     b, length, c = x.shape
@@ -83,6 +133,27 @@ def triton_rms_norm_rope(x, tx, weight, *, eps, heads=1, cos=None, sin=None) -> 
         NORM=weight is not None, ROPE=rope, HAS_TX=tx is not None, BLOCK_P=block, num_warps=num_warps(block),
         **OPTS)
     return y.unflatten(-1, (heads, -1)), (None if ty is None else ty.unflatten(-1, (heads, -1)))
+
+
+def triton_rms_norm_rope_bwd(gy, need, x, tx, weight, *, eps, heads=1, cos=None, sin=None):
+    """Gradients of ``(x, tx, weight)`` (None where not needed); ``weight`` None: RoPE alone."""
+    nx, nw = need[0], weight is not None and need[2]
+    b, length, c = x.shape
+    x, gy = x.contiguous(), gy.reshape(b, length, c).contiguous()
+    norm, rope = weight is not None, cos is not None
+    if rope and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    isl = island(x.dtype)
+    chunks = row_split(x, None, 1)[2] if nw else length  # ∂weight partials per chunk of rows; else a row each
+    dx = torch.empty_like(x) if nx else None
+    pw = torch.empty(b, chunks, c, dtype=isl, device=x.device) if nw else None  # partial sums
+    block = triton.next_power_of_2(c // 2)
+    _rms_rope_bwd[(b, chunks)](
+        x, gy, weight, cos, sin, dx, pw, length, c, chunks, cos.stride(0) if rope else 0,
+        sin.stride(0) if rope else 0, eps, HALF_D=c // heads // 2, ISL=TL[isl],
+        RDT=TL[cos.dtype] if rope else tl.float32, NORM=norm, ROPE=rope, NEED_DX=nx, NEED_W=nw, BLOCK_P=block,
+        num_warps=num_warps(block), **OPTS)
+    return dx, None, pw.sum((0, 1)).to(weight.dtype) if nw else None
 
 
 def check_rope(name: str, length: int, c: int, heads: int, cos: Tensor | None, sin: Tensor | None) -> None:
@@ -122,7 +193,8 @@ def rms_norm_rope(x: Tensor, tx: Tensor | None, weight: Tensor, *, eps: float, h
     kw = dict(eps=eps, heads=heads, cos=cos, sin=sin)
     if resolve_impl(x, impl, lambda: unsupported_rope(x, cos) or _weight_dtype(x, weight)) == "reference":
         return rms_norm_rope_reference(x, tx, weight, **kw)
-    return fused_apply(triton_rms_norm_rope, rms_norm_rope_reference, (x, tx, weight), (True, False, True), kw)
+    return fused_apply(triton_rms_norm_rope, rms_norm_rope_reference, (x, tx, weight), (True, False, True), kw,
+                       triton_rms_norm_rope_bwd)
 
 
 def _weight_dtype(x: Tensor, weight: Tensor) -> str | None:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
 from .reference import Pair, rope_reference
-from .rms_norm import check_rope, triton_rms_norm_rope, unsupported_rope
+from .rms_norm import check_rope, triton_rms_norm_rope, triton_rms_norm_rope_bwd, unsupported_rope
 
 __all__ = ["apply_rope"]
 
@@ -20,6 +20,13 @@ def _triton_rope(x_blhd: Tensor, tx_blhd: Tensor | None, *, cos: Tensor, sin: Te
     h = x_blhd.shape[2]
     return triton_rms_norm_rope(x_blhd.flatten(2), None if tx_blhd is None else tx_blhd.flatten(2), None,
                                 eps=0.0, heads=h, cos=cos, sin=sin)
+
+
+def _triton_rope_bwd(gy_blhd: Tensor, need, x_blhd: Tensor, tx_blhd, *, cos: Tensor, sin: Tensor):
+    h = x_blhd.shape[2]
+    dx, _, _ = triton_rms_norm_rope_bwd(gy_blhd, need, x_blhd.flatten(2), None, None, eps=0.0, heads=h, cos=cos,
+                                        sin=sin)
+    return None if dx is None else dx.unflatten(-1, (h, -1)), None
 
 
 def apply_rope(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor, *, impl: str | None = None) -> Pair:
@@ -33,4 +40,5 @@ def apply_rope(x: Tensor, tx: Tensor | None, cos: Tensor, sin: Tensor, *, impl: 
     check_rope("apply_rope", length, h * d, h, cos, sin)
     if resolve_impl(x, impl, lambda: unsupported_rope(x, cos)) == "reference":
         return rope_reference(x, tx, cos, sin)
-    return fused_apply(_triton_rope, rope_reference, (x, tx), (True, False), dict(cos=cos, sin=sin))
+    return fused_apply(_triton_rope, rope_reference, (x, tx), (True, False), dict(cos=cos, sin=sin),
+                       _triton_rope_bwd)
