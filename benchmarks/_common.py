@@ -51,8 +51,9 @@ KERNEL_CATEGORIES = ("gemm", "attention fwd", "JVP attention", "attention bwd", 
                      "elementwise / other Triton", "communication", "memcpy/memset", "other")
 """Device-time categories of :func:`kernel_category`, in table order."""
 
-FUSED_KERNELS = ("_ln_mod_fwd", "_rms_rope_fwd", "_gated_fwd", "_gelu_fwd")
-"""Triton kernels of ``rcm_kernels.fused`` (modulated LayerNorm, RMSNorm + RoPE, gated residual, GELU)."""
+FUSED_KERNELS = ("_ln_mod_", "_rms_rope_", "_gated_", "_gelu_")
+"""Name prefixes of the Triton kernels of ``rcm_kernels.fused`` (modulated LayerNorm, RMSNorm + RoPE, gated
+residual, GELU; forward with tangent and backward)."""
 ATTN_FWD_KERNELS = ("_jvp_attn_fwd", "_cache_attn_fwd")
 """Triton attention forward kernels of ``rcm_kernels.attention`` (with or without a tangent: one kernel)."""
 ATTN_BWD_KERNELS = ("_bwd_delta", "_bwd_dkdv", "_bwd_dq")
