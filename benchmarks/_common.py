@@ -119,8 +119,9 @@ def trace_breakdown(trace: dict, stage_of, root: str) -> dict:
     launching thread (the autograd thread in backward), and to a :func:`kernel_category`; ``ms`` of a stage is
     then the summed device time of its kernels. Without device kernels (CPU runs) the root range's host
     wall time is split: each instant goes to the innermost stage range of the root's thread, the rest to
-    ``other``. Returns ``{basis, wall_ms, stages: {stage: ms}, categories: {category: ms},
-    stage_categories: {stage: {category: ms}}, device_busy_ms}`` (dicts by decreasing ms)."""
+    ``other``. Returns ``{basis, wall_ms, device_busy_ms (union of the kernel intervals; None on CPU),
+    stages: [{stage, ms, pct}], categories: [{category, ms, pct}], stage_categories: {stage: {category: ms}}}``,
+    rows by decreasing ms, ``pct`` of the rows' sum."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     top = next((e for e in events if e["name"] == root), None)
     if top is None:
@@ -162,11 +163,13 @@ def trace_breakdown(trace: dict, stage_of, root: str) -> dict:
             stages[stage or "other"] = stages.get(stage or "other", 0.0) + (b - a) / 1e3
         basis, busy_ms = "host wall time", None
 
-    def desc(d):
-        return dict(sorted(d.items(), key=lambda kv: -kv[1]))
+    def rows(d, key):
+        whole = sum(d.values()) or 1.0
+        return [{key: k, "ms": v, "pct": 100 * v / whole} for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
 
-    return dict(basis=basis, wall_ms=(t1 - t0) / 1e3, stages=desc(stages), categories=desc(cats),
-                stage_categories={s: desc(cross[s]) for s in desc(stages) if s in cross}, device_busy_ms=busy_ms)
+    return dict(basis=basis, wall_ms=(t1 - t0) / 1e3, device_busy_ms=busy_ms, stages=rows(stages, "stage"),
+                categories=rows(cats, "category"),
+                stage_categories={r["stage"]: cross[r["stage"]] for r in rows(stages, "stage") if r["stage"] in cross})
 
 
 _SHORT = {"gemm": "gemm", "attention fwd": "attn", "JVP attention": "jvp-attn", "attention bwd": "attn-bwd",
@@ -175,18 +178,16 @@ _SHORT = {"gemm": "gemm", "attention fwd": "attn", "JVP attention": "jvp-attn", 
 
 
 def print_breakdown(title: str, b: dict) -> None:
-    """The stage table (ms, % of the summed stages; per kernel category on device runs) and the category
-    table of a :func:`trace_breakdown`."""
-    total = sum(b["stages"].values()) or 1.0
+    """The stage table (ms, %; on device runs also ms per kernel category) and the category table of a
+    :func:`trace_breakdown`."""
     busy = "" if b["device_busy_ms"] is None else f", device busy {b['device_busy_ms']:.1f} ms"
     print(f"\n{title}: {b['basis']} by stage (iteration wall {b['wall_ms']:.1f} ms{busy})")
-    cats = [c for c in KERNEL_CATEGORIES if c in b["categories"]]
+    cats = [c for c in KERNEL_CATEGORIES if any(r["category"] == c for r in b["categories"])]
     print(f"{'stage':<30}{'ms':>10}{'%':>7}" + "".join(f"{_SHORT[c]:>10}" for c in cats))
-    for stage, ms in b["stages"].items():
-        row = b["stage_categories"].get(stage, {})
-        print(f"{stage:<30}{ms:>10.2f}{100 * ms / total:>6.1f}%" + "".join(f"{row.get(c, 0.0):>10.2f}" for c in cats))
+    for r in b["stages"]:
+        row = b["stage_categories"].get(r["stage"], {})
+        print(f"{r['stage']:<30}{r['ms']:>10.2f}{r['pct']:>6.1f}%" + "".join(f"{row.get(c, 0.0):>10.2f}" for c in cats))
     if cats:
-        whole = sum(b["categories"].values())
         print(f"{'kernel category':<30}{'ms':>10}{'%':>7}")
-        for c in cats:
-            print(f"{c:<30}{b['categories'][c]:>10.2f}{100 * b['categories'][c] / whole:>6.1f}%")
+        for r in sorted(b["categories"], key=lambda r: KERNEL_CATEGORIES.index(r["category"])):
+            print(f"{r['category']:<30}{r['ms']:>10.2f}{r['pct']:>6.1f}%")

@@ -124,7 +124,9 @@ def _marked_checkpoint(checkpoint_fn):
         def call(*args, **kwargs):
             if torch._C._current_graph_task_id() == -1:  # the forward itself
                 return fn(*args, **kwargs)
-            with torch.profiler.record_function(_MARK + "recompute (SAC)"):
+            # not record_function: its enter/exit are torch ops, which a selective-checkpoint recompute
+            # would look for among the ops saved in the forward (and fail); this range bypasses the dispatcher
+            with torch._C._profiler._RecordFunctionFast(_MARK + "recompute (SAC)"):
                 return fn(*args, **kwargs)
         return call
     return lambda fn, *args, **kwargs: checkpoint_fn(recomputed(fn), *args, **kwargs)

@@ -126,10 +126,13 @@ def test_trace_breakdown_device(common):
                for _, _, name, dur, corr in launches]
     b = c.trace_breakdown({"traceEvents": events}, ts.stage_of, "rcm: iteration")
     assert b["basis"] == "device kernel time" and b["wall_ms"] == 100.0
-    assert b["stages"] == {"teacher forward (no grad)": 6.0, "backward": 5.0, "student forward_jvp": 3.0,
-                           "other": 2.0, "recompute (SAC)": 1.0, "optimizer": 0.5}
-    assert b["categories"] == {"attention bwd": 5.0, "gemm": 4.0, "JVP attention": 3.0, "attention fwd": 2.0,
-                               "communication": 2.0, "elementwise / other Triton": 1.0, "memcpy/memset": 0.5}
+    stages = {"teacher forward (no grad)": 6.0, "backward": 5.0, "student forward_jvp": 3.0, "other": 2.0,
+              "recompute (SAC)": 1.0, "optimizer": 0.5}
+    assert {r["stage"]: r["ms"] for r in b["stages"]} == stages
+    cats = {"attention bwd": 5.0, "gemm": 4.0, "JVP attention": 3.0, "attention fwd": 2.0, "communication": 2.0,
+            "elementwise / other Triton": 1.0, "memcpy/memset": 0.5}
+    assert {r["category"]: r["ms"] for r in b["categories"]} == cats
+    assert [r["pct"] for r in b["categories"]][:2] == pytest.approx([100 * 5 / 17.5, 100 * 4 / 17.5])
     assert b["stage_categories"]["teacher forward (no grad)"] == {"gemm": 4.0, "attention fwd": 2.0}
     assert b["device_busy_ms"] == pytest.approx(17.5 - 1.0)  # kernels 3 [41, 44] and 7 [40, 42] overlap by 1 ms
 
@@ -144,22 +147,25 @@ def test_trace_breakdown_host(common):
               _x("rcm: recompute (SAC)", 1, 55_000, 5_000), _x("Optimizer.zero_grad#AdamW.zero_grad", 1, 99_000, 3_000),
               _x("rcm: fake_score forward", 2, 0, 100_000)]
     b = c.trace_breakdown({"traceEvents": events}, ts.stage_of, "rcm: iteration")
-    assert b["basis"] == "host wall time" and b["categories"] == {} and b["device_busy_ms"] is None
+    assert b["basis"] == "host wall time" and b["categories"] == [] and b["device_busy_ms"] is None
     expected = {"other": 49.0, "student forward": 20.0, "backward": 15.0, "teacher forward (no grad)": 10.0,
                 "recompute (SAC)": 5.0, "optimizer": 1.0}
-    assert b["stages"] == pytest.approx(expected, abs=1e-9)
+    assert [r["stage"] for r in b["stages"]] == list(expected)  # by decreasing time
+    assert {r["stage"]: r["ms"] for r in b["stages"]} == pytest.approx(expected, abs=1e-9)
+    assert sum(r["pct"] for r in b["stages"]) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="no range named 'nope'"):
         c.trace_breakdown({"traceEvents": events}, ts.stage_of, "nope")
 
 
 @pytest.mark.slow  # ~12 s: the tiny networks built and stepped once per phase, then profiled
 def test_train_step_smoke_profile(tmp_path):
-    """``train_step.py --smoke --profile DIR`` writes both traces and a breakdown whose stages sum to the
+    """``train_step.py --smoke --sac attention --profile DIR`` (a selective SAC mode: the recompute range must
+    not disturb its replay of the saved ops) writes both traces and a breakdown whose stages sum to the
     profiled iteration's wall clock (measured around it with perf_counter; tolerance 5% + 2 ms for the
     profiler's own work outside the root range) and name every stage the iteration has."""
     out, prof = tmp_path / "ts.json", tmp_path / "prof"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--smoke", "--json", str(out),
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--smoke", "--sac", "attention", "--json", str(out),
                            "--profile", str(prof)], capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -173,8 +179,9 @@ def test_train_step_smoke_profile(tmp_path):
         assert p["trace"] == str(prof / f"{phase}.json")
         names = {e.get("name") for e in json.loads((prof / f"{phase}.json").read_text())["traceEvents"]}
         assert "rcm: iteration" in names and "rcm: recompute (SAC)" in names
-        assert stages <= set(p["stages"]) <= stages | {"other"}, p["stages"]
-        assert all(p["stages"][s] > 0 for s in stages)
-        total = sum(p["stages"].values())
+        ms = {r["stage"]: r["ms"] for r in p["stages"]}
+        assert stages <= set(ms) <= stages | {"other"}, ms
+        assert all(ms[s] > 0 for s in stages)
+        total = sum(ms.values())
         assert abs(total - p["measured_ms"]) <= 0.05 * p["measured_ms"] + 2.0, (total, p["measured_ms"])
-        assert f"{phase} iteration, block_wise, 2 frames: host wall time by stage" in proc.stdout
+        assert f"{phase} iteration, attention, 2 frames: host wall time by stage" in proc.stdout
