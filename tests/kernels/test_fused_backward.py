@@ -1,0 +1,293 @@
+"""Triton backward of the fused DiT ops (rcm_kernels.fused): every input gradient vs float64 autograd through
+the reference twin.
+
+CPU: the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before any kernel
+module is imported) in float32 (the interpreter mishandles bf16) and float64, at tiny odd sizes: L = 7 tokens,
+C = 20 channels (neither a power of two nor a multiple of the block), 2 heads of 10. The reference is the twin's
+primal evaluated in float64 (inputs upcast, compute dtypes float64) and differentiated by torch.autograd, an
+implementation independent of the hand-written backward. Modulation rows as the DiT passes them (strided slices
+of a ``[B, Tm, 6, C]`` table): one row per sample, per-frame rows through an index (sorted as in the DiT, and
+unsorted), per-token rows (Tm = L); the token rows split among one or several programs per modulation row
+(``MIN_ROWS`` lowered), so the per-program partial sums and empty chunks are exercised.
+GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd through the float32 twin fed the same
+bf16 inputs, and no less accurate than the recompute backward (``RCM_FUSED_BACKWARD=reference``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import rcm_kernels.fused._launch as launch
+from rcm_kernels.fused import apply_rope, gated_residual, gelu_tanh, layer_norm_modulate, rms_norm_rope
+from rcm_kernels.fused import reference as R
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRET, reason="interpreter grid: runs on CPU with TRITON_INTERPRET=1")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+f32, f64 = torch.float32, torch.float64
+# Tolerance, relative to the gradient's largest entry (abs) and elementwise (rel). float32: one rounding is 6e-8;
+# a gradient goes through a few ops and one C-term row reduction or a B·L-term token sum, observed <= 1.2e-7 of
+# the max: 1e-5 leaves ~100x margin (a wrong term or a missed token is O(1)). float64: rounding only (~1e-16).
+TOL = {f32: 1e-5, f64: 1e-12}
+B, L, C, H = 2, 7, 20, 2
+INDEX = {"per_frame": [0, 0, 0, 1, 1, 2, 2], "unsorted": [2, 0, 1, 1, 0, 2, 0], "per_token": [6, 5, 4, 3, 2, 1, 0]}
+
+
+@pytest.fixture(params=["one", "many"])
+def split(request, monkeypatch):
+    """Token rows of a modulation row in one program, or in several (2 rows each, some chunks empty)."""
+    if request.param == "many":
+        monkeypatch.setattr(launch, "MIN_ROWS", 2)
+    return request.param
+
+
+def _grads(fn, inputs, need, gy=None):
+    """Gradients of ``fn(*inputs)`` against ``gy`` (random float64 if None) w.r.t. the inputs with ``need``."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(n) for t, n in zip(inputs, need)]
+    out = fn(*leaves)
+    gy = torch.randn(out.shape, dtype=f64, device=out.device) if gy is None else gy
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wrt, gy.to(out.dtype)), gy
+
+
+def check_grads(kernel, ref, inputs, need=None, names=None):
+    """Every needed input gradient of ``kernel`` (Triton forward and backward) equals float64 autograd through
+    ``ref`` (float64 twin) within ``TOL`` of the kernel's dtype."""
+    need = need or [t is not None for t in inputs]
+    ref_g, gy = _grads(ref, [None if t is None else t.double() for t in inputs], need)
+    got, _ = _grads(kernel, inputs, need, gy)
+    names = [n for n, t, k in zip(names or range(len(inputs)), inputs, need) if t is not None and k]
+    ins = [t for t, k in zip(inputs, need) if t is not None and k]
+    for name, a, b, t in zip(names, got, ref_g, ins):
+        assert a.dtype == t.dtype and a.shape == t.shape, f"∂{name}: {a.dtype} {a.shape} vs input {t.dtype} {t.shape}"
+        scale = b.abs().max().item()
+        assert scale > 1e-3, f"∂{name}: vacuous (zero reference gradient)"
+        tol = TOL[t.dtype]
+        torch.testing.assert_close(a.double(), b, atol=tol * scale, rtol=tol, msg=lambda m, n=name: f"∂{n}: {m}")
+
+
+def rnd(*shape, dtype=f32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+LN_CASES = {  # (modulation rows: None | 1 | index name, affine)
+    "sample": (1, False), "per_frame": ("per_frame", False), "unsorted": ("unsorted", False),
+    "per_token": ("per_token", False), "affine": (None, True), "affine_per_frame": ("unsorted", True),
+}
+
+
+def _ln_call(fn, index, affine, modulated):
+    def call(x, e6, w, b):  # e6 [B, Tm, 6, C]: shift and scale are strided slices of it, as in the DiT
+        sh, sc = (e6[:, :, 0], e6[:, :, 1]) if modulated else (None, None)
+        kw = dict(weight=w, bias=b) if affine else {}
+        return fn(x, None, sh, None, sc, None, eps=1e-6, index=index, **kw)[0]
+    return call
+
+
+def _ln_inputs(dtype, rows, affine):
+    index = None if rows in (None, 1) else torch.tensor(INDEX[rows])
+    tm = 1 if index is None else int(index.max()) + 1
+    e6 = rnd(B, tm, 6, C, dtype=dtype) if rows is not None else None
+    return index, (rnd(B, L, C, dtype=dtype) * 2 + 1, e6, rnd(C, dtype=dtype) if affine else None,
+                   rnd(C, dtype=dtype) if affine else None)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("case", list(LN_CASES))
+def test_layer_norm_modulate_grads(dtype, case, split):
+    rows, affine = LN_CASES[case]
+    index, ins = _ln_inputs(dtype, rows, affine)
+    fast = _ln_call(lambda *a, **k: layer_norm_modulate(*a, **k, impl="triton"), index, affine, rows is not None)
+    ref = _ln_call(R.layer_norm_modulate_reference, index, affine, rows is not None)
+    check_grads(fast, ref, ins, names=["x", "e6", "weight", "bias"])
+
+
+@interp
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["x_only", "mod_only"])
+def test_layer_norm_modulate_partial_needs(need):
+    index, (x, e6, _, _) = _ln_inputs(f32, "per_frame", False)
+    fast = _ln_call(lambda *a, **k: layer_norm_modulate(*a, **k, impl="triton"), index, False, True)
+    ref = _ln_call(R.layer_norm_modulate_reference, index, False, True)
+    check_grads(fast, ref, [x, e6, None, None], need=[*need, False, False], names=["x", "e6", "w", "b"])
+
+
+GATE_CASES = {"sample": 1, "per_frame": "per_frame", "unsorted": "unsorted", "plain_add": None}
+
+
+@interp
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("case", list(GATE_CASES))
+@pytest.mark.parametrize("out", ["x", "wide"])
+def test_gated_residual_grads(dtype, case, out, split):
+    """``out="wide"``: output in float64 (the student's fp32 output over a narrower stream, here one step up),
+    so ``∂x`` is a cast the kernel writes instead of the incoming gradient itself."""
+    rows = GATE_CASES[case]
+    index = None if rows in (None, 1) else torch.tensor(INDEX[rows])
+    tm = 1 if index is None else int(index.max()) + 1
+    od = f64 if out == "wide" else None
+
+    def call(fn, compute):
+        def f(x, y, e6):
+            return fn(x, None, y, None, None if e6 is None else e6[:, :, 2], None, compute=compute, index=index,
+                      out_dtype=od)[0]
+        return f
+
+    ins = [rnd(B, L, C, dtype=dtype), rnd(B, L, C, dtype=dtype), None if rows is None else rnd(B, tm, 6, C, dtype=dtype)]
+    fast = call(lambda *a, **k: gated_residual(*a, **k, impl="triton"), od or dtype)
+    check_grads(fast, call(R.gated_residual_reference, f64), ins, names=["x", "y", "e6"])
+
+
+@interp
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("rope", [False, True])
+def test_rms_norm_rope_grads(dtype, rope, split):
+    ang = rnd(L, C // H // 2, dtype=f64) * 3
+    cs = (torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)) if rope else (None, None)
+
+    def call(fn):
+        def f(x, w):
+            return fn(x, None, w, eps=1e-6, heads=H, cos=None if cs[0] is None else cs[0].to(x.dtype),
+                      sin=None if cs[1] is None else cs[1].to(x.dtype))[0]
+        return f
+
+    fast = call(lambda *a, **k: rms_norm_rope(*a, **k, impl="triton"))
+    check_grads(fast, call(R.rms_norm_rope_reference), [rnd(B, L, C, dtype=dtype) * 3, rnd(C, dtype=dtype)],
+                names=["x", "weight"])
+
+
+@interp
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["x_only", "weight_only"])
+def test_rms_norm_rope_partial_needs(need):
+    ang = rnd(L, C // H // 2, dtype=f64)
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+
+    def call(fn):
+        return lambda x, w: fn(x, None, w, eps=1e-6, heads=H, cos=cos.to(x.dtype), sin=sin.to(x.dtype))[0]
+
+    fast = call(lambda *a, **k: rms_norm_rope(*a, **k, impl="triton"))
+    check_grads(fast, call(R.rms_norm_rope_reference), [rnd(B, L, C), rnd(C)], need=list(need), names=["x", "w"])
+
+
+@interp
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's σ at x ~ -9 (exact: 0)
+@pytest.mark.parametrize("dtype", [f32, f64])
+def test_rope_and_gelu_grads(dtype):
+    ang = rnd(L, C // H // 2, dtype=f64) * 3
+    cos, sin = torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+    check_grads(lambda x: apply_rope(x, None, cos, sin, impl="triton")[0],
+                lambda x: R.rope_reference(x, None, cos.double(), sin.double())[0],
+                [rnd(B, L, H, C // H, dtype=dtype)], names=["x"])
+    # GELU over |x| up to ~9 (both tails) and a size that is not a multiple of the 2048-element block
+    check_grads(lambda x: gelu_tanh(x, None, impl="triton")[0], lambda x: R.gelu_tanh_reference(x, None)[0],
+                [rnd(3, 701, dtype=dtype) * 3], names=["x"])
+
+
+@interp
+def test_backward_is_deterministic_and_saves_only_inputs():
+    index, (x, e6, _, _) = _ln_inputs(f32, "unsorted", False)
+    x, e6 = x.requires_grad_(), e6.requires_grad_()
+    gy = rnd(B, L, C)
+    grads = []
+    for _ in range(2):
+        y = layer_norm_modulate(x, rnd(B, L, C), e6[:, :, 0], None, e6[:, :, 1], None, eps=1e-6, index=index,
+                                impl="triton")[0]
+        saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+        assert [t.data_ptr() for t in saved] == [x.data_ptr(), e6.data_ptr(), e6[:, :, 1].data_ptr()]
+        assert y.grad_fn.bwd is not None, "the Triton backward must be selected after a Triton forward"
+        grads.append(torch.autograd.grad(y, (x, e6), gy))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), "backward not deterministic"
+
+
+@interp
+def test_reference_backward_switch(monkeypatch):
+    """``RCM_FUSED_BACKWARD=reference`` keeps the recompute backward; it agrees with the Triton one (float32,
+    different reduction order: 1e-5 of the max); a bad value names the variable."""
+    x, w = rnd(B, L, C).requires_grad_(), rnd(C).requires_grad_()
+    gy = rnd(B, L, H, C // H)
+    out = {}
+    for impl in ("triton", "reference"):
+        monkeypatch.setenv("RCM_FUSED_BACKWARD", impl)
+        y = rms_norm_rope(x, None, w, eps=1e-6, heads=H, impl="triton")[0]
+        assert (y.grad_fn.bwd is None) == (impl == "reference")
+        out[impl] = torch.autograd.grad(y, (x, w), gy)
+    for a, b in zip(out["triton"], out["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+    monkeypatch.setenv("RCM_FUSED_BACKWARD", "cuda")
+    with pytest.raises(ValueError, match="RCM_FUSED_BACKWARD"):
+        rms_norm_rope(x, None, w, eps=1e-6, heads=H, impl="triton")
+
+
+# GPU: bf16 at a DiT-like size (1.3B width, 12 heads, 2 frames of 30x52 tokens), modulation rows fp32. The Triton
+# backward and the recompute backward are both compared with autograd through the float32 twin fed the same bf16
+# inputs (so only the bf16 roundings of the fused path differ). Bounds, norm-relative: the Triton gradient within
+# 1e-2 of the float32 one (bf16 rounds to 2^-9 relative; a wrong term gives O(1)), and no less accurate than the
+# recompute backward (<= 1.5x its error + 1e-4: the two round the same values, up to reduction order).
+GB, GL, GC, GH = 1, 3120, 1536, 12
+bf16 = torch.bfloat16
+
+
+def gpu_check(monkeypatch, kernel, ref, inputs, names):
+    need = [True] * len(inputs)
+    ref_g, gy = _grads(ref, [t.float() for t in inputs], need)
+    got = {}
+    for impl in ("triton", "reference"):
+        monkeypatch.setenv("RCM_FUSED_BACKWARD", impl)
+        got[impl], _ = _grads(kernel, inputs, need, gy)
+    for name, a, b, r in zip(names, got["triton"], got["reference"], ref_g):
+        assert a.dtype == b.dtype and a.shape == r.shape, f"∂{name}: {a.dtype} {a.shape} vs {b.dtype} {r.shape}"
+        err_t = ((a.double() - r.double()).norm() / r.double().norm()).item()
+        err_r = ((b.double() - r.double()).norm() / r.double().norm()).item()
+        assert err_t <= 1e-2 and err_t <= 1.5 * err_r + 1e-4, f"∂{name}: triton {err_t:.3g}, recompute {err_r:.3g}"
+
+
+def _gpu_rnd(*shape, dtype=bf16):
+    return torch.randn(*shape, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_gpu_bf16_layer_norm_modulate_and_gated_residual(monkeypatch, per_frame):
+    tm = 2 if per_frame else 1
+    idx = (torch.arange(GL, device="cuda") >= GL // 2).long() if per_frame else None
+    x, y, e6 = _gpu_rnd(GB, GL, GC), _gpu_rnd(GB, GL, GC), _gpu_rnd(GB, tm, 6, GC, dtype=f32)
+
+    def ln(x, e6):
+        return layer_norm_modulate(x, None, e6[:, :, 0], None, e6[:, :, 1], None, eps=1e-6, index=idx,
+                                   out_dtype=x.dtype)[0]
+
+    def ln_ref(x, e6):
+        return R.layer_norm_modulate_reference(x, None, e6[:, :, 0], None, e6[:, :, 1], None, eps=1e-6, index=idx,
+                                               out_dtype=x.dtype)[0]
+
+    gpu_check(monkeypatch, ln, ln_ref, [x, e6], ["x", "e6"])
+    for compute in (bf16, f32):  # teacher, student residual stream
+        def gr(x, y, e6, fn=gated_residual, compute=compute):
+            return fn(x, None, y, None, e6[:, :, 2], None, compute=compute if x.dtype == bf16 else f32, index=idx,
+                      out_dtype=x.dtype)[0]
+
+        gpu_check(monkeypatch, gr, lambda *a: gr(*a, fn=R.gated_residual_reference), [x, y, e6], ["x", "y", "e6"])
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_affine_layer_norm_rms_norm_rope_gelu(monkeypatch):
+    x, w, b = _gpu_rnd(GB, GL, GC), _gpu_rnd(GC), _gpu_rnd(GC)
+    gpu_check(monkeypatch, lambda x, w, b: layer_norm_modulate(x, None, None, None, None, None, eps=1e-6, weight=w,
+                                                               bias=b)[0],
+              lambda x, w, b: R.layer_norm_modulate_reference(x, None, None, None, None, None, eps=1e-6, weight=w,
+                                                              bias=b)[0], [x, w, b], ["x", "weight", "bias"])
+    ang = torch.rand(GL, GC // GH // 2, device="cuda", dtype=f64) * 100
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+    gpu_check(monkeypatch, lambda x, w: rms_norm_rope(x, None, w, eps=1e-6, heads=GH, cos=cos, sin=sin)[0],
+              lambda x, w: R.rms_norm_rope_reference(x, None, w, eps=1e-6, heads=GH, cos=cos, sin=sin)[0],
+              [x, w], ["x", "weight"])
+    x4 = x.unflatten(-1, (GH, -1))
+    gpu_check(monkeypatch, lambda x: apply_rope(x, None, cos, sin)[0], lambda x: R.rope_reference(x, None, cos, sin)[0],
+              [x4], ["x"])
+    h = _gpu_rnd(GB, GL, 8960) * 3
+    gpu_check(monkeypatch, lambda x: gelu_tanh(x, None)[0], lambda x: R.gelu_tanh_reference(x, None)[0], [h], ["x"])
