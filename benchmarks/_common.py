@@ -122,14 +122,15 @@ def trace_breakdown(trace: dict, stage_of, root: str) -> dict:
     ``other``. Returns ``{basis, wall_ms, device_busy_ms (union of the kernel intervals; None on CPU),
     stages: [{stage, ms, pct}], categories: [{category, ms, pct}], stage_categories: {stage: {category: ms}}}``,
     rows by decreasing ms, ``pct`` of the rows' sum."""
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
-    top = next((e for e in events if e["name"] == root), None)
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    ranges = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]  # host side only
+    top = next((e for e in ranges if e["name"] == root), None)
     if top is None:
-        raise ValueError(f"the trace has no range named {root!r}")
+        raise ValueError(f"the trace has no host range named {root!r}")
     t0, t1 = top["ts"], top["ts"] + top["dur"]
     host: dict[object, list] = {}
-    for e in events:
-        if e.get("cat") in ("cpu_op", "user_annotation") and (stage := stage_of(e["name"])) is not None:
+    for e in ranges:
+        if (stage := stage_of(e["name"])) is not None:
             host.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"], stage))
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     stages: dict[str, float] = {}
