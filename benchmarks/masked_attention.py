@@ -21,6 +21,7 @@ that cannot run a row records the first line of its error instead.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import platform
@@ -152,11 +153,11 @@ def run(smoke: bool, providers: list[str], rep_ms: int, mask_kinds: tuple[str, .
     meta = {"date": date.today().isoformat(), "smoke": smoke, "geometry": g, "dtype": str(dtype),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "python": platform.python_version(), "command": " ".join(["python3", *sys.argv])}
-    for pkg in ("triton", "flash_attn", "cutlass"):
-        try:
-            meta[pkg] = getattr(__import__(pkg), "__version__", "?")
-        except ImportError:
-            meta[pkg] = None
+    for key, dist in (("triton", "triton"), ("flash_attn_4", "flash-attn-4"), ("cutlass_dsl", "nvidia-cutlass-dsl")):
+        try:  # distribution versions: flash_attn.cute's own __version__ is not set by the flash-attn-4 wheel
+            meta[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            meta[key] = None
     return rows, meta
 
 

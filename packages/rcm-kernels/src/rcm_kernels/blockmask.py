@@ -187,9 +187,12 @@ class _Mask:
             t = self.tiles(lq, lk, block_size, block_size, device)
             pad = -lq % block_size  # Flex may evaluate the mask on the padded rows of the last tile
             iv = torch.nn.functional.pad(self.intervals(lq, lk, device), (0, 0, 0, pad))
+            # four 1-D columns indexed by q_idx alone: Flex's flash-attn-4 (CuTeDSL) lowering cannot index a
+            # captured tensor with a constant (iv[q_idx, 0] fails there with "Expected TensorSSA")
+            s0, e0, s1, e1 = (c.contiguous() for c in iv.unbind(1))
 
             def mask_mod(b, h, q_idx, kv_idx):
-                return _in_intervals(kv_idx, iv[q_idx, 0], iv[q_idx, 1], iv[q_idx, 2], iv[q_idx, 3])
+                return _in_intervals(kv_idx, s0[q_idx], e0[q_idx], s1[q_idx], e1[q_idx])
 
             mask_mod.__name__ = f"{type(self).__name__}_mask"
             self._cache[key] = BlockMask.from_kv_blocks(
