@@ -221,7 +221,7 @@ def _run_case(args, frames: int, sac: str, compiled: bool, unfused: bool) -> lis
     samples = args.batch * mesh.dp_size
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
         (v for k, v in PEAK_BF16.items() if DEVICE == "cuda" and k in torch.cuda.get_device_name()), None)
-    rows = []
+    rows, steps = [], {}
     for phase, trained in (("student", ["student"]), ("critic", ["fake_score"])):
         ctx = StepContext(phase, 0, args.sim_steps - 1, schedule,
                           torch.Generator(device=DEVICE).manual_seed(mesh.dp_rank), has_critic=True)
@@ -236,20 +236,28 @@ def _run_case(args, frames: int, sac: str, compiled: bool, unfused: bool) -> lis
             rows.append({**row, "ms": None, "peak_gib": "OOM"})
             continue
         total = fl[phase] * samples
-        if args.profile:
-            multi = len(args.cases) > 1 or "," in args.frames
-            path = os.path.join(args.profile, f"{phase}-{_label(row)}-{frames}f.json" if multi else f"{phase}.json")
-            try:
-                row["profile"] = profile_phase(step, models, path)
-            except Exception as err:  # noqa: BLE001  (the timed row stands without its profile)
-                traceback.print_exc()
-                row["profile"] = {"error": f"{type(err).__name__}: {err}"}
-            if "stages" in row["profile"]:
-                print_breakdown(f"{phase} iteration, {_label(row)}, {frames} frames", row["profile"])
+        steps[phase] = step
         rows.append({**row, "ms": ms, "tokens_per_s": samples * tokens / ms * 1e3, "flops": total,
                      "tflops_per_gpu": total / world / ms / 1e9,
                      "mfu": None if peak is None else total / (ms / 1e3) / world / peak, "peak_gib": peak_gib})
+    if args.profile:  # after both phases are timed
+        for row in rows:
+            if row["phase"] in steps:
+                _profile_row(args, row, steps[row["phase"]], models)
     return rows
+
+
+def _profile_row(args, row: dict, step, models: dict) -> None:
+    """``row["profile"]``: the breakdown of one more iteration (printed), or the error that stopped it."""
+    multi = len(args.cases) > 1 or "," in args.frames
+    name = f"{row['phase']}-{_label(row)}-{row['frames']}f.json" if multi else f"{row['phase']}.json"
+    try:
+        row["profile"] = profile_phase(step, models, os.path.join(args.profile, name))
+    except Exception as err:  # noqa: BLE001  (the timed row stands without its profile)
+        traceback.print_exc()
+        row["profile"] = {"error": f"{type(err).__name__}: {err}"}
+    if "stages" in row["profile"]:
+        print_breakdown(f"{row['phase']} iteration, {_label(row)}, {row['frames']} frames", row["profile"])
 
 
 def _print(rows: list[dict]) -> None:
