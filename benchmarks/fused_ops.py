@@ -13,10 +13,14 @@ modulation rows (the Wan islands). Ops, each as the DiT calls it:
 * ``gelu_tanh``              the FFN activation on the hidden ``[B, L, F]`` (F = 8960), bf16.
 
 Modes per op: ``primal`` (no tangents, no grad), ``jvp`` (primal + tangents of every input), ``fwd+bwd`` (primal
-with grad, then backward). ``unfused`` runs the reference twins (``impl="reference"``: the same op sequence as
-the DiT's unfused ``_ops``), ``fused`` the Triton kernels (``impl="triton"``); ``--impl both`` (default) runs
-both in this process and prints the ratio unfused/fused. ``GB/s`` counts the bytes a fused pass must move
-(inputs read once, outputs written once). Timing: CUDA events, median of ``--iters`` after ``--warmup``.
+with grad, then backward; fused: the Triton backward kernels), ``fwd+bwd:recompute`` (the same with the fused
+forward and the recompute backward, ``RCM_FUSED_BACKWARD=reference``: autograd through the reference twin).
+``unfused`` runs the reference twins (``impl="reference"``: the same op sequence as the DiT's unfused ``_ops``),
+``fused`` the Triton kernels (``impl="triton"``); ``--impl both`` (default) runs both in this process and prints
+the ratio unfused/fused; the ``fwd+bwd`` row also gives the ratio recompute/Triton backward (``vs recomp``).
+``GB/s`` counts the bytes a fused pass must move (inputs read once, outputs written once; for ``fwd+bwd`` the
+forward plus the backward's reads of the saved inputs and the output gradient and writes of the input gradients).
+Timing: CUDA events, median of ``--iters`` after ``--warmup``.
 
     python benchmarks/fused_ops.py [--tokens 32760 --dim 1536 --heads 12 --ffn-dim 8960] [--impl both|triton|reference]
                                    [--iters 20] [--json fused_ops.json]
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 from datetime import date
@@ -51,7 +56,7 @@ def _time(fn, warmup: int, iters: int) -> float:
 
 
 def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: str = "cuda", bf=torch.bfloat16):
-    """``{op: (call(impl, tangents, grad) -> output to backprop, primal bytes, jvp bytes)}``."""
+    """``{op: (call(impl, tangents, grad) -> output to backprop, primal bytes, jvp bytes, fwd+bwd bytes)}``."""
     g = torch.Generator(device=dev).manual_seed(0)
 
     def r(*shape, dtype=bf):
@@ -101,17 +106,19 @@ def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: 
     hid, thid = r(b, length, ffn), r(b, length, ffn)
     act_f = b * length * ffn * 2
     rope_b = length * half * 4 * 2
-    return {"ln_modulate": (ln(m1, None), 2 * act, 4 * act), "ln_modulate_per_frame": (ln(mf, idx), 2 * act, 4 * act),
-            "gated_residual": (gated(bf), 3 * act, 6 * act), "gated_residual_fp32": (gated(torch.float32), 3 * act,
-                                                                                    6 * act),
-            "residual_add_fp32": (res_add, 4 * act, 8 * act), "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b), "rope": (rope, 2 * act + rope_b,
-                                                                              4 * act + rope_b),
-            "gelu_tanh": (gelu, 2 * act_f, 4 * act_f)}
+    return {"ln_modulate": (ln(m1, None), 2 * act, 4 * act, 5 * act),
+            "ln_modulate_per_frame": (ln(mf, idx), 2 * act, 4 * act, 5 * act),
+            "gated_residual": (gated(bf), 3 * act, 6 * act, 6 * act),  # ∂x is the incoming gradient itself
+            "gated_residual_fp32": (gated(torch.float32), 3 * act, 6 * act, 6 * act),
+            "residual_add_fp32": (res_add, 4 * act, 8 * act, 10 * act),  # backward: two fp32 -> bf16 casts
+            "rms_norm_rope": (rms, 2 * act + rope_b, 4 * act + rope_b, 5 * act + 2 * rope_b),
+            "rope": (rope, 2 * act + rope_b, 4 * act + rope_b, 4 * act + 2 * rope_b),
+            "gelu_tanh": (gelu, 2 * act_f, 4 * act_f, 5 * act_f)}
 
 
 def _runner(call, impl: str, mode: str):
     """A no-argument function running one op once in ``mode``."""
-    if mode == "fwd+bwd":
+    if mode.startswith("fwd+bwd"):
         def fn():
             out = call(impl, False, True)
             out.backward(torch.ones_like(out))
@@ -141,29 +148,37 @@ def main() -> None:
     cases = _cases(args.batch, args.tokens, args.dim, args.heads, args.frames, args.ffn_dim)
     ops = list(cases) if args.ops == "all" else args.ops.split(",")
     impls = ["reference", "triton"] if args.impl == "both" else [args.impl]
+    modes = ("primal", "jvp", "fwd+bwd") + (("fwd+bwd:recompute",) if "triton" in impls else ())
     rows = []
     for op in ops:
-        call, primal_bytes, jvp_bytes = cases[op]
-        for mode in ("primal", "jvp", "fwd+bwd"):
+        call, *nbytes = cases[op]
+        for mode in modes:
             row = dict(op=op, mode=mode)
             for impl in impls:
+                if mode == "fwd+bwd:recompute" and impl == "reference":  # unfused: no fused backward to switch
+                    row[impl] = rows[-1][impl]
+                    continue
+                # the fused forward reads the backward switch
+                os.environ["RCM_FUSED_BACKWARD"] = "reference" if mode == "fwd+bwd:recompute" else "triton"
                 row[impl] = _time(_runner(call, impl, mode), args.warmup, args.iters)
-            nbytes = {"primal": primal_bytes, "jvp": jvp_bytes}.get(mode)
-            if "triton" in row and nbytes:
-                row["triton_gbps"] = nbytes / row["triton"] / 1e6
+            if "triton" in row and mode != "fwd+bwd:recompute":
+                row["triton_gbps"] = nbytes[modes.index(mode)] / row["triton"] / 1e6
             if len(impls) == 2:
                 row["speedup"] = row["reference"] / row["triton"]
+            if mode == "fwd+bwd:recompute":
+                rows[-1]["vs_recompute"] = row["triton"] / rows[-1]["triton"]
             rows.append(row)
+    os.environ.pop("RCM_FUSED_BACKWARD", None)
     meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
                 python=platform.python_version(), batch=args.batch, tokens=args.tokens, dim=args.dim,
                 heads=args.heads, ffn_dim=args.ffn_dim, frames=args.frames, iters=args.iters)
     print(f"fused DiT ops, B={args.batch} L={args.tokens} C={args.dim} H={args.heads}, bf16, {meta['device']}")
-    print(f"{'op':<24}{'mode':<9}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}")
+    print(f"{'op':<24}{'mode':<19}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}{'vs recomp':>10}")
     for r in rows:
         cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("reference", "triton")]
         gbps = f"{r['triton_gbps']:.0f}" if "triton_gbps" in r else "-"
-        sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        print(f"{r['op']:<24}{r['mode']:<9}{cells[0]:>11}{cells[1]:>10}{gbps:>11}{sp:>9}")
+        sp, vs = (f"{r[k]:.2f}x" if k in r else "-" for k in ("speedup", "vs_recompute"))
+        print(f"{r['op']:<24}{r['mode']:<19}{cells[0]:>11}{cells[1]:>10}{gbps:>11}{sp:>9}{vs:>10}")
     with open(args.json, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"wrote {args.json}")

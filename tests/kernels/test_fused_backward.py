@@ -204,6 +204,17 @@ def test_backward_is_deterministic_and_saves_only_inputs():
         assert torch.equal(a, b), "backward not deterministic"
 
 
+def test_row_split_follows_the_index():
+    """The token order of the modulation rows is kept for the last index; an in-place change must refresh it."""
+    x, index = torch.zeros(1, L, 4), torch.tensor(INDEX["unsorted"])
+    order, bounds, _ = launch.row_split(x, index, 3)
+    assert order.tolist() == [1, 4, 6, 2, 3, 0, 5] and bounds.tolist() == [0, 3, 5, 7]
+    assert launch.row_split(x, index, 3)[0] is order  # kept
+    index.copy_(torch.tensor(INDEX["per_frame"]))
+    order, bounds, _ = launch.row_split(x, index, 3)
+    assert order.tolist() == list(range(L)) and bounds.tolist() == [0, 3, 5, 7]
+
+
 @interp
 def test_reference_backward_switch(monkeypatch):
     """``RCM_FUSED_BACKWARD=reference`` keeps the recompute backward; it agrees with the Triton one (float32,

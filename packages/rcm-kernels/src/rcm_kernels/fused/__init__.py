@@ -1,7 +1,7 @@
 """Fused DiT elementwise/norm ops (Triton on CUDA, reference twins elsewhere), each with an optional tangent.
 
 Every op returns ``(primal, tangent | None)`` and computes both in one pass; ``None`` tangents mean zero and
-cost nothing. The primal is differentiable (backward: autograd through the reference twin, see
+cost nothing. The primal is differentiable (backward: Triton kernels after a Triton forward, see
 :mod:`._dispatch`). Precision follows the Wan DiT (docs/kernels.md, fused ops).
 """
 

@@ -3,6 +3,9 @@ row split of the backward kernels (token chunks per modulation row)."""
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -44,16 +47,30 @@ def row_split(x: Tensor, index: Tensor | None, tm: int) -> tuple[Tensor | None, 
     ``bounds [Tm + 1]`` (tokens of row ``t`` are ``order[bounds[t]:bounds[t + 1]]``), both None without
     ``index`` (one row, tokens in order). Row ``t``'s tokens are cut into ``chunks`` contiguous chunks, one per
     program, so each program adds its tokens' gradient terms into one partial row: no atomics, and the final
-    ``sum`` over chunks is deterministic. Built on the device without a host sync (static shapes).
+    ``sum`` over chunks is deterministic. Built on the device without a host sync (static shapes), and kept
+    for the last ``index`` seen (every block of a DiT backward passes the same one).
     """
     b, length = x.shape[0], x.shape[1]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    sms = _sm_count(x.device.index) if x.is_cuda else 4
     chunks = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, b * tm), triton.cdiv(length, tm * MIN_ROWS)))
     if index is None:
         return None, None, chunks
+    key = (index._version, tm)
+    if _last_split.get("key") == key and _last_split["ref"]() is index:
+        return *_last_split["plan"], chunks
     order = torch.argsort(index, stable=True)
     bounds = torch.searchsorted(index[order], torch.arange(tm + 1, device=index.device, dtype=index.dtype))
+    _last_split.update(key=key, ref=weakref.ref(index), plan=(order, bounds))
     return order, bounds, chunks
+
+
+_last_split: dict = {}  # the split of the last index seen: key (version, Tm), weak reference, (order, bounds)
+
+
+@functools.cache
+def _sm_count(device: int | None) -> int:
+    return torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 @triton.jit

@@ -3,6 +3,7 @@ projections without qk-norm. Reference twin: :func:`.reference.rope_reference`.
 
 The angles come in as ``cos``/``sin [L, D/2]`` (the three axes' frequencies already laid out ``[t | h | w]``
 per pair by the network); the kernel rotates the interleaved pairs of every head of a token row with them.
+Backward: the transposed rotation of the output gradient (:func:`.rms_norm._rms_rope_bwd`, norm off).
 """
 
 from __future__ import annotations
