@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``, so this folder is on the
-import path): random-weight Wan networks built the way training builds them, and a wall-clock step timer."""
+import path): random-weight Wan networks built the way training builds them, a wall-clock step timer, and the
+breakdown of a profiled iteration's Chrome trace by stage and kernel category."""
 
 from __future__ import annotations
 
