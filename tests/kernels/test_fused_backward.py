@@ -9,13 +9,16 @@ implementation independent of the hand-written backward. Modulation rows as the 
 of a ``[B, Tm, 6, C]`` table): one row per sample, per-frame rows through an index (sorted as in the DiT, and
 unsorted), per-token rows (Tm = L); the token rows split among one or several programs per modulation row
 (``MIN_ROWS`` lowered), so the per-program partial sums and empty chunks are exercised.
-GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd through the float32 twin fed the same
+Offline (slow): every backward variant the DiT launches compiles for sm_90 with 16-byte vector access
+(``test_fused_compile.py``'s check). GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd through the float32 twin fed the same
 bf16 inputs, and no less accurate than the recompute backward (``RCM_FUSED_BACKWARD=reference``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +305,62 @@ def test_gpu_bf16_affine_layer_norm_rms_norm_rope_gelu(monkeypatch):
               [x4], ["x"])
     h = _gpu_rnd(GB, GL, 8960) * 3
     gpu_check(monkeypatch, lambda x: gelu_tanh(x, None)[0], lambda x: R.gelu_tanh_reference(x, None)[0], [h], ["x"])
+
+
+def _bwd_variants():
+    """(name, kernel, argument types, constexprs, warps) of each backward variant the DiT launches (bf16, C=1536)."""
+    import triton.language as tl
+
+    from rcm_kernels.fused.gated_residual import _gated_bwd
+    from rcm_kernels.fused.gelu import _gelu_bwd
+    from rcm_kernels.fused.modulate_norm import _ln_mod_bwd
+    from rcm_kernels.fused.rms_norm import _rms_rope_bwd
+
+    i32 = "i32"
+    ln = dict(X="*bf16", GY="*bf16", W="*bf16", BIAS="*bf16", SC="*fp32", ORDER="*i64", BOUNDS="*i64", DX="*bf16",
+              PSH="*fp32", PSC="*fp32", PW="*fp32", PB="*fp32", L=i32, C=i32, K=i32, eps="fp32", s_scb=i32, s_sct=i32)
+    base = dict(ISL=tl.float32, MDT=tl.float32, NEED_DX=True, BLOCK_C=2048)
+    for idx in (False, True):
+        c = dict(base, HAS_W=False, HAS_B=False, HAS_MOD=True, HAS_IDX=idx, NEED_MOD=True, NEED_AFF=False, W=None,
+                 BIAS=None, PW=None, PB=None, **({} if idx else dict(ORDER=None, BOUNDS=None)))
+        yield f"layer_norm_modulate per_frame={idx}", _ln_mod_bwd, ln, c, 8
+    c = dict(base, HAS_W=True, HAS_B=True, HAS_MOD=False, HAS_IDX=False, NEED_MOD=False, NEED_AFF=True, SC=None,
+             PSH=None, PSC=None, ORDER=None, BOUNDS=None)
+    yield "layer_norm affine", _ln_mod_bwd, ln, c, 8
+    gated = dict(GO="*bf16", Yb="*bf16", G="*fp32", ORDER="*i64", BOUNDS="*i64", DX="*fp32", DY="*bf16", PG="*fp32",
+                 L=i32, C=i32, K=i32, s_gb=i32, s_gt=i32)
+    for cdt, need_dx in ((tl.bfloat16, False), (tl.float32, True)):
+        c = dict(CDT=cdt, WIDE=tl.float32, HAS_IDX=False, NEED_DX=need_dx, NEED_DY=True, NEED_G=True, BLOCK_C=2048,
+                 ORDER=None, BOUNDS=None, **({} if need_dx else dict(DX=None)))
+        yield f"gated_residual compute={cdt}", _gated_bwd, gated, c, 8
+    rms = dict(X="*bf16", GY="*bf16", W="*bf16", COS="*fp32", SIN="*fp32", DX="*bf16", PW="*fp32", L=i32, C=i32,
+               K=i32, s_cos=i32, s_sin=i32, eps="fp32")
+    for norm, rope in ((True, True), (True, False), (False, True)):
+        c = dict(HALF_D=64, ISL=tl.float32, RDT=tl.float32, NORM=norm, ROPE=rope, NEED_DX=True, NEED_W=norm,
+                 BLOCK_P=1024, **({} if norm else dict(W=None, PW=None)), **({} if rope else dict(COS=None, SIN=None)))
+        yield f"rms_norm_rope norm={norm} rope={rope}", _rms_rope_bwd, rms, c, 4
+    yield ("gelu_tanh", _gelu_bwd, dict(X="*bf16", GY="*bf16", DX="*bf16", N=i32), dict(ISL=tl.float32, BLOCK=2048),
+           8)
+
+
+def main() -> int:
+    from test_fused_compile import _check, _compile  # this folder is on the path when run as a script
+
+    problems = [p for name, fn, types, consts, warps in _bwd_variants()
+                if (p := _check(name, _compile(fn, types, consts, warps)))]
+    print("\n".join(problems) or "all backward variants vectorized")
+    return 1 if problems else 0
+
+
+@pytest.mark.slow
+def test_backward_kernels_compile_for_sm90_with_vector_access():
+    """Compiled by triton's own compiler (no GPU; a subprocess without the interpreter): each DiT variant of the
+    backward kernels must build for sm_90 and move activations in 16-byte vectors only (~6 s)."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="no NVIDIA triton backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
