@@ -129,7 +129,7 @@ def test_gpu_bf16_fused_equals_unfused_within_bf16_noise(precision, per_frame):
 
 @pytest.mark.gpu
 def test_gpu_fused_student_backward_matches_unfused():
-    """Gradients of a bf16 student forward through the fused ops (backward: reference recompute) vs unfused;
+    """Gradients of a bf16 student forward through the fused ops (backward: the Triton kernels) vs unfused;
     bound: norm-relative error 2e-2 per parameter tensor (bf16 noise compounded by the backward)."""
     net = _net(torch.bfloat16, "cuda", "student")
     x, t, ctx, _, _ = _inputs(torch.bfloat16, "cuda", False, frames=3, h=16, w=16)
