@@ -35,7 +35,7 @@ def rows(m: Tensor | None) -> tuple[Tensor | None, int, int]:
 
 # Backward row split: about PROGRAMS_PER_SM programs per SM (each loops over >= MIN_ROWS token rows and keeps
 # its partial sums of the per-channel gradients in registers), so the [programs, C] float32 partials stay a few
-# percent of the activation traffic at the 480p shape (1.3B: ~4 MB against ~300 MB).
+# percent of the activation traffic at the 480p shape (1.3B: ~3 MB per gradient against ~300 MB).
 PROGRAMS_PER_SM = 4
 MIN_ROWS = 16
 

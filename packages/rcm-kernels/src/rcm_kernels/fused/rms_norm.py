@@ -139,13 +139,13 @@ def triton_rms_norm_rope_bwd(gy, need, x, tx, weight, *, eps, heads=1, cos=None,
     """Gradients of ``(x, tx, weight)`` (None where not needed); ``weight`` None: RoPE alone."""
     nx, nw = need[0], weight is not None and need[2]
     b, length, c = x.shape
-    x, gy = x.contiguous(), gy.reshape(b, length, c).contiguous()
     norm, rope = weight is not None, cos is not None
+    x, gy = (x.contiguous() if norm else x), gy.reshape(b, length, c).contiguous()  # RoPE alone: x unread
     if rope and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
         cos, sin = cos.contiguous(), sin.contiguous()
     isl = island(x.dtype)
     chunks = row_split(x, None, 1)[2] if nw else length  # ∂weight partials per chunk of rows; else a row each
-    dx = torch.empty_like(x) if nx else None
+    dx = torch.empty(b, length, c, dtype=x.dtype, device=x.device) if nx else None
     pw = torch.empty(b, chunks, c, dtype=isl, device=x.device) if nw else None  # partial sums
     block = triton.next_power_of_2(c // 2)
     _rms_rope_bwd[(b, chunks)](
