@@ -70,9 +70,9 @@ def _gated_fwd(X, TX, Yb, TYb, G, TG, IDX, OUT, TOUT, L, C, s_gb, s_gt, s_tgb, s
 def _gated_bwd(GO, Yb, G, ORDER, BOUNDS, DX, DY, PG, L, C, K, s_gb, s_gt, CDT: tl.constexpr, WIDE: tl.constexpr,
                HAS_IDX: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, NEED_G: tl.constexpr,
                BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # sample
-    t = tl.program_id(1)  # gate row
-    k = tl.program_id(2)  # chunk of that row's tokens
+    t = tl.program_id(0)  # gate row (grid axis 0: up to 2^31 - 1 rows)
+    k = tl.program_id(1)  # chunk of that row's tokens
+    b = tl.program_id(2).to(tl.int64)  # sample
     offs = tl.arange(0, BLOCK_C)
     msk = offs < C
     g = tl.load(G + b * s_gb + t * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
@@ -92,7 +92,7 @@ def _gated_bwd(GO, Yb, G, ORDER, BOUNDS, DX, DY, PG, L, C, K, s_gb, s_gt, CDT: t
             y = tl.load(Yb + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
             acc += (go * y).to(CDT).to(WIDE)
     if NEED_G:
-        tl.store(PG + ((b * tl.num_programs(1) + t) * K + k) * C + offs, acc, mask=msk)
+        tl.store(PG + ((b * tl.num_programs(0) + t) * K + k) * C + offs, acc, mask=msk)
 
 
 def _triton_bwd(gout, need, x, tx, y, ty, gate, tgate, *, compute, index=None, out_dtype=None):
@@ -119,7 +119,7 @@ def _triton_bwd(gout, need, x, tx, y, ty, gate, tgate, *, compute, index=None, o
     pg = torch.empty(b, tm, chunks, c, dtype=wide, device=x.device) if ng else None  # partial sums
     g, s_gb, s_gt = rows(gate)
     block = triton.next_power_of_2(c)
-    _gated_bwd[(b, tm, chunks)](
+    _gated_bwd[(tm, chunks, b)](
         gout, y, g, order, bounds, dx if kernel_dx else None, dy, pg, length, c, chunks, s_gb, s_gt,
         CDT=TL[compute], WIDE=TL[wide], HAS_IDX=order is not None, NEED_DX=kernel_dx, NEED_DY=ny, NEED_G=ng,
         BLOCK_C=block, num_warps=num_warps(block), **OPTS)

@@ -87,9 +87,9 @@ def _ln_mod_bwd(X, GY, W, BIAS, SC, ORDER, BOUNDS, DX, PSH, PSC, PW, PB, L, C, K
                 ISL: tl.constexpr, MDT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 HAS_MOD: tl.constexpr, HAS_IDX: tl.constexpr, NEED_DX: tl.constexpr, NEED_MOD: tl.constexpr,
                 NEED_AFF: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # sample
-    t = tl.program_id(1)  # modulation row
-    k = tl.program_id(2)  # chunk of that row's tokens
+    t = tl.program_id(0)  # modulation row (grid axis 0: up to 2^31 - 1 rows)
+    k = tl.program_id(1)  # chunk of that row's tokens
+    b = tl.program_id(2).to(tl.int64)  # sample
     offs = tl.arange(0, BLOCK_C)
     msk = offs < C
     if HAS_W:
@@ -136,7 +136,7 @@ def _ln_mod_bwd(X, GY, W, BIAS, SC, ORDER, BOUNDS, DX, PSH, PSC, PW, PB, L, C, K
         if NEED_DX:
             dx = r * (gn - tl.sum(gn, axis=0) / C - n * (tl.sum(gn * n, axis=0) / C))
             tl.store(DX + row * C + offs, dx.to(x_raw.dtype), mask=msk)
-    part = ((b * tl.num_programs(1) + t) * K + k) * C + offs
+    part = ((b * tl.num_programs(0) + t) * K + k) * C + offs
     if NEED_MOD:
         tl.store(PSH + part, acc_sh, mask=msk)
         tl.store(PSC + part, acc_sc, mask=msk)
@@ -184,7 +184,7 @@ def _triton_bwd(gy, need, x, tx, shift, tshift, scale, tscale, weight, bias, *, 
     pw, pb = part(need_aff, isl), part(need_aff, isl)  # partial sums [B, Tm, chunks, C]
     sc, s_scb, s_sct = rows(scale)
     block = triton.next_power_of_2(c)
-    _ln_mod_bwd[(b, tm, chunks)](
+    _ln_mod_bwd[(tm, chunks, b)](
         x, gy, weight, bias, sc, order, bounds, dx, psh, psc, pw, pb, length, c, chunks, eps, s_scb, s_sct,
         ISL=TL[isl], MDT=TL[mdt], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod,
         HAS_IDX=order is not None, NEED_DX=nx, NEED_MOD=need_mod, NEED_AFF=need_aff, BLOCK_C=block,

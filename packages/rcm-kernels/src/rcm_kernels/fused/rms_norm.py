@@ -77,8 +77,8 @@ def _rms_rope_fwd(X, TX, W, COS, SIN, Y, TY, L, C, s_cos, s_sin, eps, HALF_D: tl
 def _rms_rope_bwd(X, GY, W, COS, SIN, DX, PW, L, C, K, s_cos, s_sin, eps, HALF_D: tl.constexpr,
                   ISL: tl.constexpr, RDT: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
                   NEED_DX: tl.constexpr, NEED_W: tl.constexpr, BLOCK_P: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # sample
-    k = tl.program_id(1)  # chunk of its tokens
+    k = tl.program_id(0)  # chunk of the sample's tokens (grid axis 0: up to 2^31 - 1, one token each at most)
+    b = tl.program_id(1).to(tl.int64)  # sample
     offs = tl.arange(0, 2 * BLOCK_P)
     msk = offs < C
     p = tl.arange(0, BLOCK_P)
@@ -148,7 +148,7 @@ def triton_rms_norm_rope_bwd(gy, need, x, tx, weight, *, eps, heads=1, cos=None,
     dx = torch.empty(b, length, c, dtype=x.dtype, device=x.device) if nx else None
     pw = torch.empty(b, chunks, c, dtype=isl, device=x.device) if nw else None  # partial sums
     block = triton.next_power_of_2(c // 2)
-    _rms_rope_bwd[(b, chunks)](
+    _rms_rope_bwd[(chunks, b)](
         x, gy, weight, cos, sin, dx, pw, length, c, chunks, cos.stride(0) if rope else 0,
         sin.stride(0) if rope else 0, eps, HALF_D=c // heads // 2, ISL=TL[isl],
         RDT=TL[cos.dtype] if rope else tl.float32, NORM=norm, ROPE=rope, NEED_DX=nx, NEED_W=nw, BLOCK_P=block,
