@@ -8,7 +8,9 @@ primal evaluated in float64 (inputs upcast, compute dtypes float64) and differen
 implementation independent of the hand-written backward. Modulation rows as the DiT passes them (strided slices
 of a ``[B, Tm, 6, C]`` table): one row per sample, per-frame rows through an index (sorted as in the DiT, and
 unsorted), per-token rows (Tm = L); the token rows split among one or several programs per modulation row
-(``MIN_ROWS`` lowered), so the per-program partial sums and empty chunks are exercised.
+(``MIN_ROWS`` lowered), so the per-program partial sums and empty chunks are exercised. float16 (where every
+intermediate rounding shows): the Triton backward vs the recompute backward. The tiny WanDiT's gradients through
+the Triton backward vs the unfused ops.
 Offline (slow): every backward variant the DiT launches compiles for sm_90 with 16-byte vector access
 (``test_fused_compile.py``'s check). GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd through the float32 twin fed the same
 bf16 inputs, and no less accurate than the recompute backward (``RCM_FUSED_BACKWARD=reference``).
