@@ -78,9 +78,12 @@ def _gated_bwd(GO, Yb, G, ORDER, BOUNDS, DX, DY, PG, L, C, K, s_gb, s_gt, CDT: t
     g = tl.load(G + b * s_gb + t * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
     acc = tl.zeros([BLOCK_C], dtype=WIDE)
     s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
+    if HAS_IDX:
+        nxt = tl.load(ORDER + s, mask=s < e, other=0)
     for pos in range(s, e):
         if HAS_IDX:
-            row = b * L + tl.load(ORDER + pos)
+            row = b * L + nxt
+            nxt = tl.load(ORDER + pos + 1, mask=pos + 1 < e, other=0)  # the next token, fetched a row ahead
         else:
             row = b * L + pos
         go = tl.load(GO + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)

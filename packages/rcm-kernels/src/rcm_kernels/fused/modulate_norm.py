@@ -103,9 +103,12 @@ def _ln_mod_bwd(X, GY, W, BIAS, SC, ORDER, BOUNDS, DX, PSH, PSC, PW, PB, L, C, K
     acc_w = tl.zeros([BLOCK_C], dtype=ISL)
     acc_b = tl.zeros([BLOCK_C], dtype=ISL)
     s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
+    if HAS_IDX:
+        nxt = tl.load(ORDER + s, mask=s < e, other=0)
     for pos in range(s, e):
         if HAS_IDX:
-            row = b * L + tl.load(ORDER + pos)
+            row = b * L + nxt
+            nxt = tl.load(ORDER + pos + 1, mask=pos + 1 < e, other=0)  # the next token, fetched a row ahead
         else:
             row = b * L + pos
         x_raw = tl.load(X + row * C + offs, mask=msk, other=0.0)
