@@ -12,8 +12,9 @@ unsorted), per-token rows (Tm = L); the token rows split among one or several pr
 intermediate rounding shows): the Triton backward vs the recompute backward. The tiny WanDiT's gradients through
 the Triton backward vs the unfused ops.
 Offline (slow): every backward variant the DiT launches compiles for sm_90 with 16-byte vector access
-(``test_fused_compile.py``'s check). GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd through the float32 twin fed the same
-bf16 inputs, and no less accurate than the recompute backward (``RCM_FUSED_BACKWARD=reference``).
+(``test_fused_compile.py``'s check). GPU (``-m gpu``): bf16 at a DiT-like size, the Triton backward vs autograd
+through the float32 twin fed the same bf16 inputs, and no less accurate than the recompute backward
+(``RCM_FUSED_BACKWARD=reference``).
 """
 
 from __future__ import annotations
