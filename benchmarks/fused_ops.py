@@ -20,7 +20,9 @@ forward and the recompute backward, ``RCM_FUSED_BACKWARD=reference``: autograd t
 the ratio unfused/fused; the ``fwd+bwd`` row also gives the ratio recompute/Triton backward (``vs recomp``).
 ``GB/s`` counts the bytes a fused pass must move (inputs read once, outputs written once; for ``fwd+bwd`` the
 forward plus the backward's reads of the saved inputs and the output gradient and writes of the input gradients).
-Timing: CUDA events, median of ``--iters`` after ``--warmup``.
+Timing: CUDA events, median of ``--iters`` after ``--warmup``. ``MiB u/f`` (``fwd+bwd`` rows): the device memory
+one forward + backward allocates beyond its inputs at its peak, unfused / fused (the graph's saved tensors and
+the backward's temporaries).
 
     python benchmarks/fused_ops.py [--tokens 32760 --dim 1536 --heads 12 --ffn-dim 8960] [--impl both|triton|reference]
                                    [--iters 20] [--json fused_ops.json]
@@ -53,6 +55,16 @@ def _time(fn, warmup: int, iters: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _peak_mib(fn) -> float:
+    """Device memory ``fn()`` allocates at its peak beyond what was allocated before, MiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _cases(b: int, length: int, c: int, heads: int, frames: int, ffn: int, dev: str = "cuda", bf=torch.bfloat16):
@@ -156,11 +168,14 @@ def main() -> None:
             row = dict(op=op, mode=mode)
             for impl in impls:
                 if mode == "fwd+bwd:recompute" and impl == "reference":  # unfused: no fused backward to switch
-                    row[impl] = rows[-1][impl]
+                    row[impl], row["reference_peak_mib"] = rows[-1][impl], rows[-1]["reference_peak_mib"]
                     continue
                 # the fused forward reads the backward switch
                 os.environ["RCM_FUSED_BACKWARD"] = "reference" if mode == "fwd+bwd:recompute" else "triton"
-                row[impl] = _time(_runner(call, impl, mode), args.warmup, args.iters)
+                fn = _runner(call, impl, mode)
+                row[impl] = _time(fn, args.warmup, args.iters)
+                if mode.startswith("fwd+bwd"):
+                    row[f"{impl}_peak_mib"] = _peak_mib(fn)
             if "triton" in row and mode != "fwd+bwd:recompute":
                 row["triton_gbps"] = nbytes[modes.index(mode)] / row["triton"] / 1e6
             if len(impls) == 2:
@@ -173,12 +188,15 @@ def main() -> None:
                 python=platform.python_version(), batch=args.batch, tokens=args.tokens, dim=args.dim,
                 heads=args.heads, ffn_dim=args.ffn_dim, frames=args.frames, iters=args.iters)
     print(f"fused DiT ops, B={args.batch} L={args.tokens} C={args.dim} H={args.heads}, bf16, {meta['device']}")
-    print(f"{'op':<24}{'mode':<19}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}{'vs recomp':>10}")
+    print(f"{'op':<24}{'mode':<19}{'unfused ms':>11}{'fused ms':>10}{'fused GB/s':>11}{'speedup':>9}{'vs recomp':>10}"
+          f"{'MiB u/f':>12}")
     for r in rows:
         cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("reference", "triton")]
         gbps = f"{r['triton_gbps']:.0f}" if "triton_gbps" in r else "-"
         sp, vs = (f"{r[k]:.2f}x" if k in r else "-" for k in ("speedup", "vs_recompute"))
-        print(f"{r['op']:<24}{r['mode']:<19}{cells[0]:>11}{cells[1]:>10}{gbps:>11}{sp:>9}{vs:>10}")
+        mib = "/".join(f"{r[k]:.0f}" if k in r else "-" for k in ("reference_peak_mib", "triton_peak_mib"))
+        print(f"{r['op']:<24}{r['mode']:<19}{cells[0]:>11}{cells[1]:>10}{gbps:>11}{sp:>9}{vs:>10}"
+              f"{mib if r['mode'].startswith('fwd+bwd') else '-':>12}")
     with open(args.json, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"wrote {args.json}")
