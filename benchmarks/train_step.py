@@ -27,7 +27,9 @@ peak of rank 0 during the timed iterations (weights, optimizer state and activat
 
 ``--compile`` compiles every block of the three networks (regional ``torch.compile``, ``ParallelConfig.compile``);
 per case, a ``--sac`` entry may end in ``+compile`` and/or ``+unfused`` (the network's fused norm / modulation
-kernels off, ``rcm_nets.wan._ops.fused_ops("off")``, so a compiled block hands those ops to Inductor).
+kernels off, ``rcm_nets.wan._ops.fused_ops("off")``, so a compiled block hands those ops to Inductor), and its
+mode may carry ``@K`` (``ParallelConfig.sac_blocks``: only the first K blocks checkpointed, e.g.
+``attn_only@17+compile``).
 ``--profile DIR``: after the timed iterations, one more iteration per phase runs under ``torch.profiler``
 (CPU + CUDA): Chrome traces ``DIR/<phase>.json`` and a breakdown by stage (teacher / student / fake-score
 forward, student ``forward_jvp``, backward, SAC recompute, optimizer, other) and, on GPU, by kernel category
@@ -198,11 +200,12 @@ def _run_case(args, frames: int, sac: str, compiled: bool, unfused: bool) -> lis
     mesh = build_mesh(1, -1, args.cp)
     cfg = get_config(args.config)
     comp = dict(compile=compiled, compile_backend=args.compile_backend)
-    par = dict(param_dtype="bfloat16", **comp)
+    mode, sac_blocks = split_sac(sac)
+    par = dict(param_dtype="bfloat16", sac=mode, sac_blocks=sac_blocks, **comp)
     models = {
-        "student": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
+        "student": build(args.config, mesh, ParallelConfig(**par), dtype=torch.float32,
                          precision="student", trainable=True, seed=0),
-        "fake_score": build(args.config, mesh, ParallelConfig(sac=sac, **par), dtype=torch.float32,
+        "fake_score": build(args.config, mesh, ParallelConfig(**par), dtype=torch.float32,
                             precision="teacher", trainable=True, seed=1),
         "teacher": build(args.config, mesh, ParallelConfig(param_dtype=None, **comp), dtype=torch.bfloat16,
                          precision="teacher", trainable=False, seed=2),
@@ -282,8 +285,16 @@ def _label(r: dict) -> str:
     return f"{r['sac']}{'+compile' if r.get('compile') else ''}{'+unfused' if r.get('unfused') else ''}"
 
 
+def split_sac(sac: str) -> tuple[str, int | None]:
+    """``mode[@K]`` -> (SAC mode, ``ParallelConfig.sac_blocks``: checkpoint only the first K blocks)."""
+    mode, _, k = sac.partition("@")
+    if k and not k.isdigit():
+        raise SystemExit(f"--sac entry {sac!r}: the block count after '@' must be an integer >= 0")
+    return mode, int(k) if k else None
+
+
 def parse_case(entry: str, compile_all: bool) -> tuple[str, bool, bool]:
-    """``mode[+compile][+unfused]`` -> (SAC mode, compile, unfused)."""
+    """``mode[@K][+compile][+unfused]`` -> (SAC mode, compile, unfused)."""
     mode, *flags = entry.split("+")
     bad = set(flags) - {"compile", "unfused"}
     if bad:
@@ -330,7 +341,8 @@ def main() -> None:
     ap.add_argument("--sac", default="block_wise",
                     help="student and fake-score activation checkpointing, comma-separated list; suffixes: +compile "
                          "(compile the blocks), +unfused (RCM fused norm kernels off, e.g. for Inductor to fuse "
-                         "the norms itself): attention,attention+compile,attention+compile+unfused")
+                         "the norms itself); mode@K checkpoints the first K blocks only: "
+                         "attention,attention+compile,attention+compile+unfused,attn_only@17+compile")
     ap.add_argument("--sim-steps", type=int, default=1, help="backward simulation steps (1..4)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of every block (new path)")
     ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
@@ -359,7 +371,7 @@ def main() -> None:
     args.cases = cases
     from rcm_train.parallel.checkpointing import SAC_MODES
 
-    bad = [c[0] for c in cases if c[0] not in SAC_MODES]
+    bad = [c[0] for c in cases if split_sac(c[0])[0] not in SAC_MODES]
     if bad:
         raise SystemExit(f"--sac / --baseline: unknown mode(s) {bad}; choose from {', '.join(SAC_MODES)}")
     global DEVICE

@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rcm_train.parallel import ParallelConfig, apply_sac, parallelize
 
 
-def _run(mode, every=1):
+def _run(mode, every=1, max_blocks=None):
     model = tiny_dit(depth=3).double()
-    apply_sac(model, mode, every_n_blocks=every)
+    apply_sac(model, mode, every_n_blocks=every, max_blocks=max_blocks)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
     t = torch.rand(2, generator=g, dtype=torch.float64)
@@ -24,12 +24,13 @@ def _run(mode, every=1):
     return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()}, calls, model
 
 
-@pytest.mark.parametrize("mode, every, recomputed", [("block_wise", 1, [1, 1, 1]), ("mm_only", 1, [1, 1, 1]),
-                                                     ("block_wise", 2, [1, 0, 1]), ("attention", 1, [1, 1, 1]),
-                                                     ("attn_only", 1, [1, 1, 1])])
-def test_sac_gradients_equal_no_checkpointing(mode, every, recomputed):
+@pytest.mark.parametrize("mode, every, max_blocks, recomputed", [
+    ("block_wise", 1, None, [1, 1, 1]), ("mm_only", 1, None, [1, 1, 1]), ("block_wise", 2, None, [1, 0, 1]),
+    ("attention", 1, None, [1, 1, 1]), ("attn_only", 1, None, [1, 1, 1]), ("block_wise", 1, 2, [1, 1, 0]),
+    ("block_wise", 2, 1, [1, 0, 0]), ("attention", 1, 0, [0, 0, 0])])
+def test_sac_gradients_equal_no_checkpointing(mode, every, max_blocks, recomputed):
     ref, ref_calls, ref_model = _run("none")
-    grads, calls, model = _run(mode, every)
+    grads, calls, model = _run(mode, every, max_blocks)
     assert ref_calls == [1, 1, 1]
     # a checkpointed block runs its forward again in backward (block_wise: whole block; mm_only: all but
     # the saved matmuls, still through forward)
@@ -136,6 +137,10 @@ def test_sac_bad_arguments():
         apply_sac(torch.nn.Linear(2, 2), "block_wise")
     with pytest.raises(ValueError, match="every_n_blocks"):
         apply_sac(tiny_dit(), "mm_only", every_n_blocks=0)
+    with pytest.raises(ValueError, match="max_blocks"):
+        apply_sac(tiny_dit(), "mm_only", max_blocks=-1)
+    with pytest.raises(ValueError, match="sac_blocks"):
+        ParallelConfig(sac_blocks=-2)
 
 
 @pytest.mark.gpu

@@ -77,9 +77,10 @@ def _attention_context(save_mm: bool, save_name_substrings: tuple[str, ...]):
         partial(_attention_policy, save_mm, attention_ops(), save_name_substrings))
 
 
-def apply_sac(model: nn.Module, mode: SACMode, *, every_n_blocks: int = 1, blocks_attr: str = "blocks",
-              save_op_substrings: tuple[str, ...] = ("flash_attn", "rcm_kernels")) -> int:
-    """Wrap every ``every_n_blocks``-th element of ``getattr(model, blocks_attr)`` in place; returns the count.
+def apply_sac(model: nn.Module, mode: SACMode, *, every_n_blocks: int = 1, max_blocks: int | None = None,
+              blocks_attr: str = "blocks", save_op_substrings: tuple[str, ...] = ("flash_attn", "rcm_kernels")) -> int:
+    """Wrap every ``every_n_blocks``-th element of ``getattr(model, blocks_attr)`` in place, the first
+    ``max_blocks`` of those only (None: all); returns the count.
 
     ``save_op_substrings``: in the selective modes, ops whose name contains one of these are saved too (custom
     attention kernels registered as torch ops: ``rcm_kernels::jvp_attn_fwd``, flash-attn's).
@@ -90,6 +91,8 @@ def apply_sac(model: nn.Module, mode: SACMode, *, every_n_blocks: int = 1, block
         raise ValueError(f"unknown activation checkpointing mode {mode!r}: use one of {', '.join(SAC_MODES)}")
     if every_n_blocks < 1:
         raise ValueError(f"every_n_blocks must be >= 1, got {every_n_blocks}")
+    if max_blocks is not None and max_blocks < 0:
+        raise ValueError(f"max_blocks must be >= 0 or None, got {max_blocks}")
     blocks = getattr(model, blocks_attr, None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"activation checkpointing needs model.{blocks_attr} to be an nn.ModuleList")
@@ -99,7 +102,7 @@ def apply_sac(model: nn.Module, mode: SACMode, *, every_n_blocks: int = 1, block
     elif mode in ("attention", "attn_only"):
         kwargs["context_fn"] = partial(_attention_context, mode == "attention", tuple(save_op_substrings))
     wrapped = 0
-    for i in range(0, len(blocks), every_n_blocks):
+    for i in list(range(0, len(blocks), every_n_blocks))[:max_blocks]:
         blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_fn=checkpoint, **kwargs)
         wrapped += 1
     return wrapped
