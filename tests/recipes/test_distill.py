@@ -130,6 +130,11 @@ def test_presets_mirror_the_reference_experiments():
     st = p["1.3B-staged"]
     assert [x.name for x in st.stages()] == ["dcm", "scm", "rcm"]
     assert sum(x.iterations for x in st.stages()) == 100_000
+    fast = p["1.3B-rcm-fast"]  # 1.3B-rcm with the measured fastest layout: only output_dir and parallel differ
+    assert fast.model_copy(update=dict(output_dir=small.output_dir, parallel=small.parallel)) == small
+    for net in (fast.parallel.student, fast.parallel.fake_score):
+        assert (net.sac, net.sac_blocks, net.compile) == ("attn_only", 18, True)
+    assert fast.parallel.teacher.compile and fast.parallel.teacher.param_dtype is None
     debug = p["1.3B-rcm-debug"]
     assert (debug.stage1.iterations, debug.run.train.checkpoint_every, debug.sample.every,
             debug.stage1.schedule.tangent_warmup) == (25, 10, 6, 8)
