@@ -11,8 +11,8 @@ A flag given twice keeps its later value (``--mid_t=[1.5] --mid_t=[1.4,1.0]`` gi
 A boolean field is also a bare flag: ``--ode`` sets it, ``--no-ode`` clears it (``--ode=false`` works too).
 ``--print-config`` prints the resolved config as YAML (what ``--config`` reads back) and exits 0 before the
 recipe runs or writes anything. `--help` lists every field once with its type, docstring and default;
-numbered sibling blocks of one model (``stage1``, ``stage2``, ...) are listed once as ``--stage{1,2}.name``
-with their defaults side by side. Unknown names and wrong types raise `ConfigError` naming the dotted
+sibling blocks of one model are listed once, numbered ones (``stage1``, ``stage2``, ...) as ``--stage{1,2}.name``,
+others as ``--parallel.{student,teacher}.sac``, with their defaults side by side. Unknown names and wrong types raise `ConfigError` naming the dotted
 field and, for unknown names, the closest valid one (difflib).
 
 Why a thin layer over pydantic-settings rather than `CliApp.run`: the library turns an unknown flag into
@@ -167,15 +167,16 @@ def _show(value: Any) -> str:
 
 
 def _field_groups(cls: type[BaseModel]) -> list[list[str]]:
-    """The field names of ``cls`` in order, numbered siblings of one model class (``stage1``, ``stage2``, ...)
-    gathered into one group (placed where the first of them is)."""
+    """The field names of ``cls`` in order; sibling blocks of one model class gathered into one group (placed
+    where the first of them is): numbered ones (``stage1``, ``stage2``, ...) by stem, the others
+    (``student``, ``fake_score``, ``teacher``) by class alone."""
     groups: list[list[str]] = []
-    where: dict[tuple[str, type], list[str]] = {}
+    where: dict[tuple[str | None, type], list[str]] = {}
     for name, info in cls.model_fields.items():
         sub = _model_class(info.annotation)
         m = re.fullmatch(r"(.*?)(\d+)", name)
-        if sub is not None and m is not None:
-            key = (m.group(1), sub)
+        if sub is not None:
+            key = (m.group(1) if m else None, sub)
             if key in where:
                 where[key].append(name)
                 continue
@@ -194,10 +195,12 @@ def _class_defaults(cls: type[BaseModel]) -> dict[str, Any]:
 
 
 def _label(names: Sequence[str]) -> str:
-    """``['stage1', 'stage2']`` -> ``'stage{1,2}'``; one name stays as it is."""
+    """``['stage1', 'stage2']`` -> ``'stage{1,2}'``, ``['student', 'teacher']`` -> ``'{student,teacher}'``; one
+    name stays as it is."""
     if len(names) == 1:
         return names[0]
-    stem = re.fullmatch(r"(.*?)(\d+)", names[0]).group(1)
+    m = re.fullmatch(r"(.*?)(\d+)", names[0])
+    stem = m.group(1) if m and all(re.fullmatch(re.escape(m.group(1)) + r"\d+", n) for n in names) else ""
     return stem + "{" + ",".join(n[len(stem):] for n in names) + "}"
 
 

@@ -297,6 +297,9 @@ def test_recipe_help_is_concise(recipe, before, capsys):
     assert len(lines) < before // 2, len(lines)
     assert max(map(len, lines)) <= 120
     assert sum("objective.loss_scale " in line for line in lines) == 1  # stage blocks listed once
+    # sibling blocks of one class under other names too, in brace form, defaults side by side where they differ
+    assert sum(".{student,fake_score,teacher}.sac " in line for line in lines) == 1
+    assert not any("--parallel.student.sac " in line for line in lines)
 
 
 @pytest.mark.parametrize("recipe", ["distill", "causal_distill"])
