@@ -11,6 +11,7 @@ import demo
 import imageio.v3 as iio
 import pytest
 import yaml
+from _fixtures import help_lists
 
 from rcm_recipes.config import ConfigError, field_paths, load_config_file, preset_diff, resolve_config
 
@@ -19,10 +20,11 @@ def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exc:
         demo.main(["--help"])
     assert exc.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    leaves = [p for p in field_paths(demo.DemoConfig) if f"--{p} " in text or f"--{p}" in text]
+    text = " ".join(capsys.readouterr().out.split()) + " "
+    leaves = [p for p in field_paths(demo.DemoConfig) if help_lists(text, p)]  # sibling blocks: brace form
     nested = {"data", "text", "net", "teacher", "distill", "eval", "teacher.optimizer", "teacher.objective",
-              "distill.schedule", "distill.student_optimizer", "distill.critic_optimizer", "distill.objective"}
+              "distill.schedule", "distill.student_optimizer", "distill.critic_optimizer", "distill.objective",
+              "meanflow", "meanflow.optimizer", "meanflow.objective"}
     missing = [p for p in field_paths(demo.DemoConfig) if p not in leaves and p not in nested]
     assert not missing, missing
     for doc in ["Training iterations.", "Prompts (one sample each) per method", "Hidden width.",

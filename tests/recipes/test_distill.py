@@ -9,7 +9,6 @@ data position all restored); finished stages are skipped on a rerun.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -80,9 +79,10 @@ def test_help_lists_every_field(capsys):
               "parallel.student", "parallel.fake_score", "parallel.teacher"}
     groups |= {f"stage{i}.{g}" for i in (1, 2, 3) for g in ("objective", "schedule", "meanflow")}
     for path in field_paths(distill.DistillConfig):
-        if path not in groups:
-            path = re.sub(r"^stage\d", "stage{1,2,3}", path)  # the three stage blocks are listed once
-            assert f"--{path} " in text or f"--{path}\n" in text, path
+        if path not in groups:  # sibling blocks (stage1..3; student / fake_score / teacher) are listed once
+            assert _fixtures.help_lists(text, path), path
+    assert "--stage1.iterations" not in text and "--parallel.student.sac " not in text
+    assert not _fixtures.help_lists(text, "parallel.student.nope")  # the matcher can say no
     assert "tiny-staged" in text and "14B-rcm" in text
 
 
