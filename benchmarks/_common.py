@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``, so this folder is on the
-import path): random-weight Wan networks built the way training builds them, a wall-clock step timer, and the
+import path): random-weight Wan networks built the way training builds them, a wall-clock step timer, a CUDA
+event timer, and the
 breakdown of a profiled iteration's Chrome trace by stage and kernel category."""
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ import time
 
 import torch
 
-from rcm_train.parallel import ParallelConfig, parallelize
 
-
-def random_wan(cls, name: str, mesh, parallel: ParallelConfig, *, dtype: torch.dtype, precision: str, trainable: bool,
+def random_wan(cls, name: str, mesh, parallel, *, dtype: torch.dtype, precision: str, trainable: bool,
                seed: int, device: str):
-    """A ``cls`` (WanDiT or a subclass) of config ``name`` with random weights: meta build, parallelize,
-    materialize on ``device``, Wan init with a non-zero head (speed does not depend on the weights)."""
+    """A ``cls`` (WanDiT or a subclass) of config ``name`` with random weights: meta build, parallelize
+    (``parallel``: an ``rcm_train.parallel.ParallelConfig``), materialize on ``device``, Wan init with a non-zero
+    head (speed does not depend on the weights)."""
     from rcm_nets.wan import get_config
+    from rcm_train.parallel import parallelize  # here: the kernel benchmarks import this module without it
 
     with torch.device("meta"):
         net = cls(get_config(name, precision=precision), dtype=dtype)
@@ -45,6 +46,23 @@ def wall_time(fn, warmup: int, iters: int, cuda: bool) -> tuple[float, float | N
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
+def event_time(fn, warmup: int, iters: int) -> float:
+    """Median ms of ``fn()`` over ``iters`` calls, each between two CUDA events, after ``warmup`` untimed calls
+    and a device sync."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------ profiles

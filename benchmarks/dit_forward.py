@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from datetime import date
 
 import torch
+from _common import event_time  # this folder is on the path: scripts run from it
 
 from rcm_nets.wan import WanDiT, get_config
 from rcm_nets.wan._ops import fused_ops
@@ -45,15 +45,8 @@ def _measure(fn, warmup: int, iters: int) -> tuple[float | None, float | str]:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = event_time(fn, 0, iters)
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, "OOM"

@@ -34,27 +34,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 from datetime import date
 
 import torch
+from _common import event_time  # this folder is on the path: scripts run from it
 
 from rcm_kernels.fused import apply_rope, gated_residual, gelu_tanh, layer_norm_modulate, rms_norm_rope
-
-
-def _time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _peak_mib(fn) -> float:
@@ -173,7 +158,7 @@ def main() -> None:
                 # the fused forward reads the backward switch
                 os.environ["RCM_FUSED_BACKWARD"] = "reference" if mode == "fwd+bwd:recompute" else "triton"
                 fn = _runner(call, impl, mode)
-                row[impl] = _time(fn, args.warmup, args.iters)
+                row[impl] = event_time(fn, args.warmup, args.iters)
                 if mode.startswith("fwd+bwd"):
                     row[f"{impl}_peak_mib"] = _peak_mib(fn)
             if "triton" in row and mode != "fwd+bwd:recompute":

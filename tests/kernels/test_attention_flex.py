@@ -188,7 +188,7 @@ def _check_fwd_bwd(backend: str, mask, L: int) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, d_out = (torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     want, want_grads = _reference_fp32(q, k, v, mask, d_out)
-    with torch.no_grad():  # forward alone first: a backend whose backward is refused still has its forward checked
+    with torch.no_grad():  # forward alone first (the no-grad path), then forward and backward
         out = sdpa_like_attention(q, k, v, block_mask=mask, backend=backend)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     # bf16 (unit roundoff 2^-9 ~ 2e-3), P rounded to bf16 before P·V: relative error a few 1e-3; a wrong tile

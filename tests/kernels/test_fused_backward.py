@@ -20,7 +20,6 @@ through the float32 twin fed the same bf16 inputs, and no less accurate than the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -449,24 +448,16 @@ def _bwd_variants():
            8)
 
 
-def main() -> int:
-    from test_fused_compile import _check, _compile  # this folder is on the path when run as a script
-
-    problems = [p for name, fn, types, consts, warps in _bwd_variants()
-                if (p := _check(name, _compile(fn, types, consts, warps)))]
-    print("\n".join(problems) or "all backward variants vectorized")
-    return 1 if problems else 0
-
-
 @pytest.mark.slow
 def test_backward_kernels_compile_for_sm90_with_vector_access():
     """Compiled by triton's own compiler (no GPU; a subprocess without the interpreter): each DiT variant of the
     backward kernels must build for sm_90 and move activations in 16-byte vectors only (~6 s)."""
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="no NVIDIA triton backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    from test_fused_compile import compiles_in_subprocess  # this folder is on the path (pytest and script)
+
+    compiles_in_subprocess(__file__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from test_fused_compile import report
+
+    sys.exit(report(_bwd_variants(), "all backward variants vectorized"))

@@ -76,20 +76,27 @@ def _variants():
         yield f"gelu_tanh tangent={tan}", _gelu_fwd, dict(X="*bf16", TX="*bf16", Y="*bf16", TY="*bf16", N="i32"), c, 8
 
 
-def main() -> int:
-    problems = [p for name, fn, types, consts, warps in _variants()
+def report(variants, all_good: str) -> int:
+    """Compile each ``(name, kernel, types, constexprs, warps)`` of ``variants``; print the problems (or
+    ``all_good``); exit status 1 if any."""
+    problems = [p for name, fn, types, consts, warps in variants
                 if (p := _check(name, _compile(fn, types, consts, warps)))]
-    print("\n".join(problems) or "all variants vectorized")
+    print("\n".join(problems) or all_good)
     return 1 if problems else 0
+
+
+def compiles_in_subprocess(script: str) -> None:
+    """Run ``script`` (a test file whose ``__main__`` calls :func:`report`) without the interpreter."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="no NVIDIA triton backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_with_vector_access():
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="no NVIDIA triton backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    compiles_in_subprocess(__file__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report(_variants(), "all variants vectorized"))
