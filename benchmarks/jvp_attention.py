@@ -1,5 +1,7 @@
 """Benchmark: fused JVP attention vs the reference, naive torch.func.jvp over SDPA-math, and cuDNN SDPA forward.
 
+"ours_jvp" is the default route (on sm_90 with triton 3.6 the warp-specialized Hopper kernel for unmasked
+calls), "ours_jvp_portable" the portable Triton kernel (``RCM_JVP_FWD_KERNEL=triton``), timed in the same process.
 Shapes (B=1, H=12, D=128, bf16): self-attention L=8190 and L=32760, cross-attention 32760 x 512, and
 block-causal self-attention (3 frames/block, 1560 tokens/frame, 21 frames = 32760 tokens). FLOPs: a forward is
 ``4·B·H·Lq·Lk·D`` (two matmuls); a JVP counts ``3x`` that (six matmuls); the backward ``2.5x`` (five matmuls);
@@ -65,6 +67,19 @@ def _sdpa_fwd(q, k, v, backend=SDPBackend.CUDNN_ATTENTION):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
 
+def _with_env(name: str, value: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with one environment switch set (the kernels read theirs per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def _naive_jvp(q, k, v, tq, tk, tv):
     def f(q, k, v):
         with sdpa_kernel(SDPBackend.MATH):
@@ -79,6 +94,8 @@ def bench_shape(name: str, lq: int, lk: int, mask=None, skip_slow: bool = False)
     providers = {
         "cudnn_sdpa_fwd": (lambda: _sdpa_fwd(q, k, v), 1),
         "ours_jvp": (lambda: jvp_attention(q, k, v, tq, tk, tv, block_mask=mask), 3),
+        "ours_jvp_portable": (lambda: _with_env("RCM_JVP_FWD_KERNEL", "triton", jvp_attention, q, k, v, tq, tk, tv,
+                                                block_mask=mask), 3),
         "ours_fwd": (lambda: jvp_attention(q, k, v, block_mask=mask), 1),
     }
     if mask is None:

@@ -503,11 +503,44 @@ def _table_args(tables: list[Tensor], device) -> tuple:
     return (*tables, tables[2].shape[1])
 
 
+_FWD_KERNELS = ("auto", "triton", "hopper")
+
+
+def _hopper_kernel(q: Tensor, k: Tensor, v: Tensor, tangents, tables: list[Tensor]):
+    """The warp-specialized Hopper module when ``RCM_JVP_FWD_KERNEL`` (auto | triton | hopper) picks it.
+
+    ``auto`` (default) takes it wherever it applies (sm_90, unmasked, all three tangents, TMA-viewable inputs)
+    on the Triton versions it was measured faster on (``hopper_jvp.auto_select``; benchmarks/RESULTS.md);
+    ``hopper`` takes it wherever it applies and raises naming why where it does not.
+    """
+    want = os.environ.get("RCM_JVP_FWD_KERNEL", "auto")
+    if want not in _FWD_KERNELS:
+        raise ValueError(f"RCM_JVP_FWD_KERNEL={want!r}: choose one of {_FWD_KERNELS}")
+    if want == "triton" or (want == "auto" and (_INTERPRET or not q.is_cuda or tables)):
+        return None
+    try:
+        from . import hopper_jvp
+    except ImportError as err:  # a Triton without Gluon
+        reason = f"triton.experimental.gluon is not importable ({err})"
+    else:
+        reason = hopper_jvp.unsupported_reason(q, k, v, tangents, tables or None)
+    if reason is None and want == "auto" and not hopper_jvp.auto_select():
+        return None
+    if reason is None:
+        return hopper_jvp
+    if want == "hopper":
+        raise ValueError(f"RCM_JVP_FWD_KERNEL=hopper cannot run this call: {reason}")
+    return None
+
+
 # The launchers are torch custom ops so that torch.func transforms (whose forward-AD and backward rules hand
 # the autograd.Function functorch-wrapped tensors) reach the kernels with plain tensors.
 @torch.library.custom_op("rcm_kernels::jvp_attn_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None,
             scale: float, tables: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    hopper = _hopper_kernel(q, k, v, (tq, tk, tv), tables)
+    if hopper is not None:
+        return hopper.jvp_attention_fwd_hopper(q, k, v, tq, tk, tv, scale)
     bsz, lq, nh, d = q.shape
     lk = k.shape[1]
     has_t = any(t is not None for t in (tq, tk, tv))
