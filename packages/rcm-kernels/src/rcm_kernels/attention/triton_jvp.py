@@ -8,7 +8,9 @@ for each key tile, in base 2, ``P̃ = 2^(s·log2e·q kᵀ − m)``; with tangent
 ``H̃ = P̃ ⊙ Ṡ``; accumulators ``Õ += P̃ V``, ``T̃ += P̃ V̇ + H̃ V``, ``r̃ += rowsum H̃``, ``l += rowsum P̃``, all
 rescaled by ``2^(m_old − m_new)``. Epilogue ``O = Õ/l``, ``Ȯ = T̃/l − (r̃/l) O``, ``LSE = (m + log2 l) ln 2``.
 A None tangent removes its matmul at compile time; no tangent at all is plain FlashAttention-2. On Hopper the
-key-side tiles are read through TMA descriptors (where strides allow), which frees the address registers.
+key-side tiles are read through TMA descriptors (where strides allow), which frees the address registers, and
+unmasked calls with all three tangents go to the warp-specialized kernel of :mod:`.hopper_jvp` where it applies
+(``RCM_JVP_FWD_KERNEL``: auto | triton | hopper; this kernel stays the portable path and its check).
 
 Masks come as a :class:`rcm_kernels.blockmask.TileTable`: programs visit only the listed key tiles, run
 "full" tiles without any mask arithmetic and mask "partial" tiles from per-row key intervals. Without a mask
