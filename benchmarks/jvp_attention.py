@@ -1,7 +1,7 @@
 """Benchmark: fused JVP attention vs the reference, naive torch.func.jvp over SDPA-math, and cuDNN SDPA forward.
 
-"ours_jvp" is the default route (on sm_90 with triton 3.6 the warp-specialized Hopper kernel for unmasked
-calls), "ours_jvp_portable" the portable Triton kernel (``RCM_JVP_FWD_KERNEL=triton``), timed in the same process.
+"ours_jvp" is the default route (on sm_90 with triton 3.6 the warp-specialized Hopper kernel, masked calls
+included), "ours_jvp_portable" the portable Triton kernel (``RCM_JVP_FWD_KERNEL=triton``), timed in the same process.
 Shapes (B=1, H=12, D=128, bf16): self-attention L=8190 and L=32760, cross-attention 32760 x 512, and
 block-causal self-attention (3 frames/block, 1560 tokens/frame, 21 frames = 32760 tokens). FLOPs: a forward is
 ``4·B·H·Lq·Lk·D`` (two matmuls); a JVP counts ``3x`` that (six matmuls); the backward ``2.5x`` (five matmuls);

@@ -80,8 +80,9 @@ def test_portable_kernel_still_serves_auto_on_cpu(monkeypatch):
     torch.testing.assert_close(tangent.double(), ref.tangent, atol=2e-5, rtol=2e-5)
 
 
-def _ptxas_report(d: int, dtype) -> str:
-    """Compile the kernel for sm_90a (bf16/fp16, head dim d) and return ``ptxas -v``'s report and the smem."""
+def _ptxas_report(d: int, dtype, has_mask: bool) -> str:
+    """Compile the kernel for sm_90a (bf16/fp16, head dim d, block mask or not) and return ``ptxas -v``'s
+    report and the shared memory size."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -94,21 +95,19 @@ def _ptxas_report(d: int, dtype) -> str:
              "tv_desc": k_side}
     fn = hopper_jvp._jvp_attn_fwd_ws
     ks, vs = hopper_jvp._stages(d)
-    consts = {"K_STAGES": ks, "V_STAGES": vs, "num_warps": 4}
+    tables = ("row_iv", "full_num", "full_idx", "part_num", "part_idx", "stride_idx")
+    consts = {"K_STAGES": ks, "V_STAGES": vs, "HAS_MASK": has_mask, "num_warps": 4}
+    if not has_mask:
+        consts.update(dict.fromkeys(tables))  # the launcher passes None: compiled out
     elt = "bf16" if dtype == torch.bfloat16 else "fp16"
-    sig = {}
-    for n in fn.arg_names:
-        if n in descs:
-            sig[n] = mangle_type(descs[n])
-        elif n in consts:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = {"o_ptr": f"*{elt}", "to_ptr": f"*{elt}", "lse_ptr": "*fp32", "qk_scale": "fp32",
-                      "scale": "fp32"}.get(n, "i32")
+    types = {"o_ptr": f"*{elt}", "to_ptr": f"*{elt}", "lse_ptr": "*fp32", "qk_scale": "fp32", "scale": "fp32",
+             **dict.fromkeys(tables[:-1], "*i32")}
+    sig = {n: mangle_type(descs[n]) if n in descs else "constexpr" if n in consts else types.get(n, "i32")
+           for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(n),): c for n, c in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     ptxas = get_ptxas(90).path  # the ptxas triton itself picks for sm_90
-    ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rcm_hopper_jvp_{d}_{elt}_{os.getpid()}.ptx")
+    ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rcm_hopper_jvp_{d}_{elt}_{has_mask}_{os.getpid()}.ptx")
     with open(ptx, "w") as f:
         f.write(kernel.asm["ptx"])
     try:
@@ -119,14 +118,19 @@ def _ptxas_report(d: int, dtype) -> str:
 
 
 def _compile_problems() -> list[str]:
-    """Where ``auto`` picks the kernel (the Triton versions it was measured on) it must not spill; on any
-    Triton it must compile, keep the wgmma asynchronous and fit in shared memory."""
+    """Where ``auto`` picks the kernel (the Triton versions it was measured on) the unmasked variant must not
+    spill (the masked one only a little); on any Triton it must compile, keep the wgmma asynchronous and fit in
+    shared memory."""
     problems = []
-    for d, dtype in ((128, torch.bfloat16), (128, torch.float16), (64, torch.bfloat16)):
-        rep = _ptxas_report(d, dtype)
-        name = f"d={d} {dtype}"
+    for d, dtype, has_mask in ((128, torch.bfloat16, False), (128, torch.bfloat16, True),
+                               (128, torch.float16, False), (64, torch.bfloat16, True)):
+        rep = _ptxas_report(d, dtype, has_mask)
+        name = f"d={d} {dtype} mask={has_mask}"
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", rep)]
-        if not spills or (any(spills) and hopper_jvp.auto_select()):
+        # The masked variant's per-row key intervals cost 20-32 bytes of spills at head dim 128 (it still runs
+        # 1.1x faster than the portable kernel, benchmarks/RESULTS.md): bounded, not zero.
+        limit = 64 if has_mask else 0
+        if not spills or (max(spills) > limit and hopper_jvp.auto_select()):
             problems.append(f"{name}: spills {spills or 'not reported'}")
         if "C7514" in rep or "serialized" in rep:
             problems.append(f"{name}: ptxas serializes the wgmma")
@@ -185,6 +189,37 @@ def test_gpu_hopper_kernel_matches_reference(case):
     assert _rel(tangent, port.tangent) <= tol / 3 and _rel(out, port.out) <= tol / 3
 
 
+def _masks():
+    from rcm_kernels import block_causal, sliding_window, teacher_forcing
+
+    # 1560 tokens/frame: block boundaries fall inside tiles (partial tiles), rows of empty tiles are skipped
+    return {"block_causal_c1-2": block_causal(3, 2, 1560, first_block_frames=1),
+            "teacher_forcing": teacher_forcing(2, 1, 1560),
+            "sliding_window_sink": sliding_window(4, 1, 1560, window_blocks=2, sink_blocks=1)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_name", list(_masks()))
+def test_gpu_hopper_kernel_with_block_masks_matches_reference(monkeypatch, mask_name):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    from rcm_kernels.attention import triton_jvp
+
+    mask = _masks()[mask_name]
+    L = mask.num_tokens
+    args = _qkv(1, L, L, 2, 128, "bfloat16", "cuda")
+    monkeypatch.setenv("RCM_JVP_FWD_KERNEL", "hopper")
+    got = triton_jvp.jvp_attention_fwd(*args, block_mask=mask)
+    ref = attention_reference(*(x.double() for x in args), mask=mask)
+    fin = torch.isfinite(ref.lse)
+    assert torch.equal(torch.isfinite(got.lse), fin)
+    assert _rel(got.out, ref.out) <= 1.5e-2 and _rel(got.tangent, ref.tangent) <= 1.5e-2
+    assert _rel(got.lse[fin], ref.lse[fin]) <= 1e-5
+    monkeypatch.setenv("RCM_JVP_FWD_KERNEL", "triton")
+    port = triton_jvp.jvp_attention_fwd(*args, block_mask=mask)
+    assert _rel(got.tangent, port.tangent) <= 5e-3 and _rel(got.out, port.out) <= 5e-3
+
+
 @pytest.mark.gpu
 def test_gpu_jvp_attention_routes_to_hopper_kernel(monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
@@ -195,9 +230,14 @@ def test_gpu_jvp_attention_routes_to_hopper_kernel(monkeypatch):
     q, k, v, tq, tk, tv = _qkv(1, 500, 500, 2, 128, "bfloat16", "cuda")
     jvp_attention(q, k, v, tq, tk, tv)
     assert calls, "the default route did not take the Hopper kernel"
+    from rcm_kernels import block_causal
+
+    mask = block_causal(2, 1, 250)
+    jvp_attention(q, k, v, tq, tk, tv, block_mask=mask)  # block masks too
+    assert len(calls) == 2
     jvp_attention(q, k, v, tq, None, tv)  # a missing tangent: the portable kernel
     jvp_attention(*_qkv(2, 500, 500, 2, 128, "bfloat16", "cuda", "bhld"))  # not one 2-D TMA matrix: portable
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 if __name__ == "__main__":

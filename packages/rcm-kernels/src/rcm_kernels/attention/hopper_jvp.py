@@ -27,9 +27,12 @@ warpgroups (FlashAttention-3's ping-pong) was measured 1.5× slower here and is 
 Epilogue: ``O = Õ/l``, ``Ȯ = T̃/l − (r/l) O``, ``LSE = (m + log2 l) ln 2``.
 
 Scope (everything else goes to the Triton kernel; :func:`unsupported_reason` says why): CUDA sm_90, fp16/bf16,
-head dim 64 or 128, all three tangents given, no mask, and each of the six inputs viewable as one 2-D
-``[B·L, row]`` TMA matrix (unit last stride, ``stride_b = L·stride_l``, 16-byte aligned). Rows of the last
-(ragged) key tile that fall past ``Lk`` are masked to -inf; query rows past ``Lq`` are computed but not stored.
+head dim 64 or 128, all three tangents given, and each of the six inputs viewable as one 2-D ``[B·L, row]`` TMA
+matrix (unit last stride, ``stride_b = L·stride_l``, 16-byte aligned). Rows of the last (ragged) key tile that
+fall past ``Lk`` are masked to -inf; query rows past ``Lq`` are computed but not stored. Block masks come as the
+portable kernel's tile table (tiles of 128 queries × 64 keys): a program visits only its listed key tiles, the
+"full" ones without mask arithmetic, the "partial" ones masked from each row's two key intervals (read per
+partial tile: held in registers they spill); rows that see no key give zero output and a -inf LSE.
 Gluon has no interpreter, so this kernel is checked on the GPU against the reference twin (tests marked gpu).
 """
 
@@ -79,7 +82,7 @@ def _mma_layout(n):
 
 @gluon.jit
 def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs,
-              tv_bufs, q_ready, k_ready, k_free, v_ready, v_free, row_q, row_k, col, n_tiles):
+              tv_bufs, q_ready, k_ready, k_free, v_ready, v_free, row_q, row_k, col, tiles, HAS_MASK: gl.constexpr):
     """One warp: both consumers' Q and Q̇ once, then per key tile the (K, K̇) pair and the (V, V̇) pair into
     their rings (a slot is refilled once both consumers have released it)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -91,8 +94,9 @@ def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_bufs, tq_bufs
         mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [row_q + w * BM, col], bar, q_bufs.index(w))
         _tma_load(tq_desc, [row_q + w * BM, col], bar, tq_bufs.index(w))
+    nf, n_tiles, full_row, part_row = tiles
     for j in range(n_tiles):
-        row = row_k + j * BN
+        row = row_k + _tile_start(j, nf, full_row, part_row, BN, HAS_MASK)
         ks = j % KS
         mbarrier.wait(k_free.index(ks), ((j // KS) & 1) ^ 1)  # a fresh barrier passes parity 1
         kb = k_ready.index(ks)
@@ -108,6 +112,23 @@ def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_bufs, tq_bufs
 
 
 @gluon.jit
+def _tile_start(j, nf, full_row, part_row, BN: gl.constexpr, HAS_MASK: gl.constexpr):
+    """First key of the j-th visited tile: the mask's full tiles, then its partial ones (or every tile)."""
+    if HAS_MASK:  # both reads stay in bounds (index 0 when not the one wanted)
+        full = gl.load(full_row + gl.where(j < nf, j, 0))
+        part = gl.load(part_row + gl.where(j < nf, 0, j - nf))
+        return gl.where(j < nf, full, part) * BN
+    else:
+        return j * BN
+
+
+@gluon.jit
+def _masked_start(j, nf, part_row, BN: gl.constexpr):
+    """First key of the j-th visited tile of a block mask when it is a partial one (j >= nf)."""
+    return gl.load(part_row + (j - nf)) * BN
+
+
+@gluon.jit
 def _pv_products(j, v_bufs, tv_bufs, v_ready, acc_o, acc_t, p16, h16):
     """Issue tile j's ``Õ += P̃ V``, ``T̃ += H̃ V + P̃ V̇`` (three asynchronous wgmma groups)."""
     VS: gl.constexpr = v_bufs.type.shape[0]
@@ -120,11 +141,12 @@ def _pv_products(j, v_bufs, tv_bufs, v_ready, acc_o, acc_t, p16, h16):
 
 
 @gluon.jit
-def _step(j, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale,
-          HAS_PREV: gl.constexpr, MASKED: gl.constexpr):
+def _step(j, col0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale,
+          HAS_PREV: gl.constexpr, MODE: gl.constexpr):
     """Key tile j of one consumer, in the order of the module docstring; returns the state with this tile's
     P̃, H̃ (bf16 wgmma operands) for the next step's P V products. HAS_PREV: a previous tile's P V products are
-    still to issue; MASKED: columns >= lk get -inf (the ragged last tile)."""
+    still to issue. MODE 0: no masking; 1: keys >= lk get -inf (the ragged last tile); 2: keys outside each
+    row's two intervals ``iv`` get -inf (a partial tile of a block mask; a row may have seen no key yet)."""
     q_s, tq_s, k_bufs, tk_bufs, v_bufs, tv_bufs = bufs
     k_ready, k_free, v_ready, v_free = bars
     BM: gl.constexpr = q_s.type.shape[0]
@@ -146,12 +168,28 @@ def _step(j, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, sc
     else:
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
     qk = qk * qk_scale
-    if MASKED:
-        cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-        qk = gl.where(gl.expand_dims(cols < lk, 0), qk, float("-inf"))
+    if MODE != 0:
+        cols = gl.expand_dims(col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)), 0)
+        if MODE == 1:
+            keep = cols < lk
+        else:
+            iv_rows, n_rows = iv  # the rows' key intervals, read here: held across steps they would spill
+            rows = gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+            ivp = iv_rows + rows * 4
+            valid = rows < n_rows
+            iv0 = gl.load(ivp, mask=valid, other=0)
+            iv1 = gl.load(ivp + 1, mask=valid, other=0)
+            iv2 = gl.load(ivp + 2, mask=valid, other=0)
+            iv3 = gl.load(ivp + 3, mask=valid, other=0)
+            keep = ((cols >= gl.expand_dims(iv0, 1)) & (cols < gl.expand_dims(iv1, 1))) | \
+                ((cols >= gl.expand_dims(iv2, 1)) & (cols < gl.expand_dims(iv3, 1)))
+        qk = gl.where(keep, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, axis=1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(qk - gl.expand_dims(m_new, 1))
+    m_sub = m_new
+    if MODE == 2:  # keep exp2 away from (-inf) - (-inf) in rows without a key yet
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_sub)
+    p = gl.exp2(qk - gl.expand_dims(m_sub, 1))
     l_i = l_i * alpha + gl.sum(p, axis=1)
     if HAS_PREV:
         acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t))
@@ -174,8 +212,8 @@ def _step(j, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, sc
 
 @gluon.jit
 def _consumer(q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_ready, k_free, v_ready, v_free,
-              o_ptr, to_ptr, lse_ptr, out_row, out_col, out_stride, lse_row, m_start, lq, lk, n_full,
-              qk_scale, scale, WG: gl.constexpr):
+              o_ptr, to_ptr, lse_ptr, out_row, out_col, out_stride, lse_row, m_start, lq, lk, tiles, row_iv,
+              qk_scale, scale, WG: gl.constexpr, HAS_MASK: gl.constexpr):
     """One warpgroup: 64 query rows against every key tile, then O, Ȯ and the LSE to global memory."""
     BM: gl.constexpr = q_bufs.type.shape[1]
     D: gl.constexpr = q_bufs.type.shape[2]
@@ -194,25 +232,52 @@ def _consumer(q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_read
     acc_t = gl.zeros([BM, D], gl.float32, layout=o_layout)
     p16 = gl.zeros([BM, BN], q_bufs.dtype, layout=p_layout)
     h16 = gl.zeros([BM, BN], q_bufs.dtype, layout=p_layout)
+    nf, n_tiles, _, part_row = tiles
+    iv = (lq, lq)  # unused without a mask
+    if HAS_MASK:
+        iv = (row_iv + (m_start + WG * BM) * 4, lq - (m_start + WG * BM))  # this warpgroup's rows of [lq, 4]
     mbarrier.wait(q_ready.index(WG), 0)
-    first = n_full * 0  # tile 0 as a runtime value, like the loop's
-    if n_full > 0:
-        acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(first, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk,
-                                                      qk_scale, scale, False, False)
-    else:
-        acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(first, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk,
-                                                      qk_scale, scale, False, True)
-    for j in range(1, n_full):
-        acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(j, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk,
-                                                      qk_scale, scale, True, False)
-    n_tiles = gl.cdiv(lk, BN)
-    if n_full > 0 and n_tiles > n_full:  # the ragged last tile
-        acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(n_full, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i,
-                                                      lk, qk_scale, scale, True, True)
-    acc_o, acc_t = _pv_products(n_tiles - 1, v_bufs, tv_bufs, v_ready, acc_o, acc_t, p16, h16)
-    acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t))
-    mbarrier.arrive(v_free.index((n_tiles - 1) % VS), count=1)
+    first = nf * 0  # tile 0 as a runtime value, like the loop's
+    # The two control flows below are the ones measured fastest for each case (ptxas allocates registers
+    # differently for each shape of the code; merging them cost the unmasked kernel 2-3%).
+    if HAS_MASK:  # the mask's full tiles, then its partial ones; a program may have no tile at all
+        if nf > 0:
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                first, 0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, False, 0)
+        elif n_tiles > 0:
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                first, _masked_start(first, nf, part_row, BN), iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i,
+                r_i, lk, qk_scale, scale, False, 2)
+        for j in range(1, nf):
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                j, 0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, True, 0)
+        for j in range(gl.maximum(nf, 1), n_tiles):
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                j, _masked_start(j, nf, part_row, BN), iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk,
+                qk_scale, scale, True, 2)
+        if n_tiles > 0:
+            acc_o, acc_t = _pv_products(n_tiles - 1, v_bufs, tv_bufs, v_ready, acc_o, acc_t, p16, h16)
+            acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t))
+        mbarrier.arrive(v_free.index((n_tiles + VS - 1) % VS), count=1, pred=n_tiles > 0)
+    else:  # every tile, the ragged last one masked by the key length
+        if nf > 0:
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                first, 0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, False, 0)
+        else:
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                first, 0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, False, 1)
+        for j in range(1, nf):
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                j, 0, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, True, 0)
+        if nf > 0 and n_tiles > nf:
+            acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
+                nf, nf * BN, iv, bufs, bars, acc_o, acc_t, p16, h16, m_i, l_i, r_i, lk, qk_scale, scale, True, 1)
+        acc_o, acc_t = _pv_products(n_tiles - 1, v_bufs, tv_bufs, v_ready, acc_o, acc_t, p16, h16)
+        acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t))
+        mbarrier.arrive(v_free.index((n_tiles - 1) % VS), count=1)
 
+    if HAS_MASK:
+        l_i = gl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: zero output, -inf LSE (m stays -inf)
     l_o = gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
     r_o = gl.expand_dims(gl.convert_layout(r_i, gl.SliceLayout(1, o_layout)), 1)
     o = acc_o / l_o
@@ -230,8 +295,10 @@ def _consumer(q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_read
 
 @gluon.jit(do_not_specialize=["lq", "lk"])
 def _jvp_attn_fwd_ws(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, o_ptr, to_ptr, lse_ptr,
+                     row_iv, full_num, full_idx, part_num, part_idx, stride_idx,
                      n_heads, lq, lk, col_stride, out_stride, qk_scale, scale,
-                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, HAS_MASK: gl.constexpr,
+                     num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -240,8 +307,17 @@ def _jvp_attn_fwd_ws(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, o_ptr, t
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     m_start = pid_m * (2 * BM)
-    n_full = lk // BN
-    n_tiles = gl.cdiv(lk, BN)
+    if HAS_MASK:  # this program's key tiles: the mask's full ones, then its partial ones
+        nf = gl.load(full_num + pid_m)
+        n_tiles = nf + gl.load(part_num + pid_m)
+        full_row = full_idx + pid_m * stride_idx
+        part_row = part_idx + pid_m * stride_idx
+    else:  # every tile; only a ragged last one is masked
+        nf = lk // BN
+        n_tiles = gl.cdiv(lk, BN)
+        full_row = nf  # unused placeholders (the table arguments are None)
+        part_row = nf
+    tiles = (nf, n_tiles, full_row, part_row)
 
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_desc.layout)
     tq_bufs = gl.allocate_shared_memory(tq_desc.dtype, [2, BM, D], tq_desc.layout)
@@ -269,12 +345,13 @@ def _jvp_attn_fwd_ws(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, o_ptr, t
     gl.warp_specialize([
         (_consumer, (q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_ready, k_free, v_ready, v_free,
                      o_ptr, to_ptr, lse_ptr, b * lq, h * D, out_stride, pid_bh.to(gl.int64) * lq, m_start, lq, lk,
-                     n_full, qk_scale, scale, first)),
+                     tiles, row_iv, qk_scale, scale, first, HAS_MASK)),
         (_consumer, (q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_ready, k_free, v_ready, v_free,
                      o_ptr, to_ptr, lse_ptr, b * lq, h * D, out_stride, pid_bh.to(gl.int64) * lq, m_start, lq, lk,
-                     n_full, qk_scale, scale, second)),
+                     tiles, row_iv, qk_scale, scale, second, HAS_MASK)),
         (_producer, (q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs,
-                     tv_bufs, q_ready, k_ready, k_free, v_ready, v_free, b * lq + m_start, b * lk, col, n_tiles)),
+                     tv_bufs, q_ready, k_ready, k_free, v_ready, v_free, b * lq + m_start, b * lk, col, tiles,
+                     HAS_MASK)),
     ], [4, 1], [_CONSUMER_REGS, 24])
 
 
@@ -303,8 +380,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, tangents=(), mask=None) 
         return "Gluon kernels have no interpreter"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return "needs a Hopper (sm_90) GPU"
-    if mask is not None:
-        return "masked calls use the Triton kernel (it skips empty tiles)"
+    if mask is not None and not hasattr(mask, "tiles"):
+        return "dense tensor masks are not block-sparse"
     if len(tangents) != 3 or any(t is None for t in tangents):
         return "needs all three tangents"
     if not q.shape[1] or not k.shape[1]:
@@ -329,9 +406,10 @@ def _descriptor(x: Tensor, rows: int) -> TensorDescriptor:
 
 
 def jvp_attention_fwd_hopper(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
-                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                             scale: float, tables: list[Tensor] = ()) -> tuple[Tensor, Tensor, Tensor]:
     """``(O, Ȯ, LSE)`` as :func:`.triton_jvp.jvp_attention_fwd` returns them; call only when
-    :func:`unsupported_reason` is None."""
+    :func:`unsupported_reason` is None. ``tables``: a block mask's ``[row_iv, full_num, full_idx, part_num,
+    part_idx]`` for tiles of ``2·BLOCK_M`` queries × ``BLOCK_N`` keys (empty: unmasked)."""
     bsz, lq, nh, d = q.shape
     lk = k.shape[1]
     out = torch.empty(bsz, lq, nh, d, device=q.device, dtype=q.dtype)
@@ -340,6 +418,12 @@ def jvp_attention_fwd_hopper(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Te
     descs = [_descriptor(x, BLOCK_M) for x in (q, tq)] + [_descriptor(x, BLOCK_N) for x in (k, tk, v, tv)]
     grid = (triton.cdiv(lq, 2 * BLOCK_M), bsz * nh)
     ks, vs = _stages(d)
-    _jvp_attn_fwd_ws[grid](*descs, out, tangent, lse, nh, lq, lk, _matrix_view(q)[1], nh * d,
-                           scale * _LOG2E, scale, K_STAGES=ks, V_STAGES=vs, num_warps=4, maxnreg=168)
+    if tables:
+        assert tables[1].shape[0] == grid[0], "mask tables must be built for 128-query tiles"
+        table_args = (*tables, tables[2].shape[1])
+    else:  # None: the unmasked kernel is compiled without these arguments
+        table_args = (None,) * 6
+    _jvp_attn_fwd_ws[grid](*descs, out, tangent, lse, *table_args, nh, lq, lk, _matrix_view(q)[1], nh * d,
+                           scale * _LOG2E, scale, K_STAGES=ks, V_STAGES=vs, HAS_MASK=bool(tables), num_warps=4,
+                           maxnreg=168)
     return out, tangent, lse

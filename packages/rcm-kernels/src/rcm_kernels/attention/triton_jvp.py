@@ -9,7 +9,7 @@ for each key tile, in base 2, ``P̃ = 2^(s·log2e·q kᵀ − m)``; with tangent
 rescaled by ``2^(m_old − m_new)``. Epilogue ``O = Õ/l``, ``Ȯ = T̃/l − (r̃/l) O``, ``LSE = (m + log2 l) ln 2``.
 A None tangent removes its matmul at compile time; no tangent at all is plain FlashAttention-2. On Hopper the
 key-side tiles are read through TMA descriptors (where strides allow), which frees the address registers, and
-unmasked calls with all three tangents go to the warp-specialized kernel of :mod:`.hopper_jvp` where it applies
+calls with all three tangents (block masks included) go to the warp-specialized kernel of :mod:`.hopper_jvp` where it applies
 (``RCM_JVP_FWD_KERNEL``: auto | triton | hopper; this kernel stays the portable path and its check).
 
 Masks come as a :class:`rcm_kernels.blockmask.TileTable`: programs visit only the listed key tiles, run
@@ -511,21 +511,24 @@ _FWD_KERNELS = ("auto", "triton", "hopper")
 def _hopper_kernel(q: Tensor, k: Tensor, v: Tensor, tangents, tables: list[Tensor]):
     """The warp-specialized Hopper module when ``RCM_JVP_FWD_KERNEL`` (auto | triton | hopper) picks it.
 
-    ``auto`` (default) takes it wherever it applies (sm_90, unmasked, all three tangents, TMA-viewable inputs)
+    ``auto`` (default) takes it wherever it applies (sm_90, all three tangents, TMA-viewable inputs)
     on the Triton versions it was measured faster on (``hopper_jvp.auto_select``; benchmarks/RESULTS.md);
     ``hopper`` takes it wherever it applies and raises naming why where it does not.
     """
     want = os.environ.get("RCM_JVP_FWD_KERNEL", "auto")
     if want not in _FWD_KERNELS:
         raise ValueError(f"RCM_JVP_FWD_KERNEL={want!r}: choose one of {_FWD_KERNELS}")
-    if want == "triton" or (want == "auto" and (_INTERPRET or not q.is_cuda or tables)):
+    if want == "triton" or (want == "auto" and (_INTERPRET or not q.is_cuda)):
         return None
     try:
         from . import hopper_jvp
     except ImportError as err:  # a Triton without Gluon
         reason = f"triton.experimental.gluon is not importable ({err})"
     else:
-        reason = hopper_jvp.unsupported_reason(q, k, v, tangents, tables or None)
+        reason = hopper_jvp.unsupported_reason(q, k, v, tangents)
+        if reason is None and tables and _fwd_cfg(q.shape[-1], True)[:2] != (2 * hopper_jvp.BLOCK_M,
+                                                                            hopper_jvp.BLOCK_N):
+            reason = "the mask's tile tables are built for another tile shape"
     if reason is None and want == "auto" and not hopper_jvp.auto_select():
         return None
     if reason is None:
@@ -542,7 +545,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | Non
             scale: float, tables: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     hopper = _hopper_kernel(q, k, v, (tq, tk, tv), tables)
     if hopper is not None:
-        return hopper.jvp_attention_fwd_hopper(q, k, v, tq, tk, tv, scale)
+        return hopper.jvp_attention_fwd_hopper(q, k, v, tq, tk, tv, scale, tables)
     bsz, lq, nh, d = q.shape
     lk = k.shape[1]
     has_t = any(t is not None for t in (tq, tk, tv))
