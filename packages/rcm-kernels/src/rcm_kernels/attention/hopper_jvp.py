@@ -71,6 +71,7 @@ def _stages(d: int) -> tuple[int, int]:
         return ks, vs
     return 2, 2  # 3,2 and 2,3 measured no faster (benchmarks/RESULTS.md)
 
+
 _CONSUMER_REGS = gl.constexpr(240)  # per thread, each consumer warpgroup (setmaxnreg); the producer warp gets 24
 
 
@@ -238,8 +239,8 @@ def _consumer(q_bufs, tq_bufs, k_bufs, tk_bufs, v_bufs, tv_bufs, q_ready, k_read
         iv = (row_iv + (m_start + WG * BM) * 4, lq - (m_start + WG * BM))  # this warpgroup's rows of [lq, 4]
     mbarrier.wait(q_ready.index(WG), 0)
     first = nf * 0  # tile 0 as a runtime value, like the loop's
-    # The two control flows below are the ones measured fastest for each case (ptxas allocates registers
-    # differently for each shape of the code; merging them cost the unmasked kernel 2-3%).
+    # Two control flows, one per build: the masked one needs guards for programs without any tile, and
+    # merged into the unmasked build those guards made ptxas copy the accumulators about (4x the movs).
     if HAS_MASK:  # the mask's full tiles, then its partial ones; a program may have no tile at all
         if nf > 0:
             acc_o, acc_t, p16, h16, m_i, l_i, r_i = _step(
