@@ -74,7 +74,8 @@ FUSED_KERNELS = ("_ln_mod_", "_rms_rope_", "_gated_", "_gelu_")
 """Name prefixes of the Triton kernels of ``rcm_kernels.fused`` (modulated LayerNorm, RMSNorm + RoPE, gated
 residual, GELU; forward with tangent and backward)."""
 ATTN_FWD_KERNELS = ("_jvp_attn_fwd", "_cache_attn_fwd")
-"""Triton attention forward kernels of ``rcm_kernels.attention`` (with or without a tangent: one kernel)."""
+"""Name prefixes of the attention forward kernels of ``rcm_kernels.attention`` (with or without a tangent one
+kernel; ``_jvp_attn_fwd_ws`` is the warp-specialized Hopper one)."""
 ATTN_BWD_KERNELS = ("_bwd_delta", "_bwd_dkdv", "_bwd_dq")
 """Triton attention backward kernels of ``rcm_kernels.attention.triton_jvp``."""
 

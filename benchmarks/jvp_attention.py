@@ -15,6 +15,7 @@ before it. Timing: ``triton.testing.do_bench`` median after warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -67,17 +68,25 @@ def _sdpa_fwd(q, k, v, backend=SDPBackend.CUDNN_ATTENTION):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
 
-def _with_env(name: str, value: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with one environment switch set (the kernels read theirs per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+@contextlib.contextmanager
+def _env(switches: dict[str, str]):
+    """The kernels' environment switches set for the body (they read them per call), then restored."""
+    old = {key: os.environ.get(key) for key in switches}
+    os.environ.update(switches)
     try:
-        return fn(*args, **kwargs)
+        yield
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        for key, val in old.items():
+            if val is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = val
+
+
+def _under(switches: dict[str, str], fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``switches`` set (a provider for :func:`_measure`)."""
+    with _env(switches):
+        return fn(*args, **kwargs)
 
 
 def _naive_jvp(q, k, v, tq, tk, tv):
@@ -94,8 +103,8 @@ def bench_shape(name: str, lq: int, lk: int, mask=None, skip_slow: bool = False)
     providers = {
         "cudnn_sdpa_fwd": (lambda: _sdpa_fwd(q, k, v), 1),
         "ours_jvp": (lambda: jvp_attention(q, k, v, tq, tk, tv, block_mask=mask), 3),
-        "ours_jvp_portable": (lambda: _with_env("RCM_JVP_FWD_KERNEL", "triton", jvp_attention, q, k, v, tq, tk, tv,
-                                                block_mask=mask), 3),
+        "ours_jvp_portable": (lambda: _under({"RCM_JVP_FWD_KERNEL": "triton"}, jvp_attention, q, k, v, tq, tk, tv,
+                                             block_mask=mask), 3),
         "ours_fwd": (lambda: jvp_attention(q, k, v, block_mask=mask), 1),
     }
     if mask is None:
@@ -124,13 +133,7 @@ def bench_backward(name: str, q, k, v, mask) -> list[dict]:
     do = torch.randn_like(r.out)
     flops = 2.5 * 4 * B * H * lq * lk * D
     def ours(which):
-        def fn():
-            os.environ["RCM_ATTN_BWD"] = which
-            try:
-                return tj.attention_bwd(do, q, k, v, r.out, r.lse, block_mask=mask)
-            finally:
-                os.environ.pop("RCM_ATTN_BWD")
-        return fn
+        return lambda: _under({"RCM_ATTN_BWD": which}, tj.attention_bwd, do, q, k, v, r.out, r.lse, block_mask=mask)
 
     provs = {"ours_bwd_triton": ours("triton")}
     if mask is None:
@@ -198,10 +201,8 @@ def sweep(L: int = 32760) -> list[dict]:
            "bwd": lambda: tj.attention_bwd(do, q, k, v, r.out, r.lse)}
     rows = []
     for kernel, env in SWEEP:
-        os.environ.update(env)
-        ms, info = _measure(fns[kernel], rep_ms=100)
-        for key in env:
-            os.environ.pop(key)
+        with _env(env):
+            ms, info = _measure(fns[kernel], rep_ms=100)
         rows.append({"kernel": kernel, "env": env, "ms": ms, "error": None if ms else info})
         print(f"sweep {kernel} {env}: {ms if ms else info}", flush=True)
     return rows

@@ -39,6 +39,7 @@ NAMES = [
     ("triton_tem_fused_mm_0", False, "gemm"),
     ("_jvp_attn_fwd", False, "attention fwd"),
     ("_jvp_attn_fwd", True, "JVP attention"),
+    ("_jvp_attn_fwd_ws", True, "JVP attention"),
     ("_cache_attn_fwd", False, "attention fwd"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", False,
      "attention fwd"),

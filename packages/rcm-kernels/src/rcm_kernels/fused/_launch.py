@@ -85,3 +85,24 @@ def chunk_range(BOUNDS, t, k, L, K, HAS_IDX: tl.constexpr):
     n = (e0 - s0 + K - 1) // K
     s = s0 + k * n
     return s, tl.minimum(s + n, e0)
+
+
+@triton.jit
+def first_token(ORDER, s, e, HAS_IDX: tl.constexpr):
+    """What :func:`token_row` starts from for the chunk ``[s, e)``: the first token of ``ORDER`` (with an index)."""
+    nxt = s
+    if HAS_IDX:
+        nxt = tl.load(ORDER + s, mask=s < e, other=0)
+    return nxt
+
+
+@triton.jit
+def token_row(b, L, pos, nxt, ORDER, e, HAS_IDX: tl.constexpr):
+    """Flat row of the token at chunk position ``pos`` of sample ``b``, and the carry for the next position:
+    with an index, the token ``ORDER[pos]`` (fetched a row ahead, so its load overlaps this row's work)."""
+    if HAS_IDX:
+        row = b * L + nxt
+        nxt = tl.load(ORDER + pos + 1, mask=pos + 1 < e, other=0)
+    else:
+        row = b * L + pos
+    return row, nxt

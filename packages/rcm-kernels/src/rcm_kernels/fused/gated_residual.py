@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from ._launch import OPTS, TL, chunk_range, num_warps, row_split, rows
+from ._launch import OPTS, TL, chunk_range, first_token, num_warps, row_split, rows, token_row
 from .reference import Pair, gated_residual_reference
 
 __all__ = ["gated_residual"]
@@ -78,14 +78,9 @@ def _gated_bwd(GO, Yb, G, ORDER, BOUNDS, DX, DY, PG, L, C, K, s_gb, s_gt, CDT: t
     g = tl.load(G + b * s_gb + t * s_gt + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
     acc = tl.zeros([BLOCK_C], dtype=WIDE)
     s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
-    if HAS_IDX:
-        nxt = tl.load(ORDER + s, mask=s < e, other=0)
+    nxt = first_token(ORDER, s, e, HAS_IDX)
     for pos in range(s, e):
-        if HAS_IDX:
-            row = b * L + nxt
-            nxt = tl.load(ORDER + pos + 1, mask=pos + 1 < e, other=0)  # the next token, fetched a row ahead
-        else:
-            row = b * L + pos
+        row, nxt = token_row(b, L, pos, nxt, ORDER, e, HAS_IDX)
         go = tl.load(GO + row * C + offs, mask=msk, other=0.0).to(CDT).to(WIDE)
         if NEED_DX:
             tl.store(DX + row * C + offs, go.to(DX.dtype.element_ty), mask=msk)

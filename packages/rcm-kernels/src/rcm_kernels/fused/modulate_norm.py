@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import fused_apply, resolve_impl
-from ._launch import OPTS, TL, chunk_range, num_warps, row_split, rows
+from ._launch import OPTS, TL, chunk_range, first_token, num_warps, row_split, rows, token_row
 from .reference import Pair, island, layer_norm_modulate_reference
 
 __all__ = ["layer_norm_modulate"]
@@ -103,14 +103,9 @@ def _ln_mod_bwd(X, GY, W, BIAS, SC, ORDER, BOUNDS, DX, PSH, PSC, PW, PB, L, C, K
     acc_w = tl.zeros([BLOCK_C], dtype=ISL)
     acc_b = tl.zeros([BLOCK_C], dtype=ISL)
     s, e = chunk_range(BOUNDS, t, k, L, K, HAS_IDX)
-    if HAS_IDX:
-        nxt = tl.load(ORDER + s, mask=s < e, other=0)
+    nxt = first_token(ORDER, s, e, HAS_IDX)
     for pos in range(s, e):
-        if HAS_IDX:
-            row = b * L + nxt
-            nxt = tl.load(ORDER + pos + 1, mask=pos + 1 < e, other=0)  # the next token, fetched a row ahead
-        else:
-            row = b * L + pos
+        row, nxt = token_row(b, L, pos, nxt, ORDER, e, HAS_IDX)
         x_raw = tl.load(X + row * C + offs, mask=msk, other=0.0)
         x = x_raw.to(ISL)
         mu = tl.sum(x, axis=0) / C
